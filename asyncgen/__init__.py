@@ -1,0 +1,3 @@
+"""asyncgen: asynchronous multi-device denoising for diffusers pipelines."""
+
+__version__ = "0.1.0"

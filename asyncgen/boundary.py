@@ -1,0 +1,125 @@
+"""The state that crosses a cut between two stages, and its wire format.
+
+A boundary state is everything stage k hands to stage k+1: the running hidden state,
+the skip tensors that later (up) blocks will still consume, and, for models with more
+than one stream (DiT-style joint blocks), further named streams. Embeddings are *not*
+part of it: every rank recomputes them from the step's conditioning, which is cheaper
+than shipping them and lets a stale stage use another timestep (``time_shift``).
+
+On the wire a state is one contiguous buffer (one message per hop) plus a small int64
+header describing the layout. The header only travels when the layout may have changed
+(exact warm-up steps); asynchronous steps reuse the layout already known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# header: [version, n_streams, n_skips, dtype_code, (ndim, *shape) per tensor ...]
+_HEADER_VERSION = 1
+HEADER_LEN = 256
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@dataclass
+class BoundaryState:
+    """Tensors crossing one cut.
+
+    ``hidden`` is the main activation; ``skips`` is the stack of skip tensors not yet
+    consumed (last element is popped first); ``streams`` holds further named
+    activations (e.g. the text stream of a joint transformer block).
+    """
+
+    hidden: torch.Tensor
+    skips: tuple[torch.Tensor, ...] = ()
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.hidden, *self.skips, *(self.streams[k] for k in sorted(self.streams))]
+
+    def layout(self) -> "BoundaryLayout":
+        tensors = self.tensors()
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise TypeError(f"a boundary state must have a single dtype, got {sorted(map(str, dtypes))}")
+        return BoundaryLayout(
+            shapes=tuple(tuple(t.shape) for t in tensors),
+            n_skips=len(self.skips),
+            stream_names=tuple(sorted(self.streams)),
+            dtype=tensors[0].dtype,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass(frozen=True)
+class BoundaryLayout:
+    """Shapes and dtype of a boundary state: what a receiver needs to allocate it."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    n_skips: int
+    stream_names: tuple[str, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for shape in self.shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def encode(self) -> torch.Tensor:
+        # stream names are fixed by the model family and known to both ends; only the count travels
+        values = [_HEADER_VERSION, len(self.stream_names), self.n_skips, _DTYPES.index(self.dtype)]
+        for shape in self.shapes:
+            values += [len(shape), *shape]
+        if len(values) > HEADER_LEN:
+            raise ValueError(f"boundary layout needs {len(values)} header slots, more than {HEADER_LEN}")
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+        return header
+
+    @classmethod
+    def decode(cls, header: torch.Tensor, stream_names: tuple[str, ...] = ()) -> "BoundaryLayout":
+        values = header.tolist()
+        version, n_streams, n_skips, dtype_code = values[:4]
+        if version != _HEADER_VERSION:
+            raise RuntimeError(f"unexpected boundary header version {version}; ranks run different asyncgen versions?")
+        if n_streams != len(stream_names):
+            raise RuntimeError(f"boundary header announces {n_streams} streams, receiver expects {len(stream_names)}")
+        shapes, pos = [], 4
+        for _ in range(1 + n_skips + n_streams):
+            ndim = values[pos]
+            shapes.append(tuple(values[pos + 1 : pos + 1 + ndim]))
+            pos += 1 + ndim
+        return cls(tuple(shapes), n_skips, tuple(stream_names), _DTYPES[dtype_code])
+
+
+def pack(state: BoundaryState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flatten a state into one contiguous 1-D buffer (one message on the wire)."""
+    tensors = state.tensors()
+    if out is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+
+
+def unpack(buffer: torch.Tensor, layout: BoundaryLayout) -> BoundaryState:
+    """Inverse of :func:`pack`; the returned tensors are views of ``buffer``."""
+    tensors, offset = [], 0
+    for shape in layout.shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        tensors.append(buffer[offset : offset + n].view(shape))
+        offset += n
+    hidden, rest = tensors[0], tensors[1:]
+    skips = tuple(rest[: layout.n_skips])
+    streams = dict(zip(layout.stream_names, rest[layout.n_skips :]))
+    return BoundaryState(hidden, skips, streams)

@@ -1,0 +1,194 @@
+"""A module that stands in for a pipeline's denoiser and runs the asynchronous schedule.
+
+The stock pipeline keeps calling ``self.unet(latents, t, ...)`` once per step; the proxy
+counts those calls, turns each into the schedule's work for this rank (an exact step, a
+round, or a prediction cached from the round) and returns what the denoiser would
+return. It registers only the modules this rank keeps, so ``parameters()`` is exactly
+the rank's resident weights; any other attribute (``config``, ``add_embedding``,
+attention-processor setters, ...) is looked up on the wrapped denoiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .schedule import AsyncSchedule, StepKind, Topology
+from .split import DenoiserSplit
+
+try:  # LoRA scaling moved around between diffusers releases; absent means no PEFT backend
+    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+except ImportError:  # pragma: no cover
+    USE_PEFT_BACKEND = False
+
+
+def default_warmup(total_steps: int | None) -> int:
+    """Exact steps when the user gives none: 5% of the steps, at least one.
+
+    The earliest steps move the latent the most, so stale inputs hurt there most; a few
+    exact steps buy most of the quality back for little time.
+    """
+    if total_steps is None:
+        return 1
+    return max(1, math.ceil(0.05 * total_steps))
+
+
+def _timestep_value(t: Any) -> float:
+    return float(torch.as_tensor(t).reshape(-1)[0].item())
+
+
+class StagedDenoiser(nn.Module):
+    def __init__(
+        self,
+        split: DenoiserSplit,
+        resident: list[nn.Module],
+        executor,
+        topology: Topology,
+        warmup: int | None,
+        time_shift: bool,
+        scheduler: Callable[[], Any],
+    ):
+        super().__init__()
+        # not registered as a submodule: its other stages' weights are gone on this rank
+        object.__setattr__(self, "_denoiser", split.denoiser)
+        unique: list[nn.Module] = []
+        for module in resident:
+            if all(module is not m for m in unique):
+                unique.append(module)
+        self.resident = nn.ModuleList(unique)
+        self.split, self.executor, self.topology = split, executor, topology
+        self.warmup, self.time_shift, self._scheduler = warmup, time_shift, scheduler
+        self._signature = inspect.signature(split.denoiser.forward)
+        self.reset()
+
+    # -------------------------------------------------------------- attributes
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            denoiser = self.__dict__.get("_denoiser")
+            if denoiser is None:
+                raise
+            return getattr(denoiser, name)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self._denoiser
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    # -------------------------------------------------------------- call state
+
+    def reset(self) -> None:
+        """Start a new pipeline call: settle the previous call's transfers, forget its steps."""
+        if getattr(self, "_started", False):
+            self.executor.end_call()
+        self._started = False
+        self._step = 0
+        self._total: int | None = None
+        self._timesteps: list[Any] = []  # as passed by the pipeline, per step
+        self._looked_up: dict[int, float] = {}  # timesteps taken from the scheduler ahead of time
+        self._predictions: dict[int, torch.Tensor] = {}
+        self._upcoming = None  # scheduler timesteps from this call's first step on
+        self.schedule: AsyncSchedule | None = None
+
+    def finish(self) -> None:
+        self.reset()
+
+    def _begin(self, timestep: Any) -> None:
+        scheduler = self._scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is not None and len(timesteps):
+            timesteps = torch.as_tensor(timesteps).cpu()
+            begin = getattr(scheduler, "begin_index", None)
+            if begin is None:
+                hits = (timesteps == _timestep_value(timestep)).nonzero()
+                begin = int(hits[0]) if len(hits) else None
+            if begin is not None:
+                self._upcoming = timesteps[begin:]
+                self._total = len(self._upcoming)
+        warmup = self.warmup if self.warmup is not None else default_warmup(self._total)
+        self.schedule = AsyncSchedule(self.topology, warmup, self.time_shift)
+        self.executor.begin_call(self.schedule)
+        self._started = True
+
+    def _timestep_of(self, step: int, like: Any) -> Any:
+        if step < len(self._timesteps):
+            return self._timesteps[step]
+        if self._upcoming is None or step >= len(self._upcoming):
+            raise RuntimeError(
+                f"stride {self.topology.stride} needs the timestep of step {step} before the pipeline reaches it, "
+                "but the pipeline's scheduler does not list it (custom timesteps?); use stride=1"
+            )
+        value = self._upcoming[step]
+        self._looked_up[step] = float(value)
+        if isinstance(like, torch.Tensor):
+            return value.to(device=like.device, dtype=like.dtype).expand_as(like)
+        return type(like)(value.item())
+
+    @contextlib.contextmanager
+    def _lora_scale(self, arguments: dict):
+        # what diffusers' UNet forward does for `cross_attention_kwargs={"scale": s}`
+        kwargs = arguments.get("cross_attention_kwargs")
+        scale = 1.0
+        if kwargs is not None and "scale" in kwargs:
+            kwargs = dict(kwargs)
+            scale = kwargs.pop("scale")
+            arguments["cross_attention_kwargs"] = kwargs
+        if USE_PEFT_BACKEND:
+            scale_lora_layers(self._denoiser, scale)
+        try:
+            yield
+        finally:
+            if USE_PEFT_BACKEND:
+                unscale_lora_layers(self._denoiser, scale)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, *args, **kwargs):
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        return_dict = arguments.pop("return_dict", True)
+        sample, timestep = arguments.pop("sample"), arguments.pop("timestep")
+        if self._started and self._total is not None and self._step >= self._total:
+            self.reset()  # the stock pipeline was called again without the wrapper
+        if not self._started:
+            self._begin(timestep)
+        step = self._step
+        self._step += 1
+        self._timesteps.append(timestep)
+        if step in self._looked_up and self._looked_up.pop(step) != _timestep_value(timestep):
+            raise RuntimeError(
+                f"step {step} was predicted ahead for a timestep the pipeline does not use now "
+                f"({_timestep_value(timestep)}); the scheduler's timesteps changed during the call"
+            )
+
+        if self.schedule.kind(step) is StepKind.CACHED:
+            return self.split.wrap_output(self._predictions.pop(step), return_dict)
+
+        conds: dict[int, Any] = {}
+
+        def cond_at(m: int):
+            if m not in conds:
+                t = self._timestep_of(m, timestep)
+                conds[m] = self.split.conditioning(sample, t, **arguments)
+            return conds[m]
+
+        with torch.no_grad(), self._lora_scale(arguments):
+            predictions = self.executor.run_step(step, self._total, sample, cond_at)
+        self._predictions.update(predictions)
+        return self.split.wrap_output(self._predictions.pop(step), return_dict)

@@ -1,0 +1,63 @@
+"""The reference simulator: the asynchronous schedule executed serially in one process.
+
+It is the specification of the algorithm. It holds every stage, runs the tasks of a
+round one after the other on the same inputs the distributed ranks would see, and keeps
+each stage's latest output as the next round's stale input. The distributed runtime
+must reproduce it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .boundary import BoundaryState
+from .schedule import AsyncSchedule, StepKind, Topology
+from .split import DenoiserSplit, Stage
+
+CondFn = Callable[[int], Any]
+
+
+class SerialSimulator:
+    def __init__(self, split: DenoiserSplit, stages: list[Stage], topology: Topology):
+        if len(stages) != topology.stages:
+            raise ValueError(f"{len(stages)} stages given for a topology of {topology.stages}")
+        self.split, self.stages, self.topology = split, stages, topology
+        self.schedule: AsyncSchedule | None = None
+        self._latest: dict[int, BoundaryState] = {}
+
+    def begin_call(self, schedule: AsyncSchedule) -> None:
+        self.schedule = schedule
+        self._latest = {}
+
+    def end_call(self) -> None:
+        self._latest = {}
+
+    def run_step(self, step: int, total_steps: int | None, sample: torch.Tensor, cond_at: CondFn) -> dict[int, torch.Tensor]:
+        """Predictions made at ``step``: ``{step: eps}``, or S of them at a round start."""
+        kind = self.schedule.kind(step)
+        if kind is StepKind.CACHED:
+            raise RuntimeError(f"step {step} is served from the round started at {self.schedule.round_start(step)}")
+        split, last = self.split, self.topology.last
+        if kind is StepKind.EXACT:
+            cond = cond_at(step)
+            state = split.initial_state(sample, cond)
+            for stage in self.stages:
+                state = stage(split, state, cond)
+                if stage.index < last:
+                    self._latest[stage.index] = state
+            return {step: split.output(state)}
+
+        produced: dict[int, BoundaryState] = {}
+        predictions: dict[int, torch.Tensor] = {}
+        for task in self.schedule.round_tasks(step, total_steps):
+            cond = cond_at(task.cond_step)
+            inp = split.initial_state(sample, cond) if task.fresh else self._latest[task.stage - 1]
+            out = self.stages[task.stage](split, inp, cond)
+            if task.out_step is None:
+                produced[task.stage] = out
+            else:
+                predictions[task.out_step] = split.output(out)
+        self._latest.update(produced)  # only after the round: every task read last round's states
+        return predictions

@@ -1,0 +1,273 @@
+"""Splitting a denoiser into sequential stages.
+
+A denoiser is described (by a model-family module such as :mod:`asyncgen.unet`) as a
+chain of *units*: small pieces of the forward pass (a resnet/attention pair, a sampler,
+a transformer block) that each map a :class:`~asyncgen.boundary.BoundaryState` to the
+next. Composing all units reproduces the denoiser's forward exactly. A *stage* is a
+contiguous run of units; the cut points are chosen from a per-unit cost so that stages
+are balanced. Nothing here is keyed by checkpoint or repo id: units come from the module
+structure and costs from counting (or timing) what each unit computes.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .boundary import BoundaryState
+
+UnitFn = Callable[[BoundaryState, Any], BoundaryState]
+
+
+@dataclass(eq=False)
+class Unit:
+    """One indivisible piece of a denoiser's forward pass."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    fn: UnitFn
+
+    def __call__(self, state: BoundaryState, cond: Any) -> BoundaryState:
+        return self.fn(state, cond)
+
+    def parameters(self):
+        for module in self.modules:
+            yield from module.parameters()
+
+
+class DenoiserSplit(abc.ABC):
+    """A denoiser described as a chain of units, plus the pieces every rank shares.
+
+    Subclasses implement one model family. ``conditioning`` computes what every unit of a
+    step needs besides the boundary state (embeddings, processed text states, ControlNet
+    residuals); it only uses the *shared* modules, which every rank keeps.
+    """
+
+    #: denoiser classes this split handles (checked with ``isinstance``)
+    handles: tuple[type, ...] = ()
+
+    def __init__(self, denoiser: nn.Module):
+        self.denoiser = denoiser
+        self.units: list[Unit] = self.build_units()
+
+    @abc.abstractmethod
+    def build_units(self) -> list[Unit]:
+        """The chain of units, in forward order."""
+
+    @abc.abstractmethod
+    def shared_modules(self) -> list[nn.Module]:
+        """Small modules every rank keeps (time/text/class embeddings)."""
+
+    @abc.abstractmethod
+    def conditioning(self, sample: torch.Tensor, timestep: Any, **kwargs) -> Any:
+        """Per-step inputs of the units other than the boundary state."""
+
+    @abc.abstractmethod
+    def initial_state(self, sample: torch.Tensor, cond: Any) -> BoundaryState:
+        """B_0: the boundary state entering the first unit."""
+
+    @abc.abstractmethod
+    def output(self, state: BoundaryState) -> torch.Tensor:
+        """The denoiser's prediction from B_N."""
+
+    @abc.abstractmethod
+    def output_like(self, sample: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor with the shape, dtype and device of the prediction."""
+
+    @abc.abstractmethod
+    def wrap_output(self, prediction: torch.Tensor, return_dict: bool):
+        """The denoiser's return value (its output class, or a tuple) around ``prediction``."""
+
+    @abc.abstractmethod
+    def example_inputs(self, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
+        """Keyword inputs of the denoiser's forward, used to estimate unit costs."""
+
+    def forward_units(self, state: BoundaryState, cond: Any, units: Sequence[Unit]) -> BoundaryState:
+        for unit in units:
+            state = unit(state, cond)
+        return state
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, **kwargs) -> torch.Tensor:
+        """Run the whole chain: must equal the denoiser's own forward exactly."""
+        cond = self.conditioning(sample, timestep, **kwargs)
+        return self.output(self.forward_units(self.initial_state(sample, cond), cond, self.units))
+
+
+_SPLITS: list[type[DenoiserSplit]] = []
+
+
+def register_split(cls: type[DenoiserSplit]) -> type[DenoiserSplit]:
+    """Class decorator: make a model-family split known to :func:`split_denoiser`."""
+    _SPLITS.append(cls)
+    return cls
+
+
+def supported_denoisers() -> list[str]:
+    return [c.__name__ for cls in _SPLITS for c in cls.handles]
+
+
+def split_denoiser(denoiser: nn.Module) -> DenoiserSplit:
+    """Describe ``denoiser`` as a chain of units, or explain which classes are supported."""
+    from . import unet  # noqa: F401  (registers the UNet family)
+
+    for cls in _SPLITS:
+        if isinstance(denoiser, cls.handles):
+            return cls(denoiser)
+    raise TypeError(
+        f"asyncgen cannot split a denoiser of class {type(denoiser).__name__}; "
+        f"supported: {', '.join(supported_denoisers())}"
+    )
+
+
+# ---------------------------------------------------------------------------- costs
+
+
+def _run_chain_with_probe(split: DenoiserSplit, inputs: dict, probe: Callable[[int, Callable[[], None]], None]):
+    inputs = dict(inputs)
+    sample, timestep = inputs.pop("sample"), inputs.pop("timestep")
+    cond = split.conditioning(sample, timestep, **inputs)
+    state = [split.initial_state(sample, cond)]
+    for i, unit in enumerate(split.units):
+        def step(unit=unit):
+            state[0] = unit(state[0], cond)
+        probe(i, step)
+
+
+def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> list[float]:
+    """Floating-point operations of each unit plus a memory-traffic term.
+
+    Runs under ``FakeTensorMode`` so no arithmetic happens: shapes flow through the
+    real modules and every aten op is charged its FLOPs (matmul, conv, attention) and the
+    bytes it writes. Elementwise and normalisation ops are memory-bound, so bytes are
+    converted with a fixed FLOPs-per-byte ratio; without that term stages full of
+    GroupNorm/SiLU look free and the split comes out lopsided.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops_per_byte = 4.0
+    bytes_written = [0]
+
+    class _ByteCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    bytes_written[0] += t.numel() * t.element_size()
+            return out
+
+    inputs = inputs if inputs is not None else split.example_inputs()
+    costs: list[float] = []
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+        fake_inputs = {
+            k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else _fake_nested(fake_mode, v)
+            for k, v in inputs.items()
+        }
+
+        def probe(i, step):
+            counter = FlopCounterMode(display=False)
+            bytes_written[0] = 0
+            with counter, _ByteCounter():
+                step()
+            costs.append(float(counter.get_total_flops()) + flops_per_byte * bytes_written[0])
+
+        _run_chain_with_probe(split, fake_inputs, probe)
+    return costs
+
+
+def _fake_nested(mode, value):
+    if isinstance(value, dict):
+        return {k: _fake_nested(mode, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_fake_nested(mode, v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    return value
+
+
+def measure_unit_costs(split: DenoiserSplit, inputs: dict | None = None, repeats: int = 3) -> list[float]:
+    """Median wall time of each unit on the denoiser's device, in seconds."""
+    inputs = inputs if inputs is not None else split.example_inputs()
+    device = inputs["sample"].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples: list[list[float]] = [[] for _ in split.units]
+
+    def probe(i, step):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        samples[i].append(time.perf_counter() - start)
+
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first pass warms caches and allocators
+            _run_chain_with_probe(split, inputs, probe)
+    return [sorted(s[1:])[len(s[1:]) // 2] for s in samples]
+
+
+# ------------------------------------------------------------------------ partition
+
+
+def balanced_cuts(costs: Sequence[float], stages: int) -> list[int]:
+    """Cut points splitting ``costs`` into ``stages`` contiguous non-empty runs.
+
+    Minimises the most expensive run (the pipeline's bottleneck), by dynamic
+    programming; among equally good splits the earliest cuts win, so the result is
+    deterministic. Returns ``stages + 1`` indices starting with 0 and ending with
+    ``len(costs)``.
+    """
+    n = len(costs)
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    if stages > n:
+        raise ValueError(f"cannot split {n} units into {stages} stages: stages must be between 1 and {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][i]: minimal bottleneck splitting the first i units into k runs
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    choice = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
+                    best[k][i], choice[k][i] = value, j
+    cuts, i = [n], n
+    for k in range(stages, 0, -1):
+        i = choice[k][i]
+        cuts.append(i)
+    return cuts[::-1]
+
+
+@dataclass
+class Stage:
+    """A contiguous run of units: what one rank (or replica group) computes."""
+
+    index: int
+    units: list[Unit]
+
+    def __call__(self, split: DenoiserSplit, state: BoundaryState, cond: Any) -> BoundaryState:
+        return split.forward_units(state, cond, self.units)
+
+    def modules(self) -> list[nn.Module]:
+        return [m for unit in self.units for m in unit.modules]
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+
+def make_stages(split: DenoiserSplit, cuts: Sequence[int]) -> list[Stage]:
+    n = len(split.units)
+    if list(cuts) != sorted(cuts) or cuts[0] != 0 or cuts[-1] != n or len(set(cuts)) != len(cuts):
+        raise ValueError(f"cut points must increase strictly from 0 to {n}, got {list(cuts)}")
+    return [Stage(k, split.units[a:b]) for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]

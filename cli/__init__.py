@@ -1,0 +1,1 @@
+"""The ``asyncgen`` command line (generate, bench, eval) and its local launcher."""

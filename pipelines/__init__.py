@@ -1,0 +1,5 @@
+"""Drop-in wrappers around diffusers pipelines."""
+
+from .asyncdiff import AsyncDiffPipeline
+
+__all__ = ["AsyncDiffPipeline"]

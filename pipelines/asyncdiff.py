@@ -1,0 +1,219 @@
+"""Drop-in AsyncDiff wrapper around a diffusers pipeline."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from asyncgen.distributed import DistContext, RemoteRankError, publish_error, resolve_context
+from asyncgen.proxy import StagedDenoiser
+from asyncgen.runtime import DistributedRuntime
+from asyncgen.schedule import Topology
+from asyncgen.simulator import SerialSimulator
+from asyncgen.split import (
+    DenoiserSplit,
+    balanced_cuts,
+    estimate_unit_costs,
+    make_stages,
+    measure_unit_costs,
+    split_denoiser,
+)
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def _denoiser_attribute(pipeline) -> str:
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipeline, name, None), nn.Module):
+            return name
+    raise TypeError(
+        f"{type(pipeline).__name__} has no denoiser to split (looked for a module in "
+        f"{', '.join('pipe.' + n for n in DENOISER_ATTRIBUTES)})"
+    )
+
+
+def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) -> list[int]:
+    n = len(split.units)
+    if stages > n:
+        raise ValueError(
+            f"stages={stages} is more than the {n} units a {type(split.denoiser).__name__} of this "
+            f"configuration splits into; choose stages between 1 and {n}"
+        )
+    if not isinstance(method, str):
+        cuts = [int(c) for c in method]
+        if len(cuts) != stages + 1:
+            raise ValueError(f"split={list(method)} gives {len(cuts) - 1} stages, expected {stages}")
+        return cuts
+    if method == "flops":
+        return balanced_cuts(estimate_unit_costs(split), stages)
+    if method == "time":
+        cuts = torch.zeros(stages + 1, dtype=torch.int64)
+        if ctx.rank == 0:  # timings differ per rank; all ranks must cut at the same place
+            cuts = torch.tensor(balanced_cuts(measure_unit_costs(split), stages), dtype=torch.int64)
+        if ctx.distributed:
+            dist.broadcast(cuts, ctx.global_rank(0), group=ctx.group)
+        return cuts.tolist()
+    raise ValueError(f"split={method!r} is not one of 'flops', 'time' or a list of cut indices")
+
+
+class AsyncDiffPipeline:
+    r"""Run a diffusers pipeline with AsyncDiff: its denoiser split into stages on several ranks.
+
+    The wrapped pipeline's ``__call__`` runs unchanged on every rank, with its denoiser
+    (``pipe.unet``) replaced by a proxy that has the same call signature. Stage ``k`` lives
+    only on rank ``k`` (the last stage on ``stride`` ranks); after ``warmup`` exact steps
+    each stage works on its predecessor's output from the previous step, so all stages
+    compute at the same time. Every rank returns the same output.
+
+    Args:
+        pipeline (`DiffusionPipeline`):
+            A loaded pipeline whose denoiser asyncgen can split (``StableDiffusionPipeline``,
+            ``StableDiffusionXLPipeline``, their img2img and ControlNet variants, ...).
+            It is modified in place: its denoiser is replaced and, on each rank, the
+            weights of other ranks' stages are released.
+        stages (`int`, defaults to 2):
+            Number of stages N the denoiser is split into.
+        stride (`int`, defaults to 1):
+            Steps predicted per parallel round S; the last stage runs on S ranks.
+            Needs ``stages + stride - 1`` ranks.
+        warmup (`int`, *optional*):
+            Exact (synchronous) steps at the start. Defaults to 5% of the steps, at least 1;
+            ``warmup >= num_inference_steps`` reproduces the stock pipeline.
+        time_shift (`bool`, defaults to `False`):
+            Let stages fed a stale input use the previous step's timestep.
+        split (`str` or list of `int`, defaults to `"flops"`):
+            How to place the cuts: ``"flops"`` balances estimated compute, ``"time"``
+            balances unit times measured on rank 0, a list gives the cut indices.
+        process_group (`ProcessGroup`, *optional*):
+            Group of ``stages + stride - 1`` ranks to use. Defaults to the initialised
+            default group, else one created from ``torchrun``'s environment, else none
+            (everything runs in this process through the serial simulator).
+        device (`str` or `torch.device`, *optional*):
+            Device of this rank. Defaults to ``cuda:LOCAL_RANK`` when CUDA is available
+            and a group is in use, otherwise the pipeline's current device.
+        timeout (`float` seconds or `timedelta`, *optional*):
+            Limit for each collective (default 600 s, or ``ASYNCGEN_TIMEOUT``).
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        stages: int = 2,
+        stride: int = 1,
+        warmup: int | None = None,
+        time_shift: bool = False,
+        split: str | Sequence[int] = "flops",
+        process_group: dist.ProcessGroup | None = None,
+        device: str | torch.device | None = None,
+        timeout: float | datetime.timedelta | None = None,
+    ):
+        if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
+            raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
+        topology = Topology(stages, stride)
+        attribute = _denoiser_attribute(pipeline)
+        denoiser_split = split_denoiser(getattr(pipeline, attribute))
+        ctx = resolve_context(process_group, device, timeout)
+        if ctx.distributed and ctx.world_size != topology.world_size:
+            raise ValueError(
+                f"world size {ctx.world_size} does not match stages + stride - 1 = "
+                f"{stages} + {stride} - 1 = {topology.world_size}; launch {topology.world_size} processes"
+            )
+        all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, stages, split, ctx))
+
+        if ctx.distributed:
+            mine = all_stages[topology.stage_of(ctx.rank)]
+            for stage in all_stages:
+                if stage is not mine:
+                    for module in stage.modules():
+                        module.to("meta")  # frees the storage: this rank never runs that stage
+            executor = DistributedRuntime(denoiser_split, mine, topology, ctx)
+            resident = denoiser_split.shared_modules() + mine.modules()
+        else:
+            executor = SerialSimulator(denoiser_split, all_stages, topology)
+            resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
+
+        self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
+        self.stages, self.attribute = all_stages, attribute
+        self.denoiser = StagedDenoiser(
+            denoiser_split, resident, executor, topology, warmup, time_shift, lambda: pipeline.scheduler
+        )
+        # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
+        object.__setattr__(pipeline, attribute, self.denoiser)
+        if ctx.device is not None:
+            pipeline.to(ctx.device)
+        if ctx.rank != 0 and hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+
+    # ----------------------------------------------------------- construction
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "AsyncDiffPipeline":
+        """Wrap an already loaded pipeline (same as the constructor)."""
+        return cls(pipeline, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
+                        warmup: int | None = None, time_shift: bool = False, split="flops",
+                        process_group=None, device=None, timeout=None, **load_kwargs) -> "AsyncDiffPipeline":
+        """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it."""
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
+        return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
+                   split=split, process_group=process_group, device=device, timeout=timeout)
+
+    # ------------------------------------------------------------------- call
+
+    def __call__(self, *args, **kwargs):
+        """Exactly the wrapped pipeline's ``__call__``; returns its output on every rank."""
+        try:
+            kwargs = self._shared_randomness(kwargs)
+            self.denoiser.reset()
+            output = self.pipeline(*args, **kwargs)
+            self.denoiser.finish()
+            return output
+        except BaseException as exc:
+            publish_error(self.ctx, exc)
+            raise
+
+    def _shared_randomness(self, kwargs: dict) -> dict:
+        """Give every rank the same noise when the caller did not fix it.
+
+        The latent is replicated, never sent: ranks must draw identical initial noise
+        (and identical noise in stochastic schedulers).
+        """
+        if not self.ctx.distributed or kwargs.get("generator") is not None or kwargs.get("latents") is not None:
+            return kwargs
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        device = self.ctx.device if self.ctx.device is not None and dist.get_backend(self.ctx.group) == "nccl" else "cpu"
+        seed = seed.to(device)
+        try:
+            dist.broadcast(seed, self.ctx.global_rank(0), group=self.ctx.group)
+        except Exception as exc:
+            raise RemoteRankError(f"rank {self.ctx.rank}: could not agree on a seed ({exc})") from exc
+        return {**kwargs, "generator": torch.Generator("cpu").manual_seed(int(seed.item()))}
+
+    # ------------------------------------------------------------- reporting
+
+    def stage_info(self) -> dict[str, Any]:
+        """What this rank holds and has computed: stage, units, parameter bytes, compute time."""
+        executor = self.denoiser.executor
+        mine = self.topology.stage_of(self.ctx.rank) if self.ctx.distributed else None
+        return {
+            "rank": self.ctx.rank,
+            "world_size": self.ctx.world_size,
+            "stage": mine,
+            "stage_units": [s.names for s in self.stages],
+            "resident_parameter_bytes": sum(p.numel() * p.element_size() for p in self.denoiser.parameters()),
+            "compute_seconds": getattr(executor, "compute_seconds", None),
+            "compute_calls": getattr(executor, "compute_calls", None),
+        }
+
+    def __getattr__(self, name: str):
+        if name == "pipeline":
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)

@@ -1,0 +1,162 @@
+"""Tiny diffusers pipelines built from configs (random weights), saved and loaded back.
+
+Shared by the fixtures in ``conftest.py`` and by the worker processes of distributed
+tests, which load the saved folders with ``from_pretrained`` like a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CROSS_DIM = 32
+
+
+def _byte_vocab() -> dict[str, int]:
+    # CLIP's byte-level BPE alphabet: every byte as a symbol, alone and word-final
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def save_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_byte_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=16)
+    tokenizer.save_pretrained(folder)
+
+
+def _text_encoder(projection: bool = False, hidden: int = CROSS_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=600, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden, bos_token_id=512,
+        eos_token_id=513, pad_token_id=513,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+
+
+def sd_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        block_out_channels=(16, 32), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, norm_num_groups=8, attention_head_dim=(2, 4),
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def sdxl_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        block_out_channels=(16, 32), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * CROSS_DIM, norm_num_groups=8, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def odd_unet():
+    """Odd channel counts, per-block head dims, three levels, no mid attention."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(12, 18, 30), layers_per_block=(1, 2, 1), sample_size=12, in_channels=3, out_channels=5,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, norm_num_groups=6, attention_head_dim=(3, 3, 5),
+        mid_block_type="UNetMidBlock2D",
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def build_sd(folder: Path, seed: int = 0) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    save_tokenizer(folder / "_tok")
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        unet=sd_unet(), vae=_vae(), text_encoder=_text_encoder(), tokenizer=CLIPTokenizer.from_pretrained(folder / "_tok"),
+        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+def build_sdxl(folder: Path, seed: int = 0) -> Path:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    save_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "_tok")
+    pipe = StableDiffusionXLPipeline(
+        unet=sdxl_unet(), vae=_vae(), text_encoder=_text_encoder(), text_encoder_2=_text_encoder(projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(folder / "sdxl")
+    return folder / "sdxl"
+
+
+def build_controlnet(folder: Path, seed: int = 0) -> Path:
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel(
+        block_out_channels=(16, 32), layers_per_block=2, in_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=CROSS_DIM, norm_num_groups=8, attention_head_dim=(2, 4),
+        conditioning_embedding_out_channels=(8, 8),
+    )
+    # random init leaves the zero convolutions at zero; give them weights so residuals matter
+    for module in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(module.weight, std=0.05)
+    controlnet.save_pretrained(folder / "controlnet")
+    return folder / "controlnet"
+
+
+def load(path: str | os.PathLike, cls_name: str = "StableDiffusionPipeline", **kwargs):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
