@@ -154,6 +154,14 @@ def build_controlnet(folder: Path, seed: int = 0) -> Path:
     return folder / "controlnet"
 
 
+def call_kwargs(seed: int = 0, **overrides) -> dict:
+    """A short, seeded text-to-image call on the tiny pipelines (CFG on, like users run)."""
+    kwargs = dict(prompt="a large red circle on a blue background", num_inference_steps=6, guidance_scale=7.5,
+                  height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(seed))
+    kwargs.update(overrides)
+    return kwargs
+
+
 def load(path: str | os.PathLike, cls_name: str = "StableDiffusionPipeline", **kwargs):
     import diffusers
 

@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ASYNCGEN_TIMEOUT", "60")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def sd_path(model_dir) -> Path:
+    return tiny_models.build_sd(model_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(model_dir) -> Path:
+    return tiny_models.build_sdxl(model_dir)
+
+
+@pytest.fixture(scope="session")
+def controlnet_path(model_dir) -> Path:
+    return tiny_models.build_controlnet(model_dir)
+
+
+@pytest.fixture
+def sd_pipe(sd_path):
+    return tiny_models.load(sd_path)
+
+
+@pytest.fixture
+def sdxl_pipe(sdxl_path):
+    return tiny_models.load(sdxl_path, "StableDiffusionXLPipeline")
