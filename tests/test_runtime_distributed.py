@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 import tiny_models
+from asyncgen.cli.launcher import launch, run_workers
 from asyncgen.pipelines import AsyncDiffPipeline
-from distributed_utils import run_ranks, values
 from tiny_models import call_kwargs
 
 pytestmark = pytest.mark.distributed
@@ -48,7 +48,7 @@ def _serial(path, cls="StableDiffusionPipeline", **kwargs):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_distributed_equals_serial_simulator(sd_path, sdxl_path, world_size):
-    per_rank = values(run_ranks(_run_configs, world_size, str(sd_path), str(sdxl_path)))
+    per_rank = launch(_run_configs, world_size, str(sd_path), str(sdxl_path), timeout=300)
     expected = [_serial(sd_path, stages=n, stride=s, warmup=2, time_shift=ts) for n, s, ts in CONFIGS[world_size]]
     if world_size == 2:
         expected.append(_serial(sdxl_path, "StableDiffusionXLPipeline", stages=2, warmup=1))
@@ -77,7 +77,7 @@ def _resident(rank, world_size, sd_path):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_each_rank_keeps_about_one_nth_of_the_weights(sd_path, world_size):
-    infos = values(run_ranks(_resident, world_size, str(sd_path)))
+    infos = launch(_resident, world_size, str(sd_path), timeout=300)
     total, shared = infos[0]["total"], infos[0]["shared"]
     for info in infos:
         assert info["finite"]
@@ -102,7 +102,7 @@ def _raise_on_rank(rank, world_size, sd_path, bad_rank):
 
 @pytest.mark.parametrize("world_size, bad_rank", [(2, 1), (3, 0)])
 def test_a_failing_rank_ends_the_others_with_its_error(sd_path, world_size, bad_rank):
-    results = run_ranks(_raise_on_rank, world_size, str(sd_path), bad_rank, timeout=120)
+    results = run_workers(_raise_on_rank, world_size, str(sd_path), bad_rank, timeout=120)
     for r in results:
         assert not r.ok and r.exitcode != 0
         assert f"injected failure on rank {bad_rank}" in r.value
@@ -115,6 +115,6 @@ def _wrong_world(rank, world_size, sd_path):
 
 
 def test_world_size_must_match_stages_and_stride(sd_path):
-    for r in run_ranks(_wrong_world, 2, str(sd_path), timeout=120):
+    for r in run_workers(_wrong_world, 2, str(sd_path), timeout=120):
         assert not r.ok
         assert "world size 2 does not match stages + stride - 1 = 3 + 1 - 1 = 3" in r.value

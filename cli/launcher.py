@@ -1,0 +1,130 @@
+"""Start N worker processes on this machine, the way ``torchrun`` would, without it.
+
+The rendezvous store lives in the launching process (as torchrun's agent hosts it), so
+a worker that dies does not take the store, and its error report, down with it. Each
+worker gets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, one
+thread on CPU (or ``threads``), and a deadline. A worker failure is forwarded with its
+traceback; on timeout or Ctrl-C every worker is stopped, none is left behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised; the message carries its rank and traceback."""
+
+
+@dataclass
+class WorkerResult:
+    rank: int
+    ok: bool
+    value: Any  # the function's return value, or the formatted traceback
+    exitcode: int | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank: int, world_size: int, port: int, threads: int, env: dict, results, args, kwargs):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_USE_AGENT_STORE="True",
+        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    )
+    os.environ.update(env)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        value = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def run_workers(
+    fn: Callable,
+    nprocs: int,
+    *args,
+    timeout: float | None = None,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+    **kwargs,
+) -> list[WorkerResult]:
+    """Call ``fn(rank, nprocs, *args, **kwargs)`` in ``nprocs`` spawned workers; every rank's result.
+
+    ``fn`` must be importable (a module-level function). Raises ``TimeoutError`` when a
+    worker is still running after ``timeout`` seconds (all workers are killed first).
+    """
+    import torch.distributed as dist
+
+    port = free_port()
+    store_timeout = datetime.timedelta(seconds=timeout or 3600)
+    store = dist.TCPStore("127.0.0.1", port, None, True, timeout=store_timeout, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, nprocs, port, threads, env or {}, results, args, kwargs))
+        for r in range(nprocs)
+    ]
+    collected: dict[int, WorkerResult] = {}
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    try:
+        for p in procs:
+            p.start()
+        while len(collected) < nprocs and time.monotonic() < deadline:
+            try:
+                rank, ok, value = results.get(timeout=0.2)
+                collected[rank] = WorkerResult(rank, ok, value)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+        for p in procs:
+            p.join(max(0.1, min(deadline - time.monotonic(), 30)))
+    finally:  # also on KeyboardInterrupt: no orphans
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        del store
+    if hung:
+        raise TimeoutError(f"workers {hung} were still running after {timeout}s and were stopped")
+    out = []
+    for r, p in enumerate(procs):
+        res = collected.get(r, WorkerResult(r, False, f"worker {r} exited with code {p.exitcode} and reported nothing"))
+        res.exitcode = p.exitcode
+        out.append(res)
+    return out
+
+
+def launch(fn: Callable, nprocs: int, *args, **kwargs) -> list[Any]:
+    """Like :func:`run_workers`, but return the values, or raise the first worker failure."""
+    results = run_workers(fn, nprocs, *args, **kwargs)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        # the rank that failed first is the one whose error is not a RemoteRankError
+        first = next((r for r in failed if "RemoteRankError" not in r.value), failed[0])
+        raise WorkerFailed(f"worker {first.rank} failed:\n{first.value}")
+    return [r.value for r in results]
