@@ -143,23 +143,24 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
 
     Runs under ``FakeTensorMode`` so no arithmetic happens: shapes flow through the
     real modules and every aten op is charged its FLOPs (matmul, conv, attention) and the
-    bytes it writes. Elementwise and normalisation ops are memory-bound, so bytes are
-    converted with a fixed FLOPs-per-byte ratio; without that term stages full of
-    GroupNorm/SiLU look free and the split comes out lopsided.
+    bytes it reads and writes, weights included. Normalisation, elementwise ops and
+    wide convolutions on small feature maps are memory-bound, so bytes are converted
+    with a fixed FLOPs-per-byte ratio; without that term low-resolution blocks and
+    GroupNorm/SiLU look nearly free and the split comes out lopsided.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    flops_per_byte = 4.0
-    bytes_written = [0]
+    flops_per_byte = 8.0
+    bytes_moved = [0]
 
     class _ByteCounter(TorchDispatchMode):
+        # bytes read (activations and weights) plus bytes written by every op
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    bytes_written[0] += t.numel() * t.element_size()
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
+            bytes_moved[0] += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
             return out
 
     inputs = inputs if inputs is not None else split.example_inputs()
@@ -172,10 +173,10 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
 
         def probe(i, step):
             counter = FlopCounterMode(display=False)
-            bytes_written[0] = 0
+            bytes_moved[0] = 0
             with counter, _ByteCounter():
                 step()
-            costs.append(float(counter.get_total_flops()) + flops_per_byte * bytes_written[0])
+            costs.append(float(counter.get_total_flops()) + flops_per_byte * bytes_moved[0])
 
         _run_chain_with_probe(split, fake_inputs, probe)
     return costs

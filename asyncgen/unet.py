@@ -1,14 +1,14 @@
 """``UNet2DConditionModel`` as a chain of units.
 
-Units, in forward order: ``conv_in``; per down block one unit per resnet(/attention)
-pair and one for its downsampler; the junction (ControlNet residuals, the mid block);
-per up block one unit per pair and one for its upsampler; ``conv_out``. Every unit
+Units, in forward order: ``conv_in``; per down block one unit per resnet, one per
+attention (transformer) module and one for its downsampler; the junction (ControlNet
+residuals, the mid block); the same for each up block and its upsampler; ``conv_out``. Every unit
 pushes or pops the skip stack exactly as the stock forward does, so the boundary state
 at any cut is simply (hidden state, skips pushed and not yet popped).
 
 Blocks whose ``forward`` is the stock ``CrossAttnDownBlock2D``/``DownBlock2D``/
-``CrossAttnUpBlock2D``/``UpBlock2D`` forward are split per pair (the structure these
-units re-trace); any other block type becomes a single unit that calls the block itself,
+``CrossAttnUpBlock2D``/``UpBlock2D`` forward are split per resnet and attention (the
+structure these units re-trace); any other block type becomes a single unit that calls the block itself,
 so unusual configs still split exactly, only more coarsely.
 """
 
@@ -113,8 +113,10 @@ class UNetSplit(DenoiserSplit):
         units = []
         for i, resnet in enumerate(block.resnets):
             attn = attentions[i] if attentions is not None else None
-            modules = (resnet,) if attn is None else (resnet, attn)
-            units.append(Unit(f"down{b}.{i}", modules, lambda s, c, r=resnet, a=attn: self._down_pair(r, a, s, c)))
+            fn = lambda s, c, r=resnet, push=attn is None: self._down_resnet(r, s, c, push)  # noqa: E731
+            units.append(Unit(f"down{b}.resnet{i}", (resnet,), fn))
+            if attn is not None:
+                units.append(Unit(f"down{b}.attn{i}", (attn,), lambda s, c, a=attn: self._down_attention(a, s, c)))
         if block.downsamplers is not None:
             units.append(
                 Unit(f"down{b}.sample", tuple(block.downsamplers), lambda s, c, block=block: self._downsample(block, s))
@@ -128,10 +130,11 @@ class UNetSplit(DenoiserSplit):
         attentions = getattr(block, "attentions", None)
         units = []
         for i, resnet in enumerate(block.resnets):
-            attn = attentions[i] if attentions is not None else None
-            modules = (resnet,) if attn is None else (resnet, attn)
-            fn = lambda s, c, block=block, r=resnet, a=attn: self._up_pair(block, r, a, s, c)  # noqa: E731
-            units.append(Unit(f"up{b}.{i}", modules, fn))
+            fn = lambda s, c, block=block, r=resnet: self._up_resnet(block, r, s, c)  # noqa: E731
+            units.append(Unit(f"up{b}.resnet{i}", (resnet,), fn))
+            if attentions is not None:
+                attn = attentions[i]
+                units.append(Unit(f"up{b}.attn{i}", (attn,), lambda s, c, a=attn: self._attention(a, s, c)))
         if block.upsamplers is not None:
             fn = lambda s, c, block=block: self._upsample(block, s, c, is_final)  # noqa: E731
             units.append(Unit(f"up{b}.sample", tuple(block.upsamplers), fn))
@@ -267,10 +270,15 @@ class UNetSplit(DenoiserSplit):
         hidden = self.denoiser.conv_in(state.hidden)
         return BoundaryState(hidden, (hidden,))
 
-    def _down_pair(self, resnet, attn, state: BoundaryState, cond: UNetConditioning) -> BoundaryState:
+    def _down_resnet(self, resnet, state: BoundaryState, cond: UNetConditioning, push: bool) -> BoundaryState:
         hidden = resnet(state.hidden, cond.emb)
-        if attn is not None:
-            hidden = attn(hidden, return_dict=False, **cond.attention_kwargs())[0]
+        return BoundaryState(hidden, state.skips + (hidden,) if push else state.skips)
+
+    def _attention(self, attn, state: BoundaryState, cond: UNetConditioning) -> BoundaryState:
+        return BoundaryState(attn(state.hidden, return_dict=False, **cond.attention_kwargs())[0], state.skips)
+
+    def _down_attention(self, attn, state: BoundaryState, cond: UNetConditioning) -> BoundaryState:
+        hidden = self._attention(attn, state, cond).hidden
         return BoundaryState(hidden, state.skips + (hidden,))
 
     def _downsample(self, block, state: BoundaryState) -> BoundaryState:
@@ -300,14 +308,11 @@ class UNetSplit(DenoiserSplit):
             hidden = hidden + cond.mid_residual
         return BoundaryState(hidden, skips)
 
-    def _up_pair(self, block, resnet, attn, state: BoundaryState, cond: UNetConditioning) -> BoundaryState:
+    def _up_resnet(self, block, resnet, state: BoundaryState, cond: UNetConditioning) -> BoundaryState:
         hidden, res = state.hidden, state.skips[-1]
         if all(getattr(block, k, None) for k in ("s1", "s2", "b1", "b2")):  # FreeU enabled
             hidden, res = apply_freeu(block.resolution_idx, hidden, res, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2)
-        hidden = resnet(torch.cat([hidden, res], dim=1), cond.emb)
-        if attn is not None:
-            hidden = attn(hidden, return_dict=False, **cond.attention_kwargs())[0]
-        return BoundaryState(hidden, state.skips[:-1])
+        return BoundaryState(resnet(torch.cat([hidden, res], dim=1), cond.emb), state.skips[:-1])
 
     def _upsample_size(self, state: BoundaryState, cond: UNetConditioning, is_final: bool):
         if cond.forward_upsample_size and not is_final:

@@ -128,12 +128,12 @@ def test_output_type_matches_stock(sd_path):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(stages=99), ValueError, "stages=99 is more than the 15 units"),
+    (dict(stages=99), ValueError, "stages=99 is more than the 20 units"),
     (dict(stages=2, warmup=-1), ValueError, "warmup must be None or an integer >= 0, got -1"),
     (dict(stages=0), ValueError, "stages must be a positive integer, got 0"),
     (dict(stages=2, stride=0), ValueError, "stride must be a positive integer"),
     (dict(stages=2, split="magic"), ValueError, "split='magic' is not one of"),
-    (dict(stages=2, split=[0, 3, 9, 15]), ValueError, "gives 3 stages, expected 2"),
+    (dict(stages=2, split=[0, 3, 9, 20]), ValueError, "gives 3 stages, expected 2"),
 ])
 def test_bad_arguments(sd_path, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -153,5 +153,5 @@ def test_pipeline_without_denoiser():
 
 
 def test_explicit_cut_points(sd_path):
-    wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, split=[0, 4, 15])
-    assert [len(s.units) for s in wrapped.stages] == [4, 11]
+    wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, split=[0, 4, 20])
+    assert [len(s.units) for s in wrapped.stages] == [4, 16]

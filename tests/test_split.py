@@ -105,9 +105,9 @@ def test_units_and_shared_modules_cover_every_parameter_once(name):
 def test_units_are_finer_than_blocks():
     split = split_denoiser(tiny_models.sdxl_unet())
     names = [u.name for u in split.units]
-    assert names[:4] == ["conv_in", "down0.0", "down0.1", "down0.sample"]
+    assert names[:4] == ["conv_in", "down0.resnet0", "down0.resnet1", "down0.sample"]
     assert "mid" in names and names[-1] == "conv_out"
-    assert sum(n.startswith("up1.") for n in names) == 3  # each resnet pair of the last up block
+    assert [n for n in names if n.startswith("up1.")] == ["up1.resnet0", "up1.resnet1", "up1.resnet2"]
 
 
 def test_unsupported_denoiser_is_named():
@@ -142,7 +142,7 @@ def test_estimated_costs_are_deterministic_and_follow_compute():
     assert costs == estimate_unit_costs(split) and all(c > 0 for c in costs)
     by_name = dict(zip([u.name for u in split.units], costs))
     # a resnet+attention pair does far more work than the 3x3 input convolution
-    assert by_name["down0.0"] > 5 * by_name["conv_in"]
+    assert by_name["down0.resnet0"] > 5 * by_name["conv_in"]
     # quadrupling the pixels roughly quadruples (at least triples) the work
     bigger = estimate_unit_costs(split, split.example_inputs(height=16, width=16))
     assert sum(bigger) > 3 * sum(costs)

@@ -6,60 +6,22 @@ tests, which load the saved folders with ``from_pretrained`` like a user would.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from asyncgen.evaluation import synthetic
+
 CROSS_DIM = 32
 
 
-def _byte_vocab() -> dict[str, int]:
-    # CLIP's byte-level BPE alphabet: every byte as a symbol, alone and word-final
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
+def _text_encoder(projection: bool = False):
+    return synthetic.clip_text_encoder(CROSS_DIM, projection=projection)
 
 
-def save_tokenizer(folder: Path) -> None:
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=16)
-    tokenizer.save_pretrained(folder)
-
-
-def _text_encoder(projection: bool = False, hidden: int = CROSS_DIM):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=600, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden, bos_token_id=512,
-        eos_token_id=513, pad_token_id=513,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
+def _tokenizer(folder: Path):
+    return synthetic.byte_level_clip_tokenizer(folder / "_tok")
 
 
 def sd_unet(**overrides):
@@ -101,38 +63,21 @@ def odd_unet():
     ).eval()
 
 
-def _scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
 def build_sd(folder: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    save_tokenizer(folder / "_tok")
-    from transformers import CLIPTokenizer
-
-    pipe = StableDiffusionPipeline(
-        unet=sd_unet(), vae=_vae(), text_encoder=_text_encoder(), tokenizer=CLIPTokenizer.from_pretrained(folder / "_tok"),
-        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder / "sd")
-    return folder / "sd"
+    return synthetic.save_sd_pipeline(folder / "sd", sd_unet(), text_hidden=CROSS_DIM, seed=seed)
 
 
 def build_sdxl(folder: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    save_tokenizer(folder / "_tok")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "_tok")
+    tokenizer = _tokenizer(folder)
     pipe = StableDiffusionXLPipeline(
-        unet=sdxl_unet(), vae=_vae(), text_encoder=_text_encoder(), text_encoder_2=_text_encoder(projection=True),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=_scheduler(),
+        unet=sdxl_unet(), vae=synthetic.vae(), text_encoder=_text_encoder(), text_encoder_2=_text_encoder(projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=synthetic.ddim_scheduler(),
     )
     pipe.save_pretrained(folder / "sdxl")
     return folder / "sdxl"

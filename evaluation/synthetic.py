@@ -1,0 +1,116 @@
+"""Stable Diffusion pipelines built from configs with random weights.
+
+For benchmarks and tests on machines that cannot download weights: the architecture,
+the loading code and the compute are real; only the weights are random (so images are
+noise-like). Everything is saved in diffusers format and meant to be loaded back with
+``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _clip_byte_vocab() -> dict[str, int]:
+    # CLIP's byte-level BPE alphabet: each byte as a symbol, alone and word-final
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in codes]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+BYTE_VOCAB_SIZE = 514  # 2 * 256 symbols + start and end tokens
+
+
+def byte_level_clip_tokenizer(folder: Path, max_length: int = 77):
+    """A ``CLIPTokenizer`` with no merges (one token per byte), saved in ``folder``."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_clip_byte_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+                              model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def clip_text_encoder(hidden: int, layers: int = 2, projection: bool = False, max_length: int = 77):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden,
+        bos_token_id=BYTE_VOCAB_SIZE - 2, eos_token_id=BYTE_VOCAB_SIZE - 1, pad_token_id=BYTE_VOCAB_SIZE - 1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def vae(block_out_channels=(8, 16)):
+    """An ``AutoencoderKL``; its downscaling factor is ``2 ** (len(block_out_channels) - 1)``."""
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=tuple(block_out_channels), in_channels=3, out_channels=3, latent_channels=4,
+        norm_num_groups=min(block_out_channels) // 2, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+    ).eval()
+
+
+def ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def save_sd_pipeline(folder: Path, unet, text_hidden: int, vae_channels=(8, 16), seed: int = 0) -> Path:
+    """Assemble a ``StableDiffusionPipeline`` around ``unet`` and save it to ``folder``."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae(vae_channels), text_encoder=clip_text_encoder(text_hidden),
+        tokenizer=byte_level_clip_tokenizer(folder / "tokenizer"), scheduler=ddim_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def bench_unet(cross_attention_dim: int = 256):
+    """The SD-architecture UNet the AsyncDiff benchmark times (about 35M parameters).
+
+    SD 1.5's layout (three cross-attention levels, then a plain one, two resnets per
+    level, 8 attention heads) at a quarter of its width, so that one CPU thread spends
+    tens of milliseconds per step on 8x8 latents and compute dominates communication.
+    """
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+
+
+def save_bench_pipeline(folder: Path, seed: int = 0) -> Path:
+    """The benchmark's SD pipeline: 64x64 images, 8x8 latents (VAE factor 8)."""
+    torch.manual_seed(seed)
+    return save_sd_pipeline(folder, bench_unet(256), text_hidden=256, vae_channels=(16, 16, 32, 32), seed=seed)
