@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ class DistContext:
     device: torch.device | None
     timeout: datetime.timedelta
     owns_group: bool = False
+    subgroups: list = field(default_factory=list)  # groups asyncgen made inside ``group``
 
     @property
     def distributed(self) -> bool:
@@ -110,11 +111,12 @@ def publish_error(ctx: DistContext, exc: BaseException) -> None:
                 store.set(ERROR_KEY, f"rank {dist.get_rank()} failed:\n{text}")
         except Exception:
             pass
-    try:
-        dist.destroy_process_group(ctx.group if not ctx.owns_group else None)
-    except Exception:
-        pass
-    ctx.group = None
+    for group in [*ctx.subgroups, None if ctx.owns_group else ctx.group]:
+        try:
+            dist.destroy_process_group(group)
+        except Exception:
+            pass
+    ctx.group, ctx.subgroups = None, []
 
 
 def remote_error(ctx: DistContext, cause: BaseException) -> BaseException:

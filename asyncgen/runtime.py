@@ -4,13 +4,19 @@ Rank r runs stage ``topology.stage_of(r)`` and holds only that stage's weights (
 the shared embedding layers). Per step it executes the task the schedule gives it:
 
 * exact step: receive B_{k-1} (blocking, layout header included), compute, send B_k to
-  every rank of stage k+1; the last stage's primary replica computes eps.
-* round: compute from the stale input received during the previous step/round, send
-  the result with ``isend`` (it is consumed in the *next* round, so the transfer
-  overlaps the broadcast, the scheduler step and the next compute), and post the
-  ``irecv`` for the next input.
-* every rank joins the broadcast of each prediction, so all ranks run the same
-  scheduler step and the latent never travels.
+  every rank of stage k+1; the last stage's first replica computes eps.
+* round: compute from the stale input received during the previous step or round and
+  send the result with ``isend``; it is consumed in the *next* round, so the transfer
+  overlaps everything until then.
+* every prediction goes point to point from the replica that made it to every other
+  rank, so all ranks run the same scheduler step and the latent never travels.
+
+Communication plan: every receive is posted *before* the compute it waits behind
+(the next input right after the current one arrived, each prediction before this
+step's compute), so a message lands while its receiver is still busy and nobody pays a
+wake-up on the critical path. Boundary states and predictions travel on two groups
+of their own, so two kinds of messages never queue behind each other (NCCL runs each
+communicator's operations in order).
 
 Communication failures become :class:`~asyncgen.distributed.RemoteRankError` carrying
 the failing rank's message; a local failure is published before it propagates.
@@ -32,34 +38,38 @@ from .split import DenoiserSplit, Stage
 CondFn = Callable[[int], Any]
 
 
-class _PendingRecv:
-    def __init__(self, work, buffer: torch.Tensor, layout: BoundaryLayout):
+class _Pending:
+    """A posted receive and the buffer it fills."""
+
+    def __init__(self, work, buffer: torch.Tensor, layout: BoundaryLayout | None = None):
         self.work, self.buffer, self.layout = work, buffer, layout
 
 
 class DistributedRuntime:
     def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, stream_names=()):
-        top = topology
-        if ctx.world_size != top.world_size:
+        if ctx.world_size != topology.world_size:
             raise ValueError(
                 f"world size {ctx.world_size} does not match stages + stride - 1 = "
-                f"{top.stages} + {top.stride} - 1 = {top.world_size}"
+                f"{topology.stages} + {topology.stride} - 1 = {topology.world_size}"
             )
         self.split, self.stage, self.topology, self.ctx = split, stage, topology, ctx
         self.schedule: AsyncSchedule | None = None
         self.stream_names = tuple(stream_names)
-        self.rank = ctx.rank
-        self.stage_index = top.stage_of(ctx.rank)
-        self.replica = top.replica_of(ctx.rank)
+        self.stage_index = topology.stage_of(ctx.rank)
+        self.replica = topology.replica_of(ctx.rank)
         if stage.index != self.stage_index:
             raise ValueError(f"rank {ctx.rank} must hold stage {self.stage_index}, got stage {stage.index}")
+        members = dist.get_process_group_ranks(ctx.group)
+        self.state_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
+        self.prediction_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
+        ctx.subgroups += [self.state_group, self.prediction_group]
         self.compute_seconds = 0.0
         self.compute_calls = 0
         self._latest_input: BoundaryState | None = None
         self._input_layout: BoundaryLayout | None = None
-        self._send_buffers: list[torch.Tensor] = []
-        self._pending_recv: _PendingRecv | None = None
+        self._next_input: _Pending | None = None
         self._pending_sends: list = []
+        self._send_buffers: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -73,53 +83,59 @@ class DistributedRuntime:
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
 
-    def _successors(self) -> list[int]:
-        return self.topology.ranks_of(self.stage_index + 1)
+    def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
+        self._send_buffers.append(tensor)  # must outlive the isend
+        self._pending_sends.append(self._comm(dist.isend, tensor, self.ctx.global_rank(dst), group=group))
 
-    def _predecessor(self) -> int:
-        return self.topology.rank_of(self.stage_index - 1)
+    def _irecv(self, buffer: torch.Tensor, src: int, group, layout: BoundaryLayout | None = None) -> _Pending:
+        return _Pending(self._comm(dist.irecv, buffer, self.ctx.global_rank(src), group=group), buffer, layout)
 
-    def _send(self, state: BoundaryState, with_header: bool) -> None:
-        self._wait_sends()
-        g = self.ctx.global_rank
-        # the buffers must outlive their isends: kept until _wait_sends
-        self._send_buffers = [state.layout().encode().to(self.device)] if with_header else []
-        self._send_buffers.append(pack(state))
-        for buffer in self._send_buffers:
-            for dst in self._successors():
-                self._pending_sends.append(self._comm(dist.isend, buffer, g(dst), group=self.ctx.group))
+    def _wait(self, pending: _Pending) -> torch.Tensor:
+        self._comm(pending.work.wait, self.ctx.timeout)
+        return pending.buffer
 
     def _wait_sends(self) -> None:
         for work in self._pending_sends:
             self._comm(work.wait, self.ctx.timeout)
         self._pending_sends, self._send_buffers = [], []
 
-    def _recv_blocking(self) -> BoundaryState:
-        src = self.ctx.global_rank(self._predecessor())
+    def _send_state(self, state: BoundaryState, with_header: bool) -> None:
+        buffers = [state.layout().encode().to(self.device)] if with_header else []
+        buffers.append(pack(state))
+        for buffer in buffers:
+            for dst in self.topology.ranks_of(self.stage_index + 1):
+                self._isend(buffer, dst, self.state_group)
+
+    def _recv_state_blocking(self) -> BoundaryState:
+        src = self.ctx.global_rank(self.topology.rank_of(self.stage_index - 1))
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._comm(dist.recv, header, src, group=self.ctx.group)
+        self._comm(dist.recv, header, src, group=self.state_group)
         self._input_layout = BoundaryLayout.decode(header.cpu(), self.stream_names)
         buffer = torch.empty(self._input_layout.numel, dtype=self._input_layout.dtype, device=self.device)
-        self._comm(dist.recv, buffer, src, group=self.ctx.group)
+        self._comm(dist.recv, buffer, src, group=self.state_group)
         return unpack(buffer, self._input_layout)
 
-    def _post_recv(self) -> None:
-        src = self.ctx.global_rank(self._predecessor())
+    def _post_next_input(self) -> None:
         layout = self._input_layout
         buffer = torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
-        work = self._comm(dist.irecv, buffer, src, group=self.ctx.group)
-        self._pending_recv = _PendingRecv(work, buffer, layout)
+        self._next_input = self._irecv(buffer, self.topology.rank_of(self.stage_index - 1), self.state_group, layout)
 
-    def _wait_recv(self) -> BoundaryState:
-        pending, self._pending_recv = self._pending_recv, None
-        self._comm(pending.work.wait, self.ctx.timeout)
-        return unpack(pending.buffer, pending.layout)
+    def _take_next_input(self) -> BoundaryState:
+        pending, self._next_input = self._next_input, None
+        return unpack(self._wait(pending), pending.layout)
 
-    def _broadcast(self, eps: torch.Tensor | None, like: torch.Tensor, src: int) -> torch.Tensor:
-        if eps is None:
-            eps = torch.empty_like(like)
-        self._comm(dist.broadcast, eps, self.ctx.global_rank(src), group=self.ctx.group)
-        return eps
+    def _post_predictions(self, producers: dict[int, int], like: torch.Tensor) -> dict[int, _Pending]:
+        """Receives for the predictions other ranks make this step: ``{step: pending}``."""
+        return {
+            step: self._irecv(torch.empty_like(like), src, self.prediction_group)
+            for step, src in producers.items()
+            if src != self.ctx.rank
+        }
+
+    def _send_prediction(self, eps: torch.Tensor) -> None:
+        for dst in range(self.ctx.world_size):
+            if dst != self.ctx.rank:
+                self._isend(eps, dst, self.prediction_group)
 
     def _compute(self, state: BoundaryState, cond: Any) -> BoundaryState:
         start = time.perf_counter()
@@ -139,8 +155,8 @@ class DistributedRuntime:
 
     def end_call(self) -> None:
         """Settle outstanding transfers (a loop that stopped earlier than planned leaves some)."""
-        if self._pending_recv is not None:
-            self._wait_recv()
+        if self._next_input is not None:
+            self._take_next_input()
         self._wait_sends()
 
     # ------------------------------------------------------------------ one step
@@ -158,44 +174,47 @@ class DistributedRuntime:
         if kind is StepKind.CACHED:
             raise RuntimeError(f"step {step} is served from the round started at {schedule.round_start(step)}")
         k, last = self.stage_index, top.last
-        # eps has the shape of the denoiser's output: batch and spatial size of the input,
-        # channel count of the model; every rank can allocate it without being told.
+        self._wait_sends()  # last step's sends are long done; frees their buffers
+        # eps has the batch and spatial size of the input and the model's output channels:
+        # every rank can allocate it without being told
         like = self.split.output_like(sample)
 
         if kind is StepKind.EXACT:
+            producers = {step: top.rank_of(last, 0)}
+            incoming = self._post_predictions(producers, like)
             cond = cond_at(step)
             if k > 0:
-                self._latest_input = self._recv_blocking()
-            eps = None
+                self._latest_input = self._recv_state_blocking()
+            made = {}
             if self.replica == 0:
                 state = self.split.initial_state(sample, cond) if k == 0 else self._latest_input
                 out = self._compute(state, cond)
                 if k < last:
-                    self._send(out, with_header=True)
+                    self._send_state(out, with_header=True)
                 else:
-                    eps = self.split.output(out)
-            return {step: self._broadcast(eps, like, top.rank_of(last))}
+                    made[step] = self.split.output(out)
+                    self._send_prediction(made[step])
+            return {**made, **{s: self._wait(p) for s, p in incoming.items()}}
 
         tasks = schedule.round_tasks(step, total_steps)
-        mine = next((t for t in tasks if (t.stage, t.replica) == (k, self.replica)), None)
-        if k > 0 and self._pending_recv is not None:
-            self._latest_input = self._wait_recv()
+        producers = {t.out_step: top.rank_of(last, t.replica) for t in tasks if t.out_step is not None}
+        incoming = self._post_predictions(producers, like)
         last_round = schedule.is_last_round(step, total_steps)
-        eps = None
+        if k > 0:
+            if self._next_input is not None:
+                self._latest_input = self._take_next_input()
+            if not last_round:
+                self._post_next_input()  # lands while this round computes
+        made = {}
+        mine = next((t for t in tasks if (t.stage, t.replica) == (k, self.replica)), None)
         if mine is not None:
             cond = cond_at(mine.cond_step)
             state = self.split.initial_state(sample, cond) if mine.fresh else self._latest_input
             out = self._compute(state, cond)
-            if k < last:
+            if mine.out_step is None:
                 if not last_round:
-                    self._send(out, with_header=False)
+                    self._send_state(out, with_header=False)
             else:
-                eps = self.split.output(out)
-        if k > 0 and not last_round:
-            self._post_recv()
-        predictions = {}
-        for task in tasks:
-            if task.out_step is not None:
-                src = top.rank_of(last, task.replica)
-                predictions[task.out_step] = self._broadcast(eps if task.replica == self.replica and k == last else None, like, src)
-        return predictions
+                made[mine.out_step] = self.split.output(out)
+                self._send_prediction(made[mine.out_step])
+        return {**made, **{s: self._wait(p) for s, p in incoming.items()}}

@@ -85,8 +85,10 @@ def test_each_rank_keeps_about_one_nth_of_the_weights(sd_path, world_size):
         assert info["resident"] < total
     # the stages partition the non-shared weights: nothing kept twice, nothing lost
     assert sum(i["resident"] - shared for i in infos) == total - shared
-    # balanced by compute, not by bytes, so allow slack around 1/N
-    assert max(i["resident"] for i in infos) <= total * (1 / world_size + 0.3)
+    # cuts balance compute, not bytes: low-resolution blocks carry most weights for little
+    # compute, so shares are uneven (here 0.70 of the weights on one of two ranks); what
+    # must hold is that no rank is anywhere near a full copy
+    assert max(i["resident"] for i in infos) <= 0.75 * total
 
 
 def _raise_on_rank(rank, world_size, sd_path, bad_rank):
