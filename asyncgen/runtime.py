@@ -200,15 +200,15 @@ class DistributedRuntime:
         producers = {t.out_step: top.rank_of(last, t.replica) for t in tasks if t.out_step is not None}
         incoming = self._post_predictions(producers, like)
         last_round = schedule.is_last_round(step, total_steps)
+        mine = next((t for t in tasks if (t.stage, t.replica) == (k, self.replica)), None)
+        cond = cond_at(mine.cond_step) if mine is not None else None  # while the input may still be in flight
         if k > 0:
             if self._next_input is not None:
                 self._latest_input = self._take_next_input()
             if not last_round:
                 self._post_next_input()  # lands while this round computes
         made = {}
-        mine = next((t for t in tasks if (t.stage, t.replica) == (k, self.replica)), None)
         if mine is not None:
-            cond = cond_at(mine.cond_step)
             state = self.split.initial_state(sample, cond) if mine.fresh else self._latest_input
             out = self._compute(state, cond)
             if mine.out_step is None:
