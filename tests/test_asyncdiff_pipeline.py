@@ -155,3 +155,22 @@ def test_pipeline_without_denoiser():
 def test_explicit_cut_points(sd_path):
     wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, split=[0, 4, 20])
     assert [len(s.units) for s in wrapped.stages] == [4, 16]
+
+
+def test_attention_processor_changes_reach_the_stages(sd_path):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Counting(AttnProcessor):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    reference = _images(tiny_models.load(sd_path))
+    wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=6)
+    wrapped.unet.set_attn_processor(Counting())  # through the proxy, onto the real modules
+    images = _images(wrapped)
+    assert Counting.calls > 0
+    # AttnProcessor and the default SDPA processor differ only in float rounding
+    np.testing.assert_allclose(images, reference, atol=1e-5, rtol=0)
