@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# header: [version, n_streams, n_skips, dtype_code, (ndim, *shape) per tensor ...]
+# header: [version, stream mask, n_skips, dtype_code, (ndim, *shape) per tensor ...]
 _HEADER_VERSION = 1
 HEADER_LEN = 256
 
@@ -75,9 +75,14 @@ class BoundaryLayout:
             total += n
         return total
 
-    def encode(self) -> torch.Tensor:
-        # stream names are fixed by the model family and known to both ends; only the count travels
-        values = [_HEADER_VERSION, len(self.stream_names), self.n_skips, _DTYPES.index(self.dtype)]
+    def encode(self, known_streams: tuple[str, ...] = ()) -> torch.Tensor:
+        # stream names are fixed by the model family and known to both ends; only which
+        # of them are present travels (SD3's last joint block drops the text stream)
+        unknown = set(self.stream_names) - set(known_streams)
+        if unknown:
+            raise ValueError(f"streams {sorted(unknown)} are not among the model's streams {list(known_streams)}")
+        mask = sum(1 << i for i, name in enumerate(known_streams) if name in self.stream_names)
+        values = [_HEADER_VERSION, mask, self.n_skips, _DTYPES.index(self.dtype)]
         for shape in self.shapes:
             values += [len(shape), *shape]
         if len(values) > HEADER_LEN:
@@ -87,19 +92,18 @@ class BoundaryLayout:
         return header
 
     @classmethod
-    def decode(cls, header: torch.Tensor, stream_names: tuple[str, ...] = ()) -> "BoundaryLayout":
+    def decode(cls, header: torch.Tensor, known_streams: tuple[str, ...] = ()) -> "BoundaryLayout":
         values = header.tolist()
-        version, n_streams, n_skips, dtype_code = values[:4]
+        version, mask, n_skips, dtype_code = values[:4]
         if version != _HEADER_VERSION:
             raise RuntimeError(f"unexpected boundary header version {version}; ranks run different asyncgen versions?")
-        if n_streams != len(stream_names):
-            raise RuntimeError(f"boundary header announces {n_streams} streams, receiver expects {len(stream_names)}")
+        stream_names = tuple(sorted(name for i, name in enumerate(known_streams) if mask >> i & 1))
         shapes, pos = [], 4
-        for _ in range(1 + n_skips + n_streams):
+        for _ in range(1 + n_skips + len(stream_names)):
             ndim = values[pos]
             shapes.append(tuple(values[pos + 1 : pos + 1 + ndim]))
             pos += 1 + ndim
-        return cls(tuple(shapes), n_skips, tuple(stream_names), _DTYPES[dtype_code])
+        return cls(tuple(shapes), n_skips, stream_names, _DTYPES[dtype_code])
 
 
 def pack(state: BoundaryState, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,7 +120,10 @@ class StagedDenoiser(nn.Module):
                 hits = (timesteps == _timestep_value(timestep)).nonzero()
                 begin = int(hits[0]) if len(hits) else None
             if begin is not None:
-                self._upcoming = timesteps[begin:]
+                # pipelines may pass a rescaled timestep (Flux passes t / 1000): keep their scale
+                scheduled, passed = float(timesteps[begin]), _timestep_value(timestep)
+                ratio = scheduled / passed if scheduled != 0 and passed != 0 else 1.0
+                self._upcoming = timesteps[begin:] / ratio if ratio != 1.0 else timesteps[begin:]
                 self._total = len(self._upcoming)
         warmup = self.warmup if self.warmup is not None else default_warmup(self._total)
         self.schedule = AsyncSchedule(self.topology, warmup, self.time_shift)
@@ -143,13 +146,14 @@ class StagedDenoiser(nn.Module):
 
     @contextlib.contextmanager
     def _lora_scale(self, arguments: dict):
-        # what diffusers' UNet forward does for `cross_attention_kwargs={"scale": s}`
-        kwargs = arguments.get("cross_attention_kwargs")
+        # what diffusers' denoiser forwards do for `cross_attention_kwargs={"scale": s}` (or joint_...)
+        name = self.split.lora_kwargs_name
+        kwargs = arguments.get(name)
         scale = 1.0
         if kwargs is not None and "scale" in kwargs:
             kwargs = dict(kwargs)
             scale = kwargs.pop("scale")
-            arguments["cross_attention_kwargs"] = kwargs
+            arguments[name] = kwargs
         if USE_PEFT_BACKEND:
             scale_lora_layers(self._denoiser, scale)
         try:
@@ -163,7 +167,7 @@ class StagedDenoiser(nn.Module):
     def forward(self, *args, **kwargs):
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         return_dict = arguments.pop("return_dict", True)
-        sample, timestep = arguments.pop("sample"), arguments.pop("timestep")
+        sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop("timestep")
         if self._started and self._total is not None and self._step >= self._total:
             self.reset()  # the stock pipeline was called again without the wrapper
         if not self._started:
@@ -171,7 +175,7 @@ class StagedDenoiser(nn.Module):
         step = self._step
         self._step += 1
         self._timesteps.append(timestep)
-        if step in self._looked_up and self._looked_up.pop(step) != _timestep_value(timestep):
+        if step in self._looked_up and not math.isclose(self._looked_up.pop(step), _timestep_value(timestep), rel_tol=1e-5):
             raise RuntimeError(
                 f"step {step} was predicted ahead for a timestep the pipeline does not use now "
                 f"({_timestep_value(timestep)}); the scheduler's timesteps changed during the call"

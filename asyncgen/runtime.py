@@ -46,7 +46,7 @@ class _Pending:
 
 
 class DistributedRuntime:
-    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, stream_names=()):
+    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext):
         if ctx.world_size != topology.world_size:
             raise ValueError(
                 f"world size {ctx.world_size} does not match stages + stride - 1 = "
@@ -54,7 +54,6 @@ class DistributedRuntime:
             )
         self.split, self.stage, self.topology, self.ctx = split, stage, topology, ctx
         self.schedule: AsyncSchedule | None = None
-        self.stream_names = tuple(stream_names)
         self.stage_index = topology.stage_of(ctx.rank)
         self.replica = topology.replica_of(ctx.rank)
         if stage.index != self.stage_index:
@@ -100,7 +99,7 @@ class DistributedRuntime:
         self._pending_sends, self._send_buffers = [], []
 
     def _send_state(self, state: BoundaryState, with_header: bool) -> None:
-        buffers = [state.layout().encode().to(self.device)] if with_header else []
+        buffers = [state.layout().encode(self.split.stream_names).to(self.device)] if with_header else []
         buffers.append(pack(state))
         for buffer in buffers:
             for dst in self.topology.ranks_of(self.stage_index + 1):
@@ -110,7 +109,7 @@ class DistributedRuntime:
         src = self.ctx.global_rank(self.topology.rank_of(self.stage_index - 1))
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._comm(dist.recv, header, src, group=self.state_group)
-        self._input_layout = BoundaryLayout.decode(header.cpu(), self.stream_names)
+        self._input_layout = BoundaryLayout.decode(header.cpu(), self.split.stream_names)
         buffer = torch.empty(self._input_layout.numel, dtype=self._input_layout.dtype, device=self.device)
         self._comm(dist.recv, buffer, src, group=self.state_group)
         return unpack(buffer, self._input_layout)

@@ -50,6 +50,11 @@ class DenoiserSplit(abc.ABC):
 
     #: denoiser classes this split handles (checked with ``isinstance``)
     handles: tuple[type, ...] = ()
+    #: names of the forward's latent argument and of the kwargs dict that carries a LoRA ``scale``
+    sample_argument = "sample"
+    lora_kwargs_name = "cross_attention_kwargs"
+    #: extra streams a boundary state may carry besides ``hidden`` (in this order on the wire)
+    stream_names: tuple[str, ...] = ()
 
     def __init__(self, denoiser: nn.Module):
         self.denoiser = denoiser
@@ -113,7 +118,7 @@ def supported_denoisers() -> list[str]:
 
 def split_denoiser(denoiser: nn.Module) -> DenoiserSplit:
     """Describe ``denoiser`` as a chain of units, or explain which classes are supported."""
-    from . import unet  # noqa: F401  (registers the UNet family)
+    from . import dit, unet  # noqa: F401  (register the model families)
 
     for cls in _SPLITS:
         if isinstance(denoiser, cls.handles):
@@ -129,7 +134,7 @@ def split_denoiser(denoiser: nn.Module) -> DenoiserSplit:
 
 def _run_chain_with_probe(split: DenoiserSplit, inputs: dict, probe: Callable[[int, Callable[[], None]], None]):
     inputs = dict(inputs)
-    sample, timestep = inputs.pop("sample"), inputs.pop("timestep")
+    sample, timestep = inputs.pop(split.sample_argument), inputs.pop("timestep")
     cond = split.conditioning(sample, timestep, **inputs)
     state = [split.initial_state(sample, cond)]
     for i, unit in enumerate(split.units):
@@ -195,7 +200,7 @@ def _fake_nested(mode, value):
 def measure_unit_costs(split: DenoiserSplit, inputs: dict | None = None, repeats: int = 3) -> list[float]:
     """Median wall time of each unit on the denoiser's device, in seconds."""
     inputs = inputs if inputs is not None else split.example_inputs()
-    device = inputs["sample"].device
+    device = inputs[split.sample_argument].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples: list[list[float]] = [[] for _ in split.units]
 

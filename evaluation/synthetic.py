@@ -114,3 +114,97 @@ def save_bench_pipeline(folder: Path, seed: int = 0) -> Path:
     """The benchmark's SD pipeline: 64x64 images, 8x8 latents (VAE factor 8)."""
     torch.manual_seed(seed)
     return save_sd_pipeline(folder, bench_unet(256), text_hidden=256, vae_channels=(16, 16, 32, 32), seed=seed)
+
+
+def t5_text_encoder(d_model: int, layers: int = 1):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=BYTE_VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
+                      num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                      pad_token_id=BYTE_VOCAB_SIZE - 1, eos_token_id=BYTE_VOCAB_SIZE - 1)
+    return T5EncoderModel(config).eval()
+
+
+def flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _flow_vae(latent_channels: int, block_out_channels=(8, 16)):
+    # SD3 and Flux VAEs shift and scale their latents; the pipelines read both from the config
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=tuple(block_out_channels), in_channels=3, out_channels=3, latent_channels=latent_channels,
+        norm_num_groups=min(block_out_channels) // 2, layers_per_block=1, shift_factor=0.06, scaling_factor=1.5,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+
+
+def save_sd3_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
+    """A ``StableDiffusion3Pipeline`` with two CLIP text encoders and no T5 (the pipeline allows that)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    if transformer is None:
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+            joint_attention_dim=2 * text_hidden, caption_projection_dim=32, pooled_projection_dim=2 * text_hidden,
+            out_channels=4,
+        ).eval()
+    tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels),
+        text_encoder=clip_text_encoder(text_hidden, projection=True), tokenizer=tokenizer,
+        text_encoder_2=clip_text_encoder(text_hidden, projection=True), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_pixart_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
+    """A ``PixArtAlphaPipeline`` with a small T5 encoder (byte-level CLIP tokenizer: no sentencepiece needed)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    if transformer is None:
+        transformer = PixArtTransformer2DModel(
+            sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=text_hidden, in_channels=4, cross_attention_dim=24, out_channels=8,
+            attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6,
+        ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=byte_level_clip_tokenizer(folder / "tokenizer"), text_encoder=t5_text_encoder(text_hidden),
+        vae=vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_flux_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
+    """A guidance-distilled (Flux-dev style) ``FluxPipeline``."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    if transformer is None:
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden,
+            guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+        ).eval()
+    tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
+    pipe = FluxPipeline(
+        scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels // 4),
+        text_encoder=clip_text_encoder(text_hidden), tokenizer=tokenizer,
+        text_encoder_2=t5_text_encoder(text_hidden), tokenizer_2=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
