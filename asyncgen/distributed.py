@@ -130,5 +130,6 @@ def remote_error(ctx: DistContext, cause: BaseException) -> BaseException:
         except Exception:
             message = None
     if message is None:
-        return RemoteRankError(f"rank {ctx.rank}: communication failed ({cause}); no peer reported an error")
+        # nobody else failed first: the failure is this rank's own, and it is published as such
+        return RuntimeError(f"rank {ctx.rank}: communication failed ({cause})")
     return RemoteRankError(message)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .cfg import batch_part
 from .schedule import AsyncSchedule, StepKind, Topology
 from .split import DenoiserSplit
 
@@ -52,6 +53,7 @@ class StagedDenoiser(nn.Module):
         warmup: int | None,
         time_shift: bool,
         scheduler: Callable[[], Any],
+        cfg_parts: int = 1,
     ):
         super().__init__()
         # not registered as a submodule: its other stages' weights are gone on this rank
@@ -63,6 +65,7 @@ class StagedDenoiser(nn.Module):
         self.resident = nn.ModuleList(unique)
         self.split, self.executor, self.topology = split, executor, topology
         self.warmup, self.time_shift, self._scheduler = warmup, time_shift, scheduler
+        self.cfg_parts = cfg_parts
         self._signature = inspect.signature(split.denoiser.forward)
         self.reset()
 
@@ -110,7 +113,13 @@ class StagedDenoiser(nn.Module):
     def finish(self) -> None:
         self.reset()
 
-    def _begin(self, timestep: Any) -> None:
+    def _begin(self, sample: torch.Tensor, timestep: Any) -> None:
+        if sample.shape[0] % self.cfg_parts:
+            # the halves are independent, so any even batch splits correctly; CFG doubles it
+            raise ValueError(
+                f"cfg_parallel=True splits the denoiser's batch in two, but this call's batch is {sample.shape[0]}; "
+                "use classifier-free guidance (guidance_scale > 1) or an even num_images_per_prompt"
+            )
         scheduler = self._scheduler()
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is not None and len(timesteps):
@@ -171,7 +180,7 @@ class StagedDenoiser(nn.Module):
         if self._started and self._total is not None and self._step >= self._total:
             self.reset()  # the stock pipeline was called again without the wrapper
         if not self._started:
-            self._begin(timestep)
+            self._begin(sample, timestep)
         step = self._step
         self._step += 1
         self._timesteps.append(timestep)
@@ -184,13 +193,17 @@ class StagedDenoiser(nn.Module):
         if self.schedule.kind(step) is StepKind.CACHED:
             return self.split.wrap_output(self._predictions.pop(step), return_dict)
 
-        conds: dict[int, Any] = {}
+        conds: dict[tuple, Any] = {}
 
-        def cond_at(m: int):
-            if m not in conds:
+        def cond_at(m: int, part: int | None = None):
+            # ``part``: which half of a CFG-parallel batch the conditioning is for
+            if (m, part) not in conds:
                 t = self._timestep_of(m, timestep)
-                conds[m] = self.split.conditioning(sample, t, **arguments)
-            return conds[m]
+                x, args = sample, arguments
+                if part is not None:
+                    x, t, args = batch_part((sample, t, arguments), part, self.cfg_parts, sample.shape[0])
+                conds[(m, part)] = self.split.conditioning(x, t, **args)
+            return conds[(m, part)]
 
         with torch.no_grad(), self._lora_scale(arguments):
             predictions = self.executor.run_step(step, self._total, sample, cond_at)

@@ -25,12 +25,14 @@ the failing rank's message; a local failure is published before it propagates.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from .boundary import HEADER_LEN, BoundaryLayout, BoundaryState, pack, unpack
+from .cfg import batch_part
 from .distributed import DistContext, publish_error, remote_error
 from .schedule import AsyncSchedule, StepKind, Topology
 from .split import DenoiserSplit, Stage
@@ -46,22 +48,30 @@ class _Pending:
 
 
 class DistributedRuntime:
-    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext):
-        if ctx.world_size != topology.world_size:
-            raise ValueError(
-                f"world size {ctx.world_size} does not match stages + stride - 1 = "
-                f"{topology.stages} + {topology.stride} - 1 = {topology.world_size}"
-            )
+    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, cfg_parts: int = 1):
+        m = topology.world_size
+        if ctx.world_size != cfg_parts * m:
+            expected = f"stages + stride - 1 = {topology.stages} + {topology.stride} - 1 = {m}"
+            if cfg_parts > 1:
+                expected = f"{cfg_parts} * (stages + stride - 1) = {cfg_parts * m} (cfg_parallel)"
+            raise ValueError(f"world size {ctx.world_size} does not match {expected}")
         self.split, self.stage, self.topology, self.ctx = split, stage, topology, ctx
         self.schedule: AsyncSchedule | None = None
-        self.stage_index = topology.stage_of(ctx.rank)
-        self.replica = topology.replica_of(ctx.rank)
+        self.cfg_parts = cfg_parts
+        self.part, local = divmod(ctx.rank, m)  # which CFG half, and the rank inside it
+        self.stage_index = topology.stage_of(local)
+        self.replica = topology.replica_of(local)
         if stage.index != self.stage_index:
             raise ValueError(f"rank {ctx.rank} must hold stage {self.stage_index}, got stage {stage.index}")
         members = dist.get_process_group_ranks(ctx.group)
-        self.state_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
+        # every member creates every group, in the same order; non-members get a placeholder
+        part_groups = [
+            dist.new_group(members[h * m : (h + 1) * m], timeout=ctx.timeout, use_local_synchronization=True)
+            for h in range(cfg_parts)
+        ]
+        self.state_group = part_groups[self.part]
         self.prediction_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
-        ctx.subgroups += [self.state_group, self.prediction_group]
+        ctx.subgroups += [g for g in (*part_groups, self.prediction_group) if isinstance(g, dist.ProcessGroup)]
         self.compute_seconds = 0.0
         self.compute_calls = 0
         self._latest_input: BoundaryState | None = None
@@ -82,12 +92,18 @@ class DistributedRuntime:
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
 
+    def _state_peer(self, local_rank: int) -> int:
+        return dist.get_global_rank(self.state_group, local_rank)
+
+    def _world_peer(self, rank: int) -> int:
+        return dist.get_global_rank(self.prediction_group, rank)
+
     def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
         self._send_buffers.append(tensor)  # must outlive the isend
-        self._pending_sends.append(self._comm(dist.isend, tensor, self.ctx.global_rank(dst), group=group))
+        self._pending_sends.append(self._comm(dist.isend, tensor, dst, group=group))
 
     def _irecv(self, buffer: torch.Tensor, src: int, group, layout: BoundaryLayout | None = None) -> _Pending:
-        return _Pending(self._comm(dist.irecv, buffer, self.ctx.global_rank(src), group=group), buffer, layout)
+        return _Pending(self._comm(dist.irecv, buffer, src, group=group), buffer, layout)
 
     def _wait(self, pending: _Pending) -> torch.Tensor:
         self._comm(pending.work.wait, self.ctx.timeout)
@@ -103,10 +119,10 @@ class DistributedRuntime:
         buffers.append(pack(state))
         for buffer in buffers:
             for dst in self.topology.ranks_of(self.stage_index + 1):
-                self._isend(buffer, dst, self.state_group)
+                self._isend(buffer, self._state_peer(dst), self.state_group)
 
     def _recv_state_blocking(self) -> BoundaryState:
-        src = self.ctx.global_rank(self.topology.rank_of(self.stage_index - 1))
+        src = self._state_peer(self.topology.rank_of(self.stage_index - 1))
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._comm(dist.recv, header, src, group=self.state_group)
         self._input_layout = BoundaryLayout.decode(header.cpu(), self.split.stream_names)
@@ -117,24 +133,40 @@ class DistributedRuntime:
     def _post_next_input(self) -> None:
         layout = self._input_layout
         buffer = torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
-        self._next_input = self._irecv(buffer, self.topology.rank_of(self.stage_index - 1), self.state_group, layout)
+        src = self._state_peer(self.topology.rank_of(self.stage_index - 1))
+        self._next_input = self._irecv(buffer, src, self.state_group, layout)
 
     def _take_next_input(self) -> BoundaryState:
         pending, self._next_input = self._next_input, None
         return unpack(self._wait(pending), pending.layout)
 
-    def _post_predictions(self, producers: dict[int, int], like: torch.Tensor) -> dict[int, _Pending]:
-        """Receives for the predictions other ranks make this step: ``{step: pending}``."""
-        return {
-            step: self._irecv(torch.empty_like(like), src, self.prediction_group)
-            for step, src in producers.items()
-            if src != self.ctx.rank
-        }
+    def _post_predictions(self, replicas: dict[int, int], like: torch.Tensor) -> dict[tuple[int, int], _Pending]:
+        """Receives for the prediction parts other ranks make this step: ``{(step, part): pending}``.
+
+        ``replicas`` maps each step predicted now to the last-stage replica making it; each
+        CFG part has its own copy of that replica.
+        """
+        m, last = self.topology.world_size, self.topology.last
+        pending = {}
+        for step, replica in replicas.items():
+            for part in range(self.cfg_parts):
+                src = part * m + self.topology.rank_of(last, replica)
+                if src != self.ctx.rank:
+                    pending[(step, part)] = self._irecv(torch.empty_like(like), self._world_peer(src), self.prediction_group)
+        return pending
 
     def _send_prediction(self, eps: torch.Tensor) -> None:
+        eps = eps.contiguous()  # unpatchified DiT outputs are strided views
         for dst in range(self.ctx.world_size):
             if dst != self.ctx.rank:
-                self._isend(eps, dst, self.prediction_group)
+                self._isend(eps, self._world_peer(dst), self.prediction_group)
+
+    def _assemble(self, made: dict[int, torch.Tensor], incoming: dict[tuple[int, int], _Pending]) -> dict[int, torch.Tensor]:
+        parts = {(s, self.part): eps for s, eps in made.items()}
+        parts.update({key: self._wait(p) for key, p in incoming.items()})
+        steps = sorted({s for s, _ in parts})
+        return {s: torch.cat([parts[(s, h)] for h in range(self.cfg_parts)], dim=0) if self.cfg_parts > 1
+                else parts[(s, 0)] for s in steps}
 
     def _compute(self, state: BoundaryState, cond: Any) -> BoundaryState:
         start = time.perf_counter()
@@ -174,13 +206,15 @@ class DistributedRuntime:
             raise RuntimeError(f"step {step} is served from the round started at {schedule.round_start(step)}")
         k, last = self.stage_index, top.last
         self._wait_sends()  # last step's sends are long done; frees their buffers
+        if self.cfg_parts > 1:
+            sample = batch_part(sample, self.part, self.cfg_parts, sample.shape[0])
+            cond_at = partial(cond_at, part=self.part)
         # eps has the batch and spatial size of the input and the model's output channels:
         # every rank can allocate it without being told
         like = self.split.output_like(sample)
 
         if kind is StepKind.EXACT:
-            producers = {step: top.rank_of(last, 0)}
-            incoming = self._post_predictions(producers, like)
+            incoming = self._post_predictions({step: 0}, like)
             cond = cond_at(step)
             if k > 0:
                 self._latest_input = self._recv_state_blocking()
@@ -193,11 +227,10 @@ class DistributedRuntime:
                 else:
                     made[step] = self.split.output(out)
                     self._send_prediction(made[step])
-            return {**made, **{s: self._wait(p) for s, p in incoming.items()}}
+            return self._assemble(made, incoming)
 
         tasks = schedule.round_tasks(step, total_steps)
-        producers = {t.out_step: top.rank_of(last, t.replica) for t in tasks if t.out_step is not None}
-        incoming = self._post_predictions(producers, like)
+        incoming = self._post_predictions({t.out_step: t.replica for t in tasks if t.out_step is not None}, like)
         last_round = schedule.is_last_round(step, total_steps)
         mine = next((t for t in tasks if (t.stage, t.replica) == (k, self.replica)), None)
         cond = cond_at(mine.cond_step) if mine is not None else None  # while the input may still be in flight
@@ -216,4 +249,4 @@ class DistributedRuntime:
             else:
                 made[mine.out_step] = self.split.output(out)
                 self._send_prediction(made[mine.out_step])
-        return {**made, **{s: self._wait(p) for s, p in incoming.items()}}
+        return self._assemble(made, incoming)

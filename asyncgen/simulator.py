@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .boundary import BoundaryState
+from .cfg import batch_part
 from .schedule import AsyncSchedule, StepKind, Topology
 from .split import DenoiserSplit, Stage
 
@@ -61,3 +62,30 @@ class SerialSimulator:
                 predictions[task.out_step] = split.output(out)
         self._latest.update(produced)  # only after the round: every task read last round's states
         return predictions
+
+
+class CfgSerialSimulator:
+    """CFG parallelism's specification: each half of the batch through its own simulator.
+
+    The halves never interact until their predictions are concatenated, exactly as the
+    two rank groups of the distributed runtime only meet to exchange predictions.
+    """
+
+    def __init__(self, simulators: list[SerialSimulator]):
+        self.simulators = simulators
+
+    def begin_call(self, schedule: AsyncSchedule) -> None:
+        for sim in self.simulators:
+            sim.begin_call(schedule)
+
+    def end_call(self) -> None:
+        for sim in self.simulators:
+            sim.end_call()
+
+    def run_step(self, step: int, total_steps: int | None, sample: torch.Tensor, cond_at) -> dict[int, torch.Tensor]:
+        parts, batch = len(self.simulators), sample.shape[0]
+        per_part = [
+            sim.run_step(step, total_steps, batch_part(sample, h, parts, batch), lambda m, h=h: cond_at(m, h))
+            for h, sim in enumerate(self.simulators)
+        ]
+        return {s: torch.cat([p[s] for p in per_part], dim=0) for s in per_part[0]}

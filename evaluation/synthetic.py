@@ -144,18 +144,44 @@ def _flow_vae(latent_channels: int, block_out_channels=(8, 16)):
     ).eval()
 
 
+def sd3_transformer(text_hidden: int = 32, **overrides):
+    """A tiny ``SD3Transformer2DModel``; its text dims fit two CLIP encoders of width ``text_hidden``."""
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+                  joint_attention_dim=2 * text_hidden, caption_projection_dim=32, pooled_projection_dim=2 * text_hidden,
+                  out_channels=4)
+    return SD3Transformer2DModel(**{**config, **overrides}).eval()
+
+
+def pixart_transformer(text_hidden: int = 32, **overrides):
+    """A tiny ``PixArtTransformer2DModel`` (PixArt-alpha layout: ada_norm_single, caption projection)."""
+    from diffusers import PixArtTransformer2DModel
+
+    config = dict(sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                  caption_channels=text_hidden, in_channels=4, cross_attention_dim=24, out_channels=8,
+                  attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def flux_transformer(text_hidden: int = 32, **overrides):
+    """A tiny guidance-distilled (Flux-dev style) ``FluxTransformer2DModel``."""
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden,
+                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(**{**config, **overrides}).eval()
+
+
 def save_sd3_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
     """A ``StableDiffusion3Pipeline`` with two CLIP text encoders and no T5 (the pipeline allows that)."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     folder = Path(folder)
-    if transformer is None:
-        transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
-            joint_attention_dim=2 * text_hidden, caption_projection_dim=32, pooled_projection_dim=2 * text_hidden,
-            out_channels=4,
-        ).eval()
+    transformer = transformer if transformer is not None else sd3_transformer(text_hidden)
     tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels),
@@ -169,17 +195,11 @@ def save_sd3_pipeline(folder: Path, transformer=None, text_hidden: int = 32, see
 
 def save_pixart_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
     """A ``PixArtAlphaPipeline`` with a small T5 encoder (byte-level CLIP tokenizer: no sentencepiece needed)."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     torch.manual_seed(seed)
     folder = Path(folder)
-    if transformer is None:
-        transformer = PixArtTransformer2DModel(
-            sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-            caption_channels=text_hidden, in_channels=4, cross_attention_dim=24, out_channels=8,
-            attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6,
-        ).eval()
+    transformer = transformer if transformer is not None else pixart_transformer(text_hidden)
     pipe = PixArtAlphaPipeline(
         tokenizer=byte_level_clip_tokenizer(folder / "tokenizer"), text_encoder=t5_text_encoder(text_hidden),
         vae=vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
@@ -190,16 +210,11 @@ def save_pixart_pipeline(folder: Path, transformer=None, text_hidden: int = 32, 
 
 def save_flux_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
     """A guidance-distilled (Flux-dev style) ``FluxPipeline``."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
     torch.manual_seed(seed)
     folder = Path(folder)
-    if transformer is None:
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden,
-            guidance_embeds=True, axes_dims_rope=(2, 2, 4),
-        ).eval()
+    transformer = transformer if transformer is not None else flux_transformer(text_hidden)
     tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
     pipe = FluxPipeline(
         scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels // 4),

@@ -13,7 +13,7 @@ from asyncgen.distributed import DistContext, RemoteRankError, publish_error, re
 from asyncgen.proxy import StagedDenoiser
 from asyncgen.runtime import DistributedRuntime
 from asyncgen.schedule import Topology
-from asyncgen.simulator import SerialSimulator
+from asyncgen.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split import (
     DenoiserSplit,
     balanced_cuts,
@@ -60,6 +60,14 @@ def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) ->
     raise ValueError(f"split={method!r} is not one of 'flops', 'time' or a list of cut indices")
 
 
+def _check_cfg_parallel(pipeline, denoiser) -> None:
+    if getattr(denoiser.config, "guidance_embeds", False):
+        raise ValueError(
+            f"cfg_parallel=True: {type(denoiser).__name__} is guidance-distilled (guidance_embeds=True): "
+            f"{type(pipeline).__name__} makes no unconditional pass to split off; use cfg_parallel=False"
+        )
+
+
 class AsyncDiffPipeline:
     r"""Run a diffusers pipeline with AsyncDiff: its denoiser split into stages on several ranks.
 
@@ -97,6 +105,11 @@ class AsyncDiffPipeline:
             and a group is in use, otherwise the pipeline's current device.
         timeout (`float` seconds or `timedelta`, *optional*):
             Limit for each collective (default 600 s, or ``ASYNCGEN_TIMEOUT``).
+        cfg_parallel (`bool`, defaults to `False`):
+            Split the classifier-free-guidance batch ``[uncond, cond]`` across two groups of
+            ranks (world size ``2 * (stages + stride - 1)``; ranks ``0..M-1`` take the first
+            half). With ``stages=1`` this is plain CFG parallelism. The call's denoiser batch
+            must be even (CFG doubles it); guidance-distilled models (Flux-dev) are refused.
     """
 
     def __init__(
@@ -110,36 +123,45 @@ class AsyncDiffPipeline:
         process_group: dist.ProcessGroup | None = None,
         device: str | torch.device | None = None,
         timeout: float | datetime.timedelta | None = None,
+        cfg_parallel: bool = False,
     ):
         if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
         topology = Topology(stages, stride)
         attribute = _denoiser_attribute(pipeline)
-        denoiser_split = split_denoiser(getattr(pipeline, attribute))
+        denoiser = getattr(pipeline, attribute)
+        denoiser_split = split_denoiser(denoiser)
+        cfg_parts = 2 if cfg_parallel else 1
+        if cfg_parallel:
+            _check_cfg_parallel(pipeline, denoiser)
         ctx = resolve_context(process_group, device, timeout)
-        if ctx.distributed and ctx.world_size != topology.world_size:
-            raise ValueError(
-                f"world size {ctx.world_size} does not match stages + stride - 1 = "
-                f"{stages} + {stride} - 1 = {topology.world_size}; launch {topology.world_size} processes"
-            )
+        world = cfg_parts * topology.world_size
+        if ctx.distributed and ctx.world_size != world:
+            expected = f"stages + stride - 1 = {stages} + {stride} - 1 = {world}"
+            if cfg_parallel:
+                expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
+            raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
         all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, stages, split, ctx))
 
         if ctx.distributed:
-            mine = all_stages[topology.stage_of(ctx.rank)]
+            mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
             for stage in all_stages:
                 if stage is not mine:
                     for module in stage.modules():
                         module.to("meta")  # frees the storage: this rank never runs that stage
-            executor = DistributedRuntime(denoiser_split, mine, topology, ctx)
+            executor = DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
             resident = denoiser_split.shared_modules() + mine.modules()
         else:
-            executor = SerialSimulator(denoiser_split, all_stages, topology)
+            simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
+            executor = simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
             resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
 
         self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
         self.stages, self.attribute = all_stages, attribute
+        self.cfg_parts = cfg_parts
         self.denoiser = StagedDenoiser(
-            denoiser_split, resident, executor, topology, warmup, time_shift, lambda: pipeline.scheduler
+            denoiser_split, resident, executor, topology, warmup, time_shift, lambda: pipeline.scheduler,
+            cfg_parts,
         )
         # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
         object.__setattr__(pipeline, attribute, self.denoiser)
@@ -158,13 +180,14 @@ class AsyncDiffPipeline:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
                         warmup: int | None = None, time_shift: bool = False, split="flops",
-                        process_group=None, device=None, timeout=None, **load_kwargs) -> "AsyncDiffPipeline":
+                        process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
+                        **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it."""
         from diffusers import DiffusionPipeline
 
         pipeline = DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
-        return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
-                   split=split, process_group=process_group, device=device, timeout=timeout)
+        return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
+                   process_group=process_group, device=device, timeout=timeout, cfg_parallel=cfg_parallel)
 
     # ------------------------------------------------------------------- call
 
@@ -202,11 +225,13 @@ class AsyncDiffPipeline:
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time."""
         executor = self.denoiser.executor
-        mine = self.topology.stage_of(self.ctx.rank) if self.ctx.distributed else None
+        local = self.ctx.rank % self.topology.world_size
+        mine = self.topology.stage_of(local) if self.ctx.distributed else None
         return {
             "rank": self.ctx.rank,
             "world_size": self.ctx.world_size,
             "stage": mine,
+            "cfg_part": getattr(executor, "part", None),
             "stage_units": [s.names for s in self.stages],
             "resident_parameter_bytes": sum(p.numel() * p.element_size() for p in self.denoiser.parameters()),
             "compute_seconds": getattr(executor, "compute_seconds", None),

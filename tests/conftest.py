@@ -39,3 +39,8 @@ def sd_pipe(sd_path):
 @pytest.fixture
 def sdxl_pipe(sdxl_path):
     return tiny_models.load(sdxl_path, "StableDiffusionXLPipeline")
+
+
+@pytest.fixture(scope="session")
+def dit_paths(model_dir) -> dict:
+    return {family: tiny_models.build_dit(model_dir, family) for family in tiny_models.DIT_FAMILIES}

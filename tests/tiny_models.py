@@ -113,3 +113,38 @@ def load(path: str | os.PathLike, cls_name: str = "StableDiffusionPipeline", **k
     pipe = getattr(diffusers, cls_name).from_pretrained(str(path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Transformer families: builder, pipeline class, from_pretrained extras, call extras.
+DIT_FAMILIES = {
+    "sd3": (synthetic.save_sd3_pipeline, "StableDiffusion3Pipeline",
+            dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None),
+            dict(height=32, width=32)),
+    "pixart": (synthetic.save_pixart_pipeline, "PixArtAlphaPipeline", {},
+               dict(height=32, width=32, use_resolution_binning=False, max_sequence_length=16)),
+    "flux": (synthetic.save_flux_pipeline, "FluxPipeline", {}, dict(height=32, width=32, max_sequence_length=16)),
+}
+
+
+def build_dit(folder: Path, family: str, seed: int = 0) -> Path:
+    return DIT_FAMILIES[family][0](folder / family, seed=seed)
+
+
+def load_dit(path, family: str):
+    _, cls_name, extras, _ = DIT_FAMILIES[family]
+    return load(path, cls_name, **extras)
+
+
+def dit_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
+    kwargs = call_kwargs(seed, **DIT_FAMILIES[family][3])
+    if family == "flux":
+        kwargs.pop("guidance_scale")  # distilled guidance: the default embedded scale
+    kwargs.update(overrides)
+    return kwargs
+
+
+def dit_model(family: str):
+    """The family's tiny transformer on its own (for splitting tests)."""
+    builders = {"sd3": synthetic.sd3_transformer, "pixart": synthetic.pixart_transformer,
+                "flux": synthetic.flux_transformer}
+    return builders[family]()

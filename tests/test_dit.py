@@ -1,0 +1,103 @@
+"""SD3, PixArt and Flux transformers: splitting, and the wrapper against their stock pipelines."""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.pipelines import AsyncDiffPipeline
+from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, split_denoiser
+
+FAMILIES = list(tiny_models.DIT_FAMILIES)
+
+
+def _random_inputs(split):
+    torch.manual_seed(0)
+    inputs = split.example_inputs(batch=2)
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("timestep", "img_ids", "txt_ids", "guidance"):
+            v = torch.randn_like(v)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_stage_composition_equals_full_forward(family, n_stages):
+    model = tiny_models.dit_model(family)
+    split = split_denoiser(model)
+    inputs = _random_inputs(split)
+    with torch.no_grad():
+        reference = model(**inputs, return_dict=False)[0]
+        rest = dict(inputs)
+        sample, timestep = rest.pop("hidden_states"), rest.pop("timestep")
+        cond = split.conditioning(sample, timestep, **rest)
+        state = split.initial_state(sample, cond)
+        for stage in make_stages(split, balanced_cuts(estimate_unit_costs(split), n_stages)):
+            state = stage(split, state, cond)
+    assert torch.equal(split.output(state), reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_units_follow_the_block_lists(family):
+    model = tiny_models.dit_model(family)
+    names = [u.name for u in split_denoiser(model).units]
+    if family == "flux":
+        assert names == ["embed", "double0", "double1", "single0", "single1", "out"]
+    else:
+        assert names == ["embed"] + [f"block{i}" for i in range(len(model.transformer_blocks))] + ["out"]
+    split = split_denoiser(model)
+    owned = [p for u in split.units for p in u.parameters()] + [p for m in split.shared_modules() for p in m.parameters()]
+    assert len({id(p) for p in owned}) == len(owned)
+    assert {id(p) for p in owned} == {id(p) for p in model.parameters()}
+
+
+def test_sd3_controlnet_residuals_and_skip_layers():
+    model = tiny_models.dit_model("sd3")
+    split = split_denoiser(model)
+    inputs = _random_inputs(split)
+    inputs["block_controlnet_hidden_states"] = [torch.randn(2, 64, 32)]
+    inputs["skip_layers"] = [1]
+    with torch.no_grad():
+        reference = model(**inputs, return_dict=False)[0]
+        rest = dict(inputs)
+        sample, timestep = rest.pop("hidden_states"), rest.pop("timestep")
+        assert torch.equal(split(sample, timestep, **rest), reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_stage_and_full_warmup_equal_stock(dit_paths, family):
+    path = dit_paths[family]
+    reference = tiny_models.load_dit(path, family)(**tiny_models.dit_call_kwargs(family)).images
+    one = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=1)
+    assert np.array_equal(one(**tiny_models.dit_call_kwargs(family)).images, reference)
+    exact = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=3, stride=1, warmup=6)
+    np.testing.assert_allclose(exact(**tiny_models.dit_call_kwargs(family)).images, reference, atol=1e-6, rtol=0)
+    stale = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=2, stride=2, warmup=1)
+    images = stale(**tiny_models.dit_call_kwargs(family)).images
+    assert np.isfinite(images).all() and not np.array_equal(images, reference)
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_cfg_parallel_serial_matches_stock(dit_paths, family):
+    path = dit_paths[family]
+    reference = tiny_models.load_dit(path, family)(**tiny_models.dit_call_kwargs(family)).images
+    wrapped = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=1, cfg_parallel=True)
+    # each half runs at batch 1 instead of 2: same maths, kernels may round differently
+    np.testing.assert_allclose(wrapped(**tiny_models.dit_call_kwargs(family)).images, reference, atol=1e-5, rtol=0)
+
+
+def test_cfg_parallel_refuses_guidance_distilled_flux(dit_paths):
+    with pytest.raises(ValueError, match="guidance-distilled.*FluxPipeline makes no unconditional pass"):
+        AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=1, cfg_parallel=True)
+
+
+def test_cfg_parallel_needs_an_even_batch(sd_path):
+    wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, cfg_parallel=True)
+    with pytest.raises(ValueError, match="this call's batch is 1; use classifier-free guidance"):
+        wrapped(**tiny_models.call_kwargs(guidance_scale=1.0))
+    # without guidance an even batch is plain data parallelism over the images
+    reference = tiny_models.load(sd_path)(**tiny_models.call_kwargs(guidance_scale=1.0, num_images_per_prompt=2)).images
+    images = wrapped(**tiny_models.call_kwargs(guidance_scale=1.0, num_images_per_prompt=2)).images
+    np.testing.assert_allclose(images, reference, atol=1e-5, rtol=0)
