@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -40,12 +41,11 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, repe
     """
     import torch
     import torch.distributed as dist
-    from diffusers import DiffusionPipeline
-
     from asyncgen.pipelines import AsyncDiffPipeline
+    from asyncgen.pipelines.loading import load_pipeline
 
     def load():
-        pipe = DiffusionPipeline.from_pretrained(model)
+        pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
 
@@ -74,8 +74,11 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, repe
         seconds, images = timed(wrapped)
         result["async"].append(seconds)
     info = wrapped.stage_info()
+    full = wrapped.denoiser.denoiser  # the whole model object, other stages' weights released (on "meta")
     result.update(stage=info["stage"], stage_units=info["stage_units"],
                   resident_parameter_bytes=info["resident_parameter_bytes"],
+                  full_copy_bytes=sum(p.numel() * p.element_size() for p in full.parameters()),
+                  peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
                   compute_per_call_ms=1e3 * (executor.compute_seconds - seconds0) / max(executor.compute_calls - calls0, 1))
     if rank == 0:
         result.update(images=np.asarray(images), stock_images=np.asarray(stock_images))
@@ -87,7 +90,7 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
     """One row per AsyncDiff configuration, each timed against its own interleaved stock runs."""
     rows = []
     for wrap in configs:
-        world = wrap["stages"] + wrap.get("stride", 1) - 1
+        world = (wrap["stages"] + wrap.get("stride", 1) - 1) * (2 if wrap.get("cfg_parallel") else 1)
         per_rank = launch(_worker, world, model, wrap, call, repeats, device, timeout=timeout, pin_cpus=pin_cpus)
         stock = per_rank[0]["stock"]
         # a repeat ends when the slowest rank returns
@@ -103,10 +106,13 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
         exact = AsyncSchedule(Topology(wrap["stages"], stride),
                               warmup if warmup is not None else default_warmup(steps)).exact_steps
         stock_step = statistics.median(stock) / steps
+        if wrap["stages"] == 1:  # nothing to warm up: every step is one pass of the (only) stage
+            exact = 0
         bound = exact * stock_step + math.ceil((steps - exact) / stride) * max(stage_ms.values()) / 1e3
         rows.append(dict(
-            config=f"AsyncDiff N={wrap['stages']} S={wrap.get('stride', 1)} W={wrap.get('warmup') or 'default'}"
-                   + (" time-shift" if wrap.get("time_shift") else ""),
+            config=(f"AsyncDiff N={wrap['stages']} S={wrap.get('stride', 1)} W={wrap.get('warmup') or 'default'}"
+                    if wrap["stages"] > 1 or wrap.get("stride", 1) > 1 else "one stage")
+                   + (" time-shift" if wrap.get("time_shift") else "") + (" + CFG parallel" if wrap.get("cfg_parallel") else ""),
             devices=world,
             stock_s=statistics.median(stock),
             async_s=statistics.median(asynchronous),
@@ -117,6 +123,8 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
             compute_bound_speedup=statistics.median(stock) / bound,
             stage_units=per_rank[0]["stage_units"],
             resident_parameter_mb=[r["resident_parameter_bytes"] / 2**20 for r in per_rank],
+            full_copy_mb=per_rank[0]["full_copy_bytes"] / 2**20,
+            peak_cuda_mb=[r["peak_cuda_bytes"] / 2**20 for r in per_rank] if device == "cuda" else None,
             stock_latencies=stock,
             async_latencies=asynchronous,
             wrap=wrap,
@@ -124,15 +132,34 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
     return rows
 
 
+def parse_configs(text: str) -> list[dict]:
+    """``"n2s1,n2s2,cfg,n2s1cfg"`` -> wrapper settings; ``cfg`` alone is CFG parallelism with one stage."""
+    configs = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        match = re.fullmatch(r"(?:n(\d+)s(\d+))?(cfg)?", token)
+        if not match or token == "":
+            raise ValueError(f"bad configuration {token!r}: expected nNsS (e.g. n2s1), cfg, or nNsScfg")
+        stages, stride, cfg = match.groups()
+        configs.append(dict(stages=int(stages or 1), stride=int(stride or 1), cfg_parallel=bool(cfg)))
+    if not configs:
+        raise ValueError("no configuration given")
+    return configs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m asyncgen.evaluation.bench_asyncdiff",
         description="Time the stock pipeline on one process against AsyncDiff on stages+stride-1 processes.",
     )
-    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: a random-weight "
-                        "SD-architecture model, UNet block_out_channels (64,128,256,256), built in a temp folder)")
-    parser.add_argument("--stages", type=int, default=2, help="AsyncDiff stages N (default: 2)")
-    parser.add_argument("--stride", type=int, default=1, help="AsyncDiff stride S (default: 1)")
+    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: a random-weight model "
+                        "of --family, built in a temp folder)")
+    parser.add_argument("--family", default="unet", choices=["unet", "sd3"],
+                        help="architecture of the default model: unet = SD UNet with block_out_channels "
+                        "(64,128,256,256), 64x64 images; sd3 = SD3 transformer, 8 joint blocks of width 384, "
+                        "128x128 images (default: unet)")
+    parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
+                        "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
+                        "parallelism with one stage (default: %(default)s)")
     parser.add_argument("--warmups", default="default,1", help="comma-separated exact warm-up step counts to run, "
                         "'default' meaning the wrapper's default of 5%% of the steps (default: %(default)s)")
     parser.add_argument("--time-shift", action="store_true", help="stale stages use the previous timestep")
@@ -140,8 +167,9 @@ def main(argv=None) -> int:
                         help="how cut points are chosen: estimated FLOPs and bytes, or unit times measured on rank 0 "
                         "(default: flops)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    parser.add_argument("--height", type=int, default=64, help="image height in pixels (default: 64)")
-    parser.add_argument("--width", type=int, default=64, help="image width in pixels (default: 64)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 64 for unet, "
+                        "128 for sd3)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
     parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale; > 1 doubles the batch (default: 7.5)")
     parser.add_argument("--prompt", default="a large red circle on a blue background", help="the prompt")
     parser.add_argument("--seed", type=int, default=0, help="generator seed, the same for every run (default: 0)")
@@ -155,16 +183,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 8, 1
+    args.height = args.height or (128 if args.family == "sd3" else 64)
+    args.width = args.width or args.height
+    try:
+        shapes = parse_configs(args.configs)
+        warmups = [None if w.strip() == "default" else int(w) for w in args.warmups.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    configs = []
+    for shape in shapes:
+        # with one stage and stride 1 every step is exact: warm-up changes nothing
+        for w in warmups if (shape["stages"], shape["stride"]) != (1, 1) else [None]:
+            configs.append(dict(shape, warmup=w, time_shift=args.time_shift, split=args.split))
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from .synthetic import save_bench_pipeline
+            from . import synthetic
 
-            model = str(save_bench_pipeline(Path(tmp) / "bench-sd", seed=args.seed))
-        warmups = [None if w.strip() == "default" else int(w) for w in args.warmups.split(",")]
-        configs = [dict(stages=args.stages, stride=args.stride, warmup=w, time_shift=args.time_shift, split=args.split)
-                   for w in warmups]
+            build = synthetic.save_bench_sd3_pipeline if args.family == "sd3" else synthetic.save_bench_pipeline
+            model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         call = dict(prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                     height=args.height, width=args.width, output_type="np", seed=args.seed)
         start = time.perf_counter()
@@ -179,10 +217,13 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"\n{row['config']}: per-stage compute per step (ms): "
               + ", ".join(f"{ms:.2f}" for ms in row["stage_compute_ms"])
-              + f"; resident parameters per rank (MiB): " + ", ".join(f"{mb:.1f}" for mb in row["resident_parameter_mb"]))
+              + "; resident parameters per rank (MiB): " + ", ".join(f"{mb:.1f}" for mb in row["resident_parameter_mb"])
+              + f" (a full copy: {row['full_copy_mb']:.1f})"
+              + ("; peak CUDA memory per rank (MiB): " + ", ".join(f"{mb:.0f}" for mb in row["peak_cuda_mb"])
+                 if row.get("peak_cuda_mb") else ""))
         for k, units in enumerate(row["stage_units"]):
             print(f"  stage {k}: {units[0]} .. {units[-1]} ({len(units)} units)")
-    path = write_json(args.out, dict(benchmark="asyncdiff", model=args.model or "synthetic SD-architecture (random weights)",
+    path = write_json(args.out, dict(benchmark="asyncdiff", model=args.model or f"synthetic {args.family} (random weights)",
                                      call={k: v for k, v in call.items()}, device=args.device, repeats=args.repeats,
                                      rows=rows, wall_seconds=time.perf_counter() - start))
     print(f"\nresults written to {path}")

@@ -223,3 +223,23 @@ def save_flux_pipeline(folder: Path, transformer=None, text_hidden: int = 32, se
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_bench_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """The transformer benchmark's SD3 pipeline: 8 joint blocks of width 384 (41M parameters).
+
+    128x128 images, VAE factor 8, 2x2 patches: 64 image tokens plus 77 text tokens per
+    sample, so that one CPU thread spends tens of milliseconds per block pair and compute
+    dominates communication.
+    """
+    torch.manual_seed(seed)
+    transformer = sd3_transformer(32, num_layers=8, num_attention_heads=6, attention_head_dim=64,
+                                  caption_projection_dim=384, patch_size=2, sample_size=16)
+    folder = Path(folder)
+    pipe_folder = save_sd3_pipeline(folder, transformer=transformer, seed=seed)
+    # swap in a VAE of factor 8 so that 128x128 images have 16x16 latents
+    from diffusers import AutoencoderKL
+
+    _flow_vae(4, (16, 16, 32, 32)).save_pretrained(pipe_folder / "vae")
+    AutoencoderKL.from_pretrained(pipe_folder / "vae")  # fail here, not in the benchmark, if it does not load
+    return pipe_folder

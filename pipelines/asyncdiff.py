@@ -183,9 +183,9 @@ class AsyncDiffPipeline:
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
                         **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it."""
-        from diffusers import DiffusionPipeline
+        from .loading import load_pipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
+        pipeline = load_pipeline(pretrained_model_name_or_path, **load_kwargs)
         return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                    process_group=process_group, device=device, timeout=timeout, cfg_parallel=cfg_parallel)
 

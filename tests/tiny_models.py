@@ -110,16 +110,16 @@ def call_kwargs(seed: int = 0, **overrides) -> dict:
 def load(path: str | os.PathLike, cls_name: str = "StableDiffusionPipeline", **kwargs):
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), **kwargs)
+    from asyncgen.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(str(path), getattr(diffusers, cls_name), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 # Transformer families: builder, pipeline class, from_pretrained extras, call extras.
 DIT_FAMILIES = {
-    "sd3": (synthetic.save_sd3_pipeline, "StableDiffusion3Pipeline",
-            dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None),
-            dict(height=32, width=32)),
+    "sd3": (synthetic.save_sd3_pipeline, "StableDiffusion3Pipeline", {}, dict(height=32, width=32)),
     "pixart": (synthetic.save_pixart_pipeline, "PixArtAlphaPipeline", {},
                dict(height=32, width=32, use_resolution_binning=False, max_sequence_length=16)),
     "flux": (synthetic.save_flux_pipeline, "FluxPipeline", {}, dict(height=32, width=32, max_sequence_length=16)),

@@ -1,0 +1,25 @@
+"""Loading a diffusers pipeline from a hub id or a local folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_pipeline(model: str, pipeline_class=None, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` that also loads folders saved with optional components left out.
+
+    A pipeline saved with, say, ``text_encoder_3=None`` (SD3 without T5) records that
+    component as ``[null, null]``, and ``from_pretrained`` then insists on being handed
+    it; this passes ``None`` for such components unless the caller gives them.
+    ``pipeline_class`` (default ``DiffusionPipeline``, which picks the saved class) loads
+    the same folder as another pipeline, e.g. ``StableDiffusionImg2ImgPipeline``.
+    """
+    from diffusers import DiffusionPipeline
+
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        for name, value in json.loads(index.read_text()).items():
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]:
+                kwargs.setdefault(name, None)
+    return (pipeline_class or DiffusionPipeline).from_pretrained(model, **kwargs)
