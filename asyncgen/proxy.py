@@ -110,9 +110,6 @@ class StagedDenoiser(nn.Module):
         self._upcoming = None  # scheduler timesteps from this call's first step on
         self.schedule: AsyncSchedule | None = None
 
-    def finish(self) -> None:
-        self.reset()
-
     def _begin(self, sample: torch.Tensor, timestep: Any) -> None:
         if sample.shape[0] % self.cfg_parts:
             # the halves are independent, so any even batch splits correctly; CFG doubles it

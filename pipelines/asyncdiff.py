@@ -197,7 +197,7 @@ class AsyncDiffPipeline:
             kwargs = self._shared_randomness(kwargs)
             self.denoiser.reset()
             output = self.pipeline(*args, **kwargs)
-            self.denoiser.finish()
+            self.denoiser.reset()  # settle this call's transfers now, not at the next call
             return output
         except BaseException as exc:
             publish_error(self.ctx, exc)
