@@ -80,6 +80,19 @@ class StagedDenoiser(nn.Module):
                 raise
             return getattr(denoiser, name)
 
+    def cache_context(self, name: str):
+        """Pipelines mark each denoiser pass (``"cond"``, ``"uncond"``) for diffusers' caches.
+
+        The schedule counts one denoiser call per step, so a second pass per step (Flux's
+        true CFG) would be taken for the next step; refuse it instead of computing garbage.
+        """
+        if name != "cond":
+            raise NotImplementedError(
+                f"the pipeline runs a second denoiser pass per step ({name!r}, e.g. Flux true CFG with "
+                "true_cfg_scale > 1 and a negative prompt); asyncgen schedules one pass per step"
+            )
+        return self._denoiser.cache_context(name)
+
     @property
     def denoiser(self) -> nn.Module:
         return self._denoiser

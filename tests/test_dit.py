@@ -101,3 +101,9 @@ def test_cfg_parallel_needs_an_even_batch(sd_path):
     reference = tiny_models.load(sd_path)(**tiny_models.call_kwargs(guidance_scale=1.0, num_images_per_prompt=2)).images
     images = wrapped(**tiny_models.call_kwargs(guidance_scale=1.0, num_images_per_prompt=2)).images
     np.testing.assert_allclose(images, reference, atol=1e-5, rtol=0)
+
+
+def test_flux_true_cfg_second_pass_is_refused(dit_paths):
+    wrapped = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=1)
+    with pytest.raises(NotImplementedError, match="second denoiser pass per step \\('uncond'"):
+        wrapped(**tiny_models.dit_call_kwargs("flux", negative_prompt="blurry", true_cfg_scale=2.0))
