@@ -14,8 +14,6 @@ every rank computes with the shared modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn

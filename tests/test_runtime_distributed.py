@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 import tiny_models

@@ -64,8 +64,6 @@ def odd_unet():
 
 
 def build_sd(folder: Path, seed: int = 0) -> Path:
-    from diffusers import StableDiffusionPipeline
-
     torch.manual_seed(seed)
     return synthetic.save_sd_pipeline(folder / "sd", sd_unet(), text_hidden=CROSS_DIM, seed=seed)
 
