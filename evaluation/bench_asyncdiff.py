@@ -153,10 +153,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: a random-weight model "
                         "of --family, built in a temp folder)")
-    parser.add_argument("--family", default="unet", choices=["unet", "sd3"],
-                        help="architecture of the default model: unet = SD UNet with block_out_channels "
-                        "(64,128,256,256), 64x64 images; sd3 = SD3 transformer, 8 joint blocks of width 384, "
-                        "128x128 images (default: unet)")
+    parser.add_argument("--family", default="unet", choices=["unet", "sd3", "miniature"],
+                        help="the model when --model is not given: unet = random-weight SD UNet with "
+                        "block_out_channels (64,128,256,256), 64x64 images; sd3 = random-weight SD3 transformer, "
+                        "8 joint blocks of width 384, 128x128 images; miniature = the trained built-in shapes model, "
+                        "32x32 images (too small for speedups: it shows fidelity on real pictures) (default: unet)")
     parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
                         "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
                         "parallelism with one stage (default: %(default)s)")
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 8, 1
-    args.height = args.height or (128 if args.family == "sd3" else 64)
+    args.height = args.height or {"sd3": 128, "miniature": 32}.get(args.family, 64)
     args.width = args.width or args.height
     try:
         shapes = parse_configs(args.configs)
@@ -198,7 +199,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.family == "miniature":
+            from .miniature import miniature_sd_path
+
+            model = str(miniature_sd_path())
+        elif model is None:
             from . import synthetic
 
             build = synthetic.save_bench_sd3_pipeline if args.family == "sd3" else synthetic.save_bench_pipeline
