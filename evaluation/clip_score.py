@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+from .checkpoints import PICKLE_SUFFIXES, load_state_dict
 
 
 def images_to_uint8(images) -> list[np.ndarray]:
@@ -124,20 +124,8 @@ class ClipScorer:
         if architecture not in open_clip.list_models():
             raise ValueError(f"architecture={architecture!r} is not an open_clip model; known: {open_clip.list_models()}")
         name = os.fspath(pretrained)
-        if _looks_like_path(name) or name.endswith((".safetensors",) + _PICKLE_SUFFIXES):
-            path = Path(name).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"open_clip checkpoint {path} does not exist")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            elif allow_pickle:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                state = state.get("state_dict", state)
-            else:
-                raise ValueError(f"{path} is not a .safetensors file; pickle checkpoints ({', '.join(_PICKLE_SUFFIXES)}) "
-                                 "load only with allow_pickle=True")
+        if _looks_like_path(name) or name.endswith((".safetensors",) + PICKLE_SUFFIXES):
+            state = load_state_dict(name, allow_pickle, what="open_clip checkpoint")
             model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=None)
             model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
         else:

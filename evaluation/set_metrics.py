@@ -10,10 +10,11 @@ so report the encoder next to the numbers (``set_metrics`` does).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .checkpoints import load_state_dict
 
 
 def _features(name: str, x) -> np.ndarray:
@@ -104,19 +105,9 @@ class InceptionEncoder:
             from torchvision.models import inception_v3
         except ImportError as error:
             raise ImportError("the Inception encoder needs torchvision (`pip install torchvision`)") from error
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"Inception weights not found at {weights}")
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weights))
-        elif allow_pickle:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"{weights} is not a .safetensors file; pickle checkpoints load only with allow_pickle=True")
+        state = load_state_dict(weights, allow_pickle, what="Inception weights")
         model = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        model.load_state_dict(state)
         model.fc = torch.nn.Identity()
         self.model, self.device, self.batch_size = model.eval().to(device), device, batch_size
         self.name = f"inception:{weights.name}"

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 
-def _clip_byte_vocab() -> dict[str, int]:
-    # CLIP's byte-level BPE alphabet: each byte as a symbol, alone and word-final
+def clip_byte_alphabet() -> list[str]:
+    """The 256 symbols CLIP's byte-level BPE maps bytes to (GPT-2's bytes_to_unicode), in id order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes, extra = printable[:], 0
     for b in range(256):
@@ -23,7 +23,11 @@ def _clip_byte_vocab() -> dict[str, int]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    chars = [chr(c) for c in codes]
+    return [chr(c) for c in codes]
+
+
+def _clip_byte_vocab() -> dict[str, int]:
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

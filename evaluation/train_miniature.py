@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reporting, shapes
+from .synthetic import clip_byte_alphabet
 
 
 @dataclass(frozen=True)
@@ -98,18 +99,6 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 # ---------------------------------------------------------------- tokenizer
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 symbols CLIP's byte-level BPE maps bytes to (GPT-2's bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none applies."""
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
@@ -154,7 +143,7 @@ def build_tokenizer(folder: str | os.PathLike, words: Sequence[str] = tuple(shap
     bad = [w for w in words if not w or not w.isascii() or not w.isalpha() or w != w.lower()]
     if bad:
         raise ValueError(f"words must be non-empty lowercase ASCII letters; got {bad}")
-    alphabet = _byte_alphabet()
+    alphabet = clip_byte_alphabet()
     vocab = {s: i for i, s in enumerate(alphabet)}
     vocab.update({s + "</w>": i + len(alphabet) for i, s in enumerate(alphabet)})
     merges = word_merges(list(words))
