@@ -52,9 +52,6 @@ class BoundaryState:
             dtype=tensors[0].dtype,
         )
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
 
 @dataclass(frozen=True)
 class BoundaryLayout:

@@ -24,9 +24,7 @@ def _run_configs(rank, world_size, sd_path, sdxl_path):
     for stages, stride, time_shift in CONFIGS[world_size]:
         wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=stages, stride=stride, warmup=2, time_shift=time_shift)
         images = wrapped(**call_kwargs(num_inference_steps=STEPS)).images
-        info = wrapped.stage_info()
-        info["meta_parameters"] = sum(p.device.type == "meta" for p in wrapped.denoiser.denoiser.parameters())
-        results.append((images, info))
+        results.append((images, wrapped.stage_info()))
     if world_size == 2:
         wrapped = AsyncDiffPipeline(tiny_models.load(sdxl_path, "StableDiffusionXLPipeline"), stages=2, warmup=1)
         results.append((wrapped(**call_kwargs(num_inference_steps=STEPS)).images, wrapped.stage_info()))
