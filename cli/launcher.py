@@ -144,3 +144,37 @@ def launch(fn: Callable, nprocs: int, *args, **kwargs) -> list[Any]:
         first = next((r for r in failed if "RemoteRankError" not in r.value), failed[0])
         raise WorkerFailed(f"worker {first.rank} failed:\n{first.value}")
     return [r.value for r in results]
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process that ``torchrun`` (or another launcher) started as one rank of a group."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = "cpu", **kwargs) -> Any:
+    """Run ``fn(rank, world_size, *args)`` as this machine's share of a job; return rank 0's value here.
+
+    Under ``torchrun`` this process *is* one rank: ``fn`` runs here with the launcher's
+    rank and world size (the value returned is this rank's), and ``devices``, when given,
+    must equal that world size. Otherwise one device runs ``fn`` in this process, and
+    ``devices > 1`` spawns that many workers: one thread each on CPU (pinned to its own
+    core when there are enough), one GPU each on CUDA (``cuda:LOCAL_RANK``).
+    """
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if devices is not None and devices != world:
+            raise ValueError(f"--devices {devices} does not match the launcher's WORLD_SIZE={world}; "
+                             "under torchrun leave --devices out (or give the same number)")
+        return fn(int(os.environ["RANK"]), world, *args)
+    devices = 1 if devices is None else devices
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: need at least 1")
+    if device_type == "cuda":
+        import torch
+
+        available = torch.cuda.device_count()
+        if devices > available:
+            raise ValueError(f"--devices {devices} needs {devices} GPUs, this machine has {available}")
+    if devices == 1:
+        return fn(0, 1, *args)
+    return launch(fn, devices, *args, **kwargs)[0]

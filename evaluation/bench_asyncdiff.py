@@ -1,20 +1,26 @@
-"""Benchmark: the stock pipeline on one device against AsyncDiff on several, side by side.
+"""Benchmark: the stock pipeline on one device against AsyncDiff configurations, side by side.
 
-Both run in the same launch on the same model, prompt, seed and step count, timed
-alternately (stock on rank 0 alone, then AsyncDiff on all ranks), each worker one CPU
-thread (on CPU a "device" is a process with one thread) or one GPU. The script prints a
-table with latencies, speedup, fidelity to the one-device image, and the measured
-per-stage compute time (the balance of the split), and writes the same as JSON.
+``asyncgen bench`` (same as ``python -m asyncgen.evaluation.bench_asyncdiff``). Every
+configuration runs in its own launch on the same model, prompts, seeds and step count;
+inside a launch the stock pipeline (rank 0 alone) and AsyncDiff (all ranks) are timed
+alternately, each worker one CPU thread (on CPU a "device" is a process with one
+thread) or one GPU. Reported per configuration, in the shape of the AsyncDiff paper's
+Tables 1 and 2: latency per image, speedup over the one-device run, PSNR/SSIM against
+the one-device images of the same seeds, CLIP score, resident parameter bytes per rank,
+and the measured per-stage compute time (the balance of the split). Written as
+``results.json``, ``results.md`` and ``results.png`` in ``--out``.
 
-    python -m asyncgen.evaluation.bench_asyncdiff                 # SD-architecture model, N=2
-    python -m asyncgen.evaluation.bench_asyncdiff --stages 3 --steps 25
-    python -m asyncgen.evaluation.bench_asyncdiff --model runwayml/stable-diffusion-v1-5 --device cuda
+    asyncgen bench                                         # built-in miniature model, N=2
+    asyncgen bench --configs n2s1,n3s1,n2s2 --warmups 1,3,5
+    asyncgen bench --family unet --steps 50 --num-prompts 1   # a larger random-weight UNet: speed
+    asyncgen bench --model stabilityai/stable-diffusion-2-1 --device cuda --clip openai/clip-vit-large-patch14
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
 import sys
@@ -28,16 +34,17 @@ from asyncgen.cli.launcher import launch
 from asyncgen.proxy import default_warmup
 from asyncgen.schedule import AsyncSchedule, Topology
 
-from .fidelity import psnr
-from .reporting import markdown_table, write_json
+from .fidelity import psnr, ssim
+from .reporting import markdown_table, write_atomic, write_json
 
-
-def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, repeats: int, device: str):
-    """Alternate timed calls of the stock pipeline (rank 0 alone) and of AsyncDiff (all ranks).
+def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prompts: list[str], repeats: int,
+            device: str, dtype: str):
+    """Alternate timed passes over the prompts: the stock pipeline (rank 0 alone), then AsyncDiff (all ranks).
 
     Alternating inside one launch keeps the machine's slow drifts (other tenants, clock
     changes) out of the ratio; while rank 0 runs the stock pipeline the other ranks wait
     in a barrier, so rank 0's core has the machine to itself as a one-device run would.
+    Prompt ``i`` uses a generator seeded ``seed + i`` in both.
     """
     import torch
     import torch.distributed as dist
@@ -45,24 +52,30 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, repe
     from asyncgen.pipelines.loading import load_pipeline
 
     def load():
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, dtype=getattr(torch, dtype))
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
 
+    from asyncgen.distributed import default_backend
+
+    if not dist.is_initialized():  # also with one process: the wrapper then runs its distributed runtime
+        dist.init_process_group(backend=default_backend())
     call = dict(call)
     seed = call.pop("seed")
     stock = load() if rank == 0 else None
     wrapped = AsyncDiffPipeline(load(), **wrap)
     executor = wrapped.denoiser.executor
 
-    def timed(pipe):
-        start = time.perf_counter()
-        images = pipe(**call, generator=torch.Generator().manual_seed(seed)).images
-        return time.perf_counter() - start, images
+    def timed(pipe, count=len(prompts)):
+        """Seconds per image over the first ``count`` prompts, and the images."""
+        start, images = time.perf_counter(), []
+        for i, prompt in enumerate(prompts[:count]):
+            images.append(pipe(prompt, **call, generator=torch.Generator().manual_seed(seed + i)).images[0])
+        return (time.perf_counter() - start) / count, np.stack(images)
 
     if stock is not None:
-        timed(stock)  # untimed warm-up calls: first-call allocations, lazy inits, caches
-    timed(wrapped)
+        timed(stock, 1)  # untimed warm-up calls: first-call allocations, lazy inits, caches
+    timed(wrapped, 1)
     seconds0, calls0 = executor.compute_seconds, executor.compute_calls
     result = {"stock": [], "async": []}
     for _ in range(repeats):
@@ -81,17 +94,41 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, repe
                   peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
                   compute_per_call_ms=1e3 * (executor.compute_seconds - seconds0) / max(executor.compute_calls - calls0, 1))
     if rank == 0:
-        result.update(images=np.asarray(images), stock_images=np.asarray(stock_images))
+        result.update(images=images, stock_images=stock_images)
     return result
 
 
+def config_name(wrap: dict) -> str:
+    stages, stride = wrap["stages"], wrap.get("stride", 1)
+    name = "one stage" if (stages, stride) == (1, 1) else (
+        f"AsyncDiff N={stages} S={stride} W={wrap.get('warmup') if wrap.get('warmup') is not None else 'default'}")
+    return name + (" time-shift" if wrap.get("time_shift") else "") + (" + CFG parallel" if wrap.get("cfg_parallel") else "")
+
+
+def world_size_of(wrap: dict) -> int:
+    return (wrap["stages"] + wrap.get("stride", 1) - 1) * (2 if wrap.get("cfg_parallel") else 1)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, device: str = "cpu",
-                  timeout: float = 3600, pin_cpus: bool = True) -> list[dict]:
-    """One row per AsyncDiff configuration, each timed against its own interleaved stock runs."""
+                  timeout: float = 3600, pin_cpus: bool = True, prompts: list[str] | None = None,
+                  dtype: str = "float32") -> list[dict]:
+    """One row per AsyncDiff configuration, each timed against its own interleaved stock runs.
+
+    ``call`` holds the pipeline arguments (``seed`` included); ``prompts`` defaults to
+    ``[call["prompt"]]``. Rows carry rank 0's images (``images``, ``stock_images``) for grading.
+    """
+    call = dict(call)
+    prompts = prompts or [call.pop("prompt")]
+    call.pop("prompt", None)
     rows = []
     for wrap in configs:
-        world = (wrap["stages"] + wrap.get("stride", 1) - 1) * (2 if wrap.get("cfg_parallel") else 1)
-        per_rank = launch(_worker, world, model, wrap, call, repeats, device, timeout=timeout, pin_cpus=pin_cpus)
+        world = world_size_of(wrap)
+        per_rank = launch(_worker, world, model, wrap, call, prompts, repeats, device, dtype, timeout=timeout,
+                          pin_cpus=pin_cpus)
         stock = per_rank[0]["stock"]
         # a repeat ends when the slowest rank returns
         asynchronous = [max(r["async"][i] for r in per_rank) for i in range(repeats)]
@@ -109,15 +146,18 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
         if wrap["stages"] == 1:  # nothing to warm up: every step is one pass of the (only) stage
             exact = 0
         bound = exact * stock_step + math.ceil((steps - exact) / stride) * max(stage_ms.values()) / 1e3
+        images, stock_images = per_rank[0]["images"], per_rank[0]["stock_images"]
         rows.append(dict(
-            config=(f"AsyncDiff N={wrap['stages']} S={wrap.get('stride', 1)} W={wrap.get('warmup') or 'default'}"
-                    if wrap["stages"] > 1 or wrap.get("stride", 1) > 1 else "one stage")
-                   + (" time-shift" if wrap.get("time_shift") else "") + (" + CFG parallel" if wrap.get("cfg_parallel") else ""),
+            config=config_name(wrap),
             devices=world,
+            warmup="-" if (wrap["stages"], stride) == (1, 1) else warmup if warmup is not None else default_warmup(steps),
+            oversubscribed=device == "cpu" and world > available_cores(),
             stock_s=statistics.median(stock),
             async_s=statistics.median(asynchronous),
             speedup=statistics.median(s / a for s, a in zip(stock, asynchronous)),
-            psnr_db=psnr(per_rank[0]["images"], per_rank[0]["stock_images"]),
+            # identical images (PSNR = inf) are possible: the median over prompts stays meaningful
+            psnr_db=statistics.median(psnr(a, b) for a, b in zip(images, stock_images)),
+            ssim=statistics.fmean(ssim(a, b) for a, b in zip(images, stock_images)),
             stage_compute_ms=[stage_ms[k] for k in sorted(stage_ms)],
             max_stage_share=max(stage_ms.values()) / total_ms,
             compute_bound_speedup=statistics.median(stock) / bound,
@@ -128,6 +168,8 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
             stock_latencies=stock,
             async_latencies=asynchronous,
             wrap=wrap,
+            images=images,
+            stock_images=stock_images,
         ))
     return rows
 
@@ -146,56 +188,152 @@ def parse_configs(text: str) -> list[dict]:
     return configs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m asyncgen.evaluation.bench_asyncdiff",
-        description="Time the stock pipeline on one process against AsyncDiff on stages+stride-1 processes.",
-    )
-    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: a random-weight model "
-                        "of --family, built in a temp folder)")
-    parser.add_argument("--family", default="unet", choices=["unet", "sd3", "miniature"],
-                        help="the model when --model is not given: unet = random-weight SD UNet with "
-                        "block_out_channels (64,128,256,256), 64x64 images; sd3 = random-weight SD3 transformer, "
-                        "8 joint blocks of width 384, 128x128 images; miniature = the trained built-in shapes model, "
-                        "32x32 images (too small for speedups: it shows fidelity on real pictures) (default: unet)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: the model of --family)")
+    parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3"],
+                        help="the model when --model is not given: miniature = the trained built-in shapes model, "
+                        "32x32 images (real pictures, so quality numbers mean something; too small for large "
+                        "speedups); unet = random-weight SD UNet with block_out_channels (64,128,256,256), 64x64 "
+                        "images (speed); sd3 = random-weight SD3 transformer, 8 joint blocks of width 384, 128x128 "
+                        "images (default: %(default)s)")
     parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
                         "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
-                        "parallelism with one stage (default: %(default)s)")
-    parser.add_argument("--warmups", default="default,1", help="comma-separated exact warm-up step counts to run, "
-                        "'default' meaning the wrapper's default of 5%% of the steps (default: %(default)s)")
+                        "parallelism with one stage; n1s1 is the wrapper with one stage (default: %(default)s)")
+    parser.add_argument("--warmups", default="default", help="comma-separated exact warm-up step counts, each run "
+                        "with every configuration; 'default' is the wrapper's 5%% of the steps (default: %(default)s)")
     parser.add_argument("--time-shift", action="store_true", help="stale stages use the previous timestep")
     parser.add_argument("--split", default="flops", choices=["flops", "time"],
                         help="how cut points are chosen: estimated FLOPs and bytes, or unit times measured on rank 0 "
-                        "(default: flops)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 64 for unet, "
-                        "128 for sd3)")
+                        "(default: %(default)s)")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt, one per line, or .csv)")
+    parser.add_argument("--prompt", default=None, help="a single prompt instead of a prompt set")
+    parser.add_argument("--num-prompts", type=int, default=4, help="without --prompts/--prompt: this many "
+                        "captions of the built-in shapes prompt set (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 for miniature, 50 "
+                        "otherwise)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 32 for "
+                        "miniature, 64 for unet, 128 for sd3, the pipeline's own for --model)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale; > 1 doubles the batch (default: 7.5)")
-    parser.add_argument("--prompt", default="a large red circle on a blue background", help="the prompt")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed, the same for every run (default: 0)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration, median reported (default: 3)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 doubles the batch (default: "
+                        "4.0 for miniature, 7.5 otherwise)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, in every run (default: 0)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts per configuration, "
+                        "median reported (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: one thread per process; "
-                        "cuda: one GPU per process (default: cpu)")
+                        "cuda: one GPU per process (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="weights and activations (default: %(default)s)")
+    parser.add_argument("--clip", default="miniature", help="CLIP for the score: 'miniature', a transformers CLIP "
+                        "hub id or folder, open_clip:ARCH:PRETRAINED, or 'none' (default: %(default)s)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin each CPU worker to its own core (pinning is the default when cores suffice)")
-    parser.add_argument("--out", default="bench_results/asyncdiff.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 1 repeat")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats = 8, 1
-    args.height = args.height or {"sd3": 128, "miniature": 32}.get(args.family, 64)
-    args.width = args.width or args.height
+    parser.add_argument("--out", default="bench_results", metavar="DIR",
+                        help="folder for results.json, results.md and results.png (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 1 repeat, 2 prompts")
+
+
+def _configs(args) -> list[dict]:
+    from asyncgen.cli.errors import UsageError
+
     try:
         shapes = parse_configs(args.configs)
         warmups = [None if w.strip() == "default" else int(w) for w in args.warmups.split(",")]
     except ValueError as exc:
-        parser.error(str(exc))
+        raise UsageError(f"--configs {args.configs} --warmups {args.warmups}: {exc}") from exc
+    if any(w is not None and w < 0 for w in warmups):
+        raise UsageError(f"--warmups {args.warmups}: warm-up counts must be >= 0 or 'default'")
+    if args.device == "cuda":
+        import torch
+
+        need = max(world_size_of(s) for s in shapes)
+        if need > torch.cuda.device_count():
+            raise UsageError(f"--configs {args.configs} needs {need} GPUs, this machine has {torch.cuda.device_count()}")
     configs = []
     for shape in shapes:
         # with one stage and stride 1 every step is exact: warm-up changes nothing
         for w in warmups if (shape["stages"], shape["stride"]) != (1, 1) else [None]:
             configs.append(dict(shape, warmup=w, time_shift=args.time_shift, split=args.split))
+    return configs
+
+
+def _prompts(args) -> list[str]:
+    from asyncgen.cli.errors import UsageError
+
+    from .prompts import load_prompts, miniature_prompts
+
+    try:
+        if args.prompts:
+            return load_prompts(args.prompts)
+        if args.prompt:
+            return [args.prompt]
+        return miniature_prompts(args.num_prompts, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def grade(rows: list[dict], prompts: list[str], clip: str, device: str = "cpu") -> dict:
+    """Add CLIP scores to the rows (unless ``clip == "none"``); return the one-device row of the table."""
+    stock_row = dict(config="stock pipeline", devices=1, warmup="-", oversubscribed=False,
+                     stock_s=statistics.median(r["stock_s"] for r in rows), speedup=1.0, psnr_db=float("inf"),
+                     ssim=1.0, resident_parameter_mb=[rows[0]["full_copy_mb"]])
+    stock_row["async_s"] = stock_row["stock_s"]
+    if clip != "none":
+        from .evaluate_folder import clip_scorer
+
+        scorer = clip_scorer(clip, device)
+        stock_row["clip_score"] = scorer.score(rows[0]["stock_images"], prompts)
+        for row in rows:
+            row["clip_score"] = scorer.score(row["images"], prompts)
+            row["clip_score_stock"] = stock_row["clip_score"]
+    return stock_row
+
+
+TABLE_COLUMNS = ["config", "devices", "warmup", "latency_s", "speedup", "compute_bound_speedup", "clip_score",
+                 "psnr_db", "ssim", "resident_mb_per_rank"]
+TABLE_FORMATS = {"latency_s": ".3f", "speedup": ".2f", "compute_bound_speedup": ".2f", "clip_score": ".2f",
+                 "psnr_db": ".2f", "ssim": ".4f"}
+TABLE_NOTES = """latency_s: seconds per image (median over repeats); speedup: median over repeats of one-device latency /
+configuration latency, timed alternately in the same launch; compute_bound_speedup: what the measured stage times allow
+if communication were free; clip_score: mean over the prompts; psnr_db (median) and ssim (mean): against the one-device
+image of the same prompt and seed; resident_mb_per_rank: parameter MiB each rank holds."""
+
+
+def table_rows(stock_row: dict, rows: list[dict]) -> list[dict]:
+    out = []
+    for row in [stock_row, *rows]:
+        row = {k: v for k, v in row.items() if k not in ("images", "stock_images")}
+        row["latency_s"] = row["async_s"]
+        row["resident_mb_per_rank"] = "/".join(f"{mb:.1f}" for mb in row["resident_parameter_mb"])
+        if row.get("oversubscribed"):
+            row["config"] += " (oversubscribed)"
+        out.append(row)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from asyncgen.cli.errors import UsageError
+
+    from .plots import plot_benchmark
+
+    if args.quick:
+        args.steps, args.repeats = 8, 1
+        if not args.prompts and not args.prompt:
+            args.num_prompts = 2
+    for name in ("steps", "repeats", "num_prompts"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: need at least 1")
+    miniature = args.model is None and args.family == "miniature"
+    args.steps = args.steps or (25 if miniature else 50)
+    args.guidance = args.guidance if args.guidance is not None else (4.0 if miniature else 7.5)
+    if args.model is None:
+        args.height = args.height or {"sd3": 128, "miniature": 32}.get(args.family, 64)
+    args.width = args.width or args.height
+    configs, prompts = _configs(args), _prompts(args)
+    oversubscribed = [config_name(c) for c in configs if args.device == "cpu" and world_size_of(c) > available_cores()]
+    if oversubscribed:
+        print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
+              "run (their images and quality are valid) but their latency and speedup are not meaningful")
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -208,31 +346,50 @@ def main(argv=None) -> int:
 
             build = synthetic.save_bench_sd3_pipeline if args.family == "sd3" else synthetic.save_bench_pipeline
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
-        call = dict(prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    height=args.height, width=args.width, output_type="np", seed=args.seed)
+        call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                    width=args.width, output_type="np", seed=args.seed)
+        call = {k: v for k, v in call.items() if v is not None}
         start = time.perf_counter()
-        rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin)
-    print(markdown_table(
-        rows, ["config", "devices", "stock_s", "async_s", "speedup", "compute_bound_speedup", "psnr_db", "max_stage_share"],
-        {"stock_s": ".3f", "async_s": ".3f", "speedup": ".3f", "compute_bound_speedup": ".3f", "psnr_db": ".2f",
-         "max_stage_share": ".3f"}))
-    print("stock_s: the stock pipeline, one device; speedup: median over repeats of stock/async, timed alternately;\n"
-          "compute_bound_speedup: what the measured stage times allow if communication were free;\n"
-          "psnr_db: AsyncDiff image against the stock image of the same seed")
+        rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin, prompts=prompts,
+                             dtype=args.dtype)
+        stock_row = grade(rows, prompts, args.clip)
+    table = markdown_table(table_rows(stock_row, rows), [c for c in TABLE_COLUMNS if c != "clip_score" or
+                                                        args.clip != "none"], TABLE_FORMATS)
+    print(table)
+    print(TABLE_NOTES)
     for row in rows:
         print(f"\n{row['config']}: per-stage compute per step (ms): "
               + ", ".join(f"{ms:.2f}" for ms in row["stage_compute_ms"])
-              + "; resident parameters per rank (MiB): " + ", ".join(f"{mb:.1f}" for mb in row["resident_parameter_mb"])
-              + f" (a full copy: {row['full_copy_mb']:.1f})"
+              + f"; a full copy holds {row['full_copy_mb']:.1f} MiB of parameters"
               + ("; peak CUDA memory per rank (MiB): " + ", ".join(f"{mb:.0f}" for mb in row["peak_cuda_mb"])
                  if row.get("peak_cuda_mb") else ""))
         for k, units in enumerate(row["stage_units"]):
             print(f"  stage {k}: {units[0]} .. {units[-1]} ({len(units)} units)")
-    path = write_json(args.out, dict(benchmark="asyncdiff", model=args.model or f"synthetic {args.family} (random weights)",
-                                     call={k: v for k, v in call.items()}, device=args.device, repeats=args.repeats,
-                                     rows=rows, wall_seconds=time.perf_counter() - start))
-    print(f"\nresults written to {path}")
+    out = Path(args.out)
+    record = dict(benchmark="asyncdiff", model=args.model or f"built-in {args.family}", call=call, prompts=prompts,
+                  device=args.device, dtype=args.dtype, repeats=args.repeats, clip=args.clip,
+                  cores=available_cores(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                  stock=table_rows(stock_row, [])[0],
+                  rows=[{k: v for k, v in r.items() if k not in ("images", "stock_images")} for r in rows],
+                  wall_seconds=time.perf_counter() - start)
+    write_json(out / "results.json", record)
+    write_atomic(out / "results.md", f"# asyncgen bench: {record['model']}\n\n{table}\n\n{TABLE_NOTES}\n")
+    plot_benchmark(stock_row, rows, out / "results.png", title=f"{record['model']}, {args.steps} steps, {args.device}")
+    print(f"\nresults written to {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m asyncgen.evaluation.bench_asyncdiff",
+                                     description="The stock pipeline on one device against AsyncDiff configurations "
+                                     "(same as `asyncgen bench`).")
+    add_arguments(parser)
+    from asyncgen.cli.errors import UsageError
+
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

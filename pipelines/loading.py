@@ -6,7 +6,17 @@ import json
 from pathlib import Path
 
 
-def load_pipeline(model: str, pipeline_class=None, **kwargs):
+def _dtype_argument() -> str:
+    """The name ``from_pretrained`` takes a dtype by: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present once `dtype` is accepted)
+
+        return "dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
+def load_pipeline(model: str, pipeline_class=None, dtype=None, **kwargs):
     """``DiffusionPipeline.from_pretrained`` that also loads folders saved with optional components left out.
 
     A pipeline saved with, say, ``text_encoder_3=None`` (SD3 without T5) records that
@@ -14,6 +24,7 @@ def load_pipeline(model: str, pipeline_class=None, **kwargs):
     it; this passes ``None`` for such components unless the caller gives them.
     ``pipeline_class`` (default ``DiffusionPipeline``, which picks the saved class) loads
     the same folder as another pipeline, e.g. ``StableDiffusionImg2ImgPipeline``.
+    ``dtype`` (a ``torch.dtype``) is passed under the name this diffusers release expects.
     """
     from diffusers import DiffusionPipeline
 
@@ -22,4 +33,6 @@ def load_pipeline(model: str, pipeline_class=None, **kwargs):
         for name, value in json.loads(index.read_text()).items():
             if not name.startswith("_") and isinstance(value, list) and value == [None, None]:
                 kwargs.setdefault(name, None)
+    if dtype is not None:
+        kwargs[_dtype_argument()] = dtype
     return (pipeline_class or DiffusionPipeline).from_pretrained(model, **kwargs)

@@ -1,0 +1,284 @@
+"""``asyncgen generate``: prompts in, image files out, on one device or several.
+
+Every rank loads the pipeline and runs the same call; rank 0 shows the progress bar,
+writes the images (each whole or not at all) and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .launcher import launched_by_torchrun, run_on_devices
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass
+class GenerateJob:
+    """Everything a rank needs; plain values so it pickles into spawned workers."""
+
+    model: str
+    builtin_model: bool
+    prompts: list[str]
+    outputs: list[str]
+    negative_prompt: str | None
+    steps: int | None
+    guidance: float | None
+    height: int | None
+    width: int | None
+    seed: int
+    stages: int
+    stride: int
+    warmup: int | None
+    time_shift: bool
+    cfg_parallel: bool
+    split: str
+    device: str
+    dtype: str
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="what to draw (or give --prompts FILE)")
+    parser.add_argument("-o", "--output", default="asyncgen.png",
+                        help="image file to write; with --prompts, files are numbered: out.png -> out-0000.png, "
+                        "out-0001.png, ... (default: %(default)s)")
+    parser.add_argument("--prompts", metavar="FILE", help="a .txt file with one prompt per line (or a .csv with a "
+                        "'prompt' column): one image per prompt")
+    parser.add_argument("--negative-prompt", default=None, help="what the image should not show (default: none)")
+    parser.add_argument("--model", default=None, help="diffusers pipeline: hub id (e.g. "
+                        "stabilityai/stable-diffusion-2-1) or local folder; SD, SDXL, SD3, PixArt and Flux pipelines "
+                        "are recognised from the folder (default: the built-in miniature shapes model, 32x32)")
+    parser.add_argument("--devices", type=int, default=None, help="worker processes to start on this machine, one "
+                        "CPU core or one GPU each; under torchrun leave it out (default: 1, or torchrun's WORLD_SIZE)")
+    parser.add_argument("--stages", type=int, default=None, help="AsyncDiff stages the denoiser is split into "
+                        "(default: as many as the devices allow: devices - stride + 1, halved first with --cfg-parallel)")
+    parser.add_argument("--stride", type=int, default=1, help="AsyncDiff stride: steps predicted per parallel round; "
+                        "needs stages + stride - 1 devices (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=None, help="exact warm-up steps before the asynchronous ones "
+                        "(default: 5%% of the steps, at least 1)")
+    parser.add_argument("--time-shift", action="store_true", help="stages fed a stale input use the previous "
+                        "step's timestep (default: off)")
+    parser.add_argument("--cfg-parallel", action="store_true", help="split the classifier-free-guidance batch "
+                        "over two groups of devices (needs 2 * (stages + stride - 1) devices; default: off)")
+    parser.add_argument("--split", default="flops", choices=["flops", "time"], help="how stage boundaries are "
+                        "placed: estimated FLOPs and bytes, or unit times measured on rank 0 (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 for the built-in model, "
+                        "the pipeline's own default otherwise)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 4.0 "
+                        "for the built-in model, the pipeline's own default otherwise)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the VAE "
+                        "factor (default: the model's native size)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; image i of --prompts uses seed + i "
+                        "(default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights and activations: auto = float16 on cuda, float32 on cpu (default: %(default)s)")
+
+
+def _output_paths(output: str, count: int) -> list[str]:
+    if count == 1:
+        return [output]
+    path = Path(output)
+    suffix = path.suffix or ".png"
+    return [str(path.with_name(f"{path.stem}-{i:04d}{suffix}")) for i in range(count)]
+
+
+def _check_model(model: str) -> None:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"--model {model}: the folder has no model_index.json, so it is not a diffusers "
+                             "pipeline folder (save one with pipe.save_pretrained(folder), or give a hub id)")
+    elif not HUB_ID.fullmatch(model):
+        raise UsageError(f"--model {model}: no such folder, and not a hub id (expected a local pipeline folder "
+                         "or an id like 'owner/name')")
+
+
+def stages_for(devices: int, stages: int | None, stride: int, cfg_parallel: bool) -> int:
+    """The stage count implied by the options; a clear error when the devices cannot hold them."""
+    parts = 2 if cfg_parallel else 1
+    if stride < 1:
+        raise UsageError(f"--stride {stride}: need at least 1")
+    if stages is not None and stages < 1:
+        raise UsageError(f"--stages {stages}: need at least 1")
+    if devices == 1 and not cfg_parallel:
+        return stages or 1  # one process: stages > 1 runs through the serial simulator (same images)
+    if devices % parts:
+        raise UsageError(f"--cfg-parallel needs an even number of devices, got --devices {devices}")
+    per_part = devices // parts
+    if stages is None:
+        stages = per_part - stride + 1
+        if stages < 1:
+            raise UsageError(f"--stride {stride} needs at least {stride} devices per CFG half, got {per_part}")
+    elif stages + stride - 1 != per_part:
+        need = parts * (stages + stride - 1)
+        raise UsageError(f"--devices {devices} does not match --stages {stages} --stride {stride}"
+                         f"{' --cfg-parallel' if cfg_parallel else ''}: that needs "
+                         f"{'2 * ' if cfg_parallel else ''}(stages + stride - 1) = {need} devices")
+    return stages
+
+
+def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
+    from asyncgen.evaluation.prompts import load_prompts
+
+    if args.prompt is None and args.prompts is None:
+        raise UsageError("give a prompt, or --prompts FILE")
+    if args.prompt is not None and args.prompts is not None:
+        raise UsageError("give either a prompt or --prompts FILE, not both")
+    try:
+        prompts = [args.prompt] if args.prompts is None else load_prompts(args.prompts)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--prompts {args.prompts}: {exc}") from exc
+    for name in ("steps", "height", "width", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise UsageError(f"--{name} {value}: need at least {0 if name == 'warmup' else 1}")
+    builtin = args.model is None
+    if builtin:
+        from asyncgen.evaluation.miniature import miniature_sd_path
+
+        model = str(miniature_sd_path())
+    else:
+        model = args.model
+        _check_model(model)
+    device = args.device or default_device()
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+    stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
+    return GenerateJob(
+        model=model, builtin_model=builtin, prompts=prompts, outputs=_output_paths(args.output, len(prompts)),
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
+        width=args.width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
+        time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
+    )
+
+
+def _save_image(image, path: str) -> None:
+    from asyncgen.evaluation.reporting import write_atomic
+
+    buffer = io.BytesIO()
+    suffix = Path(path).suffix.lower().lstrip(".") or "png"
+    image.save(buffer, format={"jpg": "jpeg"}.get(suffix, suffix))
+    write_atomic(path, buffer.getvalue())
+
+
+def _quiet_loading(rank: int) -> None:
+    """No loading bars (every rank would draw its own); warnings from rank 0 only."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        if rank != 0:
+            library.utils.logging.set_verbosity_error()
+    if rank != 0:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def _load(job: GenerateJob, rank: int):
+    import torch
+    from asyncgen.pipelines.loading import load_pipeline
+
+    _quiet_loading(rank)
+    try:
+        pipe = load_pipeline(job.model, dtype=getattr(torch, job.dtype))
+    except OSError as exc:  # hub id unknown or not cached offline, folder with missing files
+        raise UsageError(f"--model {job.model}: could not load a diffusers pipeline: {exc}") from exc
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    for name in ("height", "width"):
+        value = getattr(job, name)
+        if value is not None and value % factor:
+            raise UsageError(f"--{name} {value} is not divisible by this model's VAE factor {factor}; "
+                             f"use a multiple of {factor}, e.g. {max(factor, value - value % factor)}")
+    if job.device == "cuda":
+        pipe.to(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    return pipe
+
+
+def _strategy(job: GenerateJob, world: int) -> str:
+    if job.stages == 1 and job.stride == 1 and not job.cfg_parallel:
+        return "stock pipeline"
+    text = f"AsyncDiff stages={job.stages} stride={job.stride} warmup={'default' if job.warmup is None else job.warmup}"
+    text += " time-shift" if job.time_shift else ""
+    text += " + CFG parallel" if job.cfg_parallel else ""
+    return text + (" (serial simulator, one process)" if world == 1 else "")
+
+
+def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
+    """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
+    import torch
+
+    pipe = _load(job, rank)
+    if job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
+        from asyncgen.pipelines import AsyncDiffPipeline
+
+        try:
+            pipe = AsyncDiffPipeline(pipe, stages=job.stages, stride=job.stride, warmup=job.warmup,
+                                     time_shift=job.time_shift, split=job.split, cfg_parallel=job.cfg_parallel)
+        except (ValueError, TypeError) as exc:  # the wrapper validates its arguments against the model
+            raise UsageError(str(exc)) from exc
+    call = {"negative_prompt": job.negative_prompt, "height": job.height, "width": job.width}
+    if job.steps is not None or job.builtin_model:
+        from asyncgen.evaluation.miniature import DEFAULT_STEPS
+
+        call["num_inference_steps"] = job.steps or DEFAULT_STEPS
+    if job.guidance is not None or job.builtin_model:
+        from asyncgen.evaluation.miniature import DEFAULT_GUIDANCE
+
+        call["guidance_scale"] = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
+    call = {k: v for k, v in call.items() if v is not None}
+    several = len(job.prompts) > 1
+    if several and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(leave=False, disable=rank != 0)
+    steps_done, start = 0, time.perf_counter()
+    prompts = enumerate(zip(job.prompts, job.outputs))
+    if several and rank == 0:
+        from tqdm.auto import tqdm
+
+        prompts = tqdm(prompts, total=len(job.prompts), desc="images")
+    for i, (prompt, path) in prompts:
+        generator = torch.Generator("cpu").manual_seed(job.seed + i)
+        image = pipe(prompt, generator=generator, **call).images[0]
+        steps_done += len(pipe.scheduler.timesteps)
+        if rank == 0:
+            _save_image(image, path)
+    seconds = time.perf_counter() - start
+    return {"images": len(job.prompts), "seconds": seconds, "steps": steps_done, "outputs": job.outputs,
+            "strategy": _strategy(job, world), "world": world, "device": job.device, "dtype": job.dtype,
+            "size": list(image.size)}
+
+
+def summary_line(result: dict) -> str:
+    where = result["outputs"][0] if result["images"] == 1 else f"{result['outputs'][0]} .. {result['outputs'][-1]}"
+    w, h = result["size"]
+    return (f"asyncgen: {result['images']} image{'s' if result['images'] > 1 else ''} ({w}x{h}) in "
+            f"{result['seconds']:.2f} s, {result['steps'] / result['seconds']:.1f} steps/s, "
+            f"{result['world']} {result['device']} device{'s' if result['world'] > 1 else ''} ({result['dtype']}), "
+            f"{result['strategy']} -> {where}")
+
+
+def run(args: argparse.Namespace) -> int:
+    world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else (args.devices or 1)
+    job = make_job(args, world)
+    result = run_on_devices(generate_worker, args.devices, job, device_type=job.device)
+    if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
+        print(summary_line(result))
+    return 0
+
