@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import BackendConfig
 
 ERROR_KEY = "asyncgen/error"
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("ASYNCGEN_TIMEOUT", "600")))
@@ -61,6 +62,67 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+# backends that move accelerator tensors point to point themselves; gloo (and MPI builds
+# that are not CUDA-aware) read the tensor's memory from the host, so it must be staged
+_DEVICE_P2P_BACKENDS = ("nccl", "ucc")
+
+
+def p2p_device(backend: str, device: torch.device | None) -> torch.device:
+    """Where a tensor bound for ``device`` must live to travel point to point on ``backend``.
+
+    ``backend`` is what :func:`torch.distributed.get_backend` returns for the group
+    (``"gloo"``, ``"nccl"``, ``"cpu:gloo,cuda:nccl"``, ...). The answer is ``device``
+    itself when the backend moves such tensors (NCCL for CUDA), else the CPU: the caller
+    then stages CUDA tensors through pinned host memory.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backends = BackendConfig(backend).get_device_backend_map()
+    if device.type == "cpu" or backends.get(device.type) in _DEVICE_P2P_BACKENDS:
+        if device.type not in backends:
+            raise ValueError(f"process group backend {backend!r} cannot carry {device.type} tensors")
+        return device
+    if "cpu" not in backends:
+        raise ValueError(
+            f"process group backend {backend!r} can carry neither {device.type} tensors point to point "
+            f"nor CPU tensors to stage them through; use 'nccl' or 'cpu:gloo,cuda:nccl' for CUDA ranks"
+        )
+    return torch.device("cpu")
+
+
+def control_device(backend: str, device: torch.device | None) -> torch.device:
+    """Where small tensors that the host reads (seeds, cut points, layout headers) travel on ``backend``.
+
+    The CPU when the backend carries CPU tensors (gloo, also beside NCCL), so reading them
+    costs no GPU sync; ``device`` on an NCCL-only group.
+    """
+    if "cpu" in BackendConfig(backend).get_device_backend_map():
+        return torch.device("cpu")
+    if device is None:
+        raise ValueError(f"process group backend {backend!r} carries no CPU tensors and this rank has no device")
+    return torch.device(device)
+
+
+def local_cuda_device(device: str | torch.device | None = None) -> torch.device:
+    """The CUDA device of this rank: an explicit index wins, else ``LOCAL_RANK`` (what torchrun sets).
+
+    ``device="cuda"`` without an index means "this rank's GPU", never GPU 0 for every rank.
+    """
+    count = torch.cuda.device_count()
+    if device is not None and torch.device(device).index is not None:
+        index = torch.device(device).index
+        source = f"device={str(device)!r}"
+    else:
+        raw = os.environ.get("LOCAL_RANK")
+        index = int(raw) if raw is not None else (dist.get_rank() % max(count, 1) if dist.is_initialized() else 0)
+        source = f"LOCAL_RANK={raw}" if raw is not None else f"rank {index}"
+    if index >= count:
+        raise ValueError(
+            f"{source} asks for CUDA device {index}, but this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most {count} ranks per node"
+        )
+    return torch.device("cuda", index)
+
+
 def resolve_context(
     process_group: dist.ProcessGroup | None = None,
     device: str | torch.device | None = None,
@@ -75,13 +137,16 @@ def resolve_context(
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
     elif group is None and (_env_world_size() or 1) > 1:
+        if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+            # before the group exists, so NCCL binds its communicators to this rank's GPU
+            torch.cuda.set_device(local_cuda_device(device))
         dist.init_process_group(backend=default_backend(), timeout=timeout)
         group, owns = dist.group.WORLD, True
     if group is None:
         return DistContext(None, 0, 1, torch.device(device) if device is not None else None, timeout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        device = local_cuda_device(device)
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)

@@ -117,7 +117,7 @@ class StagedDenoiser(nn.Module):
         self._started = False
         self._step = 0
         self._total: int | None = None
-        self._timesteps: list[Any] = []  # as passed by the pipeline, per step
+        self._timesteps: dict[int, Any] = {}  # as passed by the pipeline: this step's and the one before
         self._looked_up: dict[int, float] = {}  # timesteps taken from the scheduler ahead of time
         self._predictions: dict[int, torch.Tensor] = {}
         self._upcoming = None  # scheduler timesteps from this call's first step on
@@ -132,7 +132,11 @@ class StagedDenoiser(nn.Module):
             )
         scheduler = self._scheduler()
         timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is not None and len(timesteps):
+        # One stage at stride 1 computes every step whole from the pipeline's own arguments:
+        # it needs no step count and no timestep ahead, so it skips the lookup, which
+        # would copy the scheduler's timesteps to the host (a GPU sync per call).
+        needs_lookup = self.topology.stages > 1 or self.topology.stride > 1
+        if needs_lookup and timesteps is not None and len(timesteps):
             timesteps = torch.as_tensor(timesteps).cpu()
             begin = getattr(scheduler, "begin_index", None)
             if begin is None:
@@ -150,7 +154,7 @@ class StagedDenoiser(nn.Module):
         self._started = True
 
     def _timestep_of(self, step: int, like: Any) -> Any:
-        if step < len(self._timesteps):
+        if step in self._timesteps:
             return self._timesteps[step]
         if self._upcoming is None or step >= len(self._upcoming):
             raise RuntimeError(
@@ -193,7 +197,9 @@ class StagedDenoiser(nn.Module):
             self._begin(sample, timestep)
         step = self._step
         self._step += 1
-        self._timesteps.append(timestep)
+        self._timesteps[step] = timestep
+        # the oldest conditioning a task can use is the previous step's (time_shift)
+        self._timesteps.pop(step - 2, None)
         if step in self._looked_up and not math.isclose(self._looked_up.pop(step), _timestep_value(timestep), rel_tol=1e-5):
             raise RuntimeError(
                 f"step {step} was predicted ahead for a timestep the pipeline does not use now "

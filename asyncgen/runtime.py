@@ -18,12 +18,22 @@ wake-up on the critical path. Boundary states and predictions travel on two grou
 of their own, so two kinds of messages never queue behind each other (NCCL runs each
 communicator's operations in order).
 
+On CUDA ranks every transfer is issued from a side stream: a send waits (on the GPU) for
+an event recorded after the compute that produced its tensor, a receive is written into
+a buffer allocated on the receive stream and the compute stream waits for it only when
+the state is taken, so transfers overlap the compute around them and the host never
+waits for the GPU on the way. Buffers stay referenced until their transfer is complete
+(sends until the next step, which makes the compute stream wait for them first). Where
+the group's backend cannot move CUDA tensors point to point (gloo), tensors are staged
+through pinned host memory.
+
 Communication failures become :class:`~asyncgen.distributed.RemoteRankError` carrying
 the failing rank's message; a local failure is published before it propagates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 from typing import Any, Callable
@@ -33,7 +43,7 @@ import torch.distributed as dist
 
 from .boundary import HEADER_LEN, BoundaryLayout, BoundaryState, pack, unpack
 from .cfg import batch_part
-from .distributed import DistContext, publish_error, remote_error
+from .distributed import DistContext, control_device, p2p_device, publish_error, remote_error
 from .schedule import AsyncSchedule, StepKind, Topology
 from .split import DenoiserSplit, Stage
 
@@ -45,6 +55,43 @@ class _Pending:
 
     def __init__(self, work, buffer: torch.Tensor, layout: BoundaryLayout | None = None):
         self.work, self.buffer, self.layout = work, buffer, layout
+
+
+class _ComputeTimer:
+    """Compute time of this rank's stage without making the host wait for the GPU.
+
+    CUDA work is bracketed by events whose elapsed times are read only when someone asks
+    (after the call, typically); a synchronize per step would stall the host's queueing
+    of the next step behind the GPU. CPU work is timed directly.
+    """
+
+    def __init__(self):
+        self._seconds, self._events = 0.0, []
+        self.calls = 0
+
+    def start(self, device: torch.device):
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def stop(self, started, device: torch.device) -> None:
+        self.calls += 1
+        if device.type != "cuda":
+            self._seconds += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(device))
+        self._events.append((started, end))
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1e3
+        self._events = []
+        return self._seconds
 
 
 class DistributedRuntime:
@@ -72,19 +119,35 @@ class DistributedRuntime:
         self.state_group = part_groups[self.part]
         self.prediction_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
         ctx.subgroups += [g for g in (*part_groups, self.prediction_group) if isinstance(g, dist.ProcessGroup)]
-        self.compute_seconds = 0.0
-        self.compute_calls = 0
+        self._timer = _ComputeTimer()
+        # both groups inherit one backend; where it cannot move this rank's tensors they are staged
+        backend = dist.get_backend(self.prediction_group)
+        self._wire = p2p_device(backend, self.device)
+        self._staged = self._wire.type != self.device.type
+        self._header_device = control_device(backend, self._wire)
+        cuda = self.device.type == "cuda"
+        self._send_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._recv_stream = torch.cuda.Stream(self.device) if cuda else None
         self._latest_input: BoundaryState | None = None
         self._input_layout: BoundaryLayout | None = None
         self._next_input: _Pending | None = None
         self._pending_sends: list = []
         self._send_buffers: list[torch.Tensor] = []
+        self._staged_copies: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ plumbing
 
     @property
     def device(self) -> torch.device:
         return self.ctx.device or torch.device("cpu")
+
+    @property
+    def compute_seconds(self) -> float:
+        return self._timer.seconds
+
+    @property
+    def compute_calls(self) -> int:
+        return self._timer.calls
 
     def _comm(self, fn, *args, **kwargs):
         try:
@@ -98,43 +161,98 @@ class DistributedRuntime:
     def _world_peer(self, rank: int) -> int:
         return dist.get_global_rank(self.prediction_group, rank)
 
+    def _side_stream(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
     def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
+        if self._send_stream is None:
+            self._send_buffers.append(tensor)  # must outlive the isend
+            self._pending_sends.append(self._comm(dist.isend, tensor, dst, group=group))
+            return
+        produced = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self._send_stream):
+            self._send_stream.wait_event(produced)  # the GPU waits for the compute, not the host
+            if self._staged:
+                tensor = self._host_copy(tensor)
+            work = self._comm(dist.isend, tensor, dst, group=group)
         self._send_buffers.append(tensor)  # must outlive the isend
-        self._pending_sends.append(self._comm(dist.isend, tensor, dst, group=group))
+        self._pending_sends.append(work)
+
+    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in pinned host memory, copied once however many ranks it goes to."""
+        host = self._staged_copies.get(id(tensor))
+        if host is None:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            self._send_stream.synchronize()  # gloo reads host memory as soon as the send is posted
+            self._staged_copies[id(tensor)] = host
+            self._send_buffers.append(tensor)  # keeps the id unique while the copy is cached
+        return host
+
+    def _empty(self, numel_or_like, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A receive buffer: pinned host memory when staged, else on the receive stream's device."""
+        if isinstance(numel_or_like, torch.Tensor):
+            shape, dtype = numel_or_like.shape, numel_or_like.dtype
+        else:
+            shape = (numel_or_like,)
+        if self._staged:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        with self._side_stream(self._recv_stream):
+            # allocated on the receive stream: the allocator cannot hand it out while the
+            # compute stream still uses the memory it held before
+            return torch.empty(shape, dtype=dtype, device=self._wire)
 
     def _irecv(self, buffer: torch.Tensor, src: int, group, layout: BoundaryLayout | None = None) -> _Pending:
-        return _Pending(self._comm(dist.irecv, buffer, src, group=group), buffer, layout)
+        with self._side_stream(self._recv_stream):
+            return _Pending(self._comm(dist.irecv, buffer, src, group=group), buffer, layout)
+
+    def _arrived(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A received buffer, ready for this rank's compute stream."""
+        if self._staged:
+            # the host allocator keeps the pinned block until this copy has read it
+            return buffer.to(self.device, non_blocking=True)
+        if self._recv_stream is not None:
+            buffer.record_stream(torch.cuda.current_stream(self.device))  # read there from now on
+        return buffer
 
     def _wait(self, pending: _Pending) -> torch.Tensor:
+        # NCCL: the current (compute) stream waits for the transfer; gloo: the host waits
         self._comm(pending.work.wait, self.ctx.timeout)
-        return pending.buffer
+        return self._arrived(pending.buffer)
 
     def _wait_sends(self) -> None:
         for work in self._pending_sends:
             self._comm(work.wait, self.ctx.timeout)
-        self._pending_sends, self._send_buffers = [], []
+        self._pending_sends, self._send_buffers, self._staged_copies = [], [], {}
 
     def _send_state(self, state: BoundaryState, with_header: bool) -> None:
-        buffers = [state.layout().encode(self.split.stream_names).to(self.device)] if with_header else []
-        buffers.append(pack(state))
-        for buffer in buffers:
+        if with_header:
+            header = state.layout().encode(self.split.stream_names).to(self._header_device)
             for dst in self.topology.ranks_of(self.stage_index + 1):
-                self._isend(buffer, self._state_peer(dst), self.state_group)
+                self._send_header(header, self._state_peer(dst))
+        buffer = pack(state)
+        for dst in self.topology.ranks_of(self.stage_index + 1):
+            self._isend(buffer, self._state_peer(dst), self.state_group)
+
+    def _send_header(self, header: torch.Tensor, dst: int) -> None:
+        if header.device.type == "cuda":
+            self._isend(header, dst, self.state_group)
+        else:  # a CPU tensor on a mixed group travels by gloo, no stream involved
+            self._send_buffers.append(header)
+            self._pending_sends.append(self._comm(dist.isend, header, dst, group=self.state_group))
 
     def _recv_state_blocking(self) -> BoundaryState:
         src = self._state_peer(self.topology.rank_of(self.stage_index - 1))
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self._header_device)
         self._comm(dist.recv, header, src, group=self.state_group)
         self._input_layout = BoundaryLayout.decode(header.cpu(), self.split.stream_names)
-        buffer = torch.empty(self._input_layout.numel, dtype=self._input_layout.dtype, device=self.device)
-        self._comm(dist.recv, buffer, src, group=self.state_group)
-        return unpack(buffer, self._input_layout)
+        pending = self._irecv(self._empty(self._input_layout.numel, self._input_layout.dtype), src, self.state_group)
+        return unpack(self._wait(pending), self._input_layout)
 
     def _post_next_input(self) -> None:
         layout = self._input_layout
-        buffer = torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
         src = self._state_peer(self.topology.rank_of(self.stage_index - 1))
-        self._next_input = self._irecv(buffer, src, self.state_group, layout)
+        self._next_input = self._irecv(self._empty(layout.numel, layout.dtype), src, self.state_group, layout)
 
     def _take_next_input(self) -> BoundaryState:
         pending, self._next_input = self._next_input, None
@@ -152,7 +270,7 @@ class DistributedRuntime:
             for part in range(self.cfg_parts):
                 src = part * m + self.topology.rank_of(last, replica)
                 if src != self.ctx.rank:
-                    pending[(step, part)] = self._irecv(torch.empty_like(like), self._world_peer(src), self.prediction_group)
+                    pending[(step, part)] = self._irecv(self._empty(like), self._world_peer(src), self.prediction_group)
         return pending
 
     def _send_prediction(self, eps: torch.Tensor) -> None:
@@ -169,12 +287,9 @@ class DistributedRuntime:
                 else parts[(s, 0)] for s in steps}
 
     def _compute(self, state: BoundaryState, cond: Any) -> BoundaryState:
-        start = time.perf_counter()
+        started = self._timer.start(self.device)
         out = self.stage(self.split, state, cond)
-        if out.hidden.device.type == "cuda":
-            torch.cuda.synchronize(out.hidden.device)
-        self.compute_seconds += time.perf_counter() - start
-        self.compute_calls += 1
+        self._timer.stop(started, self.device)
         return out
 
     # ------------------------------------------------------------------ lifecycle

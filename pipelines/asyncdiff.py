@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from asyncgen.distributed import DistContext, RemoteRankError, publish_error, resolve_context
+from asyncgen.distributed import DistContext, RemoteRankError, control_device, publish_error, resolve_context
 from asyncgen.proxy import StagedDenoiser
 from asyncgen.runtime import DistributedRuntime
 from asyncgen.schedule import Topology
@@ -22,6 +22,8 @@ from asyncgen.split import (
     measure_unit_costs,
     split_denoiser,
 )
+
+from .acceleration import compile_modules, compile_options, enable_attention, resolve_dtype
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
@@ -43,6 +45,8 @@ def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) ->
             f"stages={stages} is more than the {n} units a {type(split.denoiser).__name__} of this "
             f"configuration splits into; choose stages between 1 and {n}"
         )
+    if stages == 1 and isinstance(method, str) and method in ("flops", "time"):
+        return [0, n]  # nothing to balance: skip the cost estimate (seconds on large models)
     if not isinstance(method, str):
         cuts = [int(c) for c in method]
         if len(cuts) != stages + 1:
@@ -55,6 +59,7 @@ def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) ->
         if ctx.rank == 0:  # timings differ per rank; all ranks must cut at the same place
             cuts = torch.tensor(balanced_cuts(measure_unit_costs(split), stages), dtype=torch.int64)
         if ctx.distributed:
+            cuts = cuts.to(control_device(dist.get_backend(ctx.group), ctx.device))
             dist.broadcast(cuts, ctx.global_rank(0), group=ctx.group)
         return cuts.tolist()
     raise ValueError(f"split={method!r} is not one of 'flops', 'time' or a list of cut indices")
@@ -110,6 +115,19 @@ class AsyncDiffPipeline:
             ranks (world size ``2 * (stages + stride - 1)``; ranks ``0..M-1`` take the first
             half). With ``stages=1`` this is plain CFG parallelism. The call's denoiser batch
             must be even (CFG doubles it); guidance-distilled models (Flux-dev) are refused.
+        dtype (`str` or `torch.dtype`, *optional*):
+            Convert the pipeline to this dtype first (``"float16"``, ``"bfloat16"``, ``"float32"``).
+            Boundary states travel in the denoiser's dtype. Defaults to the pipeline's own.
+        attention (`str`, *optional*):
+            Attention kernels of every model in the pipeline: ``"sdpa"`` (PyTorch
+            ``scaled_dot_product_attention``) or ``"xformers"`` (CUDA only, needs
+            ``pip install 'asyncgen[xformers]'``). Defaults to leaving the pipeline's choice.
+        compile (`bool` or `dict`, defaults to `False`):
+            ``torch.compile`` this rank's stage modules (not the proxy, not the shared
+            embeddings): ``True`` for the defaults, or a dict of ``torch.compile`` arguments,
+            e.g. ``{"mode": "max-autotune"}``. The schedule and the units do not change, so
+            results equal the uncompiled wrapper's up to the compiled kernels' rounding
+            (exactly, with ``{"backend": "eager"}``). Compilation happens during the first call.
     """
 
     def __init__(
@@ -124,11 +142,19 @@ class AsyncDiffPipeline:
         device: str | torch.device | None = None,
         timeout: float | datetime.timedelta | None = None,
         cfg_parallel: bool = False,
+        dtype: str | torch.dtype | None = None,
+        attention: str | None = None,
+        compile: bool | dict = False,
     ):
         if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
         topology = Topology(stages, stride)
+        compile_kwargs = compile_options(compile)
         attribute = _denoiser_attribute(pipeline)
+        if dtype is not None:
+            pipeline.to(dtype=resolve_dtype(dtype))
+        if attention is not None:
+            enable_attention(pipeline, attention)
         denoiser = getattr(pipeline, attribute)
         denoiser_split = split_denoiser(denoiser)
         cfg_parts = 2 if cfg_parallel else 1
@@ -151,10 +177,16 @@ class AsyncDiffPipeline:
                         module.to("meta")  # frees the storage: this rank never runs that stage
             executor = DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
             resident = denoiser_split.shared_modules() + mine.modules()
+            compiled = mine.modules()
         else:
             simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
             executor = simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
             resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
+            compiled = [m for s in all_stages for m in s.modules()]
+        if compile_kwargs is not None:
+            # the stages' own modules: the embeddings take a new timestep every step and are
+            # cheap, and the proxy's bookkeeping is Python that a graph would only guard on
+            compile_modules(compiled, compile_kwargs)
 
         self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
         self.stages, self.attribute = all_stages, attribute
@@ -181,13 +213,24 @@ class AsyncDiffPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
                         warmup: int | None = None, time_shift: bool = False, split="flops",
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
-                        **load_kwargs) -> "AsyncDiffPipeline":
-        """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it."""
+                        dtype: str | torch.dtype | None = None, attention: str | None = None,
+                        compile: bool | dict = False, **load_kwargs) -> "AsyncDiffPipeline":
+        """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it.
+
+        ``dtype`` is handed to the loader (weights load in it), not converted after loading.
+        """
         from .loading import load_pipeline
 
-        pipeline = load_pipeline(pretrained_model_name_or_path, **load_kwargs)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype)
+            given = load_kwargs.pop("torch_dtype", None)
+            if given is not None and given != dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={given} disagree; pass one of them")
+        compile_options(compile)  # a bad value fails before minutes of loading
+        pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
-                   process_group=process_group, device=device, timeout=timeout, cfg_parallel=cfg_parallel)
+                   process_group=process_group, device=device, timeout=timeout, cfg_parallel=cfg_parallel,
+                   attention=attention, compile=compile)
 
     # ------------------------------------------------------------------- call
 
@@ -212,8 +255,7 @@ class AsyncDiffPipeline:
         if not self.ctx.distributed or kwargs.get("generator") is not None or kwargs.get("latents") is not None:
             return kwargs
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        device = self.ctx.device if self.ctx.device is not None and dist.get_backend(self.ctx.group) == "nccl" else "cpu"
-        seed = seed.to(device)
+        seed = seed.to(control_device(dist.get_backend(self.ctx.group), self.ctx.device))
         try:
             dist.broadcast(seed, self.ctx.global_rank(0), group=self.ctx.group)
         except Exception as exc:

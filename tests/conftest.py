@@ -44,3 +44,27 @@ def sdxl_pipe(sdxl_path):
 @pytest.fixture(scope="session")
 def dit_paths(model_dir) -> dict:
     return {family: tiny_models.build_dit(model_dir, family) for family in tiny_models.DIT_FAMILIES}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``@pytest.mark.cuda`` tests where no CUDA GPU is visible (CI runs on CPUs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's tiny models on one thread: faster, and much faster on a busy machine
+    (no OpenMP barriers waiting for a descheduled second thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
