@@ -1,0 +1,473 @@
+"""Is asyncgen ready for this GPU? One script, one GPU, under eight minutes.
+
+    python -m asyncgen.evaluation.gpu_check                      # CUDA, SD2.1- and SDXL-sized UNets
+    python -m asyncgen.evaluation.gpu_check --quick              # fewer steps and repeats
+    python -m asyncgen.evaluation.gpu_check --device cpu --tiny  # the same path on CPU, tiny UNets, seconds
+
+Parts, each recorded in the JSON report (and skipped, with the reason, when the time
+budget runs out):
+
+1. **tests**: the suite's ``@pytest.mark.cuda`` tests, in a pytest subprocess.
+2. **composition**: for each UNet (random weights, built from the public configs),
+   the stages composed with every boundary state packed and unpacked as on the wire,
+   against the model's own forward. float32 must agree to 1e-5 of the output's scale;
+   bfloat16 must agree at least as well as bfloat16 agrees with float32 itself.
+3. **overhead**: a CFG denoising loop (UNet + guidance + scheduler step) with the stock
+   UNet and with the ``stages=1`` wrapper around the same module, timed alternately
+   with CUDA events after warm-up loops; the wrapper may cost at most 2%.
+4. **stages**: the UNet split into N = 2, 3, 4 stages, each stage's compute timed on
+   this GPU; sum / max is the speedup N GPUs could give if communication were free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from asyncgen.boundary import BoundaryLayout, pack, unpack
+from asyncgen.split import DenoiserSplit, Stage, balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs, split_denoiser
+
+from .reporting import markdown_table, write_json
+
+# stabilityai/stable-diffusion-2-1, unet/config.json (865M parameters, 768x768 images).
+# attention_head_dim is, by a historical naming slip, the number of heads per level.
+SD21_UNET = dict(
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, dual_cross_attention=False, flip_sin_to_cos=True, freq_shift=0, in_channels=4,
+    layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, num_class_embeds=None,
+    only_cross_attention=False, out_channels=4, sample_size=96,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=True, use_linear_projection=True,
+)
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57B parameters, 1024x1024 images).
+# projection_class_embeddings_input_dim = 1280 (pooled text) + 6 * 256 (size/crop ids).
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    class_embed_type=None, class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3,
+    cross_attention_dim=2048, cross_attention_norm=None,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    dual_cross_attention=False, encoder_hid_dim=None, encoder_hid_dim_type=None, flip_sin_to_cos=True, freq_shift=0,
+    in_channels=4, layers_per_block=2, mid_block_only_cross_attention=None, mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5, norm_num_groups=32, num_attention_heads=None,
+    num_class_embeds=None, only_cross_attention=False, out_channels=4, projection_class_embeddings_input_dim=2816,
+    resnet_out_scale_factor=1.0, resnet_skip_time_act=False, resnet_time_scale_shift="default", sample_size=128,
+    time_cond_proj_dim=None, time_embedding_act_fn=None, time_embedding_dim=None, time_embedding_type="positional",
+    timestep_post_act=None, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], upcast_attention=None,
+    use_linear_projection=True,
+)
+
+MODELS = {"sd21": ("SD2.1 UNet", SD21_UNET), "sdxl": ("SDXL UNet", SDXL_UNET)}
+
+FP32_TOLERANCE = 1e-5
+OVERHEAD_TARGET = 0.02
+
+
+def tiny_config(config: dict) -> dict:
+    """The same architecture (block types, head layout, embeddings, depth pattern) at toy width.
+
+    Widths shrink 10x-20x, heads to at most 4, transformer depth to at most 2 and the
+    latent to 8x8, so a CPU runs every part of the check in seconds while the code
+    paths (linear projections, text_time embeddings, per-level depths) stay the real ones.
+    """
+    config = copy.deepcopy(config)
+    levels = len(config["block_out_channels"])
+    config["block_out_channels"] = [16 * min(2**i, 4) for i in range(levels)]
+    config["attention_head_dim"] = [min(2 * 2**i, 4) for i in range(levels)]  # heads per level, 8-16 wide
+    config["norm_num_groups"] = 8
+    config["cross_attention_dim"] = 32
+    config["sample_size"] = 8
+    if isinstance(config.get("transformer_layers_per_block"), list):
+        config["transformer_layers_per_block"] = [min(d, 2) for d in config["transformer_layers_per_block"]]
+    if config.get("addition_embed_type") == "text_time":
+        config["addition_time_embed_dim"] = 8
+        config["projection_class_embeddings_input_dim"] = 32 + 6 * 8  # pooled text 32 + six size/crop ids
+    return config
+
+
+# ------------------------------------------------------------------------ building
+
+
+def build_unet(config: dict, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight ``UNet2DConditionModel`` initialised directly on ``device`` (seconds for SDXL on a GPU)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**config)
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def unet_inputs(split: DenoiserSplit, batch: int, height: int, width: int, seed: int = 0) -> dict:
+    """Random forward inputs of the UNet's own shapes (from ``example_inputs``), size/crop ids set to the image size."""
+    inputs = split.example_inputs(batch, height, width)
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def randomise(value):
+        if isinstance(value, dict):
+            return {k: randomise(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
+        return value
+
+    inputs = {k: (v if k == "timestep" else randomise(v)) for k, v in inputs.items()}
+    added = inputs.get("added_cond_kwargs")
+    if added is not None and "time_ids" in added:
+        pixels = [8 * height, 8 * width]
+        ids = torch.tensor(pixels + [0, 0] + pixels, dtype=added["time_ids"].dtype)
+        added["time_ids"] = ids.expand(batch, 6).to(added["time_ids"].device)
+    return inputs
+
+
+def staged_forward(split: DenoiserSplit, stages: list[Stage], inputs: dict, wire: bool = True) -> torch.Tensor:
+    """The denoiser's output computed stage by stage, as the ranks compute it.
+
+    With ``wire`` every boundary state between stages goes through exactly what a
+    transfer does to it: layout header encoded and decoded, tensors packed into one
+    flat buffer (a fresh copy, as a receive buffer is) and unpacked into views.
+    """
+    inputs = dict(inputs)
+    sample, timestep = inputs.pop(split.sample_argument), inputs.pop("timestep")
+    cond = split.conditioning(sample, timestep, **inputs)
+    state = split.initial_state(sample, cond)
+    for stage in stages:
+        state = stage(split, state, cond)
+        if wire and stage is not stages[-1]:
+            layout = BoundaryLayout.decode(state.layout().encode(split.stream_names), split.stream_names)
+            state = unpack(pack(state).clone(), layout)
+    return split.output(state)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN matching NaN (random weights in half precision may overflow alike)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.float()
+    scale = reference.abs().max().item()
+    return (value.float() - reference).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# ------------------------------------------------------------------------- timing
+
+
+class _Clock:
+    """Elapsed seconds of queued work: CUDA events on a GPU, wall time on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+class DenoiserOnly:
+    """The two pipeline parts ``AsyncDiffPipeline`` touches: the denoiser and the scheduler."""
+
+    def __init__(self, unet, scheduler):
+        self.unet, self.scheduler = unet, scheduler
+
+
+def _denoise(model, latents: torch.Tensor, cond: dict, scheduler, steps: int, guidance: float = 7.5) -> torch.Tensor:
+    # what a diffusers text-to-image pipeline does per step, minus the progress bar
+    scheduler.set_timesteps(steps, device=latents.device)
+    for t in scheduler.timesteps:
+        eps = model(torch.cat([latents, latents]), t, **cond, return_dict=False)[0]
+        uncond, text = eps.chunk(2)
+        latents = scheduler.step(uncond + guidance * (text - uncond), t, latents, return_dict=False)[0]
+    return latents
+
+
+def time_overhead(unet, inputs: dict, steps: int, repeats: int, warmup_loops: int = 1) -> dict:
+    """Per-step time of a CFG denoising loop, stock UNet against the ``stages=1`` wrapper around it."""
+    from asyncgen.pipelines import AsyncDiffPipeline
+
+    from .synthetic import ddim_scheduler
+
+    scheduler = ddim_scheduler()
+    wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=1).denoiser
+    inputs = dict(inputs)
+    sample = inputs.pop("sample")[:1]
+    inputs.pop("timestep")
+    clock = _Clock(sample.device)
+    outputs = {}
+
+    def run(name, model):
+        def loop():
+            if model is wrapped:
+                wrapped.reset()  # what AsyncDiffPipeline.__call__ does around the pipeline
+            outputs[name] = _denoise(model, sample, inputs, scheduler, steps)
+        return clock(loop) / steps
+
+    with torch.no_grad():
+        for _ in range(warmup_loops):
+            run("stock", unet), run("wrapped", wrapped)
+        stock, wrapper = [], []
+        for r in range(repeats):
+            # alternate which goes first so slow drifts (clocks, other tenants) cancel
+            order = [("stock", unet, stock), ("wrapped", wrapped, wrapper)]
+            for name, model, times in order if r % 2 == 0 else order[::-1]:
+                times.append(run(name, model))
+    return dict(
+        stock_step_ms=1e3 * statistics.median(stock), wrapped_step_ms=1e3 * statistics.median(wrapper),
+        overhead=statistics.median(wrapper) / statistics.median(stock) - 1.0,
+        identical=_same(outputs["stock"], outputs["wrapped"]),
+        stock_samples_ms=[1e3 * s for s in stock], wrapped_samples_ms=[1e3 * s for s in wrapper],
+    )
+
+
+def stage_times(split: DenoiserSplit, stages: list[Stage], inputs: dict, repeats: int) -> list[float]:
+    """Median milliseconds of each stage's units on this device (the shared embeddings excluded)."""
+    inputs = dict(inputs)
+    sample, timestep = inputs.pop(split.sample_argument), inputs.pop("timestep")
+    cuda = sample.device.type == "cuda"
+    samples: list[list[float]] = [[] for _ in stages]
+    with torch.no_grad():
+        for r in range(repeats + 1):  # the first pass warms caches and the allocator
+            cond = split.conditioning(sample, timestep, **inputs)
+            state = split.initial_state(sample, cond)
+            if cuda:
+                marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
+                marks[0].record()
+                for k, stage in enumerate(stages):
+                    state = stage(split, state, cond)
+                    marks[k + 1].record()
+                marks[-1].synchronize()
+                elapsed = [a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:])]
+            else:
+                elapsed = []
+                for stage in stages:
+                    start = time.perf_counter()
+                    state = stage(split, state, cond)
+                    elapsed.append(1e3 * (time.perf_counter() - start))
+            if r:
+                for k, ms in enumerate(elapsed):
+                    samples[k].append(ms)
+    return [statistics.median(s) for s in samples]
+
+
+# -------------------------------------------------------------------------- parts
+
+
+def find_tests(explicit: str | None = None) -> Path | None:
+    """The suite: ``explicit``, else the source tree's ``tests/`` beside this package, else ``./tests``."""
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parents[1] / "tests", Path.cwd() / "tests"]
+    return next((c.resolve() for c in candidates if (c / "conftest.py").is_file()), None)
+
+
+def run_cuda_tests(timeout: float, tests: Path | None) -> dict:
+    """The suite's CUDA-marked tests in a pytest subprocess; counts from its summary line."""
+    if tests is None:
+        return dict(status="skipped", reason="no tests folder found (installed without the source tree?); pass --tests-dir")
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", str(tests), "-q", "-rs", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        command.append(f"--timeout={int(timeout)}")
+    start = time.perf_counter()
+    try:
+        # run from inside tests/: from the source root, `python -m` would put the bare engine
+        # folder `asyncgen/` first on sys.path and hide an installed package's subpackages
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tests)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return dict(status="failed", reason=f"pytest still running after {timeout:.0f}s", output_tail=output[-3000:])
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", done.stdout)}
+    # pytest exits 5 when nothing ran: that is a failed check, not a pass
+    status = "passed" if done.returncode == 0 else "failed"
+    return dict(status=status, returncode=done.returncode, counts=counts, seconds=time.perf_counter() - start,
+                command=" ".join(command[1:]), output_tail=(done.stdout + done.stderr)[-3000:])
+
+
+def check_composition(name: str, config: dict, device: torch.device, stage_counts: list[int], seed: int) -> dict:
+    """Stage composition against the full forward: float32 to 1e-5, bfloat16 as well as bfloat16 can."""
+    unet = build_unet(config, device, torch.float32, seed)
+    split = split_denoiser(unet)
+    size = config["sample_size"]
+    inputs = unet_inputs(split, 1, size, size, seed)
+    costs = estimate_unit_costs(split, inputs)
+    rows = []
+    with torch.no_grad():
+        reference = unet(**inputs).sample
+        for n in stage_counts:
+            stages = make_stages(split, balanced_cuts(costs, n))
+            rows.append(dict(model=name, dtype="float32", stages=n, error=_relative_error(staged_forward(split, stages, inputs), reference),
+                             tolerance=FP32_TOLERANCE))
+        unet.to(torch.bfloat16)
+        low = {k: v for k, v in unet_inputs(split, 1, size, size, seed).items()}  # same draws, now bf16
+        full = unet(**low).sample
+        dtype_error = _relative_error(full, reference)
+        for n in stage_counts:
+            stages = make_stages(split, balanced_cuts(costs, n))
+            staged = staged_forward(split, stages, low)
+            rows.append(dict(model=name, dtype="bfloat16", stages=n, error=_relative_error(staged, full),
+                             tolerance=dtype_error, boundary_dtype=str(staged.dtype).removeprefix("torch.")))
+    for row in rows:
+        row["passed"] = row["error"] <= row["tolerance"]
+    del unet
+    return rows
+
+
+def profile_model(name: str, config: dict, device: torch.device, dtype: torch.dtype, resolution: int,
+                  stage_counts: list[int], steps: int, repeats: int, seed: int) -> tuple[dict, list[dict]]:
+    """Overhead of the wrapper and per-stage compute times for one UNet, at ``resolution`` pixels."""
+    unet = build_unet(config, device, dtype, seed)
+    parameters = sum(p.numel() for p in unet.parameters())
+    split = split_denoiser(unet)
+    latent = resolution // 8
+    inputs = unet_inputs(split, 2, latent, latent, seed)  # batch 2: the CFG pair
+    overhead = dict(model=name, resolution=resolution, dtype=str(dtype).removeprefix("torch."), steps=steps,
+                    repeats=repeats, parameters_m=parameters / 1e6, **time_overhead(unet, inputs, steps, repeats))
+    overhead["target_met"] = overhead["overhead"] <= OVERHEAD_TARGET
+    methods = {"flops": estimate_unit_costs(split, inputs), "time": measure_unit_costs(split, inputs, repeats)}
+    rows = []
+    for n in stage_counts:
+        for method, costs in methods.items():
+            cuts = balanced_cuts(costs, n)
+            ms = stage_times(split, make_stages(split, cuts), inputs, repeats)
+            rows.append(dict(model=name, resolution=resolution, stages=n, split=method, cuts=cuts, stage_ms=ms,
+                             step_ms=sum(ms), max_stage_ms=max(ms), projected_speedup=sum(ms) / max(ms)))
+    del unet
+    return overhead, rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m asyncgen.evaluation.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to run (default: cuda)")
+    parser.add_argument("--tiny", action="store_true", help="toy-width UNets of the same architectures, 64x64 images "
+                        "(the CPU fallback; seconds)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about half the time)")
+    parser.add_argument("--models", default="sd21,sdxl", help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--stages", default="2,3,4", help="stage counts to split into (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the timing parts (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per timed loop (default: 20, quick 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed loops per variant (default: 5, quick 3)")
+    parser.add_argument("--tests", dest="tests", action="store_true", default=None,
+                        help="run the CUDA-marked tests (default: on CUDA only)")
+    parser.add_argument("--no-tests", dest="tests", action="store_false", help="skip the CUDA-marked tests")
+    parser.add_argument("--tests-dir", default=None, help="the test suite folder (default: the source tree's tests/)")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds after which remaining parts are skipped "
+                        "(default: %(default)s, under 8 minutes with the part in flight)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_results/gpu_check.json", help="JSON report path (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False; use --device cpu --tiny for the CPU path")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        parser.error(f"--models {args.models!r}: {bad or 'nothing'} not among {', '.join(MODELS)}")
+    try:
+        stage_counts = sorted({int(n) for n in args.stages.split(",")})
+    except ValueError:
+        parser.error(f"--stages {args.stages!r} is not a comma-separated list of integers")
+    if stage_counts[0] < 1:
+        parser.error(f"--stages {args.stages!r}: stage counts must be >= 1")
+    device = torch.device(args.device)
+    from asyncgen.pipelines.acceleration import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    steps = args.steps or (8 if args.quick else 20)
+    repeats = args.repeats or (3 if args.quick else 5)
+    if args.tiny:
+        steps, repeats = (args.steps or 3), (args.repeats or 2)
+    run_tests = args.tests if args.tests is not None else device.type == "cuda"
+
+    start = time.perf_counter()
+    deadline = start + args.budget
+    report: dict[str, Any] = dict(
+        check="gpu_check", device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, quick=args.quick, dtype=str(dtype).removeprefix("torch."),
+        steps=steps, repeats=repeats, budget_seconds=args.budget, skipped=[],
+    )
+
+    def budget_left(part: str) -> bool:
+        if time.perf_counter() < deadline:
+            return True
+        report["skipped"].append(f"{part}: time budget of {args.budget:.0f}s spent")
+        return False
+
+    if run_tests and budget_left("tests"):
+        report["tests"] = run_cuda_tests(max(60.0, min(240.0, 0.5 * args.budget)), find_tests(args.tests_dir))
+    else:
+        report.setdefault("tests", dict(status="skipped", reason="not requested (CPU run)" if not run_tests else "budget"))
+
+    composition, overhead, stages = [], [], []
+    for key in models:
+        label, config = MODELS[key]
+        if args.tiny:
+            config, label = tiny_config(config), f"{label} (tiny)"
+        resolution = 8 * config["sample_size"]
+        if budget_left(f"composition {label}"):
+            composition += check_composition(label, config, device, stage_counts, args.seed)
+        if budget_left(f"timing {label}"):
+            row, rows = profile_model(label, config, device, dtype, resolution, stage_counts, steps, repeats, args.seed)
+            overhead.append(row)
+            stages += rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report.update(composition=composition, overhead=overhead, stages=stages)
+    report["wall_seconds"] = time.perf_counter() - start
+    # on CPU and at toy sizes Python overhead is a visible share of a step: only a GPU run at real sizes judges it
+    judged = device.type == "cuda" and not args.tiny
+    report["passed"] = dict(
+        tests=report["tests"]["status"] != "failed",
+        composition=all(r["passed"] for r in composition),
+        overhead=all(r["target_met"] for r in overhead) if judged else None,
+    )
+
+    print(f"gpu_check on {report['device']} (torch {report['torch']}, CUDA {report['cuda']}), {report['wall_seconds']:.0f}s")
+    tests = report["tests"]
+    print(f"\ntests (-m cuda): {tests['status']}" + (f" {tests.get('counts')}" if tests.get("counts") else "")
+          + (f" ({tests['reason']})" if tests.get("reason") else ""))
+    print("\nstage composition against the full forward (relative max error):")
+    print(markdown_table(composition, ["model", "dtype", "stages", "error", "tolerance", "passed"],
+                         {"error": ".2e", "tolerance": ".2e"}))
+    print(f"\nstages=1 wrapper against the stock UNet, per denoising step ({report['dtype']}, CFG batch 2):")
+    print(markdown_table(overhead, ["model", "resolution", "stock_step_ms", "wrapped_step_ms", "overhead", "identical", "target_met"],
+                         {"stock_step_ms": ".2f", "wrapped_step_ms": ".2f", "overhead": "+.2%"}))
+    print("\nper-stage compute on this device; projected speedup = sum / max (communication free):")
+    print(markdown_table([dict(r, stage_ms=", ".join(f"{ms:.2f}" for ms in r["stage_ms"])) for r in stages],
+                         ["model", "stages", "split", "stage_ms", "max_stage_ms", "projected_speedup"],
+                         {"max_stage_ms": ".2f", "projected_speedup": ".2f"}))
+    for line in report["skipped"]:
+        print(f"skipped: {line}")
+    path = write_json(args.out, report)
+    print(f"\nreport written to {path}")
+    failed = [k for k, v in report["passed"].items() if v is False]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

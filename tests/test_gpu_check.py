@@ -1,0 +1,81 @@
+"""The GPU check's CPU fallback, end to end, and the model configs it builds."""
+
+import json
+
+import pytest
+import torch
+
+from asyncgen.evaluation import gpu_check
+
+
+def test_public_configs_have_the_published_sizes():
+    """The inline configs are the real ones: their parameter counts are SD2.1's and SDXL's."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes only, no memory
+        sd21 = UNet2DConditionModel(**gpu_check.SD21_UNET)
+        sdxl = UNet2DConditionModel(**gpu_check.SDXL_UNET)
+    assert sum(p.numel() for p in sd21.parameters()) == 865_910_724
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684
+
+
+def test_tiny_configs_keep_the_architecture():
+    for config in (gpu_check.SD21_UNET, gpu_check.SDXL_UNET):
+        tiny = gpu_check.tiny_config(config)
+        for key in ("down_block_types", "up_block_types", "use_linear_projection", "addition_embed_type", "layers_per_block"):
+            assert tiny.get(key) == config.get(key)
+        assert len(tiny["block_out_channels"]) == len(config["block_out_channels"])
+    assert gpu_check.tiny_config(gpu_check.SDXL_UNET)["transformer_layers_per_block"] == [1, 2, 2]
+
+
+def test_cpu_tiny_run_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--stages", "2,3", "--steps", "2", "--repeats", "1",
+                           "--out", str(out)])
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert code == 0 and f"report written to {out}" in printed
+    assert report["tiny"] and report["skipped"] == []
+    assert report["tests"]["status"] == "skipped"  # CPU runs leave the CUDA tests out unless asked
+
+    models = {"SD2.1 UNet (tiny)", "SDXL UNet (tiny)"}
+    composition = report["composition"]
+    assert {(r["model"], r["dtype"], r["stages"]) for r in composition} == {
+        (m, d, n) for m in models for d in ("float32", "bfloat16") for n in (2, 3)}
+    assert all(r["passed"] for r in composition)
+    assert all(r["error"] <= 1e-5 for r in composition if r["dtype"] == "float32")
+    assert all(r["boundary_dtype"] == "bfloat16" for r in composition if r["dtype"] == "bfloat16")
+
+    overhead = report["overhead"]
+    assert {r["model"] for r in overhead} == models
+    for row in overhead:
+        assert row["identical"]  # the stages=1 wrapper computes the stock loop bit for bit
+        assert row["stock_step_ms"] > 0 and row["wrapped_step_ms"] > 0 and row["steps"] == 2
+        assert row["overhead"] == pytest.approx(row["wrapped_step_ms"] / row["stock_step_ms"] - 1)
+    assert report["passed"] == {"tests": True, "composition": True, "overhead": None}  # CPU timings are not judged
+
+    stages = report["stages"]
+    assert {(r["model"], r["stages"], r["split"]) for r in stages} == {
+        (m, n, s) for m in models for n in (2, 3) for s in ("flops", "time")}
+    for row in stages:
+        assert len(row["stage_ms"]) == row["stages"] == len(row["cuts"]) - 1
+        assert row["projected_speedup"] == pytest.approx(sum(row["stage_ms"]) / max(row["stage_ms"]))
+        assert 1 <= row["projected_speedup"] <= row["stages"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cpu", "--models", "sd15"], "--models 'sd15': ['sd15'] not among sd21, sdxl"),
+    (["--device", "cpu", "--stages", "two"], "--stages 'two' is not a comma-separated list of integers"),
+    (["--device", "cpu", "--stages", "0,2"], "stage counts must be >= 1"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_requested_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main([])
+    assert "use --device cpu --tiny" in capsys.readouterr().err
