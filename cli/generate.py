@@ -43,6 +43,8 @@ class GenerateJob:
     split: str
     device: str
     dtype: str
+    attention: str | None = None
+    compile: bool = False
 
 
 def default_device() -> str:
@@ -89,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights and activations: auto = float16 on cuda, float32 on cpu (default: %(default)s)")
+    parser.add_argument("--attention", choices=["sdpa", "xformers"], default=None,
+                        help="attention kernels: PyTorch SDPA, or xFormers on CUDA (pip install 'asyncgen[xformers]') "
+                        "(default: the pipeline's own, SDPA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each rank's part of the denoiser "
+                        "(the first image is slower while it compiles; default: off)")
 
 
 def _output_paths(output: str, count: int) -> list[str]:
@@ -165,6 +172,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
+        attention=args.attention, compile=args.compile,
     )
 
 
@@ -225,15 +233,23 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
     import torch
 
-    pipe = _load(job, rank)
-    if job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
-        from asyncgen.pipelines import AsyncDiffPipeline
+    from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
-        try:
+    pipe = _load(job, rank)
+    try:
+        if job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
+            from asyncgen.pipelines import AsyncDiffPipeline
+
             pipe = AsyncDiffPipeline(pipe, stages=job.stages, stride=job.stride, warmup=job.warmup,
-                                     time_shift=job.time_shift, split=job.split, cfg_parallel=job.cfg_parallel)
-        except (ValueError, TypeError) as exc:  # the wrapper validates its arguments against the model
-            raise UsageError(str(exc)) from exc
+                                     time_shift=job.time_shift, split=job.split, cfg_parallel=job.cfg_parallel,
+                                     attention=job.attention, compile=job.compile)
+        else:  # the stock pipeline, with the same speed settings the wrapper would apply
+            if job.attention:
+                enable_attention(pipe, job.attention)
+            if job.compile:
+                compile_modules([getattr(pipe, "unet", None) or pipe.transformer], compile_options(True))
+    except (ValueError, TypeError, ImportError) as exc:  # settings checked against this model and machine
+        raise UsageError(str(exc)) from exc
     call = {"negative_prompt": job.negative_prompt, "height": job.height, "width": job.width}
     if job.steps is not None or job.builtin_model:
         from asyncgen.evaluation.miniature import DEFAULT_STEPS
@@ -269,7 +285,7 @@ def summary_line(result: dict) -> str:
     where = result["outputs"][0] if result["images"] == 1 else f"{result['outputs'][0]} .. {result['outputs'][-1]}"
     w, h = result["size"]
     return (f"asyncgen: {result['images']} image{'s' if result['images'] > 1 else ''} ({w}x{h}) in "
-            f"{result['seconds']:.2f} s, {result['steps'] / result['seconds']:.1f} steps/s, "
+            f"{result['seconds']:.2f} s, {result['steps'] / result['seconds']:.3g} steps/s, "
             f"{result['world']} {result['device']} device{'s' if result['world'] > 1 else ''} ({result['dtype']}), "
             f"{result['strategy']} -> {where}")
 
