@@ -1,5 +1,6 @@
 """Drop-in wrappers around diffusers pipelines."""
 
+from .asg import ASGPipeline
 from .asyncdiff import AsyncDiffPipeline
 
-__all__ = ["AsyncDiffPipeline"]
+__all__ = ["ASGPipeline", "AsyncDiffPipeline"]
