@@ -198,3 +198,21 @@ def remote_error(ctx: DistContext, cause: BaseException) -> BaseException:
         # nobody else failed first: the failure is this rank's own, and it is published as such
         return RuntimeError(f"rank {ctx.rank}: communication failed ({cause})")
     return RemoteRankError(message)
+
+
+def shared_randomness(ctx: DistContext, kwargs: dict) -> dict:
+    """Pipeline call arguments with a generator every rank agrees on, when the caller fixed none.
+
+    asyncgen keeps the latent replicated on every rank and never sends it, so the ranks
+    must draw identical initial noise (and identical noise in stochastic schedulers):
+    without a ``generator`` or ``latents``, rank 0 picks a seed and broadcasts it.
+    """
+    if not ctx.distributed or kwargs.get("generator") is not None or kwargs.get("latents") is not None:
+        return kwargs
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    seed = seed.to(control_device(dist.get_backend(ctx.group), ctx.device))
+    try:
+        dist.broadcast(seed, ctx.global_rank(0), group=ctx.group)
+    except Exception as exc:
+        raise RemoteRankError(f"rank {ctx.rank}: could not agree on a seed ({exc})") from exc
+    return {**kwargs, "generator": torch.Generator("cpu").manual_seed(int(seed.item()))}

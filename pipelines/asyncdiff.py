@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from asyncgen.distributed import DistContext, RemoteRankError, control_device, publish_error, resolve_context
+from asyncgen.distributed import DistContext, control_device, publish_error, resolve_context, shared_randomness
 from asyncgen.proxy import StagedDenoiser
 from asyncgen.runtime import DistributedRuntime
 from asyncgen.schedule import Topology
@@ -237,7 +237,7 @@ class AsyncDiffPipeline:
     def __call__(self, *args, **kwargs):
         """Exactly the wrapped pipeline's ``__call__``; returns its output on every rank."""
         try:
-            kwargs = self._shared_randomness(kwargs)
+            kwargs = shared_randomness(self.ctx, kwargs)
             self.denoiser.reset()
             output = self.pipeline(*args, **kwargs)
             self.denoiser.reset()  # settle this call's transfers now, not at the next call
@@ -245,22 +245,6 @@ class AsyncDiffPipeline:
         except BaseException as exc:
             publish_error(self.ctx, exc)
             raise
-
-    def _shared_randomness(self, kwargs: dict) -> dict:
-        """Give every rank the same noise when the caller did not fix it.
-
-        The latent is replicated, never sent: ranks must draw identical initial noise
-        (and identical noise in stochastic schedulers).
-        """
-        if not self.ctx.distributed or kwargs.get("generator") is not None or kwargs.get("latents") is not None:
-            return kwargs
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        seed = seed.to(control_device(dist.get_backend(self.ctx.group), self.ctx.device))
-        try:
-            dist.broadcast(seed, self.ctx.global_rank(0), group=self.ctx.group)
-        except Exception as exc:
-            raise RemoteRankError(f"rank {self.ctx.rank}: could not agree on a seed ({exc})") from exc
-        return {**kwargs, "generator": torch.Generator("cpu").manual_seed(int(seed.item()))}
 
     # ------------------------------------------------------------- reporting
 
