@@ -45,6 +45,10 @@ class GenerateJob:
     dtype: str
     attention: str | None = None
     compile: bool = False
+    highres: bool = False
+    structure_fraction: float = 0.7
+    structure_guidance: float = 1.0
+    asg_mode: str = "async"
 
 
 def default_device() -> str:
@@ -94,6 +98,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default=None,
                         help="attention kernels: PyTorch SDPA, or xFormers on CUDA (pip install 'asyncgen[xformers]') "
                         "(default: the pipeline's own, SDPA)")
+    highres = parser.add_argument_group("high resolution (ASG)", "images several times the model's native size: "
+                                        "patches and windows of native size spread over the devices")
+    highres.add_argument("--highres", action="store_true", help="generate at --height x --width, integer multiples "
+                         "of the native size per side, with asynchronous structure guidance (default: off; with it, "
+                         "--height/--width default to twice the native size)")
+    highres.add_argument("--structure-fraction", type=float, default=0.7, help="fraction of the steps in the "
+                         "structure phase (default: %(default)s)")
+    highres.add_argument("--structure-guidance", type=float, default=1.0, help="peak weight pulling the patches "
+                         "towards the key patch; 0 turns structure guidance off (default: %(default)s)")
+    highres.add_argument("--asg-mode", choices=["async", "sync"], default="async", help="guide with the key patch's "
+                         "previous-step prediction (async) or this step's (sync) (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each rank's part of the denoiser "
                         "(the first image is slower while it compiles; default: off)")
 
@@ -166,13 +181,22 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         _check_model(model)
     device = args.device or default_device()
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
-    stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
+    if args.highres:
+        given = [f"--{n.replace('_', '-')}" for n in ("stages", "warmup", "cfg_parallel", "time_shift")
+                 if getattr(args, n) not in (None, False)] + (["--stride"] if args.stride != 1 else [])
+        if given:
+            raise UsageError(f"--highres spreads patches over the devices and does not split the denoiser: "
+                             f"leave out {' '.join(given)}")
+        stages = 1
+    else:
+        stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
     return GenerateJob(
         model=model, builtin_model=builtin, prompts=prompts, outputs=_output_paths(args.output, len(prompts)),
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
-        attention=args.attention, compile=args.compile,
+        attention=args.attention, compile=args.compile, highres=args.highres,
+        structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
     )
 
 
@@ -221,6 +245,9 @@ def _load(job: GenerateJob, rank: int):
 
 
 def _strategy(job: GenerateJob, world: int) -> str:
+    if job.highres:
+        return (f"ASG high resolution ({job.asg_mode}, structure fraction {job.structure_fraction}, "
+                f"guidance {job.structure_guidance})")
     if job.stages == 1 and job.stride == 1 and not job.cfg_parallel:
         return "stock pipeline"
     text = f"AsyncDiff stages={job.stages} stride={job.stride} warmup={'default' if job.warmup is None else job.warmup}"
@@ -236,8 +263,21 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
     pipe = _load(job, rank)
+    size = {"height": job.height, "width": job.width}
     try:
-        if job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
+        if job.highres:
+            from asyncgen.pipelines import ASGPipeline
+
+            if job.attention:
+                enable_attention(pipe, job.attention)
+            if job.compile:
+                compile_modules([pipe.unet], compile_options(True))
+            pipe = ASGPipeline(pipe, structure_fraction=job.structure_fraction,
+                               structure_guidance=job.structure_guidance, mode=job.asg_mode)
+            native_h, native_w = pipe.native_size
+            size = {"height": job.height or 2 * native_h, "width": job.width or 2 * native_w}
+            pipe.layout(size["height"], size["width"])  # refuses sizes that are not multiples of the native one
+        elif job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
             from asyncgen.pipelines import AsyncDiffPipeline
 
             pipe = AsyncDiffPipeline(pipe, stages=job.stages, stride=job.stride, warmup=job.warmup,
@@ -250,7 +290,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
                 compile_modules([getattr(pipe, "unet", None) or pipe.transformer], compile_options(True))
     except (ValueError, TypeError, ImportError) as exc:  # settings checked against this model and machine
         raise UsageError(str(exc)) from exc
-    call = {"negative_prompt": job.negative_prompt, "height": job.height, "width": job.width}
+    call = {"negative_prompt": job.negative_prompt, **size}
     if job.steps is not None or job.builtin_model:
         from asyncgen.evaluation.miniature import DEFAULT_STEPS
 

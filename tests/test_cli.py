@@ -111,6 +111,8 @@ def test_generate_many_prompts_writes_numbered_files(tmp_path):
     (["--stages", "40"], "stages=40 is more than the 22 units"),
     (["--height", "30"], "--height 30 is not divisible by this model's VAE factor 4"),
     (["--devices", "2", "--stages", "3"], "--devices 2 does not match --stages 3 --stride 1"),
+    (["--highres", "--height", "40"], "height=40 is not a whole multiple of the native height 32"),
+    (["--highres", "--stages", "2"], "--highres spreads patches over the devices and does not split the denoiser"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     # in this process (no interpreter start-up per case); the subprocess path is tested below
@@ -190,3 +192,14 @@ def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path):
     assert "| stock pipeline |" in table and "AsyncDiff N=2 S=1 W=1" in table
     with Image.open(tmp_path / "bench" / "results.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 400
+
+
+def test_generate_highres_on_two_devices_matches_one(tmp_path):
+    two = asyncgen("generate", PROMPT, "--highres", "-o", tmp_path / "two.png", "--steps", STEPS, "--devices", "2")
+    assert two.returncode == 0, two.stderr
+    assert "ASG high resolution" in two.stdout and "2 cpu devices" in two.stdout
+    assert_picture(tmp_path / "two.png", size=(64, 64))  # twice the native 32x32 per side by default
+    one = asyncgen("generate", PROMPT, "--highres", "-o", tmp_path / "one.png", "--steps", STEPS)
+    assert one.returncode == 0, one.stderr
+    # patches spread over two ranks reproduce the one-process run to <= 1e-5; 8-bit rounding as above
+    assert np.abs(pixels(tmp_path / "two.png") - pixels(tmp_path / "one.png")).max() <= 1
