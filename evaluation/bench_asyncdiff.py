@@ -294,7 +294,7 @@ TABLE_FORMATS = {"latency_s": ".3f", "speedup": ".2f", "compute_bound_speedup": 
                  "psnr_db": ".2f", "ssim": ".4f"}
 TABLE_NOTES = """latency_s: seconds per image (median over repeats); speedup: median over repeats of one-device latency /
 configuration latency, timed alternately in the same launch; compute_bound_speedup: what the measured stage times allow
-if communication were free; clip_score: mean over the prompts; psnr_db (median) and ssim (mean): against the one-device
+if communication were free; clip_score (unless --clip none): mean over the prompts; psnr_db (median) and ssim (mean): against the one-device
 image of the same prompt and seed; resident_mb_per_rank: parameter MiB each rank holds."""
 
 
