@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from .errors import UsageError
 from .launcher import launched_by_torchrun, run_on_devices
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass
@@ -122,14 +120,12 @@ def _output_paths(output: str, count: int) -> list[str]:
 
 
 def _check_model(model: str) -> None:
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UsageError(f"--model {model}: the folder has no model_index.json, so it is not a diffusers "
-                             "pipeline folder (save one with pipe.save_pretrained(folder), or give a hub id)")
-    elif not HUB_ID.fullmatch(model):
-        raise UsageError(f"--model {model}: no such folder, and not a hub id (expected a local pipeline folder "
-                         "or an id like 'owner/name')")
+    from asyncgen.pipelines.loading import check_pipeline_location
+
+    try:
+        check_pipeline_location(model)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {exc}") from exc
 
 
 def stages_for(devices: int, stages: int | None, stride: int, cfg_parallel: bool) -> int:

@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from asyncgen.pipelines.loading import looks_like_local_path
+
 from .checkpoints import PICKLE_SUFFIXES, load_state_dict
 
 
@@ -44,12 +46,6 @@ def images_to_uint8(images) -> list[np.ndarray]:
             array = np.rint(array * 255).astype(np.uint8)
         out.append(array)
     return out
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name that can only be a local path (a hub id is ``name`` or ``org/name``)."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or Path(name).exists())
 
 
 def _check_pair_counts(images, prompts) -> None:
@@ -77,7 +73,7 @@ class ClipScorer:
         from transformers import AutoProcessor, CLIPModel
 
         name = os.fspath(model)
-        if _looks_like_path(name):
+        if looks_like_local_path(name):
             folder = Path(name).expanduser()
             if not folder.is_dir():
                 raise FileNotFoundError(f"CLIP model folder {folder} does not exist; pass a folder holding a "
@@ -124,7 +120,7 @@ class ClipScorer:
         if architecture not in open_clip.list_models():
             raise ValueError(f"architecture={architecture!r} is not an open_clip model; known: {open_clip.list_models()}")
         name = os.fspath(pretrained)
-        if _looks_like_path(name) or name.endswith((".safetensors",) + PICKLE_SUFFIXES):
+        if looks_like_local_path(name) or name.endswith((".safetensors",) + PICKLE_SUFFIXES):
             state = load_state_dict(name, allow_pickle, what="open_clip checkpoint")
             model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=None)
             model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})

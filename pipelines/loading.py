@@ -3,7 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A name that can only be a local path (a hub id is ``name`` or ``org/name``)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name).exists())
+
+
+def check_pipeline_location(model: str) -> None:
+    """Refuse, with a message naming it, a ``model`` that is neither a pipeline folder nor possibly a hub id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{model}: the folder has no model_index.json, so it is not a diffusers pipeline "
+                             "folder (save one with pipe.save_pretrained(folder), or give a hub id)")
+    elif looks_like_local_path(model):
+        raise FileNotFoundError(f"{model}: no such folder (expected a local pipeline folder or a hub id like "
+                                "'owner/name')")
 
 
 def _dtype_argument() -> str:
@@ -28,6 +47,7 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, **kwargs):
     """
     from diffusers import DiffusionPipeline
 
+    check_pipeline_location(str(model))
     index = Path(model) / "model_index.json"
     if index.is_file():
         for name, value in json.loads(index.read_text()).items():
