@@ -7,7 +7,6 @@ writes the images (each whole or not at all) and prints the summary.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -196,15 +195,6 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     )
 
 
-def _save_image(image, path: str) -> None:
-    from asyncgen.evaluation.reporting import write_atomic
-
-    buffer = io.BytesIO()
-    suffix = Path(path).suffix.lower().lstrip(".") or "png"
-    image.save(buffer, format={"jpg": "jpeg"}.get(suffix, suffix))
-    write_atomic(path, buffer.getvalue())
-
-
 def _quiet_loading(rank: int) -> None:
     """No loading bars (every rank would draw its own); warnings from rank 0 only."""
     import diffusers
@@ -255,6 +245,7 @@ def _strategy(job: GenerateJob, world: int) -> str:
 def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
     import torch
+    from asyncgen.evaluation.reporting import write_image
 
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
@@ -310,7 +301,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
         image = pipe(prompt, generator=generator, **call).images[0]
         steps_done += len(pipe.scheduler.timesteps)
         if rank == 0:
-            _save_image(image, path)
+            write_image(path, image)
     seconds = time.perf_counter() - start
     return {"images": len(job.prompts), "seconds": seconds, "steps": steps_done, "outputs": job.outputs,
             "strategy": _strategy(job, world), "world": world, "device": job.device, "dtype": job.dtype,

@@ -21,7 +21,6 @@ background colour, the shape (and its size) what the prompt asked for?
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -159,9 +158,7 @@ def save_grid(images: Sequence[np.ndarray], path: str | os.PathLike, columns: in
         r, c = divmod(i, columns)
         grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = image
     picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return reporting.write_atomic(path, buffer.getvalue())
+    return reporting.write_image(path, picture)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def write_image(path: str | os.PathLike, image) -> Path:
+    """Save a PIL image whole or not at all, in the format its suffix names (PNG without one)."""
+    import io
+
+    buffer = io.BytesIO()
+    suffix = Path(path).suffix.lower().lstrip(".") or "png"
+    image.save(buffer, format={"jpg": "jpeg"}.get(suffix, suffix))
+    return write_atomic(path, buffer.getvalue())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan
