@@ -141,14 +141,11 @@ def _worker(rank: int, world_size: int, model: str, scales, prompts, seed: int, 
 
 def duplicates(image: np.ndarray, colour: str, native: int) -> int:
     """Separate blobs of the requested colour in ``image`` (uint8 RGB), specks left out (see module notes)."""
-    from scipy import ndimage
-
     distance = np.linalg.norm(image.astype(np.float64) - np.asarray(shapes.COLOURS[colour], dtype=np.float64), axis=-1)
-    labels, count = ndimage.label(distance < pixel_checker._FOREGROUND_DISTANCE)
     scale = native / shapes.IMAGE_SIZE
     smallest = min(pixel_checker._UNIT_AREA.values()) * (shapes.SIZES["small"][0] * scale) ** 2
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return int((sizes >= smallest / 4).sum())
+    sizes = [int(blob.sum()) for blob in pixel_checker.blobs(distance < pixel_checker._FOREGROUND_DISTANCE)]
+    return int(sum(size >= smallest / 4 for size in sizes))
 
 
 def score(records: list[dict], scorer, native: int) -> list[dict]:

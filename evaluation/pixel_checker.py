@@ -82,9 +82,9 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
 
 
-def _largest_blob(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of ``mask`` (grown by repeated dilation inside the mask)."""
-    remaining, best = mask.copy(), np.zeros_like(mask)
+def blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected components of ``mask``, each grown by repeated dilation inside the mask."""
+    remaining, found = mask.copy(), []
     while remaining.any():
         blob = np.zeros_like(mask)
         blob[np.unravel_index(np.argmax(remaining), mask.shape)] = True
@@ -98,10 +98,14 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
             if (grown == blob).all():
                 break
             blob = grown
-        if blob.sum() > best.sum():
-            best = blob
+        found.append(blob)
         remaining &= ~blob
-    return best
+    return found
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask`` (the first found among equals)."""
+    return max(blobs(mask), key=lambda blob: blob.sum(), default=np.zeros_like(mask))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

@@ -79,3 +79,13 @@ def test_bad_input_is_named():
     images, specs = shapes.ShapesDataset(seed=0).sample(2)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         pixel_checker.accuracy(images, [specs[0].caption])
+
+
+def test_blobs_are_four_connected_components():
+    mask = np.zeros((6, 6), bool)
+    mask[0:2, 0:2] = True  # a 2x2 square
+    mask[2, 2] = True      # touches the square only diagonally: its own blob
+    mask[4:6, 3:6] = True  # a 2x3 bar
+    sizes = sorted(int(b.sum()) for b in pixel_checker.blobs(mask))
+    assert sizes == [1, 4, 6]
+    assert pixel_checker.blobs(np.zeros((3, 3), bool)) == []
