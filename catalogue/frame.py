@@ -1,0 +1,339 @@
+"""What every catalogue experiment shares: its description, its configuration, its goals,
+and the three result files (``results.json``, ``results.md``, ``results.png``).
+
+A family describes each experiment with an :class:`ExperimentInfo` in its light
+``__init__`` (no optional imports there, so ``asyncgen catalogue list`` works without
+the extras) and implements it as ``run(config, seeds, progress) -> ExperimentResult``
+in its ``experiments`` module. This module runs it and writes the files; the CLI only
+parses arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+#: the comparison a goal asks for: the measured value must be ... the threshold
+DIRECTIONS = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t, "<": lambda v, t: v < t, ">": lambda v, t: v > t}
+
+
+class CatalogueError(ValueError):
+    """Bad input to a catalogue method or experiment: one line naming the value and what is accepted."""
+
+
+class MissingExtra(ImportError):
+    """A family's optional packages are not installed."""
+
+
+def require_extra(family: str, *modules: str) -> None:
+    """Import-check ``modules``; if one is missing raise the one-line install hint for ``family``."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise MissingExtra(
+                f"asyncgen.catalogue.{family} needs optional packages: pip install 'asyncgen[{family}]' "
+                f"(missing: {exc.name or name})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """One runnable miniature experiment.
+
+    ``defaults`` are the documented knobs (``--set key=value`` may override each; the
+    value's type is the default's type); ``quick`` overrides some of them for
+    ``--quick`` (≤ 30 s on 2 cores). ``entry`` is ``"module:function"``, imported only
+    when the experiment runs.
+    """
+
+    name: str
+    family: str
+    paper: str  # authors, venue, year
+    claim: str  # the paper's claim in one line
+    entry: str
+    defaults: Mapping[str, Any]
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    default_seeds: int = 3
+    quick_seeds: int = 1
+    default_seconds: float = 60.0  # measured default run time here (2 cores)
+    packages: Sequence[str] = ()  # distributions whose versions go into results.json
+    plot_caption: str = ""
+
+    def load(self) -> Callable[..., "ExperimentResult"]:
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+@dataclass
+class Goal:
+    """A paper's claim turned into a check: ``value direction threshold``."""
+
+    name: str
+    value: float
+    threshold: float
+    direction: str  # one of DIRECTIONS
+    description: str = ""
+    reason: str = ""  # why it was missed, when it was (written beside MISSED)
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"goal {self.name!r}: direction {self.direction!r} is not one of {sorted(DIRECTIONS)}")
+
+    @property
+    def passed(self) -> bool:
+        value, threshold = float(self.value), float(self.threshold)
+        return math.isfinite(value) and DIRECTIONS[self.direction](value, threshold)
+
+
+@dataclass
+class Series:
+    """One arm's curve: ``x`` shared by the seeds, ``y`` one list per seed (drawn as mean and min–max band)."""
+
+    x: Sequence[float]
+    y: Sequence[Sequence[float]]
+
+
+@dataclass
+class Plot:
+    """The figure a reader of the paper looks for; one or more panels of series."""
+
+    panels: list[dict] = field(default_factory=list)  # {"title", "xlabel", "ylabel", "series": {arm: Series}, "logy"/"logx"}
+    title: str = ""
+
+
+@dataclass
+class ExperimentResult:
+    """What an experiment returns: per-seed metrics per arm, goals, a plot and notes for results.md."""
+
+    per_seed: dict[str, dict[str, list[float]]]  # arm -> metric -> one value per seed
+    goals: list[Goal] = field(default_factory=list)
+    plot: Plot | None = None
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> extra JSON (e.g. curves)
+    notes: list[str] = field(default_factory=list)  # lines for results.md (simulated clocks, reasons...)
+
+
+def seed_means(per_seed: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, dict[str, Any]]:
+    """``metrics`` for results.json: each metric's mean over seeds, the values themselves under ``per_seed``."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for arm, values in per_seed.items():
+        row: dict[str, Any] = {}
+        for metric, seq in values.items():
+            seq = [float(v) for v in seq]
+            row[metric] = sum(seq) / len(seq) if seq else float("nan")
+        row["per_seed"] = {metric: [float(v) for v in seq] for metric, seq in values.items()}
+        metrics[arm] = row
+    return metrics
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise CatalogueError(f"--set {key}={text}: expected true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise CatalogueError(f"--set {key}={text}: expected an integer") from None
+    if isinstance(default, float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise CatalogueError(f"--set {key}={text}: expected a number") from None
+        if not math.isfinite(value):
+            raise CatalogueError(f"--set {key}={text}: expected a finite number")
+        return value
+    if isinstance(default, (list, tuple)):
+        try:
+            value = ast.literal_eval(text) if text.strip().startswith(("[", "(")) else [
+                ast.literal_eval(p) if p.strip() else p for p in text.split(",")]
+        except (ValueError, SyntaxError):
+            value = [p.strip() for p in text.split(",")]
+        return type(default)(value if isinstance(value, (list, tuple)) else [value])
+    return text
+
+
+def resolve_config(info: ExperimentInfo, quick: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Defaults, then ``quick`` overrides, then ``key=value`` overrides (typed like the default)."""
+    config = dict(info.defaults)
+    if quick:
+        config.update(info.quick)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CatalogueError(f"--set {item!r}: expected key=value")
+        if key not in info.defaults:
+            raise CatalogueError(
+                f"--set {key}: unknown key for {info.name}; valid keys: {', '.join(sorted(info.defaults))}")
+        config[key] = _parse_value(key, text, info.defaults[key])
+    return config
+
+
+def _versions(info: ExperimentInfo) -> dict[str, str]:
+    names = ["asyncgen", "torch", "numpy", *info.packages]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        magnitude = abs(value)
+        return f"{value:.4g}" if magnitude and (magnitude < 1e-2 or magnitude >= 1e5) else f"{value:.3f}"
+    return str(value)
+
+
+def results_markdown(info: ExperimentInfo, report: dict) -> str:
+    from asyncgen.evaluation.reporting import markdown_table
+
+    metrics = report["metrics"]
+    names: list[str] = []
+    for row in metrics.values():
+        names += [m for m, v in row.items() if m != "per_seed" and isinstance(v, (int, float)) and m not in names]
+    rows = [{"arm": arm, **{m: _format(row[m]) if m in row else "" for m in names}} for arm, row in metrics.items()]
+    lines = [
+        f"# {info.name}",
+        "",
+        f"{info.paper}. Claim: {info.claim}",
+        "",
+        f"Seeds {report['seeds']} (values are seed means), wall time {report['wall_seconds']:.1f} s, "
+        f"config: `{', '.join(f'{k}={v}' for k, v in report['config'].items())}`.",
+        "",
+        markdown_table(rows, ["arm", *names]),
+        "",
+        "## Goals",
+        "",
+    ]
+    for name, goal in report["goals"].items():
+        verdict = "PASS" if goal["passed"] else "MISSED"
+        line = f"- **{verdict}** {name}: {_format(goal['value'])} {goal['direction']} {_format(goal['threshold'])}"
+        if goal.get("description"):
+            line += f" ({goal['description']})"
+        if not goal["passed"] and goal.get("reason"):
+            line += f". Reason: {goal['reason']}"
+        lines.append(line)
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(plot: Plot) -> bytes:
+    """Seed means with a min–max band per arm, one axis per panel."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = plot.panels or [{}]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for arm, series in panel.get("series", {}).items():
+            y = np.asarray(series.y, dtype=float).reshape(-1, len(series.x))
+            mean = np.nanmean(y, axis=0)
+            (line,) = axis.plot(series.x, mean, label=arm, lw=1.4)
+            if y.shape[0] > 1:
+                axis.fill_between(series.x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=line.get_color(),
+                                  alpha=0.18, lw=0)
+        if panel.get("logy"):
+            axis.set_yscale("log")
+        if panel.get("logx"):
+            axis.set_xscale("log")
+        axis.set_title(panel.get("title", ""), fontsize=9)
+        axis.set_xlabel(panel.get("xlabel", ""))
+        axis.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("series"):
+            axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    if plot.title:
+        fig.suptitle(plot.title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class Progress:
+    """A tqdm bar over the experiment's units of work, shown only when the run takes more than a few seconds."""
+
+    def __init__(self, total: int = 0, desc: str = "", enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, disable=not enabled, delay=3.0, leave=False, dynamic_ncols=True)
+
+    def set_total(self, total: int) -> None:
+        self._bar.reset(total=total)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
+                   overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict:
+    """Run ``info`` on seeds ``seed .. seed+seeds-1``; write the three files into ``out`` (if given); the report."""
+    from asyncgen.evaluation.reporting import write_atomic, write_json
+
+    config = resolve_config(info, quick, overrides)
+    count = seeds if seeds is not None else (info.quick_seeds if quick else info.default_seeds)
+    if count < 1:
+        raise CatalogueError(f"--seeds {count}: need at least 1")
+    if seed < 0:
+        raise CatalogueError(f"--seed {seed}: need a seed >= 0")
+    seed_list = list(range(seed, seed + count))
+    run = info.load()
+    bar = Progress(desc=info.name, enabled=progress)
+    start = time.perf_counter()
+    try:
+        result: ExperimentResult = run(dict(config), seed_list, bar)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    metrics = seed_means(result.per_seed)
+    for arm, extra in result.extra.items():
+        metrics.setdefault(arm, {}).update(extra)
+    report = {
+        "experiment": info.name,
+        "paper": info.paper,
+        "config": config,
+        "seeds": seed_list,
+        "versions": _versions(info),
+        "wall_seconds": wall,
+        "metrics": metrics,
+        "goals": {g.name: {"value": float(g.value), "threshold": float(g.threshold), "direction": g.direction,
+                           "passed": g.passed, "description": g.description, "reason": g.reason}
+                  for g in result.goals},
+        "notes": list(result.notes),
+    }
+    if out is not None:
+        out = Path(out)
+        write_json(out / "results.json", report)
+        write_atomic(out / "results.md", results_markdown(info, report))
+        if result.plot is not None:
+            write_atomic(out / "results.png", plot_png(result.plot))
+    return report
