@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .boundary import BoundaryState
-from .split import DenoiserSplit, Unit, register_split
+from .split import DenoiserSplit, Unit
 
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
@@ -94,7 +94,6 @@ class _DiTSplit(DenoiserSplit):
         return next(p for p in self.denoiser.proj_out.parameters()).dtype
 
 
-@register_split
 class SD3Split(_DiTSplit):
     handles = (SD3Transformer2DModel,)
     lora_kwargs_name = "joint_attention_kwargs"
@@ -158,7 +157,6 @@ class SD3Split(_DiTSplit):
         return inputs
 
 
-@register_split
 class PixArtSplit(_DiTSplit):
     handles = (PixArtTransformer2DModel,)
     lora_kwargs_name = "cross_attention_kwargs"
@@ -224,7 +222,6 @@ class PixArtSplit(_DiTSplit):
         return inputs
 
 
-@register_split
 class FluxSplit(_DiTSplit):
     handles = (FluxTransformer2DModel,)
     lora_kwargs_name = "joint_attention_kwargs"

@@ -103,32 +103,6 @@ class DenoiserSplit(abc.ABC):
         return self.output(self.forward_units(self.initial_state(sample, cond), cond, self.units))
 
 
-_SPLITS: list[type[DenoiserSplit]] = []
-
-
-def register_split(cls: type[DenoiserSplit]) -> type[DenoiserSplit]:
-    """Class decorator: make a model-family split known to :func:`split_denoiser`."""
-    _SPLITS.append(cls)
-    return cls
-
-
-def supported_denoisers() -> list[str]:
-    return [c.__name__ for cls in _SPLITS for c in cls.handles]
-
-
-def split_denoiser(denoiser: nn.Module) -> DenoiserSplit:
-    """Describe ``denoiser`` as a chain of units, or explain which classes are supported."""
-    from . import dit, unet  # noqa: F401  (register the model families)
-
-    for cls in _SPLITS:
-        if isinstance(denoiser, cls.handles):
-            return cls(denoiser)
-    raise TypeError(
-        f"asyncgen cannot split a denoiser of class {type(denoiser).__name__}; "
-        f"supported: {', '.join(supported_denoisers())}"
-    )
-
-
 # ---------------------------------------------------------------------------- costs
 
 

@@ -28,7 +28,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2
 from torch import nn
 
 from .boundary import BoundaryState
-from .split import DenoiserSplit, Unit, register_split
+from .split import DenoiserSplit, Unit
 
 try:  # FreeU lives in torch_utils since diffusers 0.22
     from diffusers.utils.torch_utils import apply_freeu
@@ -72,7 +72,6 @@ def _is_pairwise(block: nn.Module, *stock: type) -> bool:
     return attentions is None or len(attentions) == len(block.resnets)
 
 
-@register_split
 class UNetSplit(DenoiserSplit):
     handles = (UNet2DConditionModel,)
 

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from asyncgen.boundary import BoundaryLayout, pack, unpack
-from asyncgen.split import DenoiserSplit, Stage, balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs, split_denoiser
+from asyncgen.split import DenoiserSplit, Stage, balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs
+from asyncgen.denoisers import split_denoiser
 
 from .reporting import markdown_table, write_json
 

@@ -1,6 +1,6 @@
 """Drop-in wrappers around diffusers pipelines."""
 
-from .asg import ASGPipeline
+from .asg_pipeline import ASGPipeline
 from .asyncdiff import AsyncDiffPipeline
 
 __all__ = ["ASGPipeline", "AsyncDiffPipeline"]

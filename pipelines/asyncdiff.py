@@ -20,8 +20,8 @@ from asyncgen.split import (
     estimate_unit_costs,
     make_stages,
     measure_unit_costs,
-    split_denoiser,
 )
+from asyncgen.denoisers import split_denoiser
 
 from .acceleration import compile_modules, compile_options, enable_attention, resolve_dtype
 

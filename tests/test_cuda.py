@@ -14,7 +14,8 @@ from asyncgen.boundary import BoundaryLayout, pack, unpack
 from asyncgen.evaluation import synthetic
 from asyncgen.evaluation.gpu_check import DenoiserOnly, staged_forward, unet_inputs
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, split_denoiser
+from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
+from asyncgen.denoisers import split_denoiser
 from tiny_models import call_kwargs
 
 pytestmark = pytest.mark.cuda

@@ -6,7 +6,8 @@ import torch
 
 import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, split_denoiser
+from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
+from asyncgen.denoisers import split_denoiser
 
 FAMILIES = list(tiny_models.DIT_FAMILIES)
 

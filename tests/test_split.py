@@ -7,7 +7,8 @@ from torch import nn
 
 import tiny_models
 from asyncgen.boundary import BoundaryState, pack, unpack
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs, split_denoiser
+from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs
+from asyncgen.denoisers import split_denoiser
 
 UNETS = {
     "sd": tiny_models.sd_unet,

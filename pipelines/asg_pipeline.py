@@ -68,7 +68,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from asyncgen import asg
+from asyncgen import asg_maths
 from asyncgen.attention_maps import AttentionMapStore, cross_attention_layers, record_attention_maps
 from asyncgen.distributed import DistContext, publish_error, remote_error, resolve_context, shared_randomness
 
@@ -126,7 +126,7 @@ class _Layout:
     s_w: int
     h: int  # native latent size
     w: int
-    windows: tuple[asg.Window, ...]
+    windows: tuple[asg_maths.Window, ...]
     my_patches: range
     my_windows: range
 
@@ -202,8 +202,8 @@ class ASGPipeline:
                             "and pipe.encode_prompt (StableDiffusionPipeline, StableDiffusionXLPipeline)")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
-        asg.structure_steps(1, structure_fraction)  # validates the fraction
-        asg.guidance_weights(structure_guidance, 1, guidance_schedule)  # validates weight and schedule
+        asg_maths.structure_steps(1, structure_fraction)  # validates the fraction
+        asg_maths.guidance_weights(structure_guidance, 1, guidance_schedule)  # validates weight and schedule
         self.pipeline = pipeline
         self.structure_fraction, self.structure_guidance = float(structure_fraction), float(structure_guidance)
         self.guidance_schedule, self.mode = guidance_schedule, mode
@@ -355,15 +355,15 @@ class ASGPipeline:
                                                     cond.prompt_embeds.dtype, device, generator, latents)
             extra_step_kwargs = self.pipeline.prepare_extra_step_kwargs(generator, eta)
             shuffle = self.interaction_generator(generator, layout)
-            num_structure = asg.structure_steps(len(timesteps), self.structure_fraction)
+            num_structure = asg_maths.structure_steps(len(timesteps), self.structure_fraction)
 
             with self.pipeline.progress_bar(total=len(timesteps)) as progress:
                 # 4. structure phase on the K interleaved patches
-                patches = asg.derelocate(latents, layout.s_h, layout.s_w)
+                patches = asg_maths.derelocate(latents, layout.s_h, layout.s_w)
                 patches = self.structure_phase(patches, timesteps[:num_structure], layout, cond, shuffle,
                                                extra_step_kwargs, progress)
                 # 5. relocation: HR[..., i::s_h, j::s_w] = patch(i, j)
-                latents = asg.relocate(patches, layout.s_h, layout.s_w)
+                latents = asg_maths.relocate(patches, layout.s_h, layout.s_w)
                 # 6. detail phase on overlapping native-size windows
                 latents = self.detail_phase(latents, timesteps[num_structure:], layout, cond, extra_step_kwargs,
                                             progress)
@@ -381,7 +381,7 @@ class ASGPipeline:
         """The wrapped pipeline's own checks, then ASG's: sizes, steps, ranks."""
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-        asg.scale_factors(height, width, *self.native_size)
+        asg_maths.scale_factors(height, width, *self.native_size)
         common = dict(prompt=prompt, height=height, width=width, callback_steps=None, negative_prompt=negative_prompt,
                       prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         if self.is_sdxl:
@@ -392,17 +392,17 @@ class ASGPipeline:
 
     def layout(self, height: int, width: int) -> _Layout:
         """Scale factors, windows, and this rank's share of patches and windows."""
-        s_h, s_w = asg.scale_factors(height, width, *self.native_size)
+        s_h, s_w = asg_maths.scale_factors(height, width, *self.native_size)
         h, w = (n // self.vae_scale_factor for n in self.native_size)
         k = s_h * s_w
         if self.ctx.world_size > k:
             raise ValueError(f"{self.ctx.world_size} ranks are more than the K = {s_h}x{s_w} = {k} patches of a "
                              f"{height}x{width} picture; use at most {k} ranks (a rank needs a patch to work on)")
         stride = self.window_stride or (None, None)
-        windows = tuple(asg.window_layout(s_h * h, s_w * w, h, w, *stride))
+        windows = tuple(asg_maths.window_layout(s_h * h, s_w * w, h, w, *stride))
         rank, world = self.ctx.rank, self.ctx.world_size
-        return _Layout(s_h, s_w, h, w, windows, asg.split_evenly(k, world)[rank],
-                       asg.split_evenly(len(windows), world)[rank])
+        return _Layout(s_h, s_w, h, w, windows, asg_maths.split_evenly(k, world)[rank],
+                       asg_maths.split_evenly(len(windows), world)[rank])
 
     def encode_prompt(self, prompt, prompt_2, device, num_images_per_prompt, guidance_scale, guidance_rescale,
                       negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -497,44 +497,44 @@ class ASGPipeline:
     def structure_phase(self, patches: torch.Tensor, timesteps: torch.Tensor, layout: _Layout, cond: _Conditioning,
                         shuffle: torch.Generator | None, extra_step_kwargs: dict, progress) -> torch.Tensor:
         """Denoise the K patches with pixel interaction and structure guidance; returns them ``(K, B, C, h, w)``."""
-        k, weights = layout.patches, asg.guidance_weights(self.structure_guidance, len(timesteps), self.guidance_schedule)
+        k, weights = layout.patches, asg_maths.guidance_weights(self.structure_guidance, len(timesteps), self.guidance_schedule)
         guided = k > 1 and any(w > 0 for w in weights)
         store = AttentionMapStore()
         previous_key = None  # (prediction, map) of the key patch at the previous step
         with record_attention_maps(self.map_layers if guided else {}, store):
             for step, t in enumerate(timesteps):
-                permutation = asg.interaction_permutation(k, layout.h, layout.w, shuffle) if k > 1 else None
-                slots = asg.permute_patches(patches, permutation) if k > 1 else patches
+                permutation = asg_maths.interaction_permutation(k, layout.h, layout.w, shuffle) if k > 1 else None
+                slots = asg_maths.permute_patches(patches, permutation) if k > 1 else patches
                 channels = patches.shape[2]
                 # this rank's slots (zeros elsewhere): prediction channels, then the map channel
                 out = slots.new_zeros(k, slots.shape[1], channels + int(guided), layout.h, layout.w)
                 for s in layout.my_patches:
                     out[s, :, :channels] = self._predict(slots[s], t, cond, (0, 0), store if guided else None)
                     if guided:
-                        out[s, :, channels:] = asg.structure_map(store.take(), cond.token_weights, (layout.h, layout.w))
+                        out[s, :, channels:] = asg_maths.structure_map(store.take(), cond.token_weights, (layout.h, layout.w))
                 out = self.exchange.sum_(out)
                 if k > 1:
-                    out = asg.unpermute_patches(out, permutation)
+                    out = asg_maths.unpermute_patches(out, permutation)
                 predictions = out[:, :, :channels]
                 current_key = (predictions[0], out[0, :, channels:]) if guided else None
                 # the first step has no previous key prediction: it guides with its own (see module notes)
                 key = previous_key if self.mode == "async" and previous_key is not None else current_key
                 if guided:
-                    predictions = asg.structure_guidance(predictions, key[0], key[1], weights[step])
+                    predictions = asg_maths.structure_guidance(predictions, key[0], key[1], weights[step])
                 previous_key = current_key
                 # the scheduler steps the relocated latent, so its state (step index, multistep
                 # history, noise) has the large latent's shape in both phases
                 latent = self.pipeline.scheduler.step(
-                    asg.relocate(predictions, layout.s_h, layout.s_w), t, asg.relocate(patches, layout.s_h, layout.s_w),
+                    asg_maths.relocate(predictions, layout.s_h, layout.s_w), t, asg_maths.relocate(patches, layout.s_h, layout.s_w),
                     **extra_step_kwargs, return_dict=False)[0]
-                patches = asg.derelocate(latent, layout.s_h, layout.s_w)
+                patches = asg_maths.derelocate(latent, layout.s_h, layout.s_w)
                 progress.update()
         return patches
 
     def detail_phase(self, latents: torch.Tensor, timesteps: torch.Tensor, layout: _Layout, cond: _Conditioning,
                      extra_step_kwargs: dict, progress) -> torch.Tensor:
         """Denoise overlapping native-size windows of the large latent, averaging where they overlap."""
-        counts = asg.overlap_counts(layout.windows, *latents.shape[-2:], device=latents.device, dtype=latents.dtype)
+        counts = asg_maths.overlap_counts(layout.windows, *latents.shape[-2:], device=latents.device, dtype=latents.dtype)
         for t in timesteps:
             total = torch.zeros_like(latents)
             for index in layout.my_windows:
