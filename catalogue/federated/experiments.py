@@ -1,0 +1,176 @@
+"""The miniature experiments: each paper's headline comparison on digits in simulated time.
+
+Common protocol (issue 12): per seed, FedAvg runs its rounds first; its simulated end time is
+every arm's budget, and 0.95 × its final accuracy is the target. Each arm reports
+``time_to_target`` (simulated), ``transfers_to_target`` (downloads + uploads until then) and
+``final_accuracy`` (at the budget), plus the metrics its goals name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series
+from .baselines import FedAsync, FedAvg
+from .data import FederatedData, class_skew, federated_digits
+from .engine import History, Simulation
+from .fedbuff import FedBuff
+from .local import BatchedMLPSGD, flatten, mlp
+from .profiles import make_profile, slow_clients
+
+SIMULATED_CLOCK_NOTE = ("simulated clock: task durations are drawn from a seeded speed profile, never measured; "
+                        "local training is real torch SGD")
+MLP = [64, 32, 10]
+CURVE_POINTS = 80
+EVALS_PER_BUDGET = 1000  # accuracy is measured at most this many times per budget (and at the end)
+
+
+class Arena:
+    """One seed's data, initial model and clocks; runs strategies in simulated time."""
+
+    def __init__(self, seed: int, num_clients: int, alpha: float, profile: str, *, lr: float, batch: int,
+                 steps: int = 1, sizes: Sequence[int] = MLP, skew: np.ndarray | None = None):
+        torch.set_num_threads(1)
+        self.seed, self.num_clients, self.profile_name, self.steps = seed, num_clients, profile, steps
+        self.lr, self.batch, self.sizes = lr, batch, list(sizes)
+        self.data: FederatedData = federated_digits(seed, num_clients, alpha, skew)
+        self.initial = flatten(mlp(self.sizes, seed))
+        self.p = self.data.weights
+
+    def trainer(self) -> BatchedMLPSGD:
+        return BatchedMLPSGD(self.sizes, self.data, lr=self.lr, batch=self.batch, seed=self.seed)
+
+    def run(self, strategy, until: float, eval_interval: float = 0.0) -> History:
+        trainer = self.trainer()
+        profile = make_profile(self.profile_name, self.num_clients, self.seed, steps=self.steps)
+        sim = Simulation(strategy, [trainer], profile,
+                         lambda m, w: trainer.accuracy(w, self.data.x_test, self.data.y_test),
+                         eval_interval=eval_interval)
+        return sim.run(until)
+
+    def accuracy_on(self, weights: torch.Tensor, classes: Sequence[int]) -> float:
+        mask = np.isin(self.data.y_test, list(classes))
+        return self.trainer().accuracy(weights, self.data.x_test[mask], self.data.y_test[mask])
+
+
+def arm_metrics(history: History, target: float) -> dict[str, float]:
+    time = history.time_to(target)
+    return {"time_to_target": time, "transfers_to_target": history.transfers_at(time),
+            "final_accuracy": history.final_accuracy()}
+
+
+class Collector:
+    """Per-seed metrics and curves of every arm; ratios of seed means; the accuracy-vs-time plot."""
+
+    def __init__(self):
+        self.per_seed: dict[str, dict[str, list[float]]] = {}
+        self.curves: dict[str, list[tuple[list[float], list[float]]]] = {}  # arm -> per seed (times, acc)
+
+    def add(self, arm: str, metrics: dict[str, float], history: History | None = None) -> None:
+        row = self.per_seed.setdefault(arm, {})
+        for key, value in metrics.items():
+            row.setdefault(key, []).append(float(value))
+        if history is not None:
+            self.curves.setdefault(arm, []).append((list(history.times[0]) + [history.end],
+                                                    list(history.accuracy[0]) + [history.accuracy[0][-1]]))
+
+    def mean(self, arm: str, metric: str) -> float:
+        values = self.per_seed[arm][metric]
+        return float(np.mean(values)) if values and not any(math.isnan(v) for v in values) else math.nan
+
+    def ratio(self, arm: str, baseline: str, metric: str = "time_to_target") -> float:
+        a, b = self.mean(arm, metric), self.mean(baseline, metric)
+        return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+    def result(self, goals: list[Goal], title: str, notes: list[str], arms: Sequence[str] | None = None,
+               extra_metrics: dict[str, dict[str, float]] | None = None) -> ExperimentResult:
+        arms = list(arms or self.curves)
+        end = max(times[-1] for arm in arms for times, _ in self.curves[arm])
+        grid = list(np.linspace(0.0, end, CURVE_POINTS))
+        series, extra = {}, {}
+        for arm in arms:
+            ys = [_step_curve(times, acc, grid) for times, acc in self.curves[arm]]
+            series[arm] = Series(x=grid, y=ys)
+            extra[arm] = {"curves": {"time": [float(t) for t in grid], "accuracy": ys}}
+        for arm, values in (extra_metrics or {}).items():
+            extra.setdefault(arm, {}).update(values)
+        plot = Plot(panels=[{"title": title, "xlabel": "simulated time", "ylabel": "test accuracy",
+                             "series": series}], title=title)
+        return ExperimentResult(per_seed=self.per_seed, goals=goals, plot=plot, extra=extra,
+                                notes=[SIMULATED_CLOCK_NOTE, *notes])
+
+
+def _step_curve(times: Sequence[float], accuracy: Sequence[float], grid: Sequence[float]) -> list[float]:
+    out, j = [], 0
+    for t in grid:
+        while j + 1 < len(times) and times[j + 1] <= t:
+            j += 1
+        out.append(float(accuracy[j]))
+    return out
+
+
+def _fmt_ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+# --- fedbuff -----------------------------------------------------------------------------------
+
+def run_fedbuff(config: dict, seeds: list[int], progress) -> ExperimentResult:
+    """FedBuff vs FedAvg (over-selection o) and FedAsync at C=100 and C=10 (Papaya's comparison)."""
+    cs = [int(c) for c in config["concurrencies"]]
+    if len(cs) != 2 or cs[0] >= cs[1]:
+        raise CatalogueError(f"concurrencies={config['concurrencies']}: expected two values, small then large")
+    progress.set_total(len(seeds) * len(cs))
+    collect = Collector()
+    for seed in seeds:
+        arena = Arena(seed, config["N"], config["alpha"], config["profile"], lr=config["lr"], batch=config["B"])
+        for c in cs:
+            suffix = "" if c == cs[1] else f"_c{c}"
+            fedavg = FedAvg(arena.initial, arena.num_clients, cohort=c, steps=config["Q"], client_weights=arena.p,
+                            over_selection=config["o"], server_lr=config["eta_g"], max_rounds=config["rounds"],
+                            seed=seed)
+            base = arena.run(fedavg, until=1e12)
+            budget = base.times[0][-1]
+            base.end = budget
+            target = 0.95 * base.final_accuracy()
+            collect.add("fedavg" + suffix, arm_metrics(base, target), base)
+            arms = {
+                "fedbuff": FedBuff(arena.initial, arena.num_clients, buffer_size=config["K"], concurrency=c,
+                                   steps=config["Q"], staleness_exponent=config["a"], server_lr=config["eta_g"],
+                                   server_momentum=config["server_momentum"], seed=seed),
+                "fedasync": FedAsync(arena.initial, arena.num_clients, concurrency=c, steps=config["Q"],
+                                     mixing=config["fedasync_alpha"], staleness_exponent=config["a"], seed=seed),
+            }
+            for name, strategy in arms.items():
+                history = arena.run(strategy, until=budget, eval_interval=budget / EVALS_PER_BUDGET)
+                collect.add(name + suffix, arm_metrics(history, target), history)
+            progress.update()
+    small, large = cs
+    speedups = {}
+    for c, suffix in ((small, f"_c{small}"), (large, "")):
+        per_seed = [a / b for a, b in zip(collect.per_seed["fedavg" + suffix]["time_to_target"],
+                                          collect.per_seed["fedbuff" + suffix]["time_to_target"])]
+        speedups[c] = collect.ratio("fedavg" + suffix, "fedbuff" + suffix)
+        collect.per_seed["fedbuff" + suffix][f"speedup_c{c}"] = per_seed
+    time_ratio = collect.ratio("fedbuff", "fedavg")
+    transfer_ratio = collect.ratio("fedbuff", "fedavg", "transfers_to_target")
+    goals = [
+        Goal("time_to_target_vs_fedavg", time_ratio, 1 / 3, "<=",
+             f"fedbuff / fedavg (o={config['o']}) simulated time to 0.95×fedavg's final accuracy at C={large}",
+             reason="the buffered updates are too stale to outpace the rounds at this scale"),
+        Goal("transfers_to_target_vs_fedavg", transfer_ratio, 0.5, "<=",
+             f"fedbuff / fedavg downloads+uploads until the target at C={large}",
+             reason="fedbuff needed more server updates than the over-selected rounds save"),
+        Goal("speedup_grows_with_concurrency", speedups[large] - speedups[small], 0.0, ">",
+             f"speedup at C={large} ({_fmt_ratio(speedups[large])}×) minus speedup at C={small} "
+             f"({_fmt_ratio(speedups[small])}×)",
+             reason="concurrency did not help fedbuff more than fedavg"),
+    ]
+    notes = [f"budget per seed: fedavg's simulated time for {config['rounds']} rounds; target: 0.95 × fedavg's "
+             f"final accuracy; speedup = fedavg time-to-target / fedbuff time-to-target (ratio of seed means)",
+             f"arms with suffix _c{small} ran at C={small}; the others at C={large}"]
+    return collect.result(goals, f"FedBuff vs FedAvg (o={config['o']}) and FedAsync, N={config['N']}", notes)
