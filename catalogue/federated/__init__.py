@@ -29,4 +29,32 @@ EXPERIMENTS = [
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
+    ExperimentInfo(
+        name="favano",
+        family="federated",
+        paper="Leconte, Jonckheere, Samsonov, Moulines, 2023 (FAVAS/FAVANO, arXiv:2305.16099)",
+        claim="a server that never waits, with partial client updates reweighted by the inverse of each client's "
+              "expected progress, trains faster than FedAvg without the bias toward fast clients",
+        entry="asyncgen.catalogue.federated.experiments:run_favano",
+        defaults={"N": 50, "s": 10, "K": 10, "period": 2.0, "alpha": 0.3, "slow_fraction": 0.8, "rounds": 60,
+                  "fedbuff_K": 5, "a": 0.5, **_SHARED},
+        quick={"rounds": 6},
+        default_seconds=200.0,
+        packages=PACKAGES,
+        plot_caption="test accuracy against simulated time",
+    ),
+    ExperimentInfo(
+        name="fedfix",
+        family="federated",
+        paper="Fraboni, Vidal, Kameni, Lorenzi, JMLR 2023",
+        claim="aggregating on a fixed clock with weights ceil(τ_i/Δt)·p_i converges faster than FedAvg and "
+              "more stably than per-arrival asynchronous updates",
+        entry="asyncgen.catalogue.federated.experiments:run_fedfix",
+        defaults={"M": 20, "Q": 10, "dt": 0.5, "other_dts": [0.2, 0.8], "alpha": 0.1, "rounds": 60,
+                  "fedbuff_K": 5, **_SHARED},
+        quick={"rounds": 6},
+        default_seconds=60.0,
+        packages=PACKAGES,
+        plot_caption="test accuracy against simulated time",
+    ),
 ]
