@@ -3,8 +3,13 @@
 The rendezvous store lives in the launching process (as torchrun's agent hosts it), so
 a worker that dies does not take the store, and its error report, down with it. Each
 worker gets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, one
-thread on CPU (or ``threads``), and a deadline. A worker failure is forwarded with its
-traceback; on timeout or Ctrl-C every worker is stopped, none is left behind.
+thread on CPU (or ``threads``), and a deadline.
+
+Nothing is left behind: SIGTERM, SIGINT or SIGHUP to the launching process stops every
+worker before :class:`Interrupted` is raised; a launching process killed outright takes
+its workers with it (they watch their parent); after the first failure the others get
+``grace`` seconds to finish before they are stopped. A failure is reported as one line
+naming the rank that failed first (:class:`WorkerFailed`), tracebacks kept aside.
 """
 
 from __future__ import annotations
@@ -13,23 +18,66 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
+import re
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+DEFAULT_GRACE = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_POLL = 0.1  # seconds between looks at the workers: the delay before a signal or a death is acted on
+
+# errors a rank raises because a peer went away, not because of anything it did itself
+_SECONDARY = re.compile(r"RemoteRankError|Connection reset by peer|Connection closed by peer|Broken pipe|"
+                        r"communication failed")
+
 
 class WorkerFailed(RuntimeError):
-    """A worker raised; the message carries its rank and traceback."""
+    """A worker failed. ``str(exc)`` is :attr:`summary`, one line naming the rank that failed first.
+
+    ``exc_type``/``message`` are that worker's exception (``"asyncgen.cli.errors.UsageError"``,
+    builtins without a module: ``"ValueError"``), both None when it died without raising
+    (a signal, ``os._exit``); ``exitcode`` is its process exit code (negative: a signal);
+    ``details`` holds the tracebacks of every failed rank, first failure first.
+    """
+
+    def __init__(self, rank: int, summary: str, details: str, exc_type: str | None = None,
+                 message: str | None = None, exitcode: int | None = None):
+        super().__init__(summary)
+        self.rank, self.summary, self.details = rank, summary, details
+        self.exc_type, self.message, self.exitcode = exc_type, message, exitcode
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """The launching process got SIGTERM, SIGINT or SIGHUP; every worker was stopped first."""
+
+    def __init__(self, signum: int, stopped: int):
+        self.signum, self.signal_name, self.stopped = signum, signal.Signals(signum).name, stopped
+        self.exit_code = 128 + signum  # what the shell reports for a process ended by this signal
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"interrupted: stopped {self.stopped} worker{'' if self.stopped == 1 else 's'}"
 
 
 @dataclass
 class WorkerResult:
     rank: int
     ok: bool
-    value: Any  # the function's return value, or the formatted traceback
+    value: Any  # the function's return value, or the formatted traceback (the summary when there is none)
     exitcode: int | None = None
+    summary: str = ""  # one line for a failure: "worker 1 raised ValueError: ...", "worker 1 was killed by SIGKILL"
+    exc_type: str | None = None
+    message: str | None = None
+    failed_order: int | None = None  # 0 for the failure seen first, 1 for the next, ...; None when ok
 
 
 def free_port() -> int:
@@ -38,19 +86,102 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_sets(nprocs: int, threads: int) -> list[list[int] | None]:
-    """Disjoint CPU sets, ``threads`` cores each, when the machine has enough cores; else no pinning.
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
-    A pinned worker's communication threads run on its own core: they do not have to
-    preempt another worker's compute thread to deliver a message.
+
+def placement(nprocs: int, device_type: str, cpus: list[int], threads: int | None = None
+              ) -> tuple[int, list[list[int] | None]]:
+    """Threads per worker and each worker's CPU set (None: not pinned).
+
+    CPU workers: one thread each by default, pinned to disjoint cores when there are
+    enough, so a worker's communication threads run on its own core instead of
+    preempting another worker's compute. CUDA workers are not pinned: their launch
+    thread, NCCL proxy, watchdog and gloo threads need more than one core, and an
+    arbitrary core may sit on the wrong socket for the GPU; they share the cores.
     """
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if device_type.split(":")[0] == "cuda":
+        return (threads or max(1, len(cpus) // nprocs)), [None] * nprocs
+    threads = threads or 1
     if nprocs * threads > len(cpus):
-        return [None] * nprocs
-    return [cpus[r * threads : (r + 1) * threads] for r in range(nprocs)]
+        return threads, [None] * nprocs
+    return threads, [cpus[r * threads : (r + 1) * threads] for r in range(nprocs)]
 
 
-def _worker(fn, rank: int, world_size: int, port: int, threads: int, cpus: list[int] | None, env: dict, results, args, kwargs):
+def grace_seconds(grace: float | None = None) -> float:
+    """``grace``, else ``ASYNCGEN_GRACE_SECONDS``, else :data:`DEFAULT_GRACE`."""
+    if grace is None:
+        text = os.environ.get("ASYNCGEN_GRACE_SECONDS")
+        if text is None:
+            return DEFAULT_GRACE
+        try:
+            grace = float(text)
+        except ValueError:
+            raise ValueError(f"ASYNCGEN_GRACE_SECONDS={text!r} is not a number of seconds") from None
+    if not 0 <= grace < float("inf"):
+        raise ValueError(f"grace period {grace} s: must be a finite number of seconds >= 0")
+    return grace
+
+
+def check_worker_count(devices: int, device_type: str, oversubscribe: bool = False) -> None:
+    """Refuse, in one line, a worker count this machine cannot run, before anything is spawned."""
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1 (got {devices})")
+    if device_type.split(":")[0] == "cuda":
+        import torch
+
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError("--device cuda but no CUDA device is available")
+        if devices > available:
+            raise ValueError(f"--devices {devices} needs {devices} GPUs, this machine has {available}")
+        return
+    cores = len(usable_cpus())
+    if devices > cores and not oversubscribe:
+        raise ValueError(f"--devices {devices} on CPU: this machine has {cores} usable core{'' if cores == 1 else 's'}; "
+                         "pass --oversubscribe to run more workers than cores")
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def exit_with_parent(parent_pid: int, use_prctl: bool = True, interval: float = 0.5) -> None:
+    """Make this process die when ``parent_pid`` (its parent) does, even by SIGKILL.
+
+    Linux delivers SIGKILL on the parent's death (``PR_SET_PDEATHSIG``); elsewhere, or
+    when that fails, a daemon thread watches the parent pid.
+    """
+    if use_prctl and sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+                os._exit(1)
+            return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True, name="asyncgen-parent-watch").start()
+
+
+def _type_name(exc: BaseException) -> str:
+    module = type(exc).__module__
+    return type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
+
+
+def _worker(fn, rank: int, world_size: int, port: int, threads: int, cpus: list[int] | None, env: dict, results,
+            parent_pid: int, args, kwargs):
+    exit_with_parent(parent_pid)
+    # the launching process owns the run: it stops the workers on these, so a Ctrl-C sent to the whole
+    # terminal's process group must not make them fail on their own (and report a failure of their own)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     if cpus:
         os.sched_setaffinity(0, cpus)
     os.environ.update(
@@ -59,22 +190,76 @@ def _worker(fn, rank: int, world_size: int, port: int, threads: int, cpus: list[
         OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
     )
     os.environ.update(env)
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
+    # torch, imported by fn if it needs it, takes its thread count from OMP_NUM_THREADS; a worker
+    # that does not use torch does not pay for importing it
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     try:
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, value))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, True, value, None, None))
+    except BaseException as exc:
+        results.put((rank, False, traceback.format_exc(), _type_name(exc), str(exc)))
         raise SystemExit(1)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
+
+
+class _StopSignals:
+    """Note SIGTERM/SIGINT/SIGHUP while workers run (handlers restored on exit).
+
+    The handler only notes the signal: raising from it could abort ``Process.start``
+    between the fork and the bookkeeping, losing track of a child.
+    """
+
+    def __enter__(self) -> "_StopSignals":
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _tracker_running() -> bool:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+
+
+def _stop_tracker() -> None:
+    """Stop the resource tracker the launch started (it outlives the workers otherwise, until we exit)."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
+
+
+def _failure_summary(rank: int, exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"worker {rank} was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"worker {rank} was killed by signal {-exitcode}"
+    return f"worker {rank} exited with code {exitcode}"
+
+
+def _raised_summary(rank: int, exc_type: str, message: str) -> str:
+    first_line = message.strip().splitlines()[0] if message.strip() else ""
+    return f"worker {rank} raised {exc_type.rsplit('.', 1)[-1]}" + (f": {first_line}" if first_line else "")
 
 
 def run_workers(
@@ -82,68 +267,129 @@ def run_workers(
     nprocs: int,
     *args,
     timeout: float | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     env: dict[str, str] | None = None,
     pin_cpus: bool = True,
+    grace: float | None = None,
+    device_type: str = "cpu",
     **kwargs,
 ) -> list[WorkerResult]:
     """Call ``fn(rank, nprocs, *args, **kwargs)`` in ``nprocs`` spawned workers; every rank's result.
 
-    ``fn`` must be importable (a module-level function). Raises ``TimeoutError`` when a
-    worker is still running after ``timeout`` seconds (all workers are killed first).
+    ``fn`` must be importable (a module-level function). Once a worker has failed, the
+    others get ``grace`` seconds (default: ``ASYNCGEN_GRACE_SECONDS``, else
+    :data:`DEFAULT_GRACE`) before they are stopped. Raises ``TimeoutError`` when a worker
+    is still running after ``timeout`` seconds with none failed, and :class:`Interrupted`
+    on SIGTERM/SIGINT/SIGHUP; in both cases after every worker is stopped.
     """
     import torch.distributed as dist
 
+    grace = grace_seconds(grace)
+    threads, cpu_sets = placement(nprocs, device_type, usable_cpus(), threads)
+    if not pin_cpus:
+        cpu_sets = [None] * nprocs
     port = free_port()
     store_timeout = datetime.timedelta(seconds=timeout or 3600)
     store = dist.TCPStore("127.0.0.1", port, None, True, timeout=store_timeout, wait_for_workers=False)
     ctx = mp.get_context("spawn")
+    tracker_was_running = _tracker_running()
     results = ctx.Queue()
-    cpu_sets = _cpu_sets(nprocs, threads) if pin_cpus else [None] * nprocs
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, nprocs, port, threads, cpu_sets[r], env or {}, results, args, kwargs))
+        ctx.Process(target=_worker, args=(fn, r, nprocs, port, threads, cpu_sets[r], env or {}, results, os.getpid(),
+                                          args, kwargs))
         for r in range(nprocs)
     ]
-    collected: dict[int, WorkerResult] = {}
+    reports: dict[int, tuple] = {}
+    order: list[int] = []  # failed ranks, in the order their failure was seen
+    stopped: list[int] = []
     deadline = time.monotonic() + timeout if timeout else float("inf")
-    try:
-        for p in procs:
-            p.start()
-        while len(collected) < nprocs and time.monotonic() < deadline:
-            try:
-                rank, ok, value = results.get(timeout=0.2)
-                collected[rank] = WorkerResult(rank, ok, value)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
+    with _StopSignals() as signals:
+        try:
+            for p in procs:
+                if signals.received is None:
+                    p.start()
+            settle_from = None  # when the run was decided: first failure, or every rank reported
+            while signals.received is None:
+                try:
+                    incoming = [results.get(timeout=_POLL)]
+                except queue.Empty:
+                    incoming = []
+                # exits are looked at before the queue is drained: a worker puts its report before it exits,
+                # so an exit seen here without a report after the drain really had none
+                exited = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode is not None}
+                while True:
+                    try:
+                        incoming.append(results.get_nowait())
+                    except queue.Empty:
+                        break
+                for rank, *report in incoming:
+                    reports[rank] = tuple(report)
+                # a death without a report seen in the same look as a report ranks first: the report may well
+                # be the peer's "connection reset" that the death caused
+                order += [r for r, code in exited.items() if r not in reports and r not in order]
+                order += [rank for rank, ok, *_ in incoming if not ok and rank not in order]
+                if settle_from is None and (order or len(reports) == nprocs):
+                    settle_from = time.monotonic()
+                if len(exited) == nprocs:
                     break
-        for p in procs:
-            p.join(max(0.1, min(deadline - time.monotonic(), 30)))
-    finally:  # also on KeyboardInterrupt: no orphans
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        del store
-    if hung:
-        raise TimeoutError(f"workers {hung} were still running after {timeout}s and were stopped")
+                now = time.monotonic()
+                if (settle_from is not None and now >= settle_from + grace) or now >= deadline:
+                    break
+        finally:  # also on KeyboardInterrupt from elsewhere: no orphans
+            for r, p in enumerate(procs):
+                if p.pid is not None and p.is_alive():
+                    p.kill()
+                    stopped.append(r)
+            for p in procs:
+                if p.pid is not None:
+                    p.join()
+            exitcodes = [p.exitcode for p in procs]
+            results.close()
+            del store, results, procs  # the queue's semaphores are unregistered before the tracker stops
+            if not tracker_was_running and _tracker_running():
+                _stop_tracker()
+    if signals.received is not None:
+        raise Interrupted(signals.received, len(stopped))
+    silent = [r for r in stopped if r not in reports]
+    if silent and not order:
+        raise TimeoutError(f"workers {silent} were still running after {timeout}s and were stopped")
     out = []
-    for r, p in enumerate(procs):
-        res = collected.get(r, WorkerResult(r, False, f"worker {r} exited with code {p.exitcode} and reported nothing"))
-        res.exitcode = p.exitcode
-        out.append(res)
+    for r, code in enumerate(exitcodes):
+        if r in reports and reports[r][0]:
+            out.append(WorkerResult(r, True, reports[r][1], code))
+        elif r in reports:
+            _, text, exc_type, message = reports[r]
+            out.append(WorkerResult(r, False, text, code, _raised_summary(r, exc_type, message), exc_type, message,
+                                    order.index(r)))
+        elif r in stopped:
+            summary = f"worker {r} was stopped {grace:g} s after worker {order[0]} failed"
+            out.append(WorkerResult(r, False, summary, code, summary, failed_order=len(order) + stopped.index(r)))
+        else:
+            summary = _failure_summary(r, code)
+            out.append(WorkerResult(r, False, f"{summary} and reported nothing", code, summary,
+                                    failed_order=order.index(r)))
     return out
 
 
+def first_failure(results: list[WorkerResult]) -> WorkerResult | None:
+    """The failure that caused the others: seen first, not one that a peer's failure caused (when one is known)."""
+    failed = sorted((r for r in results if not r.ok), key=lambda r: r.failed_order)
+    if not failed:
+        return None
+    primary = [r for r in failed if not (isinstance(r.value, str) and _SECONDARY.search(r.value))]
+    return (primary or failed)[0]
+
+
 def launch(fn: Callable, nprocs: int, *args, **kwargs) -> list[Any]:
-    """Like :func:`run_workers`, but return the values, or raise the first worker failure."""
+    """Like :func:`run_workers`, but return the values, or raise :class:`WorkerFailed` for the first failure."""
     results = run_workers(fn, nprocs, *args, **kwargs)
-    failed = [r for r in results if not r.ok]
-    if failed:
-        # the rank that failed first is the one whose error is not a RemoteRankError
-        first = next((r for r in failed if "RemoteRankError" not in r.value), failed[0])
-        raise WorkerFailed(f"worker {first.rank} failed:\n{first.value}")
-    return [r.value for r in results]
+    first = first_failure(results)
+    if first is None:
+        return [r.value for r in results]
+    others = sorted((r for r in results if not r.ok and r is not first), key=lambda r: r.failed_order)
+    details = "\n".join(f"--- {r.summary}\n{r.value}" if r.value != r.summary else f"--- {r.summary}"
+                        for r in [first, *others])
+    raise WorkerFailed(first.rank, first.summary, details, first.exc_type, first.message, first.exitcode)
 
 
 def launched_by_torchrun() -> bool:
@@ -151,14 +397,17 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = "cpu", **kwargs) -> Any:
+def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = "cpu", oversubscribe: bool = False,
+                   **kwargs) -> Any:
     """Run ``fn(rank, world_size, *args)`` as this machine's share of a job; return rank 0's value here.
 
     Under ``torchrun`` this process *is* one rank: ``fn`` runs here with the launcher's
     rank and world size (the value returned is this rank's), and ``devices``, when given,
     must equal that world size. Otherwise one device runs ``fn`` in this process, and
-    ``devices > 1`` spawns that many workers: one thread each on CPU (pinned to its own
-    core when there are enough), one GPU each on CUDA (``cuda:LOCAL_RANK``).
+    ``devices > 1`` spawns that many workers (see :func:`check_worker_count` for the
+    limits; ``oversubscribe`` allows more CPU workers than cores): one thread each on CPU
+    (pinned to its own core when there are enough), one GPU each on CUDA
+    (``cuda:LOCAL_RANK``). ``kwargs`` go to :func:`launch` (``timeout``, ``grace``, ...).
     """
     if launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -167,14 +416,7 @@ def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = 
                              "under torchrun leave --devices out (or give the same number)")
         return fn(int(os.environ["RANK"]), world, *args)
     devices = 1 if devices is None else devices
-    if devices < 1:
-        raise ValueError(f"--devices {devices}: need at least 1")
-    if device_type == "cuda":
-        import torch
-
-        available = torch.cuda.device_count()
-        if devices > available:
-            raise ValueError(f"--devices {devices} needs {devices} GPUs, this machine has {available}")
+    check_worker_count(devices, device_type, oversubscribe)
     if devices == 1:
         return fn(0, 1, *args)
-    return launch(fn, devices, *args, **kwargs)[0]
+    return launch(fn, devices, *args, device_type=device_type, **kwargs)[0]
