@@ -57,4 +57,18 @@ EXPERIMENTS = [
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
+    ExperimentInfo(
+        name="fedcompass",
+        family="federated",
+        paper="Li, Chard, Foster, Kinnison, ICLR 2024 (FedCompass)",
+        claim="assigning each client a number of local steps from its estimated speed, so that groups of clients "
+              "arrive together, reaches a target faster than FedAvg, FedAsync and FedBuff with no accuracy loss",
+        entry="asyncgen.catalogue.federated.experiments:run_fedcompass",
+        defaults={"N": 16, "Qmax": 50, "Qmin_fraction": 0.2, "lambda": 1.5, "alpha": 0.1, "rounds": 30,
+                  "fedbuff_K": 3, "fedasync_alpha": 0.6, "a": 0.5, **_SHARED},
+        quick={"rounds": 3},
+        default_seconds=200.0,
+        packages=PACKAGES,
+        plot_caption="test accuracy against simulated time",
+    ),
 ]
