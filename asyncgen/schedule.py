@@ -122,3 +122,32 @@ class AsyncSchedule:
                 break
             tasks.append(Task(top.last, j, fresh, out - (0 if fresh else shift), out))
         return tasks
+
+
+def connections(topology: Topology, cfg_parts: int = 1) -> list[tuple[str, int, int]]:
+    """Every point-to-point pair the runtime uses, as ``(channel, low rank, high rank)``, sorted.
+
+    ``channel`` is ``"state"`` (boundary states from stage k to the ranks of stage k+1,
+    inside one CFG part, on that part's group) or ``"prediction"`` (each last-stage
+    replica of each part to every other rank, on the group of all ranks); ranks count
+    from 0 in the group of ``cfg_parts * topology.world_size`` ranks. A pure function of
+    the schedule's shape, so every rank computes the same list in the same order: NCCL
+    creates a pair's communicator at its first use and blocks until the peer joins, so
+    the runtime connects the pairs one by one in this order before the first step (the
+    lowest unconnected pair always has both its ranks waiting on it; no cycle).
+    """
+    if not isinstance(cfg_parts, int) or cfg_parts < 1:
+        raise ValueError(f"cfg_parts must be a positive integer, got {cfg_parts!r}")
+    m, last = topology.world_size, topology.last
+    pairs: set[tuple[str, int, int]] = set()
+    for part in range(cfg_parts):
+        base = part * m
+        for stage in range(last):
+            for dst in topology.ranks_of(stage + 1):
+                pairs.add(("state", base + topology.rank_of(stage), base + dst))
+        for replica in range(topology.stride):
+            src = base + topology.rank_of(last, replica)
+            for dst in range(cfg_parts * m):
+                if dst != src:
+                    pairs.add(("prediction", min(src, dst), max(src, dst)))
+    return sorted(pairs)

@@ -1,6 +1,6 @@
 import pytest
 
-from asyncgen.schedule import AsyncSchedule, StepKind, Task, Topology
+from asyncgen.schedule import AsyncSchedule, StepKind, Task, Topology, connections
 
 
 def test_topology_places_last_stage_on_stride_ranks():
@@ -63,3 +63,63 @@ def test_bad_topology(kwargs, message):
 def test_negative_warmup():
     with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -1"):
         AsyncSchedule(Topology(2), warmup=-1)
+
+
+# ------------------------------------------------------------------ connections
+
+
+@pytest.mark.parametrize("stages, stride, cfg_parts, expected", [
+    # stride 1: a chain of states, the last stage's predictions to everyone
+    (3, 1, 1, [("prediction", 0, 2), ("prediction", 1, 2), ("state", 0, 1), ("state", 1, 2)]),
+    # stride 2: stage 0 feeds both replicas of the last stage; each replica tells every other rank
+    (2, 2, 1, [("prediction", 0, 1), ("prediction", 0, 2), ("prediction", 1, 2), ("state", 0, 1), ("state", 0, 2)]),
+    # CFG parallel: two parts of two ranks; states stay inside a part, predictions cross parts
+    (2, 1, 2, [("prediction", 0, 1), ("prediction", 0, 3), ("prediction", 1, 2), ("prediction", 1, 3),
+               ("prediction", 2, 3), ("state", 0, 1), ("state", 2, 3)]),
+    # one stage: nothing but predictions, from the single rank of a part to the other part's
+    (1, 1, 2, [("prediction", 0, 1)]),
+    (1, 1, 1, []),
+])
+def test_connections_by_hand(stages, stride, cfg_parts, expected):
+    assert connections(Topology(stages, stride), cfg_parts) == expected
+
+
+def _messages(schedule: AsyncSchedule, total: int, cfg_parts: int) -> set[tuple[str, int, int]]:
+    """Every (channel, sender, receiver) of a whole call, from the schedule's tasks, as the runtime sends them."""
+    top, m = schedule.topology, schedule.topology.world_size
+    sent = set()
+    for step in range(total):
+        kind = schedule.kind(step)
+        if kind is StepKind.CACHED:
+            continue
+        if kind is StepKind.EXACT:
+            tasks = [Task(k, 0, k == 0, step, step if k == top.last else None) for k in range(top.stages)]
+        else:
+            tasks = schedule.round_tasks(step, total)
+        for part in range(cfg_parts):
+            base = part * m
+            for t in tasks:
+                src = base + top.rank_of(t.stage, t.replica)
+                if t.out_step is None:
+                    if kind is StepKind.EXACT or not schedule.is_last_round(step, total):
+                        sent |= {("state", src, base + dst) for dst in top.ranks_of(t.stage + 1)}
+                else:
+                    sent |= {("prediction", src, dst) for dst in range(cfg_parts * m) if dst != src}
+    return sent
+
+
+@pytest.mark.parametrize("stages, stride, cfg_parts", [(2, 1, 1), (3, 1, 1), (4, 1, 1), (2, 2, 1), (3, 2, 1),
+                                                       (2, 1, 2), (2, 2, 2), (3, 1, 2), (1, 2, 1)])
+@pytest.mark.parametrize("warmup, time_shift", [(1, False), (2, True)])
+def test_connections_cover_every_message_of_a_call(stages, stride, cfg_parts, warmup, time_shift):
+    """Every pair a call sends on is connected up front, and no pair is connected for nothing."""
+    schedule = AsyncSchedule(Topology(stages, stride), warmup, time_shift)
+    pairs = connections(schedule.topology, cfg_parts)
+    used = {(c, min(a, b), max(a, b)) for c, a, b in _messages(schedule, 9, cfg_parts)}
+    assert used == set(pairs)
+    assert pairs == sorted(pairs) and len(pairs) == len(set(pairs))  # one order, the same on every rank
+
+
+def test_connections_reject_a_bad_cfg_parts():
+    with pytest.raises(ValueError, match="cfg_parts must be a positive integer, got 0"):
+        connections(Topology(2), 0)
