@@ -18,14 +18,26 @@ wake-up on the critical path. Boundary states and predictions travel on two grou
 of their own, so two kinds of messages never queue behind each other (NCCL runs each
 communicator's operations in order).
 
+Connections: NCCL creates a point-to-point communicator at a pair's first message and
+blocks until the peer joins. Created lazily in the middle of a step, a pair can wait on
+a peer that is itself blocked on another pair (rank 0 creating the prediction pair
+(0, 1) while rank 1 waits for rank 0's boundary header): a deadlock at step 0. So the
+constructor connects every pair the schedule uses, with one blocking message each, in
+the order :func:`~asyncgen.schedule.connections` gives all ranks, and a message to a
+pair not connected there is refused instead of risking the hang. The group stays lazy
+(no ``device_id``): eager init would put every pair of a rank on one communicator and
+one stream, queueing a stage's receive of its next input behind its send.
+
 On CUDA ranks every transfer is issued from a side stream: a send waits (on the GPU) for
 an event recorded after the compute that produced its tensor, a receive is written into
 a buffer allocated on the receive stream and the compute stream waits for it only when
 the state is taken, so transfers overlap the compute around them and the host never
-waits for the GPU on the way. Buffers stay referenced until their transfer is complete
-(sends until the next step, which makes the compute stream wait for them first). Where
-the group's backend cannot move CUDA tensors point to point (gloo), tensors are staged
-through pinned host memory.
+waits for the GPU on the way: a receive's ``wait()`` without a timeout only makes the
+compute stream wait for it, and a send is never waited for on the host (NCCL keeps its
+tensor alive and the allocator from reusing it until the transfer is done; the group's
+own timeout and watchdog cover a hang). Where the group's backend cannot move CUDA
+tensors point to point (gloo), tensors are staged through pinned host memory, and the
+host waits for gloo, which reads and writes that memory itself.
 
 Communication failures become :class:`~asyncgen.distributed.RemoteRankError` carrying
 the failing rank's message; a local failure is published before it propagates.
@@ -43,8 +55,8 @@ import torch.distributed as dist
 
 from .boundary import HEADER_LEN, BoundaryLayout, BoundaryState, pack, unpack
 from .cfg import batch_part
-from .distributed import DistContext, control_device, p2p_device, publish_error, remote_error
-from .schedule import AsyncSchedule, StepKind, Topology
+from .distributed import DistContext, ErrorWatch, control_device, p2p_device, publish_error, remote_error
+from .schedule import AsyncSchedule, StepKind, Topology, connections
 from .split import DenoiserSplit, Stage
 
 CondFn = Callable[[int], Any]
@@ -134,6 +146,16 @@ class DistributedRuntime:
         self._pending_sends: list = []
         self._send_buffers: list[torch.Tensor] = []
         self._staged_copies: dict[int, torch.Tensor] = {}
+        # stream-ordered transfers: NCCL moving this rank's CUDA tensors itself
+        self._stream_ordered = self._wire.type == "cuda"
+        self._connected: set[tuple[str, int]] = set()
+        try:
+            self._connect()
+        except Exception as exc:
+            publish_error(ctx, exc)
+            raise
+        # a rank blocked behind an NCCL transfer never sees a peer's failure by itself
+        self._watch = ErrorWatch(ctx) if self._stream_ordered else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -161,10 +183,38 @@ class DistributedRuntime:
     def _world_peer(self, rank: int) -> int:
         return dist.get_global_rank(self.prediction_group, rank)
 
+    def _connect(self) -> None:
+        """One blocking message per pair this rank is part of, in the order shared by all ranks."""
+        m, rank = self.topology.world_size, self.ctx.rank
+        for channel, low, high in connections(self.topology, self.cfg_parts):
+            if rank not in (low, high):
+                continue
+            other = high if rank == low else low
+            if channel == "state":
+                group, peer = self.state_group, self._state_peer(other - self.part * m)
+            else:
+                group, peer = self.prediction_group, self._world_peer(other)
+            token = torch.full((1,), low, dtype=torch.int64, device=self._wire)
+            if rank == low:
+                self._comm(dist.send, token, peer, group=group)
+            else:
+                self._comm(dist.recv, token, peer, group=group)
+                if int(token.item()) != low:  # once per construction: the host may read it
+                    raise RuntimeError(f"rank {rank}: connection to rank {low} delivered {int(token.item())}")
+            self._connected.add((group.group_name, peer))
+
+    def _check_connected(self, group, peer: int) -> None:
+        if (group.group_name, peer) not in self._connected:
+            raise RuntimeError(
+                f"rank {self.ctx.rank}: no connection to rank {peer} was made before the first step "
+                "(asyncgen.schedule.connections misses a pair the runtime uses); on NCCL this would hang"
+            )
+
     def _side_stream(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
+        self._check_connected(group, dst)
         if self._send_stream is None:
             self._send_buffers.append(tensor)  # must outlive the isend
             self._pending_sends.append(self._comm(dist.isend, tensor, dst, group=group))
@@ -176,7 +226,8 @@ class DistributedRuntime:
                 tensor = self._host_copy(tensor)
             work = self._comm(dist.isend, tensor, dst, group=group)
         self._send_buffers.append(tensor)  # must outlive the isend
-        self._pending_sends.append(work)
+        if not self._stream_ordered:
+            self._pending_sends.append(work)  # gloo reads the pinned copy until the host has waited
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in pinned host memory, copied once however many ranks it goes to."""
@@ -203,6 +254,7 @@ class DistributedRuntime:
             return torch.empty(shape, dtype=dtype, device=self._wire)
 
     def _irecv(self, buffer: torch.Tensor, src: int, group, layout: BoundaryLayout | None = None) -> _Pending:
+        self._check_connected(group, src)
         with self._side_stream(self._recv_stream):
             return _Pending(self._comm(dist.irecv, buffer, src, group=group), buffer, layout)
 
@@ -216,8 +268,12 @@ class DistributedRuntime:
         return buffer
 
     def _wait(self, pending: _Pending) -> torch.Tensor:
-        # NCCL: the current (compute) stream waits for the transfer; gloo: the host waits
-        self._comm(pending.work.wait, self.ctx.timeout)
+        if self._stream_ordered:
+            # the current (compute) stream waits for the transfer, the host does not; with a
+            # timeout, wait() would block the host until the GPU got there
+            self._comm(pending.work.wait)
+        else:  # gloo: the host waits (it is the host that receives)
+            self._comm(pending.work.wait, self.ctx.timeout)
         return self._arrived(pending.buffer)
 
     def _wait_sends(self) -> None:
@@ -238,12 +294,14 @@ class DistributedRuntime:
         if header.device.type == "cuda":
             self._isend(header, dst, self.state_group)
         else:  # a CPU tensor on a mixed group travels by gloo, no stream involved
+            self._check_connected(self.state_group, dst)
             self._send_buffers.append(header)
             self._pending_sends.append(self._comm(dist.isend, header, dst, group=self.state_group))
 
     def _recv_state_blocking(self) -> BoundaryState:
         src = self._state_peer(self.topology.rank_of(self.stage_index - 1))
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self._header_device)
+        self._check_connected(self.state_group, src)
         self._comm(dist.recv, header, src, group=self.state_group)
         self._input_layout = BoundaryLayout.decode(header.cpu(), self.split.stream_names)
         pending = self._irecv(self._empty(self._input_layout.numel, self._input_layout.dtype), src, self.state_group)
