@@ -6,16 +6,22 @@ already-initialised default group; the launcher's environment (``torchrun`` sets
 in which case everything runs in this process (serial mode).
 
 Failure handling: when a rank raises inside asyncgen it writes its traceback to the
-group's store under :data:`ERROR_KEY` and tears its group down, which makes every peer
-blocked on it fail at once (instead of waiting for the timeout). A peer whose
-communication fails looks in the store and raises :class:`RemoteRankError` carrying
-the failing rank's message. Every collective also has a timeout, so nothing hangs.
+group's store under :data:`ERROR_KEY` and aborts its groups (``destroy_process_group``
+would first flush pending NCCL work, such as pre-posted receives, and can block). On
+gloo that closes the connections, so every peer blocked on it fails at once; a peer
+whose communication fails looks in the store and raises :class:`RemoteRankError`
+carrying the failing rank's message. A rank whose transfers are ordered on CUDA streams
+is blocked on the GPU, where no error arrives: its :class:`ErrorWatch` polls the
+store's error key and aborts its groups, which ends the wait. Every collective also
+has a timeout, so nothing hangs.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -24,6 +30,14 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import BackendConfig
 
 ERROR_KEY = "asyncgen/error"
+ERROR_POLL_SECONDS = 1.0
+# what to check when ranks cannot reach each other, named in every communication failure
+NETWORK_HINT = (
+    "if the ranks run on several hosts, check that each reaches the others: set GLOO_SOCKET_IFNAME "
+    "(control messages, every group) and NCCL_SOCKET_IFNAME (CUDA tensors) to the network interface "
+    "that connects them (e.g. GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0), especially where the "
+    "host name resolves to 127.0.1.1"
+)
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("ASYNCGEN_TIMEOUT", "600")))
 
 
@@ -105,12 +119,16 @@ def control_device(backend: str, device: torch.device | None) -> torch.device:
 def local_cuda_device(device: str | torch.device | None = None) -> torch.device:
     """The CUDA device of this rank: an explicit index wins, else ``LOCAL_RANK`` (what torchrun sets).
 
-    ``device="cuda"`` without an index means "this rank's GPU", never GPU 0 for every rank.
+    ``device="cuda"`` without an index means "this rank's GPU", never GPU 0 for every rank;
+    when the process sees exactly one GPU (SLURM or Kubernetes set ``CUDA_VISIBLE_DEVICES``
+    per process) that GPU is ``cuda:0``, whatever ``LOCAL_RANK`` says.
     """
     count = torch.cuda.device_count()
     if device is not None and torch.device(device).index is not None:
         index = torch.device(device).index
         source = f"device={str(device)!r}"
+    elif count == 1:
+        return torch.device("cuda", 0)
     else:
         raw = os.environ.get("LOCAL_RANK")
         index = int(raw) if raw is not None else (dist.get_rank() % max(count, 1) if dist.is_initialized() else 0)
@@ -140,7 +158,10 @@ def resolve_context(
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
             # before the group exists, so NCCL binds its communicators to this rank's GPU
             torch.cuda.set_device(local_cuda_device(device))
-        dist.init_process_group(backend=default_backend(), timeout=timeout)
+        try:
+            dist.init_process_group(backend=default_backend(), timeout=timeout)
+        except Exception as exc:
+            raise RuntimeError(f"could not create the process group ({exc}); {NETWORK_HINT}") from exc
         group, owns = dist.group.WORLD, True
     if group is None:
         return DistContext(None, 0, 1, torch.device(device) if device is not None else None, timeout)
@@ -160,10 +181,25 @@ def _store():
         return None
 
 
-def publish_error(ctx: DistContext, exc: BaseException) -> None:
-    """Tell the peers why this rank is failing, then drop the group so they stop waiting.
+def _abort(group) -> None:
+    """End ``group`` now, pending work dropped (``None``: every group of this process).
 
-    A rank failing because a peer failed passes the news on by dropping its group too
+    torch's abort helper, which (unlike ``destroy_process_group``) does not wait for
+    pending NCCL operations; on gloo it closes the connections, which peers see at once.
+    """
+    try:
+        dist.distributed_c10d._abort_process_group(group)
+    except Exception:  # private helper (torch 2.14); an older torch, or a group already gone
+        try:
+            dist.destroy_process_group(group)
+        except Exception:
+            pass
+
+
+def publish_error(ctx: DistContext, exc: BaseException) -> None:
+    """Tell the peers why this rank is failing, then abort the groups so they stop waiting.
+
+    A rank failing because a peer failed passes the news on by aborting its groups too
     (a third rank may be waiting on *it*), but leaves the original message in place.
     """
     if not ctx.distributed:
@@ -177,10 +213,7 @@ def publish_error(ctx: DistContext, exc: BaseException) -> None:
         except Exception:
             pass
     for group in [*ctx.subgroups, None if ctx.owns_group else ctx.group]:
-        try:
-            dist.destroy_process_group(group)
-        except Exception:
-            pass
+        _abort(group)
     ctx.group, ctx.subgroups = None, []
 
 
@@ -196,8 +229,43 @@ def remote_error(ctx: DistContext, cause: BaseException) -> BaseException:
             message = None
     if message is None:
         # nobody else failed first: the failure is this rank's own, and it is published as such
-        return RuntimeError(f"rank {ctx.rank}: communication failed ({cause})")
+        return RuntimeError(f"rank {ctx.rank}: communication failed ({cause}); {NETWORK_HINT}")
     return RemoteRankError(message)
+
+
+class ErrorWatch:
+    """Polls the store's error key from a daemon thread and aborts this rank's groups when a peer failed.
+
+    A rank whose transfers are ordered on CUDA streams waits for a dead peer on the GPU
+    (an NCCL receive that never completes), where no error reaches the host; aborting
+    the communicators ends that wait, and the rank's next communication fails and finds
+    the peer's message (:func:`remote_error`). Only ``ProcessGroup.abort()`` is called
+    here: the group bookkeeping belongs to the main thread (:func:`publish_error`).
+    """
+
+    def __init__(self, ctx: DistContext, interval: float = ERROR_POLL_SECONDS):
+        self.ctx, self.interval = ctx, interval
+        self.fired = threading.Event()
+        self._store = _store()
+        self._groups = [*ctx.subgroups, ctx.group]
+        if self._store is not None:
+            threading.Thread(target=self._run, name="asyncgen-error-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                failed = self._store.check([ERROR_KEY])
+            except Exception:  # store gone: the group was shut down, nothing left to watch
+                return
+            if failed:
+                for group in self._groups:
+                    try:
+                        group.abort()
+                    except Exception:
+                        pass
+                self.fired.set()
+                return
 
 
 def shared_randomness(ctx: DistContext, kwargs: dict) -> dict:
