@@ -43,6 +43,13 @@ def _timestep_value(t: Any) -> float:
     return float(torch.as_tensor(t).reshape(-1)[0].item())
 
 
+def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` (on the host) copied to ``device`` once; from pinned memory to CUDA, so the host does not wait."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 class StagedDenoiser(nn.Module):
     def __init__(
         self,
@@ -114,13 +121,16 @@ class StagedDenoiser(nn.Module):
         """Start a new pipeline call: settle the previous call's transfers, forget its steps."""
         if getattr(self, "_started", False):
             self.executor.end_call()
+            self._check_timesteps()
         self._started = False
         self._step = 0
         self._total: int | None = None
         self._timesteps: dict[int, Any] = {}  # as passed by the pipeline: this step's and the one before
         self._looked_up: dict[int, float] = {}  # timesteps taken from the scheduler ahead of time
+        self._unchecked: list[tuple[int, torch.Tensor, float]] = []  # CUDA timesteps checked at the call's end
         self._predictions: dict[int, torch.Tensor] = {}
-        self._upcoming = None  # scheduler timesteps from this call's first step on
+        self._upcoming = None  # scheduler timesteps from this call's first step on, on the host
+        self._upcoming_on: torch.Tensor | None = None  # the same on the pipeline's timestep device
         self.schedule: AsyncSchedule | None = None
 
     def _begin(self, sample: torch.Tensor, timestep: Any) -> None:
@@ -164,8 +174,39 @@ class StagedDenoiser(nn.Module):
         value = self._upcoming[step]
         self._looked_up[step] = float(value)
         if isinstance(like, torch.Tensor):
-            return value.to(device=like.device, dtype=like.dtype).expand_as(like)
+            if self._upcoming_on is None or self._upcoming_on.device != like.device:
+                self._upcoming_on = _on_device(self._upcoming, like.device)  # once per call
+            return self._upcoming_on[step].to(dtype=like.dtype).expand_as(like)
         return type(like)(value.item())
+
+    def _check_timestep(self, step: int, timestep: Any) -> None:
+        """The pipeline's timestep of ``step`` must be the one looked up ahead for it.
+
+        Reading a CUDA timestep would make the host wait for the GPU every step; those
+        are compared on the device and read once, when the call ends.
+        """
+        expected = self._looked_up.pop(step)
+        if isinstance(timestep, torch.Tensor) and timestep.device.type == "cuda":
+            self._unchecked.append((step, timestep.reshape(-1)[0], expected))
+        elif not math.isclose(expected, _timestep_value(timestep), rel_tol=1e-5):
+            self._timesteps_changed(step, _timestep_value(timestep))
+
+    def _check_timesteps(self) -> None:
+        unchecked, self._unchecked = self._unchecked, []
+        if not unchecked:
+            return
+        passed = torch.stack([t.double() for _, t, _ in unchecked])
+        expected = torch.tensor([e for _, _, e in unchecked], dtype=torch.float64, device=passed.device)
+        wrong = (~torch.isclose(passed, expected, rtol=1e-5, atol=0)).nonzero().flatten().tolist()  # one sync per call
+        if wrong:
+            self._timesteps_changed(unchecked[wrong[0]][0], float(passed[wrong[0]]))
+
+    @staticmethod
+    def _timesteps_changed(step: int, value: float):
+        raise RuntimeError(
+            f"step {step} was predicted ahead for a timestep the pipeline does not use now "
+            f"({value}); the scheduler's timesteps changed during the call"
+        )
 
     @contextlib.contextmanager
     def _lora_scale(self, arguments: dict):
@@ -200,11 +241,8 @@ class StagedDenoiser(nn.Module):
         self._timesteps[step] = timestep
         # the oldest conditioning a task can use is the previous step's (time_shift)
         self._timesteps.pop(step - 2, None)
-        if step in self._looked_up and not math.isclose(self._looked_up.pop(step), _timestep_value(timestep), rel_tol=1e-5):
-            raise RuntimeError(
-                f"step {step} was predicted ahead for a timestep the pipeline does not use now "
-                f"({_timestep_value(timestep)}); the scheduler's timesteps changed during the call"
-            )
+        if step in self._looked_up:
+            self._check_timestep(step, timestep)
 
         if self.schedule.kind(step) is StepKind.CACHED:
             return self.split.wrap_output(self._predictions.pop(step), return_dict)
