@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -155,3 +156,39 @@ def compile_modules(modules: Iterable[nn.Module], options: Mapping[str, Any]) ->
         seen.add(id(module))
         module.compile(**options)
     return len(seen)
+
+
+def _run_stage(stage, split, state, cond):
+    return stage(split, state, cond)
+
+
+class CompiledStage:
+    """A stage whose whole forward is one function compiled with ``torch.compile``, static shapes.
+
+    Compiling each module (``module.compile()``) does not work for a stage of many
+    modules: they all run nn.Module's one ``_call_impl`` code object, dynamo keeps one
+    cache per code object, and after its recompile limit (8) the other modules run
+    eager with a warning. Here each stage gets a function with a code object of its own,
+    so its guards and graphs never compete with another stage's; a rank runs one stage
+    at one shape, so static shapes compile once. The modules stay eager objects: LoRA
+    loading and attention-processor changes trip a guard and recompile, they are not lost.
+    Everything else (``index``, ``modules()``, ``names``) is the stage's.
+    """
+
+    def __init__(self, stage, options: Mapping[str, Any]):
+        self.stage = stage
+        code = _run_stage.__code__.replace(co_name=f"asyncgen_stage_{stage.index}")
+        function = types.FunctionType(code, _run_stage.__globals__, code.co_name)
+        self._compiled = torch.compile(function, **{"dynamic": False, **options})  # compiled at the first call
+
+    def __call__(self, split, state, cond):
+        return self._compiled(self.stage, split, state, cond)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["stage"], name)
+
+
+def compile_stages(stages: Iterable, options: Mapping[str, Any]) -> list[CompiledStage]:
+    """Each stage as a :class:`CompiledStage` (compilation happens at its first call, so stages
+    this rank never runs cost nothing)."""
+    return [CompiledStage(stage, options) for stage in stages]
