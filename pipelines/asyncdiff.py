@@ -23,7 +23,7 @@ from asyncgen.split import (
 )
 from asyncgen.denoisers import split_denoiser
 
-from .acceleration import compile_modules, compile_options, enable_attention, resolve_dtype
+from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
@@ -57,6 +57,10 @@ def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) ->
     if method == "time":
         cuts = torch.zeros(stages + 1, dtype=torch.int64)
         if ctx.rank == 0:  # timings differ per rank; all ranks must cut at the same place
+            if ctx.device is not None:
+                # timed where it will run (the pipeline moves there later): on the CPU an SDXL
+                # takes minutes while the other ranks wait, and gives the CPU's cuts
+                split.denoiser.to(ctx.device)
             cuts = torch.tensor(balanced_cuts(measure_unit_costs(split), stages), dtype=torch.int64)
         if ctx.distributed:
             cuts = cuts.to(control_device(dist.get_backend(ctx.group), ctx.device))
@@ -168,6 +172,10 @@ class AsyncDiffPipeline:
                 expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
             raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
         all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, stages, split, ctx))
+        if compile_kwargs is not None:
+            # one function per stage (not the proxy, not the shared embeddings: those take a
+            # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
+            all_stages = compile_stages(all_stages, compile_kwargs)
 
         if ctx.distributed:
             mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
@@ -177,16 +185,10 @@ class AsyncDiffPipeline:
                         module.to("meta")  # frees the storage: this rank never runs that stage
             executor = DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
             resident = denoiser_split.shared_modules() + mine.modules()
-            compiled = mine.modules()
         else:
             simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
             executor = simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
             resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
-            compiled = [m for s in all_stages for m in s.modules()]
-        if compile_kwargs is not None:
-            # the stages' own modules: the embeddings take a new timestep every step and are
-            # cheap, and the proxy's bookkeeping is Python that a graph would only guard on
-            compile_modules(compiled, compile_kwargs)
 
         self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
         self.stages, self.attribute = all_stages, attribute
