@@ -94,7 +94,12 @@ class _Exchange:
             return tensor
         try:
             work = dist.all_reduce(tensor, group=self.ctx.group, async_op=True)
-            work.wait(self.ctx.timeout)
+            if tensor.is_cuda:
+                # stream-ordered: with a timeout the host would wait for the GPU every step; the
+                # group's own timeout covers a hang
+                work.wait()
+            else:
+                work.wait(self.ctx.timeout)
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
         return tensor
@@ -501,9 +506,13 @@ class ASGPipeline:
         guided = k > 1 and any(w > 0 for w in weights)
         store = AttentionMapStore()
         previous_key = None  # (prediction, map) of the key patch at the previous step
+        # every step's permutation drawn up front (the same draws in the same order) and moved to
+        # the device in one copy, instead of two host-to-device copies per step
+        permutations = torch.stack([asg_maths.interaction_permutation(k, layout.h, layout.w, shuffle)
+                                    for _ in timesteps]).to(patches.device) if k > 1 else None
         with record_attention_maps(self.map_layers if guided else {}, store):
             for step, t in enumerate(timesteps):
-                permutation = asg_maths.interaction_permutation(k, layout.h, layout.w, shuffle) if k > 1 else None
+                permutation = permutations[step] if k > 1 else None
                 slots = asg_maths.permute_patches(patches, permutation) if k > 1 else patches
                 channels = patches.shape[2]
                 # this rank's slots (zeros elsewhere): prediction channels, then the map channel
