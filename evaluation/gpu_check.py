@@ -15,14 +15,29 @@ budget runs out):
 3. **overhead**: a CFG denoising loop (UNet + guidance + scheduler step) with the stock
    UNet and with the ``stages=1`` wrapper around the same module, timed alternately
    with CUDA events after warm-up loops; the wrapper may cost at most 2%.
+   Host time per step (how long the CPU takes to queue a step) is reported beside GPU
+   time: a host slower than the GPU is the Python overhead showing.
 4. **stages**: the UNet split into N = 2, 3, 4 stages, each stage's compute timed on
    this GPU; sum / max is the speedup N GPUs could give if communication were free.
+5. **two ranks**: two processes sharing this GPU (``cuda:0``) run the distributed runtime
+   over a gloo group (NCCL refuses two ranks on one GPU), which exercises the side
+   streams, events, ``record_stream`` and pinned staging of the CUDA path for real, and
+   must reproduce the serial simulator (stages=2 stride 1, stages=1 stride 2).
+
+Each part runs in its own ``try``; a failure is recorded with its traceback and the
+next part runs. The JSON report and a Markdown table file beside it are rewritten after
+every part, and output is unbuffered, so a crash or a timeout keeps what was done.
+
+Needs: PyTorch and diffusers (the UNets are ``diffusers.UNet2DConditionModel``). On a
+machine without diffusers the script still starts, records every part as skipped with
+what to install, and writes its report.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import importlib.util
 import platform
 import re
@@ -30,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,9 +53,24 @@ import torch
 
 from asyncgen.boundary import BoundaryLayout, pack, unpack
 from asyncgen.split import DenoiserSplit, Stage, balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs
-from asyncgen.denoisers import split_denoiser
 
-from .reporting import markdown_table, write_json
+from .reporting import markdown_table, write_atomic, write_json
+
+NEEDS_DIFFUSERS = (
+    "needs diffusers (the UNets are diffusers.UNet2DConditionModel), which is not installed: on an offline "
+    "machine copy its wheel and install it with `pip install --no-deps diffusers-*.whl` (it also imports "
+    "huggingface_hub, safetensors, regex, requests, filelock, importlib_metadata, Pillow, numpy)"
+)
+
+
+def have_diffusers() -> bool:
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def split_denoiser(denoiser):
+    from asyncgen.denoisers import split_denoiser as split  # imports diffusers
+
+    return split(denoiser)
 
 # stabilityai/stable-diffusion-2-1, unet/config.json (865M parameters, 768x768 images).
 # attention_head_dim is, by a historical naming slip, the number of heads per level.
@@ -169,30 +200,41 @@ def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class _Clock:
-    """Elapsed seconds of queued work: CUDA events on a GPU, wall time on a CPU."""
+    """Elapsed seconds of queued work and of the host queueing it: ``(device, host)``.
+
+    On a GPU the device time comes from CUDA events and the host time is how long the
+    CPU took to issue the work (before waiting for it); on a CPU both are wall time.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], Any]) -> float:
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, float]:
         if not self.cuda:
             start = time.perf_counter()
             fn()
-            return time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            return elapsed, elapsed
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        host = time.perf_counter()
         fn()
+        host = time.perf_counter() - host
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3, host
 
 
 class DenoiserOnly:
-    """The two pipeline parts ``AsyncDiffPipeline`` touches: the denoiser and the scheduler."""
+    """The pipeline parts ``AsyncDiffPipeline`` touches: the denoiser, the scheduler and ``to()``."""
 
     def __init__(self, unet, scheduler):
         self.unet, self.scheduler = unet, scheduler
+
+    def to(self, device) -> "DenoiserOnly":
+        self.unet.to(device)
+        return self
 
 
 def _denoise(model, latents: torch.Tensor, cond: dict, scheduler, steps: int, guidance: float = 7.5) -> torch.Tensor:
@@ -224,23 +266,36 @@ def time_overhead(unet, inputs: dict, steps: int, repeats: int, warmup_loops: in
             if model is wrapped:
                 wrapped.reset()  # what AsyncDiffPipeline.__call__ does around the pipeline
             outputs[name] = _denoise(model, sample, inputs, scheduler, steps)
-        return clock(loop) / steps
+        device_s, host_s = clock(loop)
+        return device_s / steps, host_s / steps
 
     with torch.no_grad():
         for _ in range(warmup_loops):
             run("stock", unet), run("wrapped", wrapped)
-        stock, wrapper = [], []
+        stock, wrapper, stock_host, wrapper_host = [], [], [], []
         for r in range(repeats):
             # alternate which goes first so slow drifts (clocks, other tenants) cancel
-            order = [("stock", unet, stock), ("wrapped", wrapped, wrapper)]
-            for name, model, times in order if r % 2 == 0 else order[::-1]:
-                times.append(run(name, model))
+            order = [("stock", unet, stock, stock_host), ("wrapped", wrapped, wrapper, wrapper_host)]
+            for name, model, times, host in order if r % 2 == 0 else order[::-1]:
+                device_s, host_s = run(name, model)
+                times.append(device_s)
+                host.append(host_s)
     return dict(
         stock_step_ms=1e3 * statistics.median(stock), wrapped_step_ms=1e3 * statistics.median(wrapper),
+        stock_host_step_ms=1e3 * statistics.median(stock_host), wrapped_host_step_ms=1e3 * statistics.median(wrapper_host),
         overhead=statistics.median(wrapper) / statistics.median(stock) - 1.0,
         identical=_same(outputs["stock"], outputs["wrapped"]),
         stock_samples_ms=[1e3 * s for s in stock], wrapped_samples_ms=[1e3 * s for s in wrapper],
     )
+
+
+def projected_speedup(stage_ms: list[float]) -> float:
+    """Speedup of N stages on N devices over one device if communication were free.
+
+    One device runs all stages per step (their sum); N devices run them at once, so a
+    step takes as long as the slowest stage (the max).
+    """
+    return sum(stage_ms) / max(stage_ms)
 
 
 def stage_times(split: DenoiserSplit, stages: list[Stage], inputs: dict, repeats: int) -> list[float]:
@@ -351,9 +406,72 @@ def profile_model(name: str, config: dict, device: torch.device, dtype: torch.dt
             cuts = balanced_cuts(costs, n)
             ms = stage_times(split, make_stages(split, cuts), inputs, repeats)
             rows.append(dict(model=name, resolution=resolution, stages=n, split=method, cuts=cuts, stage_ms=ms,
-                             step_ms=sum(ms), max_stage_ms=max(ms), projected_speedup=sum(ms) / max(ms)))
+                             step_ms=sum(ms), max_stage_ms=max(ms), projected_speedup=projected_speedup(ms)))
     del unet
     return overhead, rows
+
+
+# ---------------------------------------------------------------------- two ranks
+
+TWO_RANK_CONFIGS = ((2, 1), (1, 2))  # (stages, stride): two ranks each
+
+
+def _staged_denoise(config: dict, device: torch.device, stages: int, stride: int, steps: int, seed: int,
+                    process_group=None) -> torch.Tensor:
+    """A CFG denoising loop through ``AsyncDiffPipeline``'s proxy: serial simulator, or ranks of ``process_group``."""
+    from asyncgen.pipelines import AsyncDiffPipeline
+
+    from .synthetic import ddim_scheduler
+
+    unet = build_unet(config, device, torch.float32, seed)
+    size = config["sample_size"]
+    inputs = unet_inputs(split_denoiser(unet), 2, size, size, seed)  # before other stages' weights are released
+    sample = inputs.pop("sample")[:1]
+    inputs.pop("timestep")
+    scheduler = ddim_scheduler()
+    wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=stages, stride=stride, warmup=1,
+                                process_group=process_group, device=device).denoiser
+    with torch.no_grad():
+        wrapped.reset()
+        latents = _denoise(wrapped, sample, inputs, scheduler, steps)
+        wrapped.reset()  # settles the call's transfers, as AsyncDiffPipeline.__call__ does
+    return latents.cpu()
+
+
+def _exact_float32() -> None:
+    # TF32 rounding depends on the kernel picked; the comparison is float32 against float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+def _two_rank_worker(rank: int, world_size: int, config: dict, device: str, steps: int, seed: int, timeout: float):
+    import torch.distributed as dist
+
+    _exact_float32()
+    # gloo only: NCCL refuses two ranks on one GPU, and a gloo group makes the runtime stage
+    # CUDA tensors through pinned memory with its side streams and events
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    return [_staged_denoise(config, torch.device(device), stages, stride, steps, seed, dist.group.WORLD)
+            for stages, stride in TWO_RANK_CONFIGS]
+
+
+def check_two_ranks(device: torch.device, steps: int, seed: int, timeout: float) -> list[dict]:
+    """Two processes on ``device`` (``cuda:0``, or the CPU) against the serial simulator, per configuration."""
+    from asyncgen.cli.launcher import first_failure, run_workers
+
+    device = torch.device("cuda", 0) if device.type == "cuda" else device
+    config, label = tiny_config(SD21_UNET), "SD2.1 UNet (tiny)"
+    results = run_workers(_two_rank_worker, 2, config, str(device), steps, seed, timeout, timeout=timeout)
+    failure = first_failure(results)
+    if failure is not None:
+        raise RuntimeError(f"rank {failure.rank} failed:\n{failure.value}")
+    _exact_float32()
+    rows = []
+    for index, (stages, stride) in enumerate(TWO_RANK_CONFIGS):
+        serial = _staged_denoise(config, device, stages, stride, steps, seed)
+        error = max(_relative_error(r.value[index], serial) for r in results)
+        rows.append(dict(model=label, device=str(device), stages=stages, stride=stride, steps=steps, error=error,
+                         tolerance=FP32_TOLERANCE, passed=error <= FP32_TOLERANCE))
+    return rows
 
 
 # --------------------------------------------------------------------------- main
@@ -402,72 +520,123 @@ def main(argv=None) -> int:
     if args.tiny:
         steps, repeats = (args.steps or 3), (args.repeats or 2)
     run_tests = args.tests if args.tests is not None else device.type == "cuda"
+    out = Path(args.out)
 
     start = time.perf_counter()
     deadline = start + args.budget
     report: dict[str, Any] = dict(
         check="gpu_check", device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, quick=args.quick, dtype=str(dtype).removeprefix("torch."),
-        steps=steps, repeats=repeats, budget_seconds=args.budget, skipped=[],
+        steps=steps, repeats=repeats, budget_seconds=args.budget, skipped=[], errors=[],
+        tests=dict(status="skipped", reason="not requested (CPU run)"), composition=[], overhead=[], stages=[], two_ranks=[],
     )
+    say(f"gpu_check on {report['device']} (torch {report['torch']}, CUDA {report['cuda']}); report: {out}")
 
-    def budget_left(part: str) -> bool:
-        if time.perf_counter() < deadline:
-            return True
-        report["skipped"].append(f"{part}: time budget of {args.budget:.0f}s spent")
-        return False
+    def save() -> None:
+        report["wall_seconds"] = time.perf_counter() - start
+        write_json(out, report)
+        write_atomic(out.with_suffix(".md"), "\n\n".join(render(report, section) for section in SECTIONS) + "\n")
 
-    if run_tests and budget_left("tests"):
-        report["tests"] = run_cuda_tests(max(60.0, min(240.0, 0.5 * args.budget)), find_tests(args.tests_dir))
-    else:
-        report.setdefault("tests", dict(status="skipped", reason="not requested (CPU run)" if not run_tests else "budget"))
+    def part(name: str, section: str, fn: Callable[[], Any], needs_diffusers: bool = True) -> None:
+        """Run one part: skipped past the budget or without diffusers, its error recorded, the report saved."""
+        if needs_diffusers and not have_diffusers():
+            report["skipped"].append(f"{name}: {NEEDS_DIFFUSERS}")
+        elif time.perf_counter() >= deadline:
+            report["skipped"].append(f"{name}: time budget of {args.budget:.0f}s spent")
+        else:
+            say(f"\n[{name}] running ({time.perf_counter() - start:.0f}s in)")
+            try:
+                fn()
+            except Exception as exc:
+                report["errors"].append(dict(part=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
+                say(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        save()
+        say(render(report, section))
 
-    composition, overhead, stages = [], [], []
+    if run_tests:
+        part("tests", "tests", lambda: report.update(tests=run_cuda_tests(max(60.0, min(240.0, 0.5 * args.budget)),
+                                                                          find_tests(args.tests_dir))), needs_diffusers=False)
     for key in models:
         label, config = MODELS[key]
         if args.tiny:
             config, label = tiny_config(config), f"{label} (tiny)"
         resolution = 8 * config["sample_size"]
-        if budget_left(f"composition {label}"):
-            composition += check_composition(label, config, device, stage_counts, args.seed)
-        if budget_left(f"timing {label}"):
+        part(f"composition {label}", "composition",
+             lambda: report["composition"].extend(check_composition(label, config, device, stage_counts, args.seed)))
+
+        def timing(label=label, config=config, resolution=resolution):
             row, rows = profile_model(label, config, device, dtype, resolution, stage_counts, steps, repeats, args.seed)
-            overhead.append(row)
-            stages += rows
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    report.update(composition=composition, overhead=overhead, stages=stages)
-    report["wall_seconds"] = time.perf_counter() - start
+            report["overhead"].append(row)
+            report["stages"].extend(rows)
+        part(f"timing {label}", "overhead", timing)
+        say(render(report, "stages"))
+    part("two ranks", "two_ranks", lambda: report["two_ranks"].extend(
+        check_two_ranks(device, steps=max(steps, 3), seed=args.seed, timeout=max(60.0, min(300.0, deadline - time.perf_counter())))))
+
     # on CPU and at toy sizes Python overhead is a visible share of a step: only a GPU run at real sizes judges it
     judged = device.type == "cuda" and not args.tiny
-    report["passed"] = dict(
-        tests=report["tests"]["status"] != "failed",
-        composition=all(r["passed"] for r in composition),
-        overhead=all(r["target_met"] for r in overhead) if judged else None,
-    )
+    failed_parts = {e["part"].split()[0] for e in report["errors"]}
 
-    print(f"gpu_check on {report['device']} (torch {report['torch']}, CUDA {report['cuda']}), {report['wall_seconds']:.0f}s")
-    tests = report["tests"]
-    print(f"\ntests (-m cuda): {tests['status']}" + (f" {tests.get('counts')}" if tests.get("counts") else "")
-          + (f" ({tests['reason']})" if tests.get("reason") else ""))
-    print("\nstage composition against the full forward (relative max error):")
-    print(markdown_table(composition, ["model", "dtype", "stages", "error", "tolerance", "passed"],
-                         {"error": ".2e", "tolerance": ".2e"}))
-    print(f"\nstages=1 wrapper against the stock UNet, per denoising step ({report['dtype']}, CFG batch 2):")
-    print(markdown_table(overhead, ["model", "resolution", "stock_step_ms", "wrapped_step_ms", "overhead", "identical", "target_met"],
-                         {"stock_step_ms": ".2f", "wrapped_step_ms": ".2f", "overhead": "+.2%"}))
-    print("\nper-stage compute on this device; projected speedup = sum / max (communication free):")
-    print(markdown_table([dict(r, stage_ms=", ".join(f"{ms:.2f}" for ms in r["stage_ms"])) for r in stages],
-                         ["model", "stages", "split", "stage_ms", "max_stage_ms", "projected_speedup"],
-                         {"max_stage_ms": ".2f", "projected_speedup": ".2f"}))
+    def verdict(key: str, rows_pass) -> bool | None:
+        if key in failed_parts:
+            return False
+        return rows_pass
+
+    report["passed"] = dict(
+        tests=verdict("tests", report["tests"]["status"] != "failed"),
+        composition=verdict("composition", all(r["passed"] for r in report["composition"]) if report["composition"] else None),
+        overhead=verdict("timing", all(r["target_met"] for r in report["overhead"]) if judged and report["overhead"] else None),
+        two_ranks=verdict("two", all(r["passed"] for r in report["two_ranks"]) if report["two_ranks"] else None),
+    )
+    save()
     for line in report["skipped"]:
-        print(f"skipped: {line}")
-    path = write_json(args.out, report)
-    print(f"\nreport written to {path}")
+        say(f"skipped: {line}")
+    say(f"\nreport written to {out} (tables: {out.with_suffix('.md')}), {report['wall_seconds']:.0f}s")
     failed = [k for k, v in report["passed"].items() if v is False]
     if failed:
-        print(f"FAILED: {', '.join(failed)}")
+        say(f"FAILED: {', '.join(failed)}")
+    if not have_diffusers():
+        say(f"NOTHING MODEL-BASED WAS CHECKED: {NEEDS_DIFFUSERS}")
+        return 1
     return 1 if failed else 0
+
+
+def say(*args) -> None:
+    """print, flushed at once: a run cut short by a timeout still shows how far it got."""
+    print(*args, flush=True)
+
+
+SECTIONS = ("tests", "composition", "overhead", "stages", "two_ranks")
+
+
+def render(report: dict, section: str) -> str:
+    """One section of the report as text (a Markdown table under a title)."""
+    if section == "tests":
+        tests = report["tests"]
+        return (f"tests (-m cuda): {tests['status']}" + (f" {tests.get('counts')}" if tests.get("counts") else "")
+                + (f" ({tests['reason']})" if tests.get("reason") else ""))
+    if section == "composition":
+        return "stage composition against the full forward (relative max error):\n" + markdown_table(
+            report["composition"], ["model", "dtype", "stages", "error", "tolerance", "passed"], {"error": ".2e", "tolerance": ".2e"})
+    if section == "overhead":
+        return (f"stages=1 wrapper against the stock UNet, per denoising step ({report['dtype']}, CFG batch 2); "
+                "GPU time, and host time to queue the step:\n" + markdown_table(
+                    report["overhead"], ["model", "resolution", "stock_step_ms", "wrapped_step_ms", "stock_host_step_ms",
+                                         "wrapped_host_step_ms", "overhead", "identical", "target_met"],
+                    {"stock_step_ms": ".2f", "wrapped_step_ms": ".2f", "stock_host_step_ms": ".2f",
+                     "wrapped_host_step_ms": ".2f", "overhead": "+.2%"}))
+    if section == "stages":
+        rows = [dict(r, stage_ms=", ".join(f"{ms:.2f}" for ms in r["stage_ms"])) for r in report["stages"]]
+        return "per-stage compute on this device; projected speedup = sum / max (communication free):\n" + markdown_table(
+            rows, ["model", "stages", "split", "stage_ms", "max_stage_ms", "projected_speedup"],
+            {"max_stage_ms": ".2f", "projected_speedup": ".2f"})
+    if section == "two_ranks":
+        return ("two ranks on one device over gloo (staged CUDA path) against the serial simulator (relative max error):\n"
+                + markdown_table(report["two_ranks"], ["model", "device", "stages", "stride", "steps", "error", "tolerance", "passed"],
+                                 {"error": ".2e", "tolerance": ".2e"}))
+    raise ValueError(section)
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def test_compile_on_cuda(sd_path):
     assert np.array_equal(eager(**call_kwargs()).images, plain)  # tracing alone changes no arithmetic
     compiled = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=1, device="cuda", compile=True)
     images = compiled(**call_kwargs()).images
-    assert compiled.denoiser.denoiser.conv_in._compiled_call_impl is not None
+    assert all(type(s).__name__ == "CompiledStage" for s in compiled.stages)
     # inductor fuses and reorders float32 arithmetic: the same picture to well under one 8-bit level
     assert _max_error(images, plain) <= 0.25 / 255
     assert np.array_equal(compiled(**call_kwargs()).images, images)  # second call: no recompile drift
@@ -212,3 +212,37 @@ def test_xformers_attention_on_cuda(sd_path):
     assert processors and all(isinstance(p, XFormersAttnProcessor) for p in processors)
     # the same attention in other kernels: rounding only, well under one 8-bit level on average
     assert float(np.abs(wrapped(**call_kwargs()).images - reference).mean()) < 1 / 255
+
+
+# ------------------------------------------------------------------ no per-step host work
+
+
+def test_time_split_measures_on_the_rank_device(sd_path, monkeypatch):
+    """split="time" times the units on the GPU they will run on, not on the CPU they were loaded to."""
+    from asyncgen.pipelines import asyncdiff
+
+    seen, measure = [], asyncdiff.measure_unit_costs
+
+    def spy(split, *args, **kwargs):
+        seen.append(next(split.denoiser.parameters()).device.type)
+        return measure(split, *args, **kwargs)
+
+    monkeypatch.setattr(asyncdiff, "measure_unit_costs", spy)
+    AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, split="time", device="cuda")
+    assert seen == ["cuda"]
+
+
+def test_upcoming_timesteps_go_to_the_gpu_once_per_call(sd_path, monkeypatch):
+    """stride 2 looks timesteps up ahead: one copy to the GPU per call, and the check of the
+    pipeline's CUDA timesteps deferred to the call's end (no per-step .item())."""
+    from asyncgen import proxy
+
+    copies, on_device = [], proxy._on_device
+    monkeypatch.setattr(proxy, "_on_device", lambda values, device: copies.append(device.type) or on_device(values, device))
+    serial = AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, stride=2, device="cuda")
+    checked = []
+    monkeypatch.setattr(serial.denoiser, "_check_timesteps",
+                        lambda: checked.append(len(serial.denoiser._unchecked)) or proxy.StagedDenoiser._check_timesteps(serial.denoiser))
+    serial(**call_kwargs(num_inference_steps=STEPS))
+    assert copies == ["cuda"]
+    assert checked and max(checked) == STEPS // 2  # every looked-up step, checked at once at the end
