@@ -28,7 +28,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-DEFAULT_GRACE = 5.0
+# a peer of a failed rank takes a few seconds to turn the failure into its RemoteRankError report, more
+# on a loaded machine: the report is wanted, the wait must stay short
+DEFAULT_GRACE = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _POLL = 0.1  # seconds between looks at the workers: the delay before a signal or a death is acted on
 
