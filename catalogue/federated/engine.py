@@ -116,7 +116,7 @@ class Simulation:
     def run(self, until: float) -> History:
         if not until > 0:
             raise CatalogueError(f"until={until}: the simulated budget must be > 0")
-        self._apply(self.strategy.begin(self.env.now))
+        self.env.process(self._begin())
         self.env.run(until=until)
         for m, version in enumerate(self.strategy.versions):  # the last model always gets its accuracy
             if version != self._evaluated_versions[m]:
@@ -129,6 +129,12 @@ class Simulation:
         self.history.times[m].append(time)
         self.history.accuracy[m].append(self.evaluate(m, self.strategy.models[m]))
         self.history.transfers[m].append(self.strategy.downloads + self.strategy.uploads)
+
+    def _begin(self):
+        # a process created after the clients': they are all waiting on their inboxes when the
+        # first tasks go out, so tasks of equal duration come back in dispatch order
+        self._apply(self.strategy.begin(self.env.now))
+        yield self.env.timeout(0)
 
     # client processes -------------------------------------------------------------------
     def _client(self, i: int):

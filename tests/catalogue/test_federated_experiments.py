@@ -1,0 +1,51 @@
+"""The federated experiments through the catalogue frame: files, reproducibility, bad --set input."""
+
+import json
+
+import pytest
+
+from asyncgen.catalogue import experiments, get_experiment
+from asyncgen.catalogue.frame import CatalogueError, run_experiment
+
+FEDERATED = ["fedbuff", "favano", "fedfix", "fedcompass"]
+# smaller than --quick so that the family's tests stay well under 90 s on a shared 2-core machine
+TINY = {"fedbuff": ["rounds=2", "N=60", "concurrencies=5,20"], "favano": ["rounds=2", "N=20", "s=5"],
+        "fedfix": ["rounds=3"], "fedcompass": ["rounds=1", "N=6", "Qmax=10"]}
+
+
+def test_listed_with_quick_overrides():
+    listed = experiments()
+    for name in FEDERATED:
+        info = listed[name]
+        assert info.family == "federated" and info.quick and info.default_seconds <= 300
+
+
+@pytest.mark.parametrize("name", FEDERATED)
+def test_run_writes_three_files(name, tmp_path):
+    report = run_experiment(get_experiment(name), quick=True, overrides=TINY[name], out=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == report["seeds"] == [0]
+    for arm, row in saved["metrics"].items():
+        assert {"time_to_target", "transfers_to_target", "final_accuracy", "per_seed"} <= set(row), arm
+        assert len(row["curves"]["accuracy"]) == 1
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Goals" in (tmp_path / "results.md").read_text()
+
+
+def test_same_seed_same_metrics_other_seed_other_curves():
+    info = get_experiment("fedfix")
+    first = run_experiment(info, quick=True, overrides=TINY["fedfix"], progress=False)
+    again = run_experiment(info, quick=True, overrides=TINY["fedfix"], progress=False)
+    other = run_experiment(info, quick=True, seed=1, overrides=TINY["fedfix"], progress=False)
+    assert json.dumps(first["metrics"], sort_keys=True) == json.dumps(again["metrics"], sort_keys=True)  # NaN-safe
+    assert first["metrics"]["fedfix"]["curves"] != other["metrics"]["fedfix"]["curves"]
+
+
+def test_bad_set_keys_and_values():
+    with pytest.raises(CatalogueError, match="unknown key for fedbuff; valid keys: B, K, N"):
+        run_experiment(get_experiment("fedbuff"), quick=True, overrides=["bogus=1"], progress=False)
+    with pytest.raises(CatalogueError, match="C=20: cannot exceed the number of clients N=10"):
+        run_experiment(get_experiment("fedbuff"), quick=True, overrides=["N=10", "concurrencies=5,20"],
+                       progress=False)
+    with pytest.raises(CatalogueError, match="s=60"):
+        run_experiment(get_experiment("favano"), quick=True, overrides=["s=60"], progress=False)
