@@ -135,16 +135,18 @@ def _mean(values: list[float]) -> float:
 def _goals(per_seed: dict) -> list[Goal]:
     hi, ft = per_seed["hyperinterval"], per_seed["finetune"]
     universal, finetune_acc = _mean(hi["split_universal_acc"]), _mean(ft["split_mean_acc"])
+    collapse = ("measured: the worst-case term at boxes of half-width gamma = 0.5 keeps H almost constant in e, so "
+                "H(e_t) and H(u) give the same accuracies, every task trains one shared target network and the "
+                "three-anchor regulariser (beta_reg = 0.01) does not hold it: the arm behaves like fine-tuning, "
+                "while hnet with the same hypernetwork and init does not forget")
     return [
         Goal("split: hyperinterval per-task embeddings mean accuracy", _mean(hi["split_mean_acc"]), 0.95, ">=",
-             "H(e_t) on task t after all tasks",
-             reason="the interval (worst-case) term and the anchors of three points per task cost accuracy here"),
-        Goal("split: hyperinterval max forgetting", _mean(hi["split_max_forgetting"]), 0.03, "<=",
-             reason="the soft output regulariser (beta_reg = 0.01) lets H drift at old anchors"),
+             "H(e_t) on task t after all tasks", reason=collapse),
+        Goal("split: hyperinterval max forgetting", _mean(hi["split_max_forgetting"]), 0.03, "<=", reason=collapse),
         Goal("split: universal embedding mean accuracy", universal, 0.85, ">=", "one network H(u) for every task",
-             reason="the task boxes overlap only near 0 and H(u) is not trained directly"),
+             reason=collapse),
         Goal("split: universal minus fine-tuning mean accuracy", universal - finetune_acc, 0.2, ">=",
-             reason="fine-tuning on these easy digit pairs forgets less than the issue expected"),
+             reason="fine-tuning forgets (max 0.47) but keeps 0.82 mean on these easy digit pairs; " + collapse),
         Goal("split: hyperinterval verified accuracy", _mean(hi["split_verified_acc"]), 0.5, ">=",
              "worst-case margin > 0 over the whole task box",
              reason="interval bounds through two networks stay wide at gamma = 0.5"),
