@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .launcher import launched_by_torchrun, run_on_devices
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from .launcher import check_worker_count, launched_by_torchrun, run_on_devices
+from .options import (DTYPES, SEED_LIMIT, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
+                      finite_float, fraction, non_negative_int, positive_int)
 
 
 @dataclass
@@ -24,6 +24,7 @@ class GenerateJob:
 
     model: str
     builtin_model: bool
+    allow_pickle: bool
     prompts: list[str]
     outputs: list[str]
     negative_prompt: str | None
@@ -57,40 +58,31 @@ def default_device() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="what to draw (or give --prompts FILE)")
     parser.add_argument("-o", "--output", default="asyncgen.png",
-                        help="image file to write; with --prompts, files are numbered: out.png -> out-0000.png, "
-                        "out-0001.png, ... (default: %(default)s)")
+                        help="image file to write (.png, .jpg, .webp, ...); with --prompts, files are numbered: "
+                        "out.png -> out-0000.png, out-0001.png, ... (default: %(default)s)")
     parser.add_argument("--prompts", metavar="FILE", help="a .txt file with one prompt per line (or a .csv with a "
                         "'prompt' column): one image per prompt")
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show (default: none)")
-    parser.add_argument("--model", default=None, help="diffusers pipeline: hub id (e.g. "
-                        "stabilityai/stable-diffusion-2-1) or local folder; SD, SDXL, SD3, PixArt and Flux pipelines "
-                        "are recognised from the folder (default: the built-in miniature shapes model, 32x32)")
-    parser.add_argument("--devices", type=int, default=None, help="worker processes to start on this machine, one "
-                        "CPU core or one GPU each; under torchrun leave it out (default: 1, or torchrun's WORLD_SIZE)")
-    parser.add_argument("--stages", type=int, default=None, help="AsyncDiff stages the denoiser is split into "
-                        "(default: as many as the devices allow: devices - stride + 1, halved first with --cfg-parallel)")
-    parser.add_argument("--stride", type=int, default=1, help="AsyncDiff stride: steps predicted per parallel round; "
-                        "needs stages + stride - 1 devices (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=None, help="exact warm-up steps before the asynchronous ones "
-                        "(default: 5%% of the steps, at least 1)")
-    parser.add_argument("--time-shift", action="store_true", help="stages fed a stale input use the previous "
-                        "step's timestep (default: off)")
+    add_model_arguments(parser, "the built-in miniature shapes model, 32x32")
+    parser.add_argument("--devices", type=positive_int, default=None, help="worker processes to start on this "
+                        "machine, one CPU core or one GPU each; under torchrun leave it out (default: 1, or "
+                        "torchrun's WORLD_SIZE)")
+    parser.add_argument("--stages", type=positive_int, default=None, help="AsyncDiff stages the denoiser is split "
+                        "into (default: as many as the devices allow: devices - stride + 1, halved first with "
+                        "--cfg-parallel)")
+    parser.add_argument("--stride", type=positive_int, default=1, help="AsyncDiff stride: steps predicted per "
+                        "parallel round; needs stages + stride - 1 devices (default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="exact warm-up steps before the "
+                        "asynchronous ones (default: 5%% of the steps, at least 1)")
     parser.add_argument("--cfg-parallel", action="store_true", help="split the classifier-free-guidance batch "
                         "over two groups of devices (needs 2 * (stages + stride - 1) devices; default: off)")
-    parser.add_argument("--split", default="flops", choices=["flops", "time"], help="how stage boundaries are "
-                        "placed: estimated FLOPs and bytes, or unit times measured on rank 0 (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 for the built-in model, "
-                        "the pipeline's own default otherwise)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 4.0 "
-                        "for the built-in model, the pipeline's own default otherwise)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the VAE "
-                        "factor (default: the model's native size)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; image i of --prompts uses seed + i "
-                        "(default: %(default)s)")
+    add_asyncdiff_arguments(parser)
+    add_sampling_arguments(parser, steps_help="25 for the built-in model, the pipeline's own default otherwise",
+                           guidance_help="4.0 for the built-in model, the pipeline's own default otherwise",
+                           size_help="the model's native size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where to run (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="weights and activations: auto = float16 on cuda, float32 on cpu (default: %(default)s)")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default=None,
                         help="attention kernels: PyTorch SDPA, or xFormers on CUDA (pip install 'asyncgen[xformers]') "
@@ -100,10 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     highres.add_argument("--highres", action="store_true", help="generate at --height x --width, integer multiples "
                          "of the native size per side, with asynchronous structure guidance (default: off; with it, "
                          "--height/--width default to twice the native size)")
-    highres.add_argument("--structure-fraction", type=float, default=0.7, help="fraction of the steps in the "
-                         "structure phase (default: %(default)s)")
-    highres.add_argument("--structure-guidance", type=float, default=1.0, help="peak weight pulling the patches "
-                         "towards the key patch; 0 turns structure guidance off (default: %(default)s)")
+    highres.add_argument("--structure-fraction", type=fraction, default=0.7, help="fraction of the steps in the "
+                         "structure phase, 0 to 1 (default: %(default)s)")
+    highres.add_argument("--structure-guidance", type=finite_float, default=1.0, help="peak weight pulling the "
+                         "patches towards the key patch; 0 turns structure guidance off (default: %(default)s)")
     highres.add_argument("--asg-mode", choices=["async", "sync"], default="async", help="guide with the key patch's "
                          "previous-step prediction (async) or this step's (sync) (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each rank's part of the denoiser "
@@ -118,13 +110,25 @@ def _output_paths(output: str, count: int) -> list[str]:
     return [str(path.with_name(f"{path.stem}-{i:04d}{suffix}")) for i in range(count)]
 
 
-def _check_model(model: str) -> None:
-    from asyncgen.pipelines.loading import check_pipeline_location
+def _describe_model(model: str, allow_pickle: bool):
+    """The model's facts from its configs (no weights), or a one-line error naming ``--model``."""
+    from asyncgen.pipelines.loading import describe_pipeline, looks_like_local_path
 
     try:
-        check_pipeline_location(model)
+        return describe_pipeline(model)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model {exc}") from exc
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline and not looks_like_local_path(model):
+            raise UsageError(f"--model {model}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                             "downloading it (download it once with network access, or give a local folder)") from None
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model {model}: {text}") from None
+
+
+def _check_size(name: str, value: int | None, facts) -> None:
+    if value is not None and value % facts.size_multiple:
+        raise UsageError(f"--{name} {value} is not a multiple of {facts.size_multiple}, the size step of this model "
+                         f"(VAE factor x patch size); nearest valid: {facts.nearest_sizes(value)}")
 
 
 def stages_for(devices: int, stages: int | None, stride: int, cfg_parallel: bool) -> int:
@@ -152,7 +156,8 @@ def stages_for(devices: int, stages: int | None, stride: int, cfg_parallel: bool
 
 
 def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
-    from asyncgen.evaluation.prompts import load_prompts
+    """Check every option against the model's configs and this machine, before any worker starts."""
+    from asyncgen.cli.files import check_output_path, load_prompts
 
     if args.prompt is None and args.prompts is None:
         raise UsageError("give a prompt, or --prompts FILE")
@@ -161,21 +166,37 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     try:
         prompts = [args.prompt] if args.prompts is None else load_prompts(args.prompts)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--prompts {args.prompts}: {exc}") from exc
-    for name in ("steps", "height", "width", "warmup"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            raise UsageError(f"--{name} {value}: need at least {0 if name == 'warmup' else 1}")
+        raise UsageError(f"--prompts {args.prompts}: {exc}") from None
+    if args.seed + len(prompts) - 1 >= SEED_LIMIT:
+        raise UsageError(f"--seed {args.seed} with {len(prompts)} prompts: image i uses seed + i, so the seed can be "
+                         f"at most 2**64 - {len(prompts)} = {SEED_LIMIT - len(prompts)}")
+    outputs = _output_paths(args.output, len(prompts))
+    try:
+        for path in outputs[:1]:
+            check_output_path(path)
+    except ValueError as exc:
+        raise UsageError(f"-o {exc}") from None
+    device = args.device or default_device()
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if not launched_by_torchrun():
+        try:
+            check_worker_count(devices, device, args.oversubscribe)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     builtin = args.model is None
     if builtin:
-        from asyncgen.evaluation.miniature import miniature_sd_path
+        from asyncgen.pipelines.miniature import miniature_sd_path
 
         model = str(miniature_sd_path())
     else:
         model = args.model
-        _check_model(model)
-    device = args.device or default_device()
+    facts = _describe_model(model, args.allow_pickle)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+    height, width = args.height, args.width
     if args.highres:
         given = [f"--{n.replace('_', '-')}" for n in ("stages", "warmup", "cfg_parallel", "time_shift")
                  if getattr(args, n) not in (None, False)] + (["--stride"] if args.stride != 1 else [])
@@ -183,12 +204,30 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
             raise UsageError(f"--highres spreads patches over the devices and does not split the denoiser: "
                              f"leave out {' '.join(given)}")
         stages = 1
+        height = height or 2 * facts.native_height
+        width = width or 2 * facts.native_width
+        for name, value, native in (("height", height, facts.native_height), ("width", width, facts.native_width)):
+            if value % native:
+                raise UsageError(f"--{name} {value}: --highres needs a multiple of the native {native} "
+                                 f"(e.g. {max(native, value - value % native)} or {value - value % native + native})")
     else:
         stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
+        if stages > 1 and facts.splittable_units is None:
+            from asyncgen.denoisers import supported_denoisers
+
+            raise UsageError(f"--stages {stages}: asyncgen cannot split a {facts.denoiser_class}; it splits "
+                             f"{', '.join(supported_denoisers())} (use --stages 1, or --cfg-parallel alone)")
+        if facts.splittable_units is not None and stages > facts.splittable_units:
+            raise UsageError(f"--stages {stages}: this {facts.denoiser_class} splits into at most "
+                             f"{facts.splittable_units} stages")
+        if (height is None) != (width is None):  # one side given: the other keeps the model's native size
+            height, width = height or facts.native_height, width or facts.native_width
+    _check_size("height", height, facts)
+    _check_size("width", width, facts)
     return GenerateJob(
-        model=model, builtin_model=builtin, prompts=prompts, outputs=_output_paths(args.output, len(prompts)),
-        negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
-        width=args.width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
+        model=model, builtin_model=builtin, allow_pickle=args.allow_pickle, prompts=prompts, outputs=outputs,
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=height,
+        width=width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
         attention=args.attention, compile=args.compile, highres=args.highres,
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
@@ -216,15 +255,10 @@ def _load(job: GenerateJob, rank: int):
 
     _quiet_loading(rank)
     try:
-        pipe = load_pipeline(job.model, dtype=getattr(torch, job.dtype))
-    except OSError as exc:  # hub id unknown or not cached offline, folder with missing files
-        raise UsageError(f"--model {job.model}: could not load a diffusers pipeline: {exc}") from exc
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    for name in ("height", "width"):
-        value = getattr(job, name)
-        if value is not None and value % factor:
-            raise UsageError(f"--{name} {value} is not divisible by this model's VAE factor {factor}; "
-                             f"use a multiple of {factor}, e.g. {max(factor, value - value % factor)}")
+        pipe = load_pipeline(job.model, dtype=getattr(torch, job.dtype), allow_pickle=job.allow_pickle)
+    except OSError as exc:  # hub id unknown or not cached offline, folder with missing files, pickle refused
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model {job.model}: could not load a diffusers pipeline: {first}") from None
     if job.device == "cuda":
         pipe.to(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     return pipe
@@ -245,8 +279,8 @@ def _strategy(job: GenerateJob, world: int) -> str:
 def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
     import torch
-    from asyncgen.evaluation.reporting import write_image
 
+    from asyncgen.cli.files import write_image
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
     pipe = _load(job, rank)
@@ -261,8 +295,6 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
                 compile_modules([pipe.unet], compile_options(True))
             pipe = ASGPipeline(pipe, structure_fraction=job.structure_fraction,
                                structure_guidance=job.structure_guidance, mode=job.asg_mode)
-            native_h, native_w = pipe.native_size
-            size = {"height": job.height or 2 * native_h, "width": job.width or 2 * native_w}
             pipe.layout(size["height"], size["width"])  # refuses sizes that are not multiples of the native one
         elif job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
             from asyncgen.pipelines import AsyncDiffPipeline
@@ -279,11 +311,11 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
         raise UsageError(str(exc)) from exc
     call = {"negative_prompt": job.negative_prompt, **size}
     if job.steps is not None or job.builtin_model:
-        from asyncgen.evaluation.miniature import DEFAULT_STEPS
+        from asyncgen.pipelines.miniature import DEFAULT_STEPS
 
         call["num_inference_steps"] = job.steps or DEFAULT_STEPS
     if job.guidance is not None or job.builtin_model:
-        from asyncgen.evaluation.miniature import DEFAULT_GUIDANCE
+        from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE
 
         call["guidance_scale"] = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
     call = {k: v for k, v in call.items() if v is not None}
@@ -320,7 +352,11 @@ def summary_line(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else (args.devices or 1)
     job = make_job(args, world)
-    result = run_on_devices(generate_worker, args.devices, job, device_type=job.device)
+    try:
+        result = run_on_devices(generate_worker, args.devices, job, device_type=job.device,
+                                oversubscribe=args.oversubscribe)
+    except ValueError as exc:  # a launcher refusal (e.g. --devices against torchrun's WORLD_SIZE)
+        raise UsageError(str(exc)) from None
     if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
         print(summary_line(result))
     return 0

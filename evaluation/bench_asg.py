@@ -53,7 +53,9 @@ import numpy as np
 from asyncgen.cli.launcher import launch
 
 from . import pixel_checker, prompts as prompt_sets, shapes
-from .miniature import DEFAULT_GUIDANCE, save_grid, write_report
+from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE
+
+from .miniature_quality import save_grid, write_report
 
 METHODS = ("stock", "windows", "asg_sync_1p", "asg_async_1p", "asg_async_2p")
 SIDE_BY_SIDE = ("stock", "windows", "asg_sync_1p", "asg_async_2p")
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  ("guidance_schedule", args.guidance_schedule),
                                  ("tiled_decoding", False if args.untiled_decoding else None)) if v is not None}
     from .clip_score import ClipScorer
-    from .miniature import miniature_sd_path
+    from asyncgen.pipelines.miniature import miniature_sd_path
 
     model = args.model or str(miniature_sd_path())
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")

@@ -37,6 +37,27 @@ from asyncgen.schedule import AsyncSchedule, Topology
 from .fidelity import psnr, ssim
 from .reporting import markdown_table, write_atomic, write_json
 
+
+def load_on_rank(model: str, rank: int, device: str = "cpu", dtype: str = "float32"):
+    """The pipeline at ``model``, progress bars off, on this rank's device (``cuda:rank`` for CUDA)."""
+    import torch
+    from asyncgen.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(model, dtype=getattr(torch, dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
+
+
+def time_images(pipe, prompts: list[str], call: dict, seed: int) -> tuple[float, np.ndarray]:
+    """Seconds per image over ``prompts`` (prompt ``i`` with a generator seeded ``seed + i``), and the images."""
+    import torch
+
+    start, images = time.perf_counter(), []
+    for i, prompt in enumerate(prompts):
+        images.append(pipe(prompt, **call, generator=torch.Generator().manual_seed(seed + i)).images[0])
+    return (time.perf_counter() - start) / len(prompts), np.stack(images)
+
+
 def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prompts: list[str], repeats: int,
             device: str, dtype: str):
     """Alternate timed passes over the prompts: the stock pipeline (rank 0 alone), then AsyncDiff (all ranks).
@@ -48,30 +69,19 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     """
     import torch
     import torch.distributed as dist
-    from asyncgen.pipelines import AsyncDiffPipeline
-    from asyncgen.pipelines.loading import load_pipeline
-
-    def load():
-        pipe = load_pipeline(model, dtype=getattr(torch, dtype))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
-
     from asyncgen.distributed import default_backend
+    from asyncgen.pipelines import AsyncDiffPipeline
 
     if not dist.is_initialized():  # also with one process: the wrapper then runs its distributed runtime
         dist.init_process_group(backend=default_backend())
     call = dict(call)
     seed = call.pop("seed")
-    stock = load() if rank == 0 else None
-    wrapped = AsyncDiffPipeline(load(), **wrap)
+    stock = load_on_rank(model, rank, device, dtype) if rank == 0 else None
+    wrapped = AsyncDiffPipeline(load_on_rank(model, rank, device, dtype), **wrap)
     executor = wrapped.denoiser.executor
 
     def timed(pipe, count=len(prompts)):
-        """Seconds per image over the first ``count`` prompts, and the images."""
-        start, images = time.perf_counter(), []
-        for i, prompt in enumerate(prompts[:count]):
-            images.append(pipe(prompt, **call, generator=torch.Generator().manual_seed(seed + i)).images[0])
-        return (time.perf_counter() - start) / count, np.stack(images)
+        return time_images(pipe, prompts[:count], call, seed)
 
     if stock is not None:
         timed(stock, 1)  # untimed warm-up calls: first-call allocations, lazy inits, caches
@@ -258,8 +268,9 @@ def _configs(args) -> list[dict]:
 
 def _prompts(args) -> list[str]:
     from asyncgen.cli.errors import UsageError
+    from asyncgen.cli.files import load_prompts
 
-    from .prompts import load_prompts, miniature_prompts
+    from .prompts import miniature_prompts
 
     try:
         if args.prompts:
@@ -338,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None and args.family == "miniature":
-            from .miniature import miniature_sd_path
+            from asyncgen.pipelines.miniature import miniature_sd_path
 
             model = str(miniature_sd_path())
         elif model is None:

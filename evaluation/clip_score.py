@@ -147,7 +147,7 @@ class ClipScorer:
     @classmethod
     def miniature(cls, device: str = "cpu", batch_size: int = 64) -> "ClipScorer":
         """The CLIP trained with the built-in miniature text-to-image model."""
-        from .miniature import miniature_clip_path
+        from asyncgen.pipelines.miniature import miniature_clip_path
 
         return cls.from_transformers(miniature_clip_path(), device=device, batch_size=batch_size)
 

@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from asyncgen.cli.errors import UsageError
 
-    from .prompts import load_prompts
+    from asyncgen.cli.files import load_prompts
     from .reporting import markdown_table, write_atomic, write_json
 
     try:

@@ -1,21 +1,11 @@
-"""The built-in miniature text-to-image model, and how well it follows its prompts.
+"""How well the built-in miniature model follows its prompts.
 
-The package ships a complete miniature Stable Diffusion trained on the synthetic shapes
-data set (``train_miniature.py``): 32x32 pictures of one shape on a background, made
-from captions like "a large red circle on a blue background". It loads offline with
-the stock pipeline::
+``evaluate_quality`` generates one picture per shapes caption and grades it with the
+pixel checker (``pixel_checker.py``, no neural network): is the shape's colour, the
+background colour, the shape (and its size) what the prompt asked for? The model
+itself lives on the product path, in ``asyncgen.pipelines.miniature``.
 
-    from diffusers import StableDiffusionPipeline
-    from asyncgen.evaluation.miniature import MINIATURE_SD_PATH
-    pipe = StableDiffusionPipeline.from_pretrained(MINIATURE_SD_PATH)
-
-``MINIATURE_CLIP_PATH`` is the CLIP it was trained with (for CLIP scores).
-
-``evaluate_quality`` generates one picture per prompt and grades it with the pixel
-checker (``pixel_checker.py``, no neural network): is the shape's colour, the
-background colour, the shape (and its size) what the prompt asked for?
-
-    python -m asyncgen.evaluation.miniature --out eval_results
+    python -m asyncgen.evaluation.miniature_quality --out eval_results
 """
 
 from __future__ import annotations
@@ -30,42 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
+from asyncgen.cli.files import load_prompts
+from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_miniature
+
 from . import pixel_checker, prompts as prompt_sets, reporting
 
-MINIATURE_WEIGHTS = Path(__file__).resolve().parent / "miniature_weights"
-MINIATURE_SD_PATH = MINIATURE_WEIGHTS / "sd"
-MINIATURE_CLIP_PATH = MINIATURE_WEIGHTS / "clip"
 # fraction of generated pictures in which the checker must find what was asked for
 QUALITY_BAR = {"colour": 0.85, "background": 0.85, "shape": 0.70}
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 4.0
-
-
-def _checked(folder: Path, marker: str) -> Path:
-    if not (folder / marker).is_file():
-        raise FileNotFoundError(f"the miniature model is missing from {folder} (no {marker}); train it with "
-                                f"`python -m asyncgen.evaluation.train_miniature --out {MINIATURE_WEIGHTS}`")
-    return folder
-
-
-def miniature_sd_path() -> Path:
-    """Folder of the shipped miniature ``StableDiffusionPipeline``."""
-    return _checked(MINIATURE_SD_PATH, "model_index.json")
-
-
-def miniature_clip_path() -> Path:
-    """Folder of the shipped miniature ``CLIPModel`` and its ``CLIPProcessor``."""
-    return _checked(MINIATURE_CLIP_PATH, "config.json")
-
-
-def load_miniature(device: str = "cpu", torch_dtype=None):
-    """The shipped miniature model as a stock ``StableDiffusionPipeline`` (no network needed)."""
-    from diffusers import StableDiffusionPipeline
-
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(miniature_sd_path(), **kwargs).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, prompts: Sequence[str], seed: int = 0, num_inference_steps: int = DEFAULT_STEPS,
@@ -163,7 +124,7 @@ def save_grid(images: Sequence[np.ndarray], path: str | os.PathLike, columns: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m asyncgen.evaluation.miniature",
+        prog="python -m asyncgen.evaluation.miniature_quality",
         description="Generate one picture per shapes caption with the stock StableDiffusionPipeline and grade it "
                     "with the pixel checker; writes quality.json, quality.md and quality.png.",
     )
@@ -187,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pipe = StableDiffusionPipeline.from_pretrained(args.model).to(args.device)
         pipe.set_progress_bar_config(disable=True)
-    prompts = prompt_sets.load_prompts(args.prompts) if args.prompts else None
+    prompts = load_prompts(args.prompts) if args.prompts else None
     scorer = None
     if not args.no_clip_score:
         from .clip_score import ClipScorer

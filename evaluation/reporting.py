@@ -5,37 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_image(path: str | os.PathLike, image) -> Path:
-    """Save a PIL image whole or not at all, in the format its suffix names (PNG without one)."""
-    import io
-
-    buffer = io.BytesIO()
-    suffix = Path(path).suffix.lower().lstrip(".") or "png"
-    image.save(buffer, format={"jpg": "jpeg"}.get(suffix, suffix))
-    return write_atomic(path, buffer.getvalue())
+from asyncgen.cli.files import write_atomic, write_image  # noqa: F401  (the writers evaluation shares with the CLI)
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from asyncgen.evaluation import miniature, pixel_checker, prompts, shapes, train_miniature
+from asyncgen.evaluation import miniature_quality, pixel_checker, prompts, shapes, train_miniature
+from asyncgen.pipelines import miniature
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_shipped_model_loads_offline_and_generates():
 
 
 def test_shipped_model_follows_prompts():
-    result = miniature.evaluate_quality(prompts=prompts.miniature_prompts(36, seed=7))
+    result = miniature_quality.evaluate_quality(prompts=prompts.miniature_prompts(36, seed=7))
     s = result.summary
     # 36 of the 180 prompts: the full measurement (all 180) is in the report; leave a margin for the sample
     assert s["colour_accuracy"] >= 0.8 and s["background_accuracy"] >= 0.8 and s["shape_accuracy"] >= 0.6, s
@@ -107,13 +108,13 @@ def test_missing_model_is_reported(monkeypatch, tmp_path):
 
 def test_report_files(tmp_path):
     rows = [{"prompt": "a", "colour": True, "clip_score": 31.25}, {"prompt": "b", "colour": False, "clip_score": 12.5}]
-    json_path, md_path = miniature.write_report(tmp_path, "quality", {"colour_accuracy": 0.5, "inf": float("inf"), "met": True},
+    json_path, md_path = miniature_quality.write_report(tmp_path, "quality", {"colour_accuracy": 0.5, "inf": float("inf"), "met": True},
                                                 rows, ["prompt", "colour", "clip_score"], {"clip_score": ".1f"})
     data = json.loads(json_path.read_text())
     assert data["summary"] == {"colour_accuracy": 0.5, "inf": "inf", "met": True} and data["rows"] == rows
     text = md_path.read_text()
     assert "| prompt | colour | clip_score |" in text and "| a | True | 31.2 |" in text and "| colour_accuracy | 0.5 |" in text and "| met | True |" in text
-    grid = miniature.save_grid([np.zeros((32, 32, 3), np.uint8)] * 3, tmp_path / "grid.png", columns=2)
+    grid = miniature_quality.save_grid([np.zeros((32, 32, 3), np.uint8)] * 3, tmp_path / "grid.png", columns=2)
     from PIL import Image
 
     assert Image.open(grid).size == (2 * 2 * 33, 2 * 2 * 33)

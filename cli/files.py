@@ -1,0 +1,116 @@
+"""Files the command reads and writes: prompt files in, whole files out.
+
+Outputs are written whole or not at all (a temporary file in the same folder, then a
+rename) and get the permissions any other tool's output gets (``0666`` less the umask).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+PROMPT_COLUMNS = ("prompt", "caption", "text")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The PIL format an image path's suffix names (PNG without a suffix), or a ValueError listing the known ones."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    known = {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if suffix not in known:
+        common = [e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif") if e in known]
+        raise ValueError(f"{path}: unknown image extension {suffix!r}; use one of {', '.join(common)}")
+    return known[suffix]
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail before any work if ``path`` cannot receive an image: a folder, an unknown extension, no write access."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name such as {path / 'image.png'}")
+    image_format(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"{path}: {existing} is a file, not a directory")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or special file systems
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".asyncgen-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{path}: directory {existing} is not writable ({exc.strerror})") from None
+    return path
+
+
+def write_image(path: str | os.PathLike, image) -> Path:
+    """Save a PIL image whole or not at all, in the format its suffix names (PNG without one)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format(path))
+    return write_atomic(path, buffer.getvalue())
+
+
+def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[str]:
+    """The prompts in a ``.txt`` file (one per line; blank lines skipped) or a ``.csv`` file.
+
+    For CSV, ``column`` names the column of prompts; by default the first header among
+    ``prompt``, ``caption`` and ``text`` (in any case). Empty cells are skipped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompt file {path} is a directory; give a .txt file (one prompt per line) or a .csv file")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            headers = reader.fieldnames or []
+            if column is None:
+                lower = {h.strip().lower(): h for h in headers}
+                column = next((lower[c] for c in PROMPT_COLUMNS if c in lower), None)
+                if column is None:
+                    raise ValueError(f"{path} has no column named one of {list(PROMPT_COLUMNS)} "
+                                     f"(headers: {headers}); pass column= to choose one")
+            elif column not in headers:
+                raise ValueError(f"column={column!r} is not a header of {path}; headers: {headers}")
+            prompts = [(row.get(column) or "").strip() for row in reader]
+    else:
+        raise ValueError(f"{path} has suffix {path.suffix!r}; prompt files must be .txt (one prompt per line) or .csv")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
