@@ -7,7 +7,9 @@ writes the images (each whole or not at all) and prints the summary.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,8 +236,24 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     )
 
 
+class _ShortTruncationWarning(logging.Filter):
+    """diffusers repeats the whole cut-off part of a long prompt in its warning; say it in one short line, once."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated because CLIP can only handle sequences up to" not in record.getMessage():
+            return True
+        if type(self).seen:
+            return False
+        type(self).seen = True
+        limit = re.search(r"up to (\d+) tokens", record.getMessage())
+        record.msg, record.args = f"prompt truncated to {limit.group(1) if limit else 77} tokens", ()
+        return True
+
+
 def _quiet_loading(rank: int) -> None:
-    """No loading bars (every rank would draw its own); warnings from rank 0 only."""
+    """No loading bars (every rank would draw its own); warnings from rank 0 only, long ones shortened."""
     import diffusers
     import transformers
 
@@ -243,6 +261,8 @@ def _quiet_loading(rank: int) -> None:
         library.utils.logging.disable_progress_bar()
         if rank != 0:
             library.utils.logging.set_verbosity_error()
+    for handler in diffusers.utils.logging.get_logger("diffusers").handlers:
+        handler.addFilter(_ShortTruncationWarning())
     if rank != 0:
         import warnings
 

@@ -5,18 +5,14 @@ latent (each one the whole picture at the native resolution), mixing them by pix
 interaction and pulling them towards the key patch where the prompt's words attend
 (structure guidance); then the patches are relocated into the large latent and a detail
 phase denoises overlapping native-size windows whose predictions are averaged. Patches
-and windows are spread over the ranks; the maths is in :mod:`asyncgen.asg`.
+and windows are spread over the ranks; the maths is in :mod:`asyncgen.asg_maths`.
 
-Choices the paper leaves open, why, and what we measured (built-in miniature model,
-6 shapes captions, seeds 0-5, 25 DDIM steps, CFG 4; "blobs" = separate blobs of the
-requested colour, 1 is right; see ``evaluation/bench_asg.py``):
+Choices the paper leaves open, and why (the measurements behind them are in
+``docs/benchmarks.md``, section ASG):
 
 - **w_t**: ``structure_guidance · (1 + cos(π k / n)) / 2`` over the ``n`` structure steps
   (``guidance_schedule="cosine"``, peak 1.0): strongest while the layout forms, fading so
   that the patches are free to differ in detail by the time they are relocated.
-  Measured at 2x2 (blobs, CLIP): w=0 1.50, 84.6; cosine w=1 1.17, 84.9; cosine w=2 1.33,
-  86.0; constant w=1 1.33, 86.3. At 3x3: w=0 5.83, 86.9; cosine w=1 5.33, 88.1; cosine
-  w=2 4.50, 87.1; constant w=1 4.50, 88.9. Guidance helps; no setting wins everywhere.
 - **M**: the cross-attention probabilities of every cross-attention layer in the
   UNet's up blocks (``attention_layers="up"``), conditional half of the CFG batch,
   averaged over heads and over the prompt's word tokens (the start token, the end
@@ -24,35 +20,24 @@ requested colour, 1 is right; see ``evaluation/bench_asg.py``):
   latent size, averaged over layers, min-max normalised per image. Under pixel
   interaction every slot carries part of the key patch, so each slot's map is
   inverse-permuted like its prediction and the key patch's map is read from the result.
-  Measured: all cross-attention layers (down, mid, up) instead of the up blocks' gave
-  1.17 blobs at 2x2 (same) and 5.17 at 3x3 (5.33 with "up").
 - **First step of each phase**: the structure phase's first step has no previous key
   prediction, so asynchronous mode uses that step's own (as synchronous mode does); the
   detail phase starts on the relocated latent at the next timestep with no warm-up.
-  Phase split: ``round(structure_fraction · steps)``, halves rounded up. Not measured
-  against the alternatives (no guidance on the first step).
-- **structure_fraction** defaults to 0.7, not the design notes' 0.5: at 3x3 (4 captions)
-  the stock pipeline gave 4.0 blobs, p=0.5 5.5, p=0.7 2.0, p=0.9 1.5, p=1.0 (no detail
-  phase) 1.25 with colour artefacts; on the 6-caption benchmark p=0.7 against p=0.5 gave
-  1.00 vs 1.17 blobs and CLIP 89.6 vs 84.9 at 2x2, 2.00 vs 5.33 blobs and CLIP 91.4 vs
-  88.1 at 3x3: better at both scales, so it is the default.
+  Phase split: ``round(structure_fraction · steps)``, halves rounded up.
+- **structure_fraction** defaults to 0.7, not the design notes' 0.5: it left fewer
+  repeated objects and higher CLIP scores at both 2x2 and 3x3.
 - **Synchronous vs asynchronous**: pixel interaction moves every patch's values through
   every slot, so each step all slot predictions must reach every rank anyway (one
   all-reduce the size of the large latent plus one map channel). Asynchronous mode
   therefore differs from synchronous mode in what it guides with (the key patch's
-  previous-step prediction and map), not in how long a step takes: both modes run
-  every patch at once (the "key patch first" of a synchronous step is only an order of
-  work inside one process). Measured: sync gave 1.83 blobs at 2x2 and 5.17 at 3x3
-  (async 1.17 and 5.33).
+  previous-step prediction and map), not in how long a step takes.
 - **SDXL conditioning**: ``original_size = target_size =`` the native size for every
   patch and window; ``crops_coords_top_left`` is ``(0, 0)`` for a patch (a patch shows the
   whole picture, uncropped) and the window's offset in pixels for a window (a window is
   a crop of the large picture).
-- **Decoding**: diffusers' ``tiled_decode`` with native-size tiles (``tiled_decoding=True``).
-  Tiles change pixels (each tile's group norms and mid-block attention see only the
-  tile: on the miniature VAE at 3x3, mean absolute difference 0.10 of the [-1, 1] range
-  from a one-piece decode), but not the measures: 2x2, p=0.5: 1.17 blobs, CLIP 84.9
-  tiled against 1.50, 82.8 in one piece; 3x3, p=0.7: 2.00, 91.4 against 2.17, 90.9.
+- **Decoding**: diffusers' ``tiled_decode`` with native-size tiles (``tiled_decoding=True``):
+  memory does not grow with the square of the size; tiles change pixels slightly, not
+  the measures.
 - **Work per rank**: one denoiser call (CFG batch of 2) per patch or window, patches and
   windows in contiguous, near-equal blocks per rank; every rank decodes the whole
   picture itself (tiles, no communication).
@@ -71,6 +56,8 @@ import torch.distributed as dist
 from asyncgen import asg_maths
 from asyncgen.attention_maps import AttentionMapStore, cross_attention_layers, record_attention_maps
 from asyncgen.distributed import DistContext, publish_error, remote_error, resolve_context, shared_randomness
+
+from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
 
 MODES = ("async", "sync")
 
@@ -140,7 +127,7 @@ class _Layout:
         return self.s_h * self.s_w
 
 
-class ASGPipeline:
+class ASGPipeline(PipelineWrapper):
     r"""High-resolution generation with asynchronous structure guidance (ASG) around a diffusers pipeline.
 
     Wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (its components
@@ -201,6 +188,7 @@ class ASGPipeline:
         device: str | torch.device | None = None,
         timeout: float | datetime.timedelta | None = None,
     ):
+        check_not_wrapped(pipeline, type(self).__name__)
         unet = getattr(pipeline, "unet", None)
         if unet is None or not hasattr(pipeline, "vae") or not hasattr(pipeline, "encode_prompt"):
             raise TypeError(f"{type(pipeline).__name__} is not an SD-style pipeline: ASG needs pipe.unet, pipe.vae "
@@ -229,8 +217,9 @@ class ASGPipeline:
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs) -> "ASGPipeline":
-        """Wrap an already loaded pipeline (same as the constructor)."""
-        return cls(pipeline, **kwargs)
+        """Wrap a new pipeline over ``pipeline``'s components (as diffusers' ``from_pipe``); ``pipeline`` stays usable."""
+        check_not_wrapped(pipeline, cls.__name__)
+        return cls(sibling_pipeline(pipeline), **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, structure_fraction: float = 0.7,
@@ -622,7 +611,4 @@ class ASGPipeline:
             return (image, has_nsfw)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
 
-    def __getattr__(self, name: str):
-        if name == "pipeline":
-            raise AttributeError(name)
-        return getattr(self.pipeline, name)
+

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from diffusers.utils import logging
 from torch import nn
 
 from asyncgen.distributed import DistContext, control_device, publish_error, resolve_context, shared_randomness
@@ -24,6 +25,9 @@ from asyncgen.split import (
 from asyncgen.denoisers import split_denoiser
 
 from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
+from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
+
+logger = logging.get_logger(__name__)  # diffusers' logger: its set_verbosity_* controls ours
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
@@ -77,7 +81,7 @@ def _check_cfg_parallel(pipeline, denoiser) -> None:
         )
 
 
-class AsyncDiffPipeline:
+class AsyncDiffPipeline(PipelineWrapper):
     r"""Run a diffusers pipeline with AsyncDiff: its denoiser split into stages on several ranks.
 
     The wrapped pipeline's ``__call__`` runs unchanged on every rank, with its denoiser
@@ -149,7 +153,9 @@ class AsyncDiffPipeline:
         dtype: str | torch.dtype | None = None,
         attention: str | None = None,
         compile: bool | dict = False,
+        free_unused_stages: bool = True,
     ):
+        check_not_wrapped(pipeline, type(self).__name__)
         if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
         topology = Topology(stages, stride)
@@ -177,9 +183,20 @@ class AsyncDiffPipeline:
             # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
             all_stages = compile_stages(all_stages, compile_kwargs)
 
+        logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
+                    "/".join(str(len(s.units)) for s in all_stages),
+                    "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
+        if ctx.distributed:
+            logger.info("rank %d of %d runs stage %d", ctx.rank, ctx.world_size,
+                        topology.stage_of(ctx.rank % topology.world_size))
+        elif topology.stages > 1 or topology.stride > 1 or cfg_parallel:
+            logger.warning("stages=%d stride=%d%s in one process: running the serial simulator (the images of %d "
+                           "processes, without their speedup); launch %d processes (torchrun, asyncgen generate "
+                           "--devices) for the speedup", stages, stride, " cfg_parallel" if cfg_parallel else "", world,
+                           world)
         if ctx.distributed:
             mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
-            for stage in all_stages:
+            for stage in all_stages if free_unused_stages else ():
                 if stage is not mine:
                     for module in stage.modules():
                         module.to("meta")  # frees the storage: this rank never runs that stage
@@ -208,8 +225,15 @@ class AsyncDiffPipeline:
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs) -> "AsyncDiffPipeline":
-        """Wrap an already loaded pipeline (same as the constructor)."""
-        return cls(pipeline, **kwargs)
+        """Wrap a new pipeline over ``pipeline``'s components, as diffusers' ``from_pipe`` does.
+
+        ``pipeline`` stays untouched and usable (its denoiser is not replaced), so the
+        other stages' weights are kept: they are still ``pipeline``'s. Moving or
+        converting (``device=``, ``dtype=``) acts on the shared components, as in diffusers.
+        The constructor instead wraps in place and frees the other stages' weights.
+        """
+        check_not_wrapped(pipeline, cls.__name__)
+        return cls(sibling_pipeline(pipeline), free_unused_stages=False, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
@@ -239,9 +263,15 @@ class AsyncDiffPipeline:
     def __call__(self, *args, **kwargs):
         """Exactly the wrapped pipeline's ``__call__``; returns its output on every rank."""
         try:
+            steps = kwargs.get("num_inference_steps")
+            if steps is not None and (not isinstance(steps, int) or steps < 1):
+                raise ValueError(f"num_inference_steps={steps!r}: need a whole number of at least 1")
             kwargs = shared_randomness(self.ctx, kwargs)
             self.denoiser.reset()
             output = self.pipeline(*args, **kwargs)
+            schedule = getattr(self.denoiser, "schedule", None)
+            if schedule is not None:
+                logger.info("%d exact warm-up step(s) before the asynchronous ones", schedule.warmup)
             self.denoiser.reset()  # settle this call's transfers now, not at the next call
             return output
         except BaseException as exc:
@@ -265,8 +295,3 @@ class AsyncDiffPipeline:
             "compute_seconds": getattr(executor, "compute_seconds", None),
             "compute_calls": getattr(executor, "compute_calls", None),
         }
-
-    def __getattr__(self, name: str):
-        if name == "pipeline":
-            raise AttributeError(name)
-        return getattr(self.pipeline, name)
