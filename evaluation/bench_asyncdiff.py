@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from asyncgen.cli.launcher import launch
+from asyncgen.cli.options import (DTYPES, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
+                                  positive_int)
 from asyncgen.proxy import default_warmup
 from asyncgen.schedule import AsyncSchedule, Topology
 
@@ -38,12 +40,12 @@ from .fidelity import psnr, ssim
 from .reporting import markdown_table, write_atomic, write_json
 
 
-def load_on_rank(model: str, rank: int, device: str = "cpu", dtype: str = "float32"):
+def load_on_rank(model: str, rank: int, device: str = "cpu", dtype: str = "float32", allow_pickle: bool = False):
     """The pipeline at ``model``, progress bars off, on this rank's device (``cuda:rank`` for CUDA)."""
     import torch
     from asyncgen.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(model, dtype=getattr(torch, dtype))
+    pipe = load_pipeline(model, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
 
@@ -59,7 +61,7 @@ def time_images(pipe, prompts: list[str], call: dict, seed: int) -> tuple[float,
 
 
 def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prompts: list[str], repeats: int,
-            device: str, dtype: str):
+            device: str, dtype: str, allow_pickle: bool = False):
     """Alternate timed passes over the prompts: the stock pipeline (rank 0 alone), then AsyncDiff (all ranks).
 
     Alternating inside one launch keeps the machine's slow drifts (other tenants, clock
@@ -76,8 +78,8 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
         dist.init_process_group(backend=default_backend())
     call = dict(call)
     seed = call.pop("seed")
-    stock = load_on_rank(model, rank, device, dtype) if rank == 0 else None
-    wrapped = AsyncDiffPipeline(load_on_rank(model, rank, device, dtype), **wrap)
+    stock = load_on_rank(model, rank, device, dtype, allow_pickle) if rank == 0 else None
+    wrapped = AsyncDiffPipeline(load_on_rank(model, rank, device, dtype, allow_pickle), **wrap)
     executor = wrapped.denoiser.executor
 
     def timed(pipe, count=len(prompts)):
@@ -125,7 +127,7 @@ def available_cores() -> int:
 
 def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, device: str = "cpu",
                   timeout: float = 3600, pin_cpus: bool = True, prompts: list[str] | None = None,
-                  dtype: str = "float32") -> list[dict]:
+                  dtype: str = "float32", allow_pickle: bool = False) -> list[dict]:
     """One row per AsyncDiff configuration, each timed against its own interleaved stock runs.
 
     ``call`` holds the pipeline arguments (``seed`` included); ``prompts`` defaults to
@@ -137,8 +139,8 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
     rows = []
     for wrap in configs:
         world = world_size_of(wrap)
-        per_rank = launch(_worker, world, model, wrap, call, prompts, repeats, device, dtype, timeout=timeout,
-                          pin_cpus=pin_cpus)
+        per_rank = launch(_worker, world, model, wrap, call, prompts, repeats, device, dtype, allow_pickle,
+                          timeout=timeout, pin_cpus=pin_cpus)
         stock = per_rank[0]["stock"]
         # a repeat ends when the slowest rank returns
         asynchronous = [max(r["async"][i] for r in per_rank) for i in range(repeats)]
@@ -192,6 +194,8 @@ def parse_configs(text: str) -> list[dict]:
         if not match or token == "":
             raise ValueError(f"bad configuration {token!r}: expected nNsS (e.g. n2s1), cfg, or nNsScfg")
         stages, stride, cfg = match.groups()
+        if stages is not None and (int(stages) < 1 or int(stride) < 1):
+            raise ValueError(f"bad configuration {token!r}: stages and stride must be at least 1 (e.g. n2s1)")
         configs.append(dict(stages=int(stages or 1), stride=int(stride or 1), cfg_parallel=bool(cfg)))
     if not configs:
         raise ValueError("no configuration given")
@@ -199,7 +203,7 @@ def parse_configs(text: str) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: the model of --family)")
+    add_model_arguments(parser, "the model of --family")
     parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3"],
                         help="the model when --model is not given: miniature = the trained built-in shapes model, "
                         "32x32 images (real pictures, so quality numbers mean something; too small for large "
@@ -211,27 +215,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "parallelism with one stage; n1s1 is the wrapper with one stage (default: %(default)s)")
     parser.add_argument("--warmups", default="default", help="comma-separated exact warm-up step counts, each run "
                         "with every configuration; 'default' is the wrapper's 5%% of the steps (default: %(default)s)")
-    parser.add_argument("--time-shift", action="store_true", help="stale stages use the previous timestep")
-    parser.add_argument("--split", default="flops", choices=["flops", "time"],
-                        help="how cut points are chosen: estimated FLOPs and bytes, or unit times measured on rank 0 "
-                        "(default: %(default)s)")
+    add_asyncdiff_arguments(parser)
     parser.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt, one per line, or .csv)")
     parser.add_argument("--prompt", default=None, help="a single prompt instead of a prompt set")
-    parser.add_argument("--num-prompts", type=int, default=4, help="without --prompts/--prompt: this many "
+    parser.add_argument("--num-prompts", type=positive_int, default=4, help="without --prompts/--prompt: this many "
                         "captions of the built-in shapes prompt set (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 for miniature, 50 "
-                        "otherwise)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 32 for "
-                        "miniature, 64 for unet, 128 for sd3, the pipeline's own for --model)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 doubles the batch (default: "
-                        "4.0 for miniature, 7.5 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, in every run (default: 0)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts per configuration, "
+    add_sampling_arguments(parser, steps_help="25 for miniature, 50 otherwise",
+                           guidance_help="4.0 for miniature, 7.5 otherwise; > 1 doubles the batch",
+                           size_help="32 for miniature, 64 for unet, 128 for sd3, the pipeline's own for --model")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the prompts per configuration, "
                         "median reported (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: one thread per process; "
                         "cuda: one GPU per process (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="weights and activations (default: %(default)s)")
     parser.add_argument("--clip", default="miniature", help="CLIP for the score: 'miniature', a transformers CLIP "
                         "hub id or folder, open_clip:ARCH:PRETRAINED, or 'none' (default: %(default)s)")
@@ -342,6 +338,10 @@ def run(args: argparse.Namespace) -> int:
     args.width = args.width or args.height
     configs, prompts = _configs(args), _prompts(args)
     oversubscribed = [config_name(c) for c in configs if args.device == "cpu" and world_size_of(c) > available_cores()]
+    if oversubscribed and not args.oversubscribe:
+        raise UsageError(f"--configs {args.configs}: {', '.join(oversubscribed)} need more processes than the "
+                         f"{available_cores()} cores here; pass --oversubscribe to run them anyway (their images and "
+                         "quality are valid, their latency is not)")
     if oversubscribed:
         print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
               "run (their images and quality are valid) but their latency and speedup are not meaningful")
@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
         call = {k: v for k, v in call.items() if v is not None}
         start = time.perf_counter()
         rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin, prompts=prompts,
-                             dtype=args.dtype)
+                             dtype=args.dtype, allow_pickle=args.allow_pickle)
         stock_row = grade(rows, prompts, args.clip)
     table = markdown_table(table_rows(stock_row, rows), [c for c in TABLE_COLUMNS if c != "clip_score" or
                                                         args.clip != "none"], TABLE_FORMATS)
