@@ -353,9 +353,9 @@ def run(args: argparse.Namespace) -> int:
 
             model = str(miniature_sd_path())
         elif model is None:
-            from . import synthetic
+            from . import random_models
 
-            build = synthetic.save_bench_sd3_pipeline if args.family == "sd3" else synthetic.save_bench_pipeline
+            build = random_models.save_bench_sd3_pipeline if args.family == "sd3" else random_models.save_bench_pipeline
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                     width=args.width, output_type="np", seed=args.seed)

@@ -251,7 +251,7 @@ def time_overhead(unet, inputs: dict, steps: int, repeats: int, warmup_loops: in
     """Per-step time of a CFG denoising loop, stock UNet against the ``stages=1`` wrapper around it."""
     from asyncgen.pipelines import AsyncDiffPipeline
 
-    from .synthetic import ddim_scheduler
+    from .random_models import ddim_scheduler
 
     scheduler = ddim_scheduler()
     wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=1).denoiser
@@ -421,7 +421,7 @@ def _staged_denoise(config: dict, device: torch.device, stages: int, stride: int
     """A CFG denoising loop through ``AsyncDiffPipeline``'s proxy: serial simulator, or ranks of ``process_group``."""
     from asyncgen.pipelines import AsyncDiffPipeline
 
-    from .synthetic import ddim_scheduler
+    from .random_models import ddim_scheduler
 
     unet = build_unet(config, device, torch.float32, seed)
     size = config["sample_size"]

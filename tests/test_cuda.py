@@ -11,7 +11,7 @@ import torch
 
 import tiny_models
 from asyncgen.boundary import BoundaryLayout, pack, unpack
-from asyncgen.evaluation import synthetic
+from asyncgen.evaluation import random_models
 from asyncgen.evaluation.gpu_check import DenoiserOnly, staged_forward, unet_inputs
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
@@ -108,7 +108,7 @@ def test_full_warmup_equals_stock_on_cuda(sdxl_path):
 def test_one_stage_proxy_adds_no_host_sync():
     """The stages=1 proxy must let the host run ahead of the GPU exactly as the stock UNet does."""
     unet = _unet("sd_unet", torch.float16)
-    scheduler = synthetic.ddim_scheduler()
+    scheduler = random_models.ddim_scheduler()
     scheduler.set_timesteps(5, device="cuda")
     wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=1).denoiser
     inputs = unet_inputs(split_denoiser(unet), 2, 8, 8)

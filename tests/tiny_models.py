@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from asyncgen.evaluation import synthetic
+from asyncgen.evaluation import random_models
 
 CROSS_DIM = 32
 
 
 def _text_encoder(projection: bool = False):
-    return synthetic.clip_text_encoder(CROSS_DIM, projection=projection)
+    return random_models.clip_text_encoder(CROSS_DIM, projection=projection)
 
 
 def _tokenizer(folder: Path):
-    return synthetic.byte_level_clip_tokenizer(folder / "_tok")
+    return random_models.byte_level_clip_tokenizer(folder / "_tok")
 
 
 def sd_unet(**overrides):
@@ -65,7 +65,7 @@ def odd_unet():
 
 def build_sd(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    return synthetic.save_sd_pipeline(folder / "sd", sd_unet(), text_hidden=CROSS_DIM, seed=seed)
+    return random_models.save_sd_pipeline(folder / "sd", sd_unet(), text_hidden=CROSS_DIM, seed=seed)
 
 
 def build_sdxl(folder: Path, seed: int = 0) -> Path:
@@ -74,8 +74,8 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = _tokenizer(folder)
     pipe = StableDiffusionXLPipeline(
-        unet=sdxl_unet(), vae=synthetic.vae(), text_encoder=_text_encoder(), text_encoder_2=_text_encoder(projection=True),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=synthetic.ddim_scheduler(),
+        unet=sdxl_unet(), vae=random_models.vae(), text_encoder=_text_encoder(), text_encoder_2=_text_encoder(projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=random_models.ddim_scheduler(),
     )
     pipe.save_pretrained(folder / "sdxl")
     return folder / "sdxl"
@@ -116,11 +116,69 @@ def load(path: str | os.PathLike, cls_name: str = "StableDiffusionPipeline", **k
 
 
 # Transformer families: builder, pipeline class, from_pretrained extras, call extras.
+# PixArt and Flux: only the tests build these (the benchmarks use SD and SD3)
+
+def pixart_transformer(text_hidden: int = 32, **overrides):
+    """A tiny ``PixArtTransformer2DModel`` (PixArt-alpha layout: ada_norm_single, caption projection)."""
+    from diffusers import PixArtTransformer2DModel
+
+    config = dict(sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                  caption_channels=text_hidden, in_channels=4, cross_attention_dim=24, out_channels=8,
+                  attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
+
+
+
+def flux_transformer(text_hidden: int = 32, **overrides):
+    """A tiny guidance-distilled (Flux-dev style) ``FluxTransformer2DModel``."""
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden,
+                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(**{**config, **overrides}).eval()
+
+
+
+def save_pixart_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
+    """A ``PixArtAlphaPipeline`` with a small T5 encoder (byte-level CLIP tokenizer: no sentencepiece needed)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer if transformer is not None else pixart_transformer(text_hidden)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"), text_encoder=random_models.t5_text_encoder(text_hidden),
+        vae=random_models.vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+
+def save_flux_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
+    """A guidance-distilled (Flux-dev style) ``FluxPipeline``."""
+    from diffusers import FluxPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer if transformer is not None else flux_transformer(text_hidden)
+    tokenizer = random_models.byte_level_clip_tokenizer(folder / "tokenizer")
+    pipe = FluxPipeline(
+        scheduler=random_models.flow_scheduler(), vae=random_models.flow_vae(transformer.config.in_channels // 4),
+        text_encoder=random_models.clip_text_encoder(text_hidden), tokenizer=tokenizer,
+        text_encoder_2=random_models.t5_text_encoder(text_hidden), tokenizer_2=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 DIT_FAMILIES = {
-    "sd3": (synthetic.save_sd3_pipeline, "StableDiffusion3Pipeline", {}, dict(height=32, width=32)),
-    "pixart": (synthetic.save_pixart_pipeline, "PixArtAlphaPipeline", {},
+    "sd3": (random_models.save_sd3_pipeline, "StableDiffusion3Pipeline", {}, dict(height=32, width=32)),
+    "pixart": (save_pixart_pipeline, "PixArtAlphaPipeline", {},
                dict(height=32, width=32, use_resolution_binning=False, max_sequence_length=16)),
-    "flux": (synthetic.save_flux_pipeline, "FluxPipeline", {}, dict(height=32, width=32, max_sequence_length=16)),
+    "flux": (save_flux_pipeline, "FluxPipeline", {}, dict(height=32, width=32, max_sequence_length=16)),
 }
 
 
@@ -143,6 +201,6 @@ def dit_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
 
 def dit_model(family: str):
     """The family's tiny transformer on its own (for splitting tests)."""
-    builders = {"sd3": synthetic.sd3_transformer, "pixart": synthetic.pixart_transformer,
-                "flux": synthetic.flux_transformer}
+    builders = {"sd3": random_models.sd3_transformer, "pixart": pixart_transformer,
+                "flux": flux_transformer}
     return builders[family]()

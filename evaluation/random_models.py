@@ -135,7 +135,7 @@ def flow_scheduler():
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
-def _flow_vae(latent_channels: int, block_out_channels=(8, 16)):
+def flow_vae(latent_channels: int, block_out_channels=(8, 16)):
     # SD3 and Flux VAEs shift and scale their latents; the pipelines read both from the config
     from diffusers import AutoencoderKL
 
@@ -158,27 +158,6 @@ def sd3_transformer(text_hidden: int = 32, **overrides):
     return SD3Transformer2DModel(**{**config, **overrides}).eval()
 
 
-def pixart_transformer(text_hidden: int = 32, **overrides):
-    """A tiny ``PixArtTransformer2DModel`` (PixArt-alpha layout: ada_norm_single, caption projection)."""
-    from diffusers import PixArtTransformer2DModel
-
-    config = dict(sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                  caption_channels=text_hidden, in_channels=4, cross_attention_dim=24, out_channels=8,
-                  attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
-    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
-
-
-def flux_transformer(text_hidden: int = 32, **overrides):
-    """A tiny guidance-distilled (Flux-dev style) ``FluxTransformer2DModel``."""
-    from diffusers import FluxTransformer2DModel
-
-    config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                  num_attention_heads=2, joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden,
-                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    return FluxTransformer2DModel(**{**config, **overrides}).eval()
-
-
 def save_sd3_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
     """A ``StableDiffusion3Pipeline`` with two CLIP text encoders and no T5 (the pipeline allows that)."""
     from diffusers import StableDiffusion3Pipeline
@@ -188,42 +167,10 @@ def save_sd3_pipeline(folder: Path, transformer=None, text_hidden: int = 32, see
     transformer = transformer if transformer is not None else sd3_transformer(text_hidden)
     tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels),
+        transformer=transformer, scheduler=flow_scheduler(), vae=flow_vae(transformer.config.in_channels),
         text_encoder=clip_text_encoder(text_hidden, projection=True), tokenizer=tokenizer,
         text_encoder_2=clip_text_encoder(text_hidden, projection=True), tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def save_pixart_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
-    """A ``PixArtAlphaPipeline`` with a small T5 encoder (byte-level CLIP tokenizer: no sentencepiece needed)."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
-
-    torch.manual_seed(seed)
-    folder = Path(folder)
-    transformer = transformer if transformer is not None else pixart_transformer(text_hidden)
-    pipe = PixArtAlphaPipeline(
-        tokenizer=byte_level_clip_tokenizer(folder / "tokenizer"), text_encoder=t5_text_encoder(text_hidden),
-        vae=vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def save_flux_pipeline(folder: Path, transformer=None, text_hidden: int = 32, seed: int = 0) -> Path:
-    """A guidance-distilled (Flux-dev style) ``FluxPipeline``."""
-    from diffusers import FluxPipeline
-
-    torch.manual_seed(seed)
-    folder = Path(folder)
-    transformer = transformer if transformer is not None else flux_transformer(text_hidden)
-    tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
-    pipe = FluxPipeline(
-        scheduler=flow_scheduler(), vae=_flow_vae(transformer.config.in_channels // 4),
-        text_encoder=clip_text_encoder(text_hidden), tokenizer=tokenizer,
-        text_encoder_2=t5_text_encoder(text_hidden), tokenizer_2=tokenizer, transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -244,6 +191,6 @@ def save_bench_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     # swap in a VAE of factor 8 so that 128x128 images have 16x16 latents
     from diffusers import AutoencoderKL
 
-    _flow_vae(4, (16, 16, 32, 32)).save_pretrained(pipe_folder / "vae")
+    flow_vae(4, (16, 16, 32, 32)).save_pretrained(pipe_folder / "vae")
     AutoencoderKL.from_pretrained(pipe_folder / "vae")  # fail here, not in the benchmark, if it does not load
     return pipe_folder
