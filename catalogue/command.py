@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UsageError
+from asyncgen.cli.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ COMMANDS = {
               "time and grade the stock pipeline against AsyncDiff configurations; JSON, Markdown and a plot"),
     "eval": ("asyncgen.evaluation.evaluate_folder",
              "CLIP score of a folder of images against a prompt file, and fidelity to a reference folder"),
-    "catalogue": ("asyncgen.cli.catalogue",
+    "catalogue": ("asyncgen.catalogue.command",
                   "the asynchronous-learning catalogue: list the methods, run a miniature experiment"),
 }
 
