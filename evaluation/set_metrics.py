@@ -1,8 +1,10 @@
-"""Distances between two sets of images: Fréchet distance (FID) and KID, over encoder features.
+"""Distances between two sets of images: Fréchet distance and KID, over encoder features.
 
 The features come from an image encoder chosen by the user: torchvision's Inception-v3
 (pool features, 2048-d) when its weights are on this machine, otherwise the image
-tower of a CLIP model (its projected embedding). Values over different encoders are not
+tower of a CLIP model (its projected embedding). The Fréchet distance is FID only over
+Inception features, so ``set_metrics`` reports it under the encoder's ``frechet_key``:
+``"fid"`` for Inception, ``"fd_clip"`` for CLIP. Values over different encoders are not
 comparable, and torchvision's Inception is not the TensorFlow graph published FIDs use,
 so report the encoder next to the numbers (``set_metrics`` does).
 """
@@ -10,6 +12,7 @@ so report the encoder next to the numbers (``set_metrics`` does).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -79,6 +82,8 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
 class ClipImageEncoder:
     """Features from a transformers CLIP image tower (its projected image embedding)."""
 
+    frechet_key = "fd_clip"  # a Fréchet distance, but not FID: that name means Inception features
+
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 64):
         from .clip_score import ClipScorer
 
@@ -98,6 +103,8 @@ class InceptionEncoder:
     Images are resized to 299x299 and normalised with ImageNet statistics.
     """
 
+    frechet_key = "fid"
+
     def __init__(self, weights: str | os.PathLike, device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False):
         import torch
 
@@ -110,7 +117,7 @@ class InceptionEncoder:
         model.load_state_dict(state)
         model.fc = torch.nn.Identity()
         self.model, self.device, self.batch_size = model.eval().to(device), device, batch_size
-        self.name = f"inception:{weights.name}"
+        self.name = f"inception:{Path(weights).name}"
 
     def __call__(self, images: Sequence) -> np.ndarray:
         import torch
@@ -150,9 +157,14 @@ def image_encoder(inception_weights: str | os.PathLike | None = None, clip_model
 
 def set_metrics(images_a: Sequence, images_b: Sequence, encoder=None, kid_subsets: int = 100,
                 kid_subset_size: int = 1000, seed: int = 0) -> dict:
-    """FID and KID between two image sets over ``encoder``'s features (default: ``image_encoder()``)."""
+    """Fréchet distance and KID between two image sets over ``encoder``'s features (default: ``image_encoder()``).
+
+    The Fréchet distance is reported under ``encoder.frechet_key``: ``"fid"`` over
+    Inception features, ``"fd_clip"`` over CLIP image features, ``"fd"`` for an encoder
+    that does not say.
+    """
     encoder = encoder if encoder is not None else image_encoder()
     a, b = encoder(images_a), encoder(images_b)
     kid_mean, kid_std = kernel_inception_distance(a, b, kid_subsets, kid_subset_size, seed)
-    return {"fid": frechet_distance(a, b), "kid": kid_mean, "kid_std": kid_std, "encoder": encoder.name,
-            "n_a": len(a), "n_b": len(b)}
+    return {getattr(encoder, "frechet_key", "fd"): frechet_distance(a, b), "kid": kid_mean, "kid_std": kid_std,
+            "encoder": encoder.name, "n_a": len(a), "n_b": len(b)}

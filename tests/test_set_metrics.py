@@ -52,8 +52,22 @@ def test_set_metrics_over_a_clip_image_tower(tmp_path):
     others, _ = shapes.ShapesDataset(seed=1).sample(24)
     itself = set_metrics.set_metrics(images, images, encoder, kid_subsets=5)
     apart = set_metrics.set_metrics(images, others, encoder, kid_subsets=5)
-    assert itself["fid"] == pytest.approx(0.0, abs=1e-6) and apart["fid"] > itself["fid"]
+    # a Fréchet distance over CLIP features is not FID: it must not be reported as one
+    assert "fid" not in itself and "fid" not in apart
+    assert itself["fd_clip"] == pytest.approx(0.0, abs=1e-6) and apart["fd_clip"] > itself["fd_clip"]
     assert itself["n_a"] == apart["n_b"] == 24 and itself["encoder"] == encoder.name
+
+
+def test_an_encoder_that_does_not_name_its_distance_gets_fd():
+    class Pixels:
+        name = "pixels"
+
+        def __call__(self, images):
+            return np.stack([np.asarray(image, dtype=np.float64).reshape(-1)[:8] for image in images])
+
+    images, _ = shapes.ShapesDataset(seed=0).sample(4)
+    result = set_metrics.set_metrics(images, images, Pixels(), kid_subsets=1)
+    assert set(result) == {"fd", "kid", "kid_std", "encoder", "n_a", "n_b"} and result["fd"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_inception_needs_safe_local_weights(tmp_path):
@@ -75,8 +89,11 @@ def test_inception_features_from_a_safetensors_file(tmp_path):
     torch.manual_seed(0)
     state = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inception.safetensors")
-    encoder = set_metrics.image_encoder(inception_weights=tmp_path / "inception.safetensors")
+    # a str path, as a CLI option or a config file gives it (a Path was the only kind that worked)
+    encoder = set_metrics.image_encoder(inception_weights=str(tmp_path / "inception.safetensors"))
     assert encoder.name == "inception:inception.safetensors"
     images, _ = shapes.ShapesDataset(seed=0).sample(3)
     features = encoder(images)
     assert features.shape == (3, 2048) and np.isfinite(features).all()
+    result = set_metrics.set_metrics(images, images[::-1], encoder, kid_subsets=1)
+    assert "fd_clip" not in result and result["fid"] == pytest.approx(0.0, abs=1e-6)  # the same set, reordered
