@@ -1,0 +1,168 @@
+"""The leo-pacing miniature: GCC video calls over seeded LEO traces with fixed and adaptive pacer
+queue limits; the predictor is tuned on seeds 100.., evaluated on seeds 0..N-1."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+
+from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series, require_extra
+
+require_extra("netsim", "simpy", "sklearn", "numpy")
+
+import multiprocessing  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .pacing import OracleQueueLimit, PredictedQueueLimit, RecordingQueueLimit, noisy_schedule  # noqa: E402
+from .rtc import FixedQueueLimit, simulate_call  # noqa: E402
+from .traces import KINDS, generate_trace  # noqa: E402
+
+ARMS = ("fixed-200", "fixed-2000", "fixed-4000", "adaptive-oracle", "adaptive-predicted")
+
+
+def _trace_and_schedule(kind: str, seed: int, config: dict):
+    k = KINDS.index(kind)
+    seconds = config["dynamic_seconds"] if kind == "dynamic" else config["stable_seconds"]
+    trace = generate_trace(kind, seconds, np.random.default_rng([seed, k]))
+    schedule = noisy_schedule(trace.handovers_ms, np.random.default_rng([seed, k, 7]), config["schedule_jitter_s"],
+                              config["schedule_miss"])
+    return trace, schedule
+
+
+def _policy(arm: str, trace, schedule, config, predictor):
+    if arm.startswith("fixed-"):
+        return FixedQueueLimit(float(arm.split("-")[1]))
+    if arm == "adaptive-oracle":
+        return OracleQueueLimit(trace.handovers_ms, config["stable_limit_ms"], config["handover_limit_ms"],
+                                config["lead_s"])
+    classifier, threshold = predictor
+    return PredictedQueueLimit(classifier, schedule, config["stable_limit_ms"], config["handover_limit_ms"], threshold)
+
+
+def _evaluate(task):
+    kind, seed, arm, config, predictor = task
+    trace, schedule = _trace_and_schedule(kind, seed, config)
+    metrics, call = simulate_call(trace, _policy(arm, trace, schedule, config, predictor), seed)
+    target = [row[2] / 1e6 for row in call.stats.limits[9::10]]  # once a second
+    return kind, seed, arm, metrics, target
+
+
+def _collect(task):
+    kind, seed, config = task
+    trace, schedule = _trace_and_schedule(kind, seed, config)
+    oracle = OracleQueueLimit(trace.handovers_ms, config["stable_limit_ms"], config["handover_limit_ms"],
+                              config["lead_s"])
+    recorder = RecordingQueueLimit(oracle, trace.handovers_ms, schedule, config["lead_s"])
+    simulate_call(trace, recorder, seed)
+    return seed, np.array(recorder.features), np.array(recorder.labels)
+
+
+def _map(function, tasks, workers, progress):
+    if workers <= 1:
+        for task in tasks:
+            yield function(task)
+            progress.update()
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for out in pool.map(function, tasks):
+            yield out
+            progress.update()
+
+
+def train_predictor(config: dict, progress, workers: int):
+    """Fit the handover classifier on tuning seeds; pick depth and threshold on the last two of them."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.tree import DecisionTreeClassifier
+
+    seeds = list(range(100, 100 + config["tune_seeds"]))
+    tasks = [(kind, s, config) for s in seeds for kind in KINDS]
+    data = list(_map(_collect, tasks, workers, progress))
+    held = set(seeds[-2:])
+    fit_x = np.concatenate([x for s, x, _ in data if s not in held])
+    fit_y = np.concatenate([y for s, _, y in data if s not in held])
+    val_x = np.concatenate([x for s, x, _ in data if s in held])
+    val_y = np.concatenate([y for s, _, y in data if s in held])
+    best = None
+    for depth in (2, 4, 6, 8):
+        tree = DecisionTreeClassifier(max_depth=depth, min_samples_leaf=20, random_state=0).fit(fit_x, fit_y)
+        proba = tree.predict_proba(val_x)[:, 1]
+        for threshold in (0.3, 0.5, 0.7):
+            score = balanced_accuracy_score(val_y, proba >= threshold)
+            if best is None or score > best[0]:
+                best = (score, depth, threshold)
+    score, depth, threshold = best
+    all_x = np.concatenate([x for _, x, _ in data])
+    all_y = np.concatenate([y for _, _, y in data])
+    tree = DecisionTreeClassifier(max_depth=depth, min_samples_leaf=20, random_state=0).fit(all_x, all_y)
+    return (tree, threshold), {"depth": depth, "threshold": threshold, "validation_balanced_accuracy": score}
+
+
+def run_leo_pacing(config: dict, seeds: list[int], progress) -> ExperimentResult:
+    if config["dynamic_seconds"] < 10 or config["stable_seconds"] < 10:
+        raise CatalogueError(f"dynamic_seconds={config['dynamic_seconds']}, stable_seconds={config['stable_seconds']}:"
+                             " traces must last at least 10 s")
+    if any(s >= 100 for s in seeds):
+        raise CatalogueError(f"seeds {seeds}: evaluation seeds must stay below 100 (100.. tune the predictor)")
+    workers = max(1, config["workers"])
+    tasks = [(kind, s, arm, config, None) for kind in KINDS for s in seeds for arm in ARMS]
+    progress.set_total(2 * config["tune_seeds"] + len(tasks))
+    predictor, tuning = train_predictor(config, progress, workers)
+    tasks = [(kind, s, arm, config, predictor if arm == "adaptive-predicted" else None) for kind, s, arm, *_ in tasks]
+    per_seed = {arm: {} for arm in ARMS}
+    targets = {kind: {arm: [] for arm in ARMS} for kind in KINDS}
+    for kind, seed, arm, metrics, target in _map(_evaluate, tasks, workers, progress):
+        suffix = "" if kind == "dynamic" else "_stable"
+        for name in ("bitrate", "freezes_per_min", "p95_delay_ms"):
+            per_seed[arm].setdefault(name + suffix, []).append(float(getattr(metrics, name)))
+        targets[kind][arm].append(target)
+
+    def mean(arm, metric):
+        return float(np.mean(per_seed[arm][metric]))
+
+    pred, base = "adaptive-predicted", "fixed-2000"
+    freeze_cut = 1.0 - mean(pred, "freezes_per_min") / mean(base, "freezes_per_min") \
+        if mean(base, "freezes_per_min") > 0 else float("nan")
+    goals = [
+        Goal("predicted_bitrate_vs_fixed2000", mean(pred, "bitrate") / mean(base, "bitrate"), 1.5, ">=",
+             "dynamic traces: bitrate ratio adaptive-predicted / fixed-2000 (paper: up to 3x)",
+             reason="in this model every outage makes GCC's delay-based controller cut to 0.85 x a received rate "
+                    "measured across the outage (dynamic seed 0: 1.79 -> 0.24 Mbit/s at the first handover), and it "
+                    "climbs back at 8%/s; the handover rate, not the pacer queue limit, sets the bitrate"),
+        Goal("predicted_freeze_reduction_vs_fixed2000", freeze_cut, 0.40, ">=",
+             "dynamic traces: 1 - freezes/min(adaptive-predicted) / freezes/min(fixed-2000) (paper: -62%)",
+             reason="every freeze on dynamic seeds 0-1 starts within 1.5 s of a handover: the 100-400 ms outage "
+                    "itself stops the video, and holding frames in the pacer cannot shorten that gap"),
+        Goal("predicted_freezes_vs_fixed200", mean(pred, "freezes_per_min") / max(mean("fixed-200", "freezes_per_min"),
+                                                                                  1e-9), 1.0, "<",
+             "dynamic traces: freezes/min ratio adaptive-predicted / fixed-200",
+             reason="with L = 3000 ms around handovers the pacer holds frames behind the congestion window during an "
+                    "outage; with L = 200 ms it pushes them out, the 100 ms bottleneck buffer keeps them, and they "
+                    "render sooner after the outage"),
+    ]
+    for other in ("fixed-2000", "fixed-4000"):
+        goals.append(Goal(f"stable_p95_vs_{other}", mean(pred, "p95_delay_ms_stable") / mean(other, "p95_delay_ms_stable"),
+                          1.0, "<=", f"stable traces: p95 frame delay ratio adaptive-predicted / {other}",
+                          reason="the predictor raised the limit at the wrong times"))
+        goals.append(Goal(f"stable_bitrate_within_5pct_of_{other}",
+                          abs(mean(pred, "bitrate_stable") / mean(other, "bitrate_stable") - 1.0), 0.05, "<=",
+                          f"stable traces: |bitrate ratio adaptive-predicted / {other} - 1|",
+                          reason="the limit changed the rate GCC settles at"))
+    panels = []
+    for kind in KINDS:
+        length = min(len(t) for arm in ARMS for t in targets[kind][arm])
+        x = [float(i + 1) for i in range(length)]
+        panels.append({"title": f"{kind} traces: GCC target", "xlabel": "time (s)", "ylabel": "target (Mbit/s)",
+                       "series": {arm: Series(x, [t[:length] for t in targets[kind][arm]]) for arm in ARMS}})
+    notes = [
+        "simulated clock (simpy, ms): link traces, frame sizes and random losses are drawn from seeded generators, "
+        "never measured",
+        f"predictor: decision tree on {len(KINDS) * config['tune_seeds']} calls from tuning seeds 100..{99 + config['tune_seeds']} "
+        f"(depth {tuning['depth']}, threshold {tuning['threshold']}, balanced accuracy on held-out tuning seeds "
+        f"{tuning['validation_balanced_accuracy']:.3f}); evaluation seeds {seeds}",
+        f"dynamic traces {config['dynamic_seconds']:g} s, stable traces {config['stable_seconds']:g} s",
+        "model choices beyond the issue: congestion-window pushback (pacer pauses while bytes in flight exceed "
+        "target x (RTT + 100 ms) unless the queue exceeds L), no retransmissions (a frame with a lost packet is "
+        "skipped), libwebrtc's 1.5 x received-rate cap on increases",
+    ]
+    return ExperimentResult(per_seed=per_seed, goals=goals, plot=Plot(panels=panels, title="LEO real-time video"),
+                            notes=notes)
