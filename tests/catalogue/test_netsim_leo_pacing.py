@@ -20,13 +20,14 @@ def test_traces_follow_the_spec():
         assert 2e6 <= dynamic.capacity_bps.min() and dynamic.capacity_bps.max() <= 8e6
         assert 20.0 <= dynamic.delay_ms.min() and dynamic.delay_ms.max() <= 40.0
         gaps = np.diff(dynamic.handovers_ms)
-        assert np.all((gaps >= 2e3) | (gaps >= 20e3)) and np.min(gaps) >= 2e3
-        assert np.any(gaps <= 5e3)  # inside windows: every 2-5 s
+        # inside a window every 2-5 s; between windows at least the 20-40 s quiet gap
+        assert np.min(gaps) >= 2e3 and np.all((gaps <= 5e3) | (gaps >= 20e3)) and np.any(gaps <= 5e3)
         for h in dynamic.handovers_ms.astype(int):
             length = int(np.argmin(dynamic.outage[h:])) if not dynamic.outage[-1] else None
             assert length is None or 100 <= length <= 400
-        assert dynamic.loss.max() <= 0.20 and set(np.unique(dynamic.loss[dynamic.loss > 0])) <= set(
-            np.unique(dynamic.loss))
+        lossy = dynamic.loss[dynamic.loss > 0]
+        assert lossy.size and lossy.min() >= 0.05 and lossy.max() <= 0.20
+        assert not np.any((dynamic.loss > 0) & dynamic.outage)  # loss follows the outage, it does not overlap it
         stable = generate_trace("stable", 120, np.random.default_rng(seed))
         assert len(stable.handovers_ms) <= 2 and np.all(np.diff(stable.handovers_ms) >= 60e3)
     # resume_ms points past each outage
