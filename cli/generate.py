@@ -124,7 +124,7 @@ def _describe_model(model: str, allow_pickle: bool):
             raise UsageError(f"--model {model}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
                              "downloading it (download it once with network access, or give a local folder)") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--model {model}: {text}") from None
+        raise UsageError(f"--model {model}: {text.removeprefix(f'{model}: ')}") from None
 
 
 def _check_size(name: str, value: int | None, facts) -> None:
@@ -236,12 +236,15 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     )
 
 
-class _ShortTruncationWarning(logging.Filter):
-    """diffusers repeats the whole cut-off part of a long prompt in its warning; say it in one short line, once."""
+class _TidyDiffusersLog(logging.Filter):
+    """One short line, once, where diffusers repeats the whole cut-off part of a long prompt; nothing for the
+    weight-file lookups it reports before our own one-line error (a pickle-only folder) does."""
 
     seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("An error occurred while trying to fetch"):
+            return False
         if "truncated because CLIP can only handle sequences up to" not in record.getMessage():
             return True
         if type(self).seen:
@@ -262,7 +265,7 @@ def _quiet_loading(rank: int) -> None:
         if rank != 0:
             library.utils.logging.set_verbosity_error()
     for handler in diffusers.utils.logging.get_logger("diffusers").handlers:
-        handler.addFilter(_ShortTruncationWarning())
+        handler.addFilter(_TidyDiffusersLog())
     if rank != 0:
         import warnings
 

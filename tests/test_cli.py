@@ -108,32 +108,106 @@ def test_generate_many_prompts_writes_numbered_files(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
-    (["--stages", "40"], "stages=40 is more than the 22 units"),
-    (["--height", "30"], "--height 30 is not divisible by this model's VAE factor 4"),
+    (["--model", "nobody/not-in-the-cache"], "--model nobody/not-in-the-cache: not in the local Hugging Face cache, "
+                                             "and HF_HUB_OFFLINE=1 forbids downloading it"),
+    (["--stages", "40"], "--stages 40: this UNet2DConditionModel splits into at most 22 stages"),
+    (["--height", "31"], "--height 31 is not a multiple of 8, the size step of this model (VAE factor x patch size); "
+                         "nearest valid: 24 or 32"),
+    (["--width", "36"], "--width 36 is not a multiple of 8"),
     (["--devices", "2", "--stages", "3"], "--devices 2 does not match --stages 3 --stride 1"),
-    (["--highres", "--height", "40"], "height=40 is not a whole multiple of the native height 32"),
+    (["--devices", "64"], "--devices 64 on CPU: this machine has"),
+    (["--highres", "--height", "40"], "--height 40: --highres needs a multiple of the native 32 (e.g. 32 or 64)"),
     (["--highres", "--stages", "2"], "--highres spreads patches over the devices and does not split the denoiser"),
+    (["-o", "{tmp}"], "-o {tmp} is a directory; give a file name such as"),
+    (["-o", "{tmp}/x.xyz"], "-o {tmp}/x.xyz: unknown image extension '.xyz'; use one of .png, .jpg"),
+    (["-o", "/proc/asyncgen.png"], "-o /proc/asyncgen.png: directory /proc is not writable"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
-    # in this process (no interpreter start-up per case); the subprocess path is tested below
+    # in this process (no interpreter start-up per case), checked before any model loads
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code = main(["generate", PROMPT, "-o", str(tmp_path / "x.png"), "--steps", "2", *args])
-    assert code == 2
-    assert f"asyncgen generate: error: {message}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"asyncgen generate: error: {message.replace('{tmp}', str(tmp_path))}" in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "0"], "argument --devices: 0: need a whole number of at least 1"),
+    (["--devices", "-1"], "argument --devices: -1: need a whole number of at least 1"),
+    (["--steps", "0"], "argument --steps: 0: need a whole number of at least 1"),
+    (["--guidance", "nan"], "argument --guidance: nan: need a finite number"),
+    (["--guidance", "inf"], "argument --guidance: inf: need a finite number"),
+    (["--structure-guidance=-inf"], "argument --structure-guidance: -inf: need a finite number"),
+    (["--structure-fraction", "1.5"], "argument --structure-fraction: 1.5: need a number from 0 to 1"),
+    (["--seed", "-1"], "argument --seed: -1: seeds run from 0 to 2**64 - 1"),
+    (["--seed", str(2**64)], f"argument --seed: {2**64}: seeds run from 0 to 2**64 - 1"),
+])
+def test_bad_numbers_are_refused_by_the_parser(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", PROMPT, *args])
+    assert exit_.value.code == 2
+    assert f"asyncgen generate: error: {message}" in capsys.readouterr().err
+
+
+def test_seeds_of_a_prompt_file_must_all_fit(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    assert main(["generate", "--prompts", str(prompts), "-o", str(tmp_path / "x.png"), "--seed", str(2**64 - 1)]) == 2
+    assert ("--seed 18446744073709551615 with 2 prompts: image i uses seed + i, so the seed can be at most "
+            "2**64 - 2 = 18446744073709551614") in capsys.readouterr().err
+    assert main(["generate", "--prompts", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
+    assert f"--prompts {tmp_path}: prompt file {tmp_path} is a directory" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*.png"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "x.png"), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+
+
+def test_one_side_given_keeps_the_native_size_for_the_other(tmp_path):
+    out = asyncgen("generate", PROMPT, "-o", tmp_path / "tall.png", "--steps", "2", "--height", "64")
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "tall.png") as image:
+        assert image.size == (32, 64)  # (width, height): the width stays the native 32
+    assert out.stderr.strip() == "" or "Warning" not in out.stderr  # no third-party noise
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path, sd_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(sd_path).save_pretrained(folder, safe_serialization=False)
+    # (transformers saves its text encoder as safetensors regardless)
+    assert not list((folder / "unet").glob("*.safetensors"))
+    capsys.readouterr()
+    args = ["generate", PROMPT, "--model", str(folder), "--steps", "1", "--height", "16", "--width", "16"]
+    assert main([*args, "-o", str(tmp_path / "refused.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no safetensors weights found" in err and "--allow-pickle" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused.png").exists()
+    assert main([*args, "-o", str(tmp_path / "allowed.png"), "--allow-pickle"]) == 0
+    assert (tmp_path / "allowed.png").is_file()
+
+
 def test_a_failing_worker_ends_the_run_with_its_message(tmp_path):
-    # both ranks load the model, then refuse the size: the first error is forwarded
-    out = asyncgen("generate", PROMPT, "-o", tmp_path / "x.png", "--devices", "2", "--width", "34")
-    assert out.returncode == 2
-    assert "asyncgen generate: error: --width 34 is not divisible" in out.stderr
+    # both ranks load the model, then refuse the attention kernels (xformers is not installed):
+    # a bad value only a worker can find, forwarded as the same one-line error
+    out = asyncgen("generate", PROMPT, "-o", tmp_path / "x.png", "--devices", "2", "--attention", "xformers")
+    assert out.returncode == 2, out.stderr
+    assert "asyncgen generate: error:" in out.stderr and "xformers" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
-def test_ctrl_c_stops_every_worker(tmp_path):
+def _start_two_workers(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "asyncgen.cli", "generate", PROMPT, "-o", str(tmp_path / "x.png"),
                              "--devices", "2", "--steps", "100000"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     workers = []
     while time.monotonic() < deadline and len(workers) < 2:
         time.sleep(0.5)
@@ -141,13 +215,31 @@ def test_ctrl_c_stops_every_worker(tmp_path):
         workers = [p for p in _children(proc.pid) if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(workers) >= 2, "workers did not start"
     time.sleep(3)  # let them get into the denoising loop
-    proc.send_signal(signal.SIGINT)
+    return proc, workers
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_every_worker_before_the_command_exits(tmp_path, signum, code):
+    proc, workers = _start_two_workers(tmp_path)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    time.sleep(0.5)
-    alive = [p for p in workers if _stat(p) is not None]
-    assert not alive, f"workers {alive} outlived the command"
+    assert proc.returncode == code, stderr
+    assert "asyncgen generate: interrupted: stopped 2 workers" in stderr
+    alive = [p for p in workers + _children(proc.pid) if _stat(p) is not None]
+    assert not alive, f"processes {alive} outlived the command"
+    time.sleep(2)
+    assert not (tmp_path / "x.png").exists(), "something wrote the output after the command ended"
+
+
+def test_a_killed_worker_is_named_in_one_line(tmp_path):
+    proc, workers = _start_two_workers(tmp_path)
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("asyncgen generate:")]
+    assert lines[0] == "asyncgen generate: worker 1 was killed by SIGKILL", stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in workers if _stat(p) is not None]
 
 
 @pytest.mark.distributed
