@@ -74,4 +74,20 @@ EXPERIMENTS = [
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
+    ExperimentInfo(
+        name="fedast",
+        family="federated",
+        paper="Askin, Sharma, Joe-Wong, Joshi, UAI 2024 (FedAST)",
+        claim="training several models at once with buffered asynchronous updates and client quotas moved toward "
+              "the noisiest task finishes all tasks sooner than concurrent synchronous FedAvg (up to 46% less time)",
+        entry="asyncgen.catalogue.federated.experiments:run_fedast",
+        # Q, alpha and rounds (sync-st's budget) are left open by the issue: our choices, see
+        # docs/catalogue/federated.md
+        defaults={"M": 3, "N": 300, "R": 48, "g": 4, "Q": 5, "alpha": 1.0, "rounds": 30, "lr": 0.1, "B": 8,
+                  "eta_g": 0.5},
+        quick={"rounds": 3},
+        default_seconds=300.0,
+        packages=PACKAGES,
+        plot_caption="test accuracy of each task against simulated time",
+    ),
 ]

@@ -7,10 +7,11 @@ import pytest
 from asyncgen.catalogue import experiments, get_experiment
 from asyncgen.catalogue.frame import CatalogueError, run_experiment
 
-FEDERATED = ["fedbuff", "favano", "fedfix", "fedcompass"]
+FEDERATED = ["fedbuff", "favano", "fedfix", "fedcompass", "fedast"]
 # smaller than --quick so that the family's tests stay well under 90 s on a shared 2-core machine
 TINY = {"fedbuff": ["rounds=2", "N=60", "concurrencies=5,20"], "favano": ["rounds=2", "N=20", "s=5"],
-        "fedfix": ["rounds=3"], "fedcompass": ["rounds=1", "N=6", "Qmax=10"]}
+        "fedfix": ["rounds=3"], "fedcompass": ["rounds=1", "N=6", "Qmax=10"],
+        "fedast": ["rounds=1", "N=60", "R=12", "g=2"]}
 
 
 def test_listed_with_quick_overrides():
@@ -49,3 +50,7 @@ def test_bad_set_keys_and_values():
                        progress=False)
     with pytest.raises(CatalogueError, match="s=60"):
         run_experiment(get_experiment("favano"), quick=True, overrides=["s=60"], progress=False)
+    with pytest.raises(CatalogueError, match="M=0: need at least one task"):
+        run_experiment(get_experiment("fedast"), quick=True, overrides=["M=0"], progress=False)
+    with pytest.raises(CatalogueError, match="R=8: must be >= g·M"):
+        run_experiment(get_experiment("fedast"), quick=True, overrides=["R=8"], progress=False)
