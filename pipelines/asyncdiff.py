@@ -27,7 +27,8 @@ from asyncgen.denoisers import split_denoiser
 from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
 from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
 
-logger = logging.get_logger(__name__)  # diffusers' logger: its set_verbosity_* controls ours
+# a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
+logger = logging.get_logger(f"diffusers.{__name__}")
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
