@@ -217,9 +217,14 @@ def run_adaptive_braking(config: dict, seeds: list[int], progress) -> Experiment
         goals.append(Goal(f"quad_sgdm_f_ratio_d{q_goal}", mean("sgdm", f"quad_f_ratio_d{q_goal}"), 1.0, ">",
                           f"quadratic: SGDM final f / f0 at D={q_goal} (> 1 = diverged)",
                           reason="SGDM stays stable on the quadratic at this delay"))
-    goals.append(Goal(f"quad_ab_f_ratio_d{q_goal}", mean("sgdm-ab", f"quad_f_ratio_d{q_goal}"), 1e-2, "<",
+    ab_quad = mean("sgdm-ab", f"quad_f_ratio_d{q_goal}")
+    probe = f"quad_f_ratio_d{q_goal}_lr{config['quad_probe_lr']:g}"
+    probe_text = (f"; at lr={config['quad_probe_lr']:g} it reaches f/f0 = {mean('sgdm-ab', probe):.3g} while SGDM "
+                  f"reaches {mean('sgdm', probe):.3g}") if probe in per_seed["sgdm-ab"] else ""
+    goals.append(Goal(f"quad_ab_f_ratio_d{q_goal}", ab_quad, 1e-2, "<",
                       f"quadratic: SGDM+AB (rho=2) final f / f0 at D={q_goal}",
-                      reason="braking does not bring f below 1% of f0 in the step budget"))
+                      reason=(f"SGDM+AB diverges too at lr={config['quad_lr']:g}, D={q_goal}" if ab_quad > 1 else
+                              "braking does not bring f below 1% of f0 in the step budget") + probe_text))
 
     x_quad = [min(20 * i, config["quad_steps"]) for i in range(config["quad_steps"] // 20 + 1)]
     panels = [
