@@ -173,7 +173,30 @@ def test_one_side_given_keeps_the_native_size_for_the_other(tmp_path):
     assert out.returncode == 0, out.stderr
     with Image.open(tmp_path / "tall.png") as image:
         assert image.size == (32, 64)  # (width, height): the width stays the native 32
-    assert out.stderr.strip() == "" or "Warning" not in out.stderr  # no third-party noise
+    # nothing on stderr but the progress bar: no third-party warnings
+    noise = [line for line in out.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert not noise, noise
+
+
+def test_a_long_prompt_warns_once_in_one_short_line(tmp_path, capsys):
+    words = " ".join(["a large red circle on a blue background"] * 300)
+    assert main(["generate", words, "-o", str(tmp_path / "x.png"), "--steps", "1", "--seed", str(2**63)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("prompt truncated to") == 1
+    assert max(len(line) for line in err.replace("\r", "\n").splitlines()) < 200, "a long line reached the user"
+
+
+def test_devices_against_torchrun_world_size_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "x.png"), "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--devices 2 does not match the launcher's WORLD_SIZE=1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_configuration_without_stages(capsys):
+    assert main(["bench", "--configs", "n0s1"]) == 2
+    assert "bad configuration 'n0s1': stages and stride must be at least 1" in capsys.readouterr().err
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path, sd_path, capsys):
