@@ -50,8 +50,13 @@ def task_message(task: Task, node_id: int) -> Message:
 
 
 def train_reply(message: Message, trainer, client: int | None = None) -> Message:
-    """Run the task in ``message`` with ``trainer`` and build the reply carrying the delta."""
+    """Run the task in ``message`` with ``trainer`` and build the reply carrying the delta.
+
+    ``trainer`` may be a list with one trainer per model (FedAST): the task's ``model`` picks one.
+    """
     config = message.content["config"]
+    if isinstance(trainer, (list, tuple)):
+        trainer = trainer[int(config["model"])]
     base = torch.from_numpy(message.content["arrays"].to_numpy_ndarrays()[0].copy())
     client = int(config["client"]) if client is None else client
     (delta,) = trainer.train([Job(client, base, int(config["steps"]))])

@@ -9,7 +9,7 @@ from asyncgen.catalogue.federated.engine import Simulation
 from asyncgen.catalogue.federated.favano import FAVANO
 from asyncgen.catalogue.federated.fedbuff import FedBuff
 from asyncgen.catalogue.federated.flower import run_async_server, train_reply
-from asyncgen.catalogue.federated.local import BatchedMLPSGD, flatten, mlp
+from asyncgen.catalogue.federated.local import BatchedMLPSGD, Job, flatten, mlp
 from asyncgen.catalogue.federated.profiles import SpeedProfile
 
 SIZES = [64, 32, 10]
@@ -79,3 +79,21 @@ def test_flower_refuses_interruptible_strategies_and_endless_loops(flower_identi
         run_async_server(grid, FAVANO(torch.zeros(3), 2, sample_size=1), duration_s=1)
     with pytest.raises(CatalogueError, match="give duration_s or max_updates"):
         run_async_server(grid, FedBuff(torch.zeros(3), 2, buffer_size=1, concurrency=1))
+
+
+
+def test_train_reply_picks_the_trainer_of_the_task_model(flower_identity):
+    """FedAST's tasks carry their model index; a node holding one trainer per model trains the right one."""
+    import numpy as np
+
+    from asyncgen.catalogue.federated.flower import task_message
+    from asyncgen.catalogue.federated.strategy import Task
+
+    data = federated_digits(0, 8, 1.0)
+    sizes = [SIZES, [64, 10]]
+    base = flatten(mlp(sizes[1], 0))
+    reply = train_reply(task_message(Task(3, 0, 2, base, model=1), 7),
+                        [BatchedMLPSGD(s, data, seed=0) for s in sizes], 3)
+    delta = torch.from_numpy(np.array(reply.content["arrays"].to_numpy_ndarrays()[0]))
+    (expected,) = BatchedMLPSGD(sizes[1], data, seed=0).train([Job(3, base, 2)])
+    assert torch.equal(delta, expected) and float(expected.abs().max()) > 0
