@@ -215,7 +215,8 @@ def results_markdown(info: ExperimentInfo, report: dict) -> str:
         "",
         f"{info.paper}. Claim: {info.claim}",
         "",
-        f"Seeds {report['seeds']} (values are seed means), wall time {report['wall_seconds']:.1f} s, "
+        f"Seeds {report['seeds']} (values are seed means), wall time {report['wall_seconds']:.1f} s "
+        f"(CPU {report.get('cpu_seconds', float('nan')):.1f} s), "
         f"config: `{', '.join(f'{k}={v}' for k, v in report['config'].items())}`.",
         "",
         markdown_table(rows, ["arm", *names]),
@@ -293,6 +294,13 @@ class Progress:
         self._bar.close()
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
                    overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
                    progress: bool = True) -> dict:
@@ -308,12 +316,14 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
     seed_list = list(range(seed, seed + count))
     run = info.load()
     bar = Progress(desc=info.name, enabled=progress)
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     try:
         result: ExperimentResult = run(dict(config), seed_list, bar)
     finally:
         bar.close()
     wall = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start
     metrics = seed_means(result.per_seed)
     for arm, extra in result.extra.items():
         metrics.setdefault(arm, {}).update(extra)
@@ -324,6 +334,7 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
         "seeds": seed_list,
         "versions": _versions(info),
         "wall_seconds": wall,
+        "cpu_seconds": cpu,  # this process and its finished children: on a shared machine wall time inflates
         "metrics": metrics,
         "goals": {g.name: {"value": float(g.value), "threshold": float(g.threshold), "direction": g.direction,
                            "passed": g.passed, "description": g.description, "reason": g.reason}

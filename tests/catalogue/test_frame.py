@@ -57,7 +57,9 @@ def test_goals_and_seed_means():
 def test_run_writes_three_files_and_is_reproducible(tmp_path):
     report = run_experiment(TOY, seeds=3, seed=1, out=tmp_path / "r", progress=False)
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(saved) >= {"experiment", "paper", "config", "seeds", "versions", "wall_seconds", "metrics", "goals"}
+    assert set(saved) >= {"experiment", "paper", "config", "seeds", "versions", "wall_seconds", "cpu_seconds", "metrics",
+                          "goals"}
+    assert 0 <= saved["cpu_seconds"]
     assert saved["seeds"] == [1, 2, 3]
     assert saved["metrics"]["a"]["score"] == 2.0 and saved["metrics"]["b"]["per_seed"]["score"] == [1.0, 4.0, 9.0]
     assert saved["goals"]["a_small"] == {"value": 2.0, "threshold": 1.0, "direction": "<=", "passed": False,
