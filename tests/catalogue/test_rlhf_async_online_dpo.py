@@ -31,7 +31,9 @@ def make(cls, steps=5, reward=count_fives, data=None, max_new_tokens=9, **kwargs
                            learning_rate=1e-3, max_new_tokens=max_new_tokens, logging_steps=1, report_to=[],
                            save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
     dataset = Dataset.from_dict({"prompt": data or prompts()})
-    return cls(model=tiny_policy(TOKENIZER, seed=0), reward_funcs=reward, args=args, train_dataset=dataset,
+    # the smallest GPT-2 that still exercises generation, reference log-probs and the DPO loss
+    return cls(model=tiny_policy(TOKENIZER, seed=0, n_embd=32, n_layer=1), reward_funcs=reward, args=args,
+               train_dataset=dataset,
                processing_class=TOKENIZER, **kwargs)
 
 

@@ -22,7 +22,7 @@ TOKENIZER = char_tokenizer()
 def policy_dir(tmp_path_factory):
     # trl's RLOO builds its reference model from the policy's path, so the tiny policy is saved once
     path = tmp_path_factory.mktemp("rloo_policy")
-    tiny_policy(TOKENIZER, seed=0, n_embd=32).save_pretrained(path)
+    tiny_policy(TOKENIZER, seed=0, n_embd=32, n_layer=1).save_pretrained(path)
     return str(path)
 
 
