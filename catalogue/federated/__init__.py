@@ -25,9 +25,9 @@ EXPERIMENTS = [
         defaults={"N": 200, "concurrencies": [10, 100], "K": 10, "Q": 5, "alpha": 1.0, "profile": "lognormal",
                   "rounds": 40, "o": 1.3, "a": 0.5, "server_momentum": 0.0, "fedasync_alpha": 0.6, **_SHARED},
         quick={"rounds": 4},
-        # measured 383 s wall at load average ~10 on the 2 shared cores (wall ≈ 2–4× CPU time at that
-        # load in the quick runs); to re-measure on a quiet machine
-        default_seconds=300.0,
+        # measured 2026-11-30: 48.4 s of CPU time (single-threaded, so ≈ wall on an idle core); 491 s wall
+        # at load average ~12 on the 2 shared cores, where the run got ~10% of a core
+        default_seconds=49.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
@@ -55,8 +55,8 @@ EXPERIMENTS = [
         defaults={"M": 20, "Q": 10, "dt": 0.5, "other_dts": [0.2, 0.8], "alpha": 0.1, "rounds": 60,
                   "fedbuff_K": 5, **_SHARED},
         quick={"rounds": 6},
-        # measured 392 s wall at load average ~10 on the 2 shared cores; to re-measure on a quiet machine
-        default_seconds=300.0,
+        # measured 2026-11-30: 41.3 s of CPU time (≈ wall on an idle core); 437 s wall at load average ~12
+        default_seconds=42.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -86,7 +86,8 @@ EXPERIMENTS = [
         defaults={"M": 3, "N": 300, "R": 48, "g": 4, "Q": 5, "alpha": 1.0, "rounds": 30, "lr": 0.1, "B": 8,
                   "eta_g": 0.5},
         quick={"rounds": 3},
-        default_seconds=300.0,
+        # measured 2026-11-30: 52.1 s of CPU time (≈ wall on an idle core); 514 s wall at load average ~12
+        default_seconds=53.0,
         packages=PACKAGES,
         plot_caption="test accuracy of each task against simulated time",
     ),
