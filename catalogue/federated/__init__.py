@@ -41,7 +41,8 @@ EXPERIMENTS = [
         defaults={"N": 50, "s": 10, "K": 10, "period": 2.0, "alpha": 0.3, "slow_fraction": 0.8, "rounds": 60,
                   "fedbuff_K": 5, "a": 0.5, **_SHARED},
         quick={"rounds": 6},
-        default_seconds=200.0,
+        # measured 2026-11-30: 152.3 s of CPU time (≈ wall on an idle core); 1341 s wall at load average ~12
+        default_seconds=153.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
