@@ -71,10 +71,14 @@ def agent_inference(model, data, rounds: int = 800, max_delay: int = 2, tol: flo
             view[owner == r] = buffer
     for work in outbox:
         work.wait()
-    states = [torch.empty(int((owner == r).sum()), view.size(1), dtype=view.dtype) for r in range(world)]
-    dist.all_gather(states, view[mine].contiguous())
+    # all_gather needs equal sizes: every agent sends its states padded to the largest block
+    largest = int(torch.bincount(owner, minlength=world).max())
+    padded = torch.zeros(largest, view.size(1), dtype=view.dtype)
+    padded[:int(mine.sum())] = view[mine]
+    states = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(states, padded)
     for r in range(world):
-        view[owner == r] = states[r]
+        view[owner == r] = states[r][:int((owner == r).sum())]
     residual = model.residual(view, data, context)
     if residual >= tol:
         raise ConvergenceError(f"agent inference ({world} agents, {rounds} rounds)", residual, tol, rounds)

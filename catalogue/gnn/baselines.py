@@ -134,6 +134,9 @@ class IGNN(nn.Module):
             k = int((mu - cumulative / index > 0).nonzero().max())
             theta = cumulative[k] / (k + 1)
             w[row] = torch.sign(w[row]) * (a - theta).clamp(min=0)
+            total = w[row].abs().sum()
+            if total > radius:  # guard: after a very large step the threshold can land a hair short
+                w[row] *= radius / total
 
     def attach_projection(self, optimizer: torch.optim.Optimizer):
         """Re-project after every ``optimizer.step()``; returns the hook handle."""
