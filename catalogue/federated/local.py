@@ -144,23 +144,25 @@ class BatchedMLPSGD:
         stacked = np.zeros((len(jobs), max_steps, self.batch), dtype=np.int64)
         for row, j in enumerate(order):
             stacked[row, : jobs[j].steps] = indices[j]
-        stacked = torch.from_numpy(stacked)
+        # step-major gathers, so each step's (active, B, ·) slice is contiguous; layer views made once
+        stacked = torch.from_numpy(np.ascontiguousarray(stacked.transpose(1, 0, 2)))
+        xs, ys = self.x[stacked], self.y[stacked]
+        layers, grad_layers = self._layers(weights), self._layers(grads)
         active = len(jobs)
         for step in range(max_steps):
             while active and steps[active - 1] <= step:
                 active -= 1
-            batch = stacked[:active, step]
-            self._gradient(weights[:active], grads[:active], self.x[batch], self.y[batch])
+            self._gradient([(w[:active], b[:active]) for w, b in layers],
+                           [(w[:active], b[:active]) for w, b in grad_layers], xs[step, :active], ys[step, :active])
             weights[:active].add_(grads[:active], alpha=-self.lr)
         deltas = [None] * len(jobs)
         for row, j in enumerate(order):
             deltas[j] = weights[row] - jobs[j].base
         return deltas
 
-    def _gradient(self, flat: torch.Tensor, grad_flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Mean cross-entropy gradient of each job's minibatch, written into ``grad_flat``."""
-        layers = self._layers(flat)
-        grad_layers = self._layers(grad_flat)
+    def _gradient(self, layers, grad_layers, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Mean cross-entropy gradient of each job's minibatch (``layers``: (weight, bias) views per
+        layer), written into the matching ``grad_layers`` views."""
         activations = [x]
         for i, (weight, bias) in enumerate(layers):
             z = torch.baddbmm(bias.unsqueeze(1), activations[-1], weight.transpose(1, 2))
