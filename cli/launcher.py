@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import re
 import signal
@@ -198,7 +199,9 @@ def _worker(fn, rank: int, world_size: int, port: int, threads: int, cpus: list[
         sys.modules["torch"].set_num_threads(threads)
     try:
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, value, None, None))
+        # plain pickle copies tensors by value: the queue's own pickler would share their storage
+        # through this process, which may have exited by the time the launcher reads the queue
+        results.put((rank, True, pickle.dumps(value), None, None))
     except BaseException as exc:
         results.put((rank, False, traceback.format_exc(), _type_name(exc), str(exc)))
         raise SystemExit(1)
@@ -358,7 +361,7 @@ def run_workers(
     out = []
     for r, code in enumerate(exitcodes):
         if r in reports and reports[r][0]:
-            out.append(WorkerResult(r, True, reports[r][1], code))
+            out.append(WorkerResult(r, True, pickle.loads(reports[r][1]), code))
         elif r in reports:
             _, text, exc_type, message = reports[r]
             out.append(WorkerResult(r, False, text, code, _raised_summary(r, exc_type, message), exc_type, message,

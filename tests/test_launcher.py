@@ -141,3 +141,10 @@ def test_devices_must_match_torchrun_world_size(monkeypatch):
     with pytest.raises(ValueError, match=r"^--devices 3 does not match the launcher's WORLD_SIZE=2; [^\n]*$"):
         run_on_devices(_fail_on_one, 3)
     assert run_on_devices(_fail_on_one, 2) == 0
+
+
+def test_tensor_results_arrive_after_the_workers_exited():
+    import torch
+
+    values = launch(lw.return_tensor, 2, timeout=120)
+    assert [v.tolist() for v in values] == [[0.0] * 3, [1.0] * 3] and all(isinstance(v, torch.Tensor) for v in values)
