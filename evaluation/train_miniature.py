@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reporting, shapes
-from .synthetic import clip_byte_alphabet
+from .random_models import clip_byte_alphabet
 
 
 @dataclass(frozen=True)
