@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series, require_extra
+from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series, map_in_processes, require_extra
 
 require_extra("hpo", "numpy")
 
@@ -139,25 +139,6 @@ def run_idhb(config: dict, seeds: list[int], progress) -> ExperimentResult:
 # ---------------------------------------------------------------------------------------
 # aegis
 # ---------------------------------------------------------------------------------------
-def _map(function, tasks, processes, progress):
-    """``map`` over ``tasks`` in ``processes`` forked workers (in order), updating the progress bar."""
-    if processes <= 1:
-        for task in tasks:
-            yield function(task)
-            progress.update()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-        for out in pool.map(function, tasks):
-            yield out
-            progress.update()
-
-
-AEGIS_ARMS = ("aegis", "random", "kb-ei", "local-penalisation", "thompson", "gp-sampler")
-
-
 def _make_sampler(arm: str, seed: int, d: int, workers: int, config: dict):
     import optuna
 
@@ -249,7 +230,7 @@ def run_aegis(config: dict, seeds: list[int], progress) -> ExperimentResult:
         tasks += [(arm, "hartmann6", s, 1, config) for arm in ("aegis-1worker", "logei-sequential") for s in seeds]
     progress.set_total(len(tasks))
     curves: dict = {}
-    for arm, problem, seed, curve in _map(_aegis_task, tasks, config["processes"], progress):
+    for arm, problem, seed, curve in map_in_processes(_aegis_task, tasks, config["processes"], progress):
         curves.setdefault(arm, {}).setdefault(problem, {})[seed] = curve
     per_seed = {arm: {f"log10_regret_{problem}": [curves[arm][problem][s][-1] for s in seeds]
                       for problem in curves[arm]} for arm in curves}

@@ -3,13 +3,9 @@ queue limits; the predictor is tuned on seeds 100.., evaluated on seeds 0..N-1."
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
-
-from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series, require_extra
+from ..frame import CatalogueError, ExperimentResult, Goal, Plot, Series, map_in_processes, require_extra
 
 require_extra("netsim", "simpy", "sklearn", "numpy")
-
-import multiprocessing  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -57,18 +53,6 @@ def _collect(task):
     return seed, np.array(recorder.features), np.array(recorder.labels)
 
 
-def _map(function, tasks, workers, progress):
-    if workers <= 1:
-        for task in tasks:
-            yield function(task)
-            progress.update()
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        for out in pool.map(function, tasks):
-            yield out
-            progress.update()
-
-
 def train_predictor(config: dict, progress, workers: int):
     """Fit the handover classifier on tuning seeds; pick depth and threshold on the last two of them."""
     from sklearn.metrics import balanced_accuracy_score
@@ -76,7 +60,7 @@ def train_predictor(config: dict, progress, workers: int):
 
     seeds = list(range(100, 100 + config["tune_seeds"]))
     tasks = [(kind, s, config) for s in seeds for kind in KINDS]
-    data = list(_map(_collect, tasks, workers, progress))
+    data = list(map_in_processes(_collect, tasks, workers, progress))
     held = set(seeds[-2:])
     fit_x = np.concatenate([x for s, x, _ in data if s not in held])
     fit_y = np.concatenate([y for s, _, y in data if s not in held])
@@ -110,7 +94,7 @@ def run_leo_pacing(config: dict, seeds: list[int], progress) -> ExperimentResult
     tasks = [(kind, s, arm, config, predictor if arm == "adaptive-predicted" else None) for kind, s, arm, *_ in tasks]
     per_seed = {arm: {} for arm in ARMS}
     targets = {kind: {arm: [] for arm in ARMS} for kind in KINDS}
-    for kind, seed, arm, metrics, target in _map(_evaluate, tasks, workers, progress):
+    for kind, seed, arm, metrics, target in map_in_processes(_evaluate, tasks, workers, progress):
         suffix = "" if kind == "dynamic" else "_stable"
         for name in ("bitrate", "freezes_per_min", "p95_delay_ms"):
             per_seed[arm].setdefault(name + suffix, []).append(float(getattr(metrics, name)))
