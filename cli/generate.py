@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,22 +237,23 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
 
 
 class _TidyDiffusersLog(logging.Filter):
-    """One short line, once, where diffusers repeats the whole cut-off part of a long prompt; nothing for the
-    weight-file lookups it reports before our own one-line error (a pickle-only folder) does."""
-
-    seen = False
+    """Drops two diffusers log lines the command says better itself: the weight-file lookups it reports before
+    our one-line error (a pickle-only folder), and the long-prompt warning that repeats the whole cut-off text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("An error occurred while trying to fetch"):
-            return False
-        if "truncated because CLIP can only handle sequences up to" not in record.getMessage():
-            return True
-        if type(self).seen:
-            return False
-        type(self).seen = True
-        limit = re.search(r"up to (\d+) tokens", record.getMessage())
-        record.msg, record.args = f"prompt truncated to {limit.group(1) if limit else 77} tokens", ()
-        return True
+        message = record.getMessage()
+        return not (message.startswith("An error occurred while trying to fetch")
+                    or "truncated because CLIP can only handle sequences up to" in message)
+
+
+def _say_if_truncated(pipe, prompts: list[str]) -> None:
+    """One short line, once, when a prompt is longer than the text encoder reads."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not limit or limit > 1_000_000:  # tokenizers without a limit say 1e30
+        return
+    if any(len(tokenizer(prompt).input_ids) > limit for prompt in prompts):
+        print(f"asyncgen generate: prompt truncated to {limit} tokens", file=sys.stderr)
 
 
 def _quiet_loading(rank: int) -> None:
@@ -342,6 +343,8 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
 
         call["guidance_scale"] = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
     call = {k: v for k, v in call.items() if v is not None}
+    if rank == 0:
+        _say_if_truncated(pipe, job.prompts)
     several = len(job.prompts) > 1
     if several and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(leave=False, disable=rank != 0)

@@ -498,7 +498,7 @@ class ASGPipeline(PipelineWrapper):
         # every step's permutation drawn up front (the same draws in the same order) and moved to
         # the device in one copy, instead of two host-to-device copies per step
         permutations = torch.stack([asg_maths.interaction_permutation(k, layout.h, layout.w, shuffle)
-                                    for _ in timesteps]).to(patches.device) if k > 1 else None
+                                    for _ in timesteps]).to(patches.device) if k > 1 and len(timesteps) else None
         with record_attention_maps(self.map_layers if guided else {}, store):
             for step, t in enumerate(timesteps):
                 permutation = permutations[step] if k > 1 else None
