@@ -139,6 +139,9 @@ def run_idhb(config: dict, seeds: list[int], progress) -> ExperimentResult:
 # ---------------------------------------------------------------------------------------
 # aegis
 # ---------------------------------------------------------------------------------------
+AEGIS_ARMS = ("aegis", "random", "kb-ei", "local-penalisation", "thompson", "gp-sampler")
+
+
 def _make_sampler(arm: str, seed: int, d: int, workers: int, config: dict):
     import optuna
 
