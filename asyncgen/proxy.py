@@ -255,7 +255,9 @@ class StagedDenoiser(nn.Module):
                 t = self._timestep_of(m, timestep)
                 x, args = sample, arguments
                 if part is not None:
-                    x, t, args = batch_part((sample, t, arguments), part, self.cfg_parts, sample.shape[0])
+                    # a split may know arguments laid out per frame (AnimateDiff repeats the prompt per frame)
+                    part_of = getattr(self.split, "batch_part", batch_part)
+                    x, t, args = part_of((sample, t, arguments), part, self.cfg_parts, sample.shape[0])
                 conds[(m, part)] = self.split.conditioning(x, t, **args)
             return conds[(m, part)]
 

@@ -68,3 +68,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def video_path(model_dir):
+    """``video_path(family)``: the tiny video pipeline of ``family`` (tiny_models.VIDEO_FAMILIES), built on first use."""
+    built = {}
+
+    def path(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_models.build_video(model_dir / "video", family)
+        return built[family]
+
+    return path

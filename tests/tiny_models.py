@@ -204,3 +204,104 @@ def dit_model(family: str):
     builders = {"sd3": random_models.sd3_transformer, "pixart": pixart_transformer,
                 "flux": flux_transformer}
     return builders[family]()
+
+
+# ---------------------------------------------------------------------------- video
+# Video pipelines: latents of 3 frames of 8x8 (16x16 pixels through a factor-2 VAE), 1-2 blocks,
+# so that a whole pipeline call takes a fraction of a second.
+
+VIDEO_FRAMES = 3
+
+
+def animatediff_unet():
+    """A tiny SD UNet and a motion adapter, combined as ``AnimateDiffPipeline`` does (a ``UNetMotionModel``)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, norm_num_groups=4, attention_head_dim=4)
+    adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                            motion_num_attention_heads=2, motion_max_seq_length=8)
+    return UNetMotionModel.from_unet2d(unet, adapter).eval(), adapter
+
+
+def save_animatediff_pipeline(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AnimateDiffPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    unet, adapter = animatediff_unet()
+    pipe = AnimateDiffPipeline(vae=random_models.vae(), text_encoder=_text_encoder(), tokenizer=_tokenizer(folder),
+                               unet=unet, motion_adapter=adapter, scheduler=random_models.ddim_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def svd_unet():
+    """A tiny ``UNetSpatioTemporalConditionModel`` (its GroupNorms have 32 groups: widths are multiples of 32)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=CROSS_DIM,
+        num_attention_heads=(2, 4), addition_time_embed_dim=4, projection_class_embeddings_input_dim=12,
+        num_frames=VIDEO_FRAMES).eval()
+
+
+def save_svd_pipeline(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=CROSS_DIM, projection_dim=CROSS_DIM, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=2 * CROSS_DIM, image_size=224, patch_size=32)).eval()  # SVD resizes to 224
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction", timestep_spacing="leading",
+                                       use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0,
+                                       timestep_type="continuous", steps_offset=1)
+    pipe = StableVideoDiffusionPipeline(
+        vae=AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                                         down_block_types=("DownEncoderBlock2D",) * 2).eval(),
+        image_encoder=image_encoder, unet=svd_unet(), scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def svd_image():
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+# family: (builder, pipeline class, call arguments beyond the seed)
+VIDEO_FAMILIES = {
+    "animatediff": (save_animatediff_pipeline, "AnimateDiffPipeline",
+                    dict(prompt="a red ball bouncing", num_frames=VIDEO_FRAMES, height=16, width=16,
+                         num_inference_steps=4, guidance_scale=7.5)),
+    "svd": (save_svd_pipeline, "StableVideoDiffusionPipeline",
+            dict(num_frames=VIDEO_FRAMES, height=16, width=16, num_inference_steps=4, decode_chunk_size=VIDEO_FRAMES,
+                 min_guidance_scale=1.0, max_guidance_scale=3.0)),
+}
+
+
+def build_video(folder: Path, family: str, seed: int = 0) -> Path:
+    return VIDEO_FAMILIES[family][0](Path(folder) / family, seed=seed)
+
+
+def load_video(path, family: str):
+    return load(path, VIDEO_FAMILIES[family][1])
+
+
+def video_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
+    kwargs = dict(VIDEO_FAMILIES[family][2], output_type="np", generator=torch.Generator().manual_seed(seed))
+    if family == "svd":
+        kwargs["image"] = svd_image()
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,122 @@
+"""Video pipelines: their denoisers split into stages, and the wrapper against the stock pipelines.
+
+Checks per family (tiny_models.VIDEO_FAMILIES): the chained stages equal the denoiser's
+forward bit for bit; ``stages=1`` and ``warmup >= steps`` equal the stock pipeline; CFG
+parallel in one process equals the stock pipeline; on 2 gloo ranks the wrapper equals
+the serial simulator (one launch runs every family).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.cli.launcher import launch
+from asyncgen.denoisers import split_denoiser
+from asyncgen.pipelines import AsyncDiffPipeline
+from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
+
+FAMILIES = list(tiny_models.VIDEO_FAMILIES)
+UNET_FAMILIES = ["animatediff", "svd"]
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def _recorded_call(path, family):
+    """The denoiser's keyword inputs of the stock pipeline's first step, and the denoiser."""
+    pipe = tiny_models.load_video(path, family)
+    denoiser, seen = _denoiser(pipe), {}
+
+    def record(module, args, kwargs):
+        if not seen:
+            seen.update(dict(zip(("sample", "timestep"), args)), **kwargs)
+
+    denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    pipe(**tiny_models.video_call_kwargs(family, num_inference_steps=1))
+    return denoiser, seen
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_stage_composition_equals_full_forward(video_path, family, one_thread):
+    denoiser, inputs = _recorded_call(video_path(family), family)
+    split = split_denoiser(denoiser)
+    names = [u.name for u in split.units]
+    if family == "animatediff":  # motion modules are units of their own, after each resnet/attention
+        assert "down0.motion0" in names and names.index("down0.motion0") == names.index("down0.attn0") + 1
+    owned = [p for u in split.units for p in u.parameters()] + [p for m in split.shared_modules() for p in m.parameters()]
+    assert len({id(p) for p in owned}) == len(owned) and {id(p) for p in owned} == {id(p) for p in denoiser.parameters()}
+    rest = {k: v for k, v in inputs.items() if k != "return_dict"}
+    sample, timestep = rest.pop(split.sample_argument), rest.pop("timestep")
+    with torch.no_grad():
+        reference = denoiser(sample, timestep, **rest, return_dict=False)[0]
+        costs = estimate_unit_costs(split)
+        for n_stages in (1, 2, 3):
+            cond = split.conditioning(sample, timestep, **rest)
+            state = split.initial_state(sample, cond)
+            for stage in make_stages(split, balanced_cuts(costs, n_stages)):
+                state = stage(split, state, cond)
+            assert torch.equal(split.output(state), reference), n_stages
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_one_stage_and_full_warmup_equal_stock(video_path, family, one_thread):
+    path = video_path(family)
+    reference = tiny_models.load_video(path, family)(**tiny_models.video_call_kwargs(family)).frames
+    one = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=1)
+    assert np.array_equal(one(**tiny_models.video_call_kwargs(family)).frames, reference)
+    exact = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=3, warmup=4)
+    assert np.array_equal(exact(**tiny_models.video_call_kwargs(family)).frames, reference)
+    stale = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=2, warmup=1)
+    frames = stale(**tiny_models.video_call_kwargs(family)).frames
+    assert np.isfinite(frames).all() and not np.array_equal(frames, reference)
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_cfg_parallel_serial_matches_stock(video_path, family, one_thread):
+    path = video_path(family)
+    reference = tiny_models.load_video(path, family)(**tiny_models.video_call_kwargs(family)).frames
+    wrapped = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=1, cfg_parallel=True)
+    # each half runs at batch 1 instead of 2: same maths, kernels may round differently
+    np.testing.assert_allclose(wrapped(**tiny_models.video_call_kwargs(family)).frames, reference, atol=1e-5, rtol=0)
+
+
+def test_non_stock_motion_block_is_refused():
+    from diffusers.models.unets.unet_motion_model import DownBlockMotion
+
+    class PatchedBlock(DownBlockMotion):
+        def forward(self, *args, **kwargs):  # a user's own block: the units cannot know what it does
+            return super().forward(*args, **kwargs)
+
+    unet, _ = tiny_models.animatediff_unet()
+    unet.down_blocks[1].__class__ = PatchedBlock
+    with pytest.raises(TypeError, match=r"cannot split UNetMotionModel.down_blocks\[1\] of class PatchedBlock"):
+        split_denoiser(unet)
+
+
+# (family, stages, stride, cfg_parallel) on 2 ranks
+DISTRIBUTED = [(family, 2, 1, False) for family in FAMILIES] + [("animatediff", 1, 1, True), ("svd", 1, 2, False)]
+
+
+def _video_configs(rank, world_size, paths):
+    torch.set_num_threads(1)
+    out = []
+    for family, stages, stride, cfg in DISTRIBUTED:
+        wrapped = AsyncDiffPipeline(tiny_models.load_video(paths[family], family), stages=stages, stride=stride,
+                                    warmup=1, cfg_parallel=cfg)
+        out.append(wrapped(**tiny_models.video_call_kwargs(family)).frames)
+    return out
+
+
+@pytest.mark.distributed
+def test_distributed_equals_serial_on_two_ranks(video_path, one_thread):
+    paths = {family: str(video_path(family)) for family in FAMILIES}
+    per_rank = launch(_video_configs, 2, paths, timeout=300)
+    for i, (family, stages, stride, cfg) in enumerate(DISTRIBUTED):
+        serial = AsyncDiffPipeline(tiny_models.load_video(paths[family], family), stages=stages, stride=stride,
+                                   warmup=1, cfg_parallel=cfg)
+        expected = serial(**tiny_models.video_call_kwargs(family)).frames
+        for rank, frames in enumerate(per_rank):
+            # received states are views into one flat buffer; alignment may change SIMD rounding
+            np.testing.assert_allclose(frames[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
