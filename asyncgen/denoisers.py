@@ -6,24 +6,34 @@ of them, so the dependency runs one way.
 
 from __future__ import annotations
 
+from diffusers import ModelMixin
 from torch import nn
 
-from .dit import FluxSplit, PixArtSplit, SD3Split
+from .dit import transformer_split
 from .split import DenoiserSplit
 from .unet import UNetSplit
+from .video_unet import MotionUNetSplit, SpatioTemporalUNetSplit
 
-SPLITS: tuple[type[DenoiserSplit], ...] = (UNetSplit, SD3Split, PixArtSplit, FluxSplit)
+# UNets by class; every other denoiser through the generic block split (asyncgen.block_split)
+SPLITS: tuple[type[DenoiserSplit], ...] = (UNetSplit, MotionUNetSplit, SpatioTemporalUNetSplit)
 
 
 def supported_denoisers() -> list[str]:
-    return [c.__name__ for cls in SPLITS for c in cls.handles]
+    return [c.__name__ for cls in SPLITS for c in cls.handles] + ["any transformer whose forward runs its blocks in sequence"]
 
 
-def split_denoiser(denoiser: nn.Module) -> DenoiserSplit:
-    """Describe ``denoiser`` as a chain of units, or explain which classes are supported."""
+def split_denoiser(denoiser: nn.Module, verify_split: bool = True) -> DenoiserSplit:
+    """Describe ``denoiser`` as a chain of units, or explain which classes are supported.
+
+    A transformer goes through the generic block split, which is checked once here
+    against the full forward on a small random input (``verify_split=False`` skips the
+    check) and refused with a one-line ``TypeError`` where it does not match.
+    """
     for cls in SPLITS:
         if isinstance(denoiser, cls.handles):
             return cls(denoiser)
+    if isinstance(denoiser, ModelMixin) and any(isinstance(m, nn.ModuleList) for m in denoiser.modules()):
+        return transformer_split(denoiser, verify=verify_split)
     raise TypeError(
         f"asyncgen cannot split a denoiser of class {type(denoiser).__name__}; "
         f"supported: {', '.join(supported_denoisers())}"

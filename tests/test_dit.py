@@ -43,28 +43,37 @@ def test_stage_composition_equals_full_forward(family, n_stages):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_units_follow_the_block_lists(family):
     model = tiny_models.dit_model(family)
-    names = [u.name for u in split_denoiser(model).units]
-    if family == "flux":
-        assert names == ["embed", "double0", "double1", "single0", "single1", "out"]
-    else:
-        assert names == ["embed"] + [f"block{i}" for i in range(len(model.transformer_blocks))] + ["out"]
     split = split_denoiser(model)
+    names = [u.name for u in split.units]
+    if family == "flux":
+        assert names == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                         "single_transformer_blocks.1"]
+    else:
+        assert names == [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    # every parameter is either one block's or shared (embeddings and head), never both
     owned = [p for u in split.units for p in u.parameters()] + [p for m in split.shared_modules() for p in m.parameters()]
     assert len({id(p) for p in owned}) == len(owned)
     assert {id(p) for p in owned} == {id(p) for p in model.parameters()}
 
 
-def test_sd3_controlnet_residuals_and_skip_layers():
+@pytest.mark.parametrize("cuts", [[0, 3], [0, 1, 3], [0, 1, 2, 3], [0, 2, 3]])
+def test_sd3_controlnet_residuals_and_skip_layers(cuts):
+    # the forward adds residuals between blocks and leaves skipped layers out: stages run that code too
     model = tiny_models.dit_model("sd3")
     split = split_denoiser(model)
     inputs = _random_inputs(split)
-    inputs["block_controlnet_hidden_states"] = [torch.randn(2, 64, 32)]
+    tokens = inputs["hidden_states"].shape[-2] * inputs["hidden_states"].shape[-1]  # patch size 1
+    inputs["block_controlnet_hidden_states"] = [torch.randn(2, tokens, 32)]
     inputs["skip_layers"] = [1]
     with torch.no_grad():
         reference = model(**inputs, return_dict=False)[0]
         rest = dict(inputs)
         sample, timestep = rest.pop("hidden_states"), rest.pop("timestep")
-        assert torch.equal(split(sample, timestep, **rest), reference)
+        cond = split.conditioning(sample, timestep, **rest)
+        state = split.initial_state(sample, cond)
+        for stage in make_stages(split, cuts):
+            state = stage(split, state, cond)
+    assert torch.equal(split.output(state), reference)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
