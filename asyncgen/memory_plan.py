@@ -131,3 +131,403 @@ class MemoryPlan:
 
 class PlanDoesNotFit(ValueError):
     """The largest rank of the best plan needs more than the memory the user allows."""
+
+
+# ------------------------------------------------------------------ sizes the planner takes
+
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """Parameter bytes of one component; of each block too when it splits into layer ranges.
+
+    For a splittable text encoder ``head_bytes`` is what the first range holds besides its
+    blocks (the embeddings) and ``tail_bytes`` what the last one holds (the final norm,
+    CLIP's projection), so that ``head + sum(layers) + tail == parameter_bytes``.
+    """
+
+    name: str
+    parameter_bytes: int
+    layer_bytes: tuple[int, ...] = ()  # () = runs whole only
+    head_bytes: int = 0
+    tail_bytes: int = 0
+
+    def __post_init__(self):
+        if self.layer_bytes and self.head_bytes + sum(self.layer_bytes) + self.tail_bytes != self.parameter_bytes:
+            raise ValueError(f"{self.name}: head {self.head_bytes} + layers {sum(self.layer_bytes)} + tail "
+                             f"{self.tail_bytes} bytes != the component's {self.parameter_bytes}")
+
+    @property
+    def splittable(self) -> bool:
+        return len(self.layer_bytes) > 1
+
+    def range_bytes(self, start: int, stop: int) -> int:
+        if not self.layer_bytes:
+            return self.parameter_bytes
+        count = len(self.layer_bytes)
+        return ((self.head_bytes if start == 0 else 0) + sum(self.layer_bytes[start:stop])
+                + (self.tail_bytes if stop == count else 0))
+
+
+@dataclass(frozen=True)
+class DenoiserSize:
+    """The denoiser as the compute-balanced cuts leave it: bytes and activations per stage."""
+
+    stage_units: tuple[tuple[str, ...], ...]
+    stage_bytes: tuple[int, ...]
+    shared_bytes: int  # modules every rank keeps (time/text embeddings)
+    stage_activation_bytes: tuple[int, ...]
+    full_activation_bytes: int = 0  # the whole denoiser on one device, same size and batch
+
+    @property
+    def parameter_bytes(self) -> int:
+        return self.shared_bytes + sum(self.stage_bytes)
+
+
+# ------------------------------------------------------------------ the planner
+
+
+def plan_memory(denoiser: DenoiserSize, components: Sequence[ComponentSize], topology: Topology,
+                cfg_parts: int = 1, split_encoders: bool = True, notes: dict | None = None,
+                placements: Sequence[Placement] | None = None) -> MemoryPlan:
+    """Place ``components`` on the ranks of ``topology`` (times ``cfg_parts``) so the largest rank is smallest.
+
+    Rank ``r`` runs stage ``topology.stage_of(r % topology.world_size)``: its base is the
+    shared modules, that stage and the stage's activation estimate. Components are then
+    placed by a bound search: the smallest cap ``C`` (bytes, found by bisection) for
+    which a deterministic greedy fits everything: components that must run whole
+    (largest first) each on the currently lightest rank, then splittable encoders
+    (largest first) whole on the lightest rank if they fit there, else as consecutive
+    layer ranges filling the lightest ranks in turn (each rank takes as many blocks as
+    fit under ``C``); the same greedy under ``1.01 C`` wins if it needs fewer pieces.
+    ``split_encoders=False`` places every component whole. Ties go to the lowest rank,
+    so the plan is deterministic.
+
+    ``placements`` given: no search, the plan reports those placements (e.g. the ones a
+    running wrapper uses, or every component on every rank for replicated components).
+    """
+    if len(denoiser.stage_bytes) != topology.stages:
+        raise ValueError(f"{len(denoiser.stage_bytes)} stage sizes for a topology of {topology.stages} stages")
+    if cfg_parts not in (1, 2):
+        raise ValueError(f"cfg_parts must be 1 or 2, got {cfg_parts!r}")
+    names = [c.name for c in components]
+    if len(set(names)) != len(names):
+        raise ValueError(f"component names repeat: {names}")
+    world = cfg_parts * topology.world_size
+    stage_of = [topology.stage_of(r % topology.world_size) for r in range(world)]
+    base = [denoiser.shared_bytes + denoiser.stage_bytes[s] + denoiser.stage_activation_bytes[s] for s in stage_of]
+    whole = sorted((c for c in components if not (split_encoders and c.splittable)),
+                   key=lambda c: (-c.parameter_bytes, names.index(c.name)))
+    split = sorted((c for c in components if split_encoders and c.splittable),
+                   key=lambda c: (-c.parameter_bytes, names.index(c.name)))
+    order = whole + split
+
+    if placements is not None:
+        best = _checked_placements(placements, components, world)
+    else:
+        best = _search(base, order, split_encoders)
+
+    sizes = {c.name: c for c in components}
+    ranks = []
+    for r in range(world):
+        mine = sorted((p for p in best if p.rank == r), key=lambda p: (names.index(p.component), p.layers or (0, 0)))
+        parameter_bytes = {"denoiser": denoiser.shared_bytes + denoiser.stage_bytes[stage_of[r]]}
+        for p in mine:
+            parameter_bytes[p.component] = (parameter_bytes.get(p.component, 0)
+                                            + sizes[p.component].range_bytes(*(p.layers or (0, 0))))
+        ranks.append(RankPlan(r, stage_of[r], list(denoiser.stage_units[stage_of[r]]), mine, parameter_bytes,
+                              denoiser.stage_activation_bytes[stage_of[r]]))
+    full = denoiser.parameter_bytes + sum(c.parameter_bytes for c in components)
+    return MemoryPlan(ranks, full, denoiser.full_activation_bytes, dict(notes or {}))
+
+
+def _checked_placements(placements: Sequence[Placement], components: Sequence[ComponentSize],
+                        world: int) -> list[Placement]:
+    sizes = {c.name: c for c in components}
+    for p in placements:
+        if p.component not in sizes:
+            raise ValueError(f"placement {p} names no component of the plan ({', '.join(sizes) or 'none'})")
+        if not 0 <= p.rank < world:
+            raise ValueError(f"placement {p}: rank outside 0..{world - 1}")
+    for name, size in sizes.items():
+        mine = [p for p in placements if p.component == name]
+        if not mine:
+            raise ValueError(f"no placement for component {name}")
+        ranges = sorted(p.layers for p in mine if p.layers is not None)
+        if ranges and (ranges[0][0] != 0 or ranges[-1][1] != len(size.layer_bytes)
+                       or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:]))):
+            raise ValueError(f"the layer ranges of {name} {ranges} do not cover its {len(size.layer_bytes)} "
+                             "blocks once, in order")
+    return list(placements)
+
+
+def _search(base: list[int], order: Sequence[ComponentSize], split_encoders: bool) -> list[Placement]:
+    low, high = max(base), max(base) + sum(c.parameter_bytes for c in order)
+    best = _fill(base, order, split_encoders, high)
+    assert best is not None  # everything on the lightest rank stays under `high`
+    while low < high:  # smallest cap the greedy fills; keep the placements of the best one found
+        cap = (low + high) // 2
+        found = _fill(base, order, split_encoders, cap)
+        if found is None:
+            low = cap + 1
+        else:
+            high, best = cap, found
+    # a cap 1 % above the best lets ranks take longer ranges: keep that plan when it has fewer pieces
+    # (fewer hand-offs per prompt, small encoders whole) for at most 1 % more on the largest rank
+    roomier = _fill(base, order, split_encoders, high + high // 100)
+    return roomier if roomier is not None and len(roomier) < len(best) else best
+
+
+def _fill(base: list[int], order: Sequence[ComponentSize], split_encoders: bool, cap: int) -> list[Placement] | None:
+    """The greedy placement under ``cap`` bytes per rank, or None when it does not fit."""
+    load = list(base)
+    placements: list[Placement] = []
+
+    def lightest() -> list[int]:
+        return sorted(range(len(load)), key=lambda r: (load[r], r))
+
+    for comp in order:
+        r = lightest()[0]
+        if load[r] + comp.parameter_bytes <= cap:
+            load[r] += comp.parameter_bytes
+            placements.append(Placement(comp.name, r, None))
+            continue
+        if not (split_encoders and comp.splittable):
+            return None
+        count, start = len(comp.layer_bytes), 0
+        for r in lightest():
+            stop = start
+            while stop < count and load[r] + comp.range_bytes(start, stop + 1) <= cap:
+                stop += 1
+            if stop == start:
+                continue
+            load[r] += comp.range_bytes(start, stop)
+            placements.append(Placement(comp.name, r, (start, stop)))
+            start = stop
+            if start == count:
+                break
+        if start < count:
+            return None
+    return placements
+
+
+def check_fits(plan: MemoryPlan, max_memory: int) -> None:
+    """Refuse a plan whose largest rank needs more than ``max_memory`` bytes, saying by how much."""
+    largest = plan.largest
+    if largest.total_bytes > max_memory:
+        over = largest.total_bytes - max_memory
+        raise PlanDoesNotFit(
+            f"the plan does not fit max_memory={format_bytes(max_memory)}: rank {largest.rank} needs "
+            f"{format_bytes(largest.total_bytes)} ({format_bytes(largest.total_parameter_bytes)} parameters + "
+            f"{format_bytes(largest.activation_bytes)} estimated activations), {format_bytes(over)} ({over} bytes) "
+            f"more than allowed; use more devices, a smaller dtype or a smaller size")
+
+
+def format_bytes(count: int) -> str:
+    """Decimal units, as GPU makers and the hub state sizes: 23.8 GB is 23.8e9 bytes."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
+
+
+# ------------------------------------------------------------------ sizes read from modules
+
+
+def parameter_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[int, int]:
+    """Bytes of each parameter of ``model`` (by ``id``) once loaded in ``dtype`` (None: as it is).
+
+    Floating parameters take ``dtype``'s size, except that a float16 load keeps the
+    modules a model names in ``_keep_in_fp32_modules`` in float32, as ``from_pretrained``
+    does (T5's ``wo``). Works on the meta device: only shapes and dtypes are read.
+    """
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    sizes: dict[int, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if dtype is None or not p.is_floating_point():
+            size = p.element_size()
+        elif keep and keep & set(name.split(".")):
+            size = 4
+        else:
+            size = torch.empty((), dtype=dtype).element_size()
+        sizes[id(p)] = p.numel() * size
+    return sizes
+
+
+def modules_bytes(modules: Sequence[nn.Module], sizes: dict[int, int], exclude: set[int] = frozenset()) -> int:
+    """Bytes of the distinct parameters of ``modules`` (tied parameters once), leaving out ``exclude`` ids."""
+    seen: set[int] = set(exclude)
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += sizes[id(p)]
+    return total
+
+
+def component_size(name: str, model: nn.Module, dtype: torch.dtype | None = None) -> ComponentSize:
+    """A component's bytes, per block too when :mod:`asyncgen.encoder_split` can cut it into layer ranges."""
+    from .encoder_split import encoder_blocks, is_splittable, modules_for_layers
+
+    sizes = parameter_sizes(model, dtype)
+    whole = sum(sizes.values())
+    if not is_splittable(model):
+        return ComponentSize(name, whole)
+    blocks = list(encoder_blocks(model))
+    count = len(blocks)
+    layer_bytes = tuple(modules_bytes([b], sizes) for b in blocks)
+    head = modules_bytes(modules_for_layers(model, 0, 1, count), sizes) - layer_bytes[0]
+    tail = modules_bytes(modules_for_layers(model, count - 1, count, count), sizes) - layer_bytes[-1]
+    if count == 1 or head + sum(layer_bytes) + tail != whole:
+        # parameters outside the embeddings, blocks and final norm: the ranges would not cover
+        # the component, so it runs whole
+        return ComponentSize(name, whole)
+    return ComponentSize(name, whole, layer_bytes, head, tail)
+
+
+def denoiser_size(split, cuts: Sequence[int], dtype: torch.dtype | None = None,
+                  activation_inputs: dict | None = None) -> DenoiserSize:
+    """Bytes of the shared modules and of each stage between ``cuts``; activations if inputs are given.
+
+    ``activation_inputs`` (the denoiser's forward keywords at the size and batch one rank
+    runs, e.g. ``split.example_inputs(batch, h, w)``) turns on the activation estimate of
+    :func:`estimate_unit_activation_bytes`; without them activations count as 0.
+    """
+    sizes = parameter_sizes(split.denoiser, dtype)
+    shared_modules = split.shared_modules()
+    shared_ids = {id(p) for m in shared_modules for p in m.parameters()}
+    shared = modules_bytes(shared_modules, sizes)
+    stage_units, stage_bytes = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        units = split.units[a:b]
+        stage_units.append(tuple(u.name for u in units))
+        stage_bytes.append(modules_bytes([m for u in units for m in u.modules], sizes, shared_ids))
+    if activation_inputs is None:
+        activations = [0] * (len(cuts) - 1)
+    else:
+        per_unit = estimate_unit_activation_bytes(split, activation_inputs)
+        activations = [max(per_unit[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return DenoiserSize(tuple(stage_units), tuple(stage_bytes), shared, tuple(activations), max(activations))
+
+
+def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
+    """Estimated peak bytes of live tensors while each unit runs (an estimate, not a measurement).
+
+    The denoiser runs once under ``FakeTensorMode`` (no memory, no arithmetic; meta
+    parameters work) with a dispatch mode that adds the bytes of every freshly allocated
+    op output and subtracts them when Python frees the tensor. A unit's figure is the
+    largest live total while it runs: the boundary state it receives (a UNet's pending
+    skip tensors included), the step's conditioning, its intermediates and its output.
+    ``scaled_dot_product_attention`` counts as the fused kernel GPUs run (flash or
+    memory-efficient attention: the output, never the tokens x tokens matrix the CPU's
+    math path would hold). What it leaves out: kernel workspace, allocator
+    fragmentation, the CUDA context, and the runtime's communication buffers (about one
+    boundary state each way). Views and in-place results add nothing.
+    """
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from .split import _fake_nested, _run_chain_with_probe
+
+    class _LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+
+        def _free(self, nbytes: int) -> None:
+            self.live -= nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not any(r.alias_info is not None for r in func._schema.returns):
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        nbytes = t.numel() * t.element_size()
+                        self.live += nbytes
+                        weakref.finalize(t, self._free, nbytes)
+                self.peak = max(self.peak, self.live)
+            return out
+
+    class _FusedAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                query = args[0] if args else kwargs["query"]
+                value = args[2] if len(args) > 2 else kwargs["value"]
+                return query.new_empty((*query.shape[:-1], value.shape[-1]))
+            return func(*args, **kwargs)
+
+    device = next(split.denoiser.parameters()).device
+    peaks: list[int] = []
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+        fake = {k: _fake_nested(fake_mode, _to_device(v, device)) for k, v in inputs.items()}
+        counter = _LiveBytes()
+        input_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(fake) if isinstance(t, torch.Tensor))
+
+        def probe(i, step):
+            counter.peak = counter.live
+            step()
+            peaks.append(counter.peak + input_bytes)
+
+        with counter, _FusedAttention():
+            _run_chain_with_probe(split, fake, probe)
+    return peaks
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def meta_example_inputs(split, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
+    """``split.example_inputs`` on the denoiser's own device (the meta device for a model built from its config)."""
+    device = next(split.denoiser.parameters()).device
+    return _to_device(split.example_inputs(batch, height, width), device)
+
+
+def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], topology: Topology,
+                  cfg_parts: int = 1, dtype: torch.dtype | None = None, latent_size: tuple[int, int] | None = None,
+                  batch: int = 2, replicated: dict[str, nn.Module] | None = None, split_encoders: bool = True,
+                  estimate_activations: bool = True, placements: Sequence[Placement] | None = None) -> MemoryPlan:
+    """The memory plan of a pipeline whose modules may live on the meta device.
+
+    ``split``/``cuts`` are the denoiser's split and its compute-balanced cut points (as the
+    wrapper chose them); ``components`` the modules to place (text encoders, the VAE);
+    ``replicated`` modules every rank keeps whole anyway (counted on every rank).
+    ``dtype`` is the dtype the weights will have (None: as the modules are). Activations
+    are estimated at ``latent_size`` (the denoiser's input height and width, None: its
+    native size) for the denoiser batch ``batch`` (2 with classifier-free guidance, 1
+    without), halved on each rank when ``cfg_parts == 2``. ``placements`` (optional) are
+    reported instead of searched for.
+    """
+    if estimate_activations:
+        height, width = latent_size if latent_size is not None else (None, None)
+        inputs = meta_example_inputs(split, max(1, batch // cfg_parts), height, width)
+        size = denoiser_size(split, cuts, dtype, inputs)
+    else:
+        size = denoiser_size(split, cuts, dtype)
+    sizes = [component_size(name, module, dtype) for name, module in components.items()]
+    copies = {name: sum(parameter_sizes(module, dtype).values()) for name, module in (replicated or {}).items()}
+    if copies:  # kept whole by every rank: part of the denoiser side of every rank's base
+        size = DenoiserSize(size.stage_units, size.stage_bytes, size.shared_bytes + sum(copies.values()),
+                            size.stage_activation_bytes, size.full_activation_bytes)
+    notes = {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+             "latent_size": list(latent_size) if latent_size is not None else None,
+             "batch_per_rank": max(1, batch // cfg_parts), "stages": topology.stages, "stride": topology.stride,
+             "cfg_parts": cfg_parts, "activations_estimated": estimate_activations,
+             "replicated": {name: copies[name] for name in copies}}
+    plan = plan_memory(size, sizes, topology, cfg_parts, split_encoders, notes, placements)
+    if copies:
+        # report the replicated modules under their own names, not inside "denoiser"
+        for rank in plan.ranks:
+            rank.parameter_bytes["denoiser"] -= sum(copies.values())
+            rank.parameter_bytes.update(copies)
+    return plan
