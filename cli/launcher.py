@@ -35,6 +35,14 @@ DEFAULT_GRACE = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _POLL = 0.1  # seconds between looks at the workers: the delay before a signal or a death is acted on
 
+#: How workers start. "spawn" (the default) gives each a fresh interpreter that inherits nothing from the
+#: launching process. "forkserver" forks them from a server process that imported FORKSERVER_PRELOAD once:
+#: a process that launches many times (a test session) then pays torch's and diffusers' imports once
+#: instead of once per worker. Set it with ASYNCGEN_START_METHOD or by assigning this attribute.
+START_METHOD = os.environ.get("ASYNCGEN_START_METHOD", "spawn")
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "diffusers", "transformers", "asyncgen.pipelines.asyncdiff",
+                      "asyncgen.pipelines.asg_pipeline", "diffusers.pipelines.stable_diffusion"]
+
 # errors a rank raises because a peer went away, not because of anything it did itself
 _SECONDARY = re.compile(r"RemoteRankError|Connection reset by peer|Connection closed by peer|Broken pipe|"
                         r"communication failed")
@@ -151,12 +159,15 @@ def _watch_parent(parent_pid: int, interval: float) -> None:
     os._exit(1)
 
 
-def exit_with_parent(parent_pid: int, use_prctl: bool = True, interval: float = 0.5) -> None:
+def exit_with_parent(parent_pid: int | None, use_prctl: bool = True, interval: float = 0.5) -> None:
     """Make this process die when ``parent_pid`` (its parent) does, even by SIGKILL.
 
     Linux delivers SIGKILL on the parent's death (``PR_SET_PDEATHSIG``); elsewhere, or
-    when that fails, a daemon thread watches the parent pid.
+    when that fails, a daemon thread watches the parent pid. ``None`` means the parent
+    this process has now (a fork server, which itself ends with the launching process).
     """
+    if parent_pid is None:
+        parent_pid = os.getppid()
     if use_prctl and sys.platform.startswith("linux"):
         import ctypes
 
@@ -238,6 +249,15 @@ class _StopSignals:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
+def _start_context():
+    if START_METHOD not in ("spawn", "forkserver"):
+        raise ValueError(f"ASYNCGEN_START_METHOD={START_METHOD!r}: use 'spawn' or 'forkserver'")
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
 def _tracker_running() -> bool:
     from multiprocessing import resource_tracker
 
@@ -296,11 +316,13 @@ def run_workers(
     port = free_port()
     store_timeout = datetime.timedelta(seconds=timeout or 3600)
     store = dist.TCPStore("127.0.0.1", port, None, True, timeout=store_timeout, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
+    # a forked worker's parent is the fork server, not this process
+    parent_pid = os.getpid() if ctx.get_start_method() == "spawn" else None
     tracker_was_running = _tracker_running()
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, nprocs, port, threads, cpu_sets[r], env or {}, results, os.getpid(),
+        ctx.Process(target=_worker, args=(fn, r, nprocs, port, threads, cpu_sets[r], env or {}, results, parent_pid,
                                           args, kwargs))
         for r in range(nprocs)
     ]

@@ -9,6 +9,12 @@ os.environ.setdefault("ASYNCGEN_TIMEOUT", "60")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+from asyncgen.cli import launcher  # noqa: E402
+
+# Launches from this test process fork their workers from one server that imported torch and diffusers
+# once; spawn would import them again in every worker of every launch (8-15 s each on two cores). The
+# tests that run the `asyncgen` command in a subprocess keep its default, spawn, the users' path.
+launcher.START_METHOD = "forkserver"
 
 
 @pytest.fixture(scope="session")

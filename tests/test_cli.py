@@ -1,4 +1,8 @@
-"""The ``asyncgen`` command end to end, through subprocesses, on the built-in miniature model."""
+"""The ``asyncgen`` command end to end on the built-in miniature model.
+
+What only a separate interpreter shows (signals, a killed worker, torchrun, spawned workers,
+a clean stderr) runs the command in a subprocess; the rest calls ``main`` in this process.
+"""
 
 import json
 import os
@@ -64,41 +68,47 @@ def test_help_names_every_command_and_option(capsys):
     assert "default: 1" in generate_help  # defaults are spelled out
 
 
-def test_generate_one_process_and_two_devices(tmp_path):
-    one = asyncgen("generate", PROMPT, "-o", tmp_path / "one.png", "--steps", STEPS)
-    assert one.returncode == 0, one.stderr
-    assert_picture(tmp_path / "one.png")
-    assert "1 cpu device" in one.stdout and "stock pipeline" in one.stdout and "steps/s" in one.stdout
+def in_process(capsys, *args) -> str:
+    """Run the command in this process (no interpreter start-up: the suite stays fast); its stdout."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
 
+
+def test_generate_one_process_and_two_devices(tmp_path, capsys):
+    one = in_process(capsys, "generate", PROMPT, "-o", tmp_path / "one.png", "--steps", STEPS)
+    assert_picture(tmp_path / "one.png")
+    assert "1 cpu device" in one and "stock pipeline" in one and "steps/s" in one
+
+    # the command as users run it: its own interpreter, workers spawned afresh
     two = asyncgen("generate", PROMPT, "-o", tmp_path / "two.png", "--steps", STEPS, "--devices", "2", "--warmup", "2")
     assert two.returncode == 0, two.stderr
     assert_picture(tmp_path / "two.png")
     assert "2 cpu devices" in two.stdout and "AsyncDiff stages=2" in two.stdout
 
-    serial = asyncgen("generate", PROMPT, "-o", tmp_path / "serial.png", "--steps", STEPS, "--stages", "2",
-                      "--warmup", "2")
-    assert serial.returncode == 0, serial.stderr
-    assert "serial simulator" in serial.stdout
+    serial = in_process(capsys, "generate", PROMPT, "-o", tmp_path / "serial.png", "--steps", STEPS, "--stages", "2",
+                        "--warmup", "2")
+    assert "serial simulator" in serial
     # the distributed run reproduces the serial simulator to <= 1e-5 in float; written as
     # 8-bit pixels, a value that close to a rounding boundary can land one level apart
     assert np.abs(pixels(tmp_path / "two.png") - pixels(tmp_path / "serial.png")).max() <= 1
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
 
 
-def test_generate_many_prompts_writes_numbered_files(tmp_path):
+def test_generate_many_prompts_writes_numbered_files(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\na small yellow triangle on a black background\n")
-    out = asyncgen("generate", "--prompts", prompts, "-o", tmp_path / "pics" / "img.png", "--steps", STEPS)
-    assert out.returncode == 0, out.stderr
+    in_process(capsys, "generate", "--prompts", prompts, "-o", tmp_path / "pics" / "img.png", "--steps", STEPS)
     written = sorted((tmp_path / "pics").iterdir())
     assert [p.name for p in written] == ["img-0000.png", "img-0001.png"]
     for path in written:
         assert_picture(path)
     assert np.abs(pixels(written[0]) - pixels(written[1])).mean() > 10  # different prompts, different pictures
 
-    evaluated = asyncgen("eval", tmp_path / "pics", "--prompts", prompts, "--reference", tmp_path / "pics",
-                         "--out", tmp_path / "eval.json")
-    assert evaluated.returncode == 0, evaluated.stderr
+    in_process(capsys, "eval", tmp_path / "pics", "--prompts", prompts, "--reference", tmp_path / "pics",
+               "--out", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert [r["image"] for r in result["rows"]] == ["img-0000.png", "img-0001.png"]
     assert all(0 < r["clip_score"] <= 100 for r in result["rows"])
@@ -266,7 +276,7 @@ def test_a_killed_worker_is_named_in_one_line(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_nodes_with_torchrun(tmp_path):
+def test_two_nodes_with_torchrun(tmp_path, capsys):
     """Two torchrun invocations, one per "node", meeting at a localhost rendezvous."""
     port = free_port()
     nodes = [
@@ -284,16 +294,14 @@ def test_two_nodes_with_torchrun(tmp_path):
     assert "2 cpu devices" in outputs[0][0] and "AsyncDiff stages=2" in outputs[0][0]
     assert "asyncgen:" not in outputs[1][0]  # only global rank 0 reports and writes
     assert_picture(tmp_path / "nodes.png")
-    local = asyncgen("generate", PROMPT, "-o", tmp_path / "local.png", "--steps", STEPS, "--devices", "2",
-                     "--warmup", "2")
-    assert local.returncode == 0, local.stderr
+    in_process(capsys, "generate", PROMPT, "-o", tmp_path / "local.png", "--steps", STEPS, "--devices", "2",
+               "--warmup", "2")
     assert np.abs(pixels(tmp_path / "nodes.png") - pixels(tmp_path / "local.png")).max() <= 1
 
 
-def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path):
-    out = asyncgen("bench", "--quick", "--configs", "n1s1,n2s1", "--warmups", "1", "--num-prompts", "1",
-                   "--out", tmp_path / "bench", timeout=400)
-    assert out.returncode == 0, out.stderr
+def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path, capsys):
+    in_process(capsys, "bench", "--quick", "--configs", "n1s1,n2s1", "--warmups", "1", "--num-prompts", "1",
+               "--out", tmp_path / "bench")
     result = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert [r["config"] for r in result["rows"]] == ["one stage", "AsyncDiff N=2 S=1 W=1"]
     for row in result["rows"]:
@@ -309,12 +317,11 @@ def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path):
         assert plot.format == "PNG" and plot.size[0] > 400
 
 
-def test_generate_highres_on_two_devices_matches_one(tmp_path):
-    two = asyncgen("generate", PROMPT, "--highres", "-o", tmp_path / "two.png", "--steps", STEPS, "--devices", "2")
-    assert two.returncode == 0, two.stderr
-    assert "ASG high resolution" in two.stdout and "2 cpu devices" in two.stdout
+def test_generate_highres_on_two_devices_matches_one(tmp_path, capsys):
+    two = in_process(capsys, "generate", PROMPT, "--highres", "-o", tmp_path / "two.png", "--steps", STEPS,
+                     "--devices", "2")
+    assert "ASG high resolution" in two and "2 cpu devices" in two
     assert_picture(tmp_path / "two.png", size=(64, 64))  # twice the native 32x32 per side by default
-    one = asyncgen("generate", PROMPT, "--highres", "-o", tmp_path / "one.png", "--steps", STEPS)
-    assert one.returncode == 0, one.stderr
+    in_process(capsys, "generate", PROMPT, "--highres", "-o", tmp_path / "one.png", "--steps", STEPS)
     # patches spread over two ranks reproduce the one-process run to <= 1e-5; 8-bit rounding as above
     assert np.abs(pixels(tmp_path / "two.png") - pixels(tmp_path / "one.png")).max() <= 1

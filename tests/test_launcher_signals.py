@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 import launcher_workers as lw
+from asyncgen.cli import launcher
 from asyncgen.cli.launcher import Interrupted, exit_with_parent, run_workers
+
+
+@pytest.fixture(autouse=True)
+def spawned_workers(monkeypatch):
+    """The users' start method: workers are the launching process's own children, and nothing else is
+    (a fork server, which the rest of the suite uses, would stay behind as a child by design)."""
+    monkeypatch.setattr(launcher, "START_METHOD", "spawn")
 
 
 def _gone_within(pids, seconds):
