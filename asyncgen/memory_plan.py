@@ -198,7 +198,8 @@ def plan_memory(denoiser: DenoiserSize, components: Sequence[ComponentSize], top
     (largest first) each on the currently lightest rank, then splittable encoders
     (largest first) whole on the lightest rank if they fit there, else as consecutive
     layer ranges filling the lightest ranks in turn (each rank takes as many blocks as
-    fit under ``C``); the same greedy under ``1.01 C`` wins if it needs fewer pieces.
+    fit under ``C``); failing that, the same with the encoders first. The same greedy
+    under ``1.01 C`` wins if it needs fewer pieces.
     ``split_encoders=False`` places every component whole. Ties go to the lowest rank,
     so the plan is deterministic.
 
@@ -232,8 +233,9 @@ def plan_memory(denoiser: DenoiserSize, components: Sequence[ComponentSize], top
         mine = sorted((p for p in best if p.rank == r), key=lambda p: (names.index(p.component), p.layers or (0, 0)))
         parameter_bytes = {"denoiser": denoiser.shared_bytes + denoiser.stage_bytes[stage_of[r]]}
         for p in mine:
-            parameter_bytes[p.component] = (parameter_bytes.get(p.component, 0)
-                                            + sizes[p.component].range_bytes(*(p.layers or (0, 0))))
+            size = sizes[p.component]
+            part = size.parameter_bytes if p.layers is None else size.range_bytes(*p.layers)
+            parameter_bytes[p.component] = parameter_bytes.get(p.component, 0) + part
         ranks.append(RankPlan(r, stage_of[r], list(denoiser.stage_units[stage_of[r]]), mine, parameter_bytes,
                               denoiser.stage_activation_bytes[stage_of[r]]))
     full = denoiser.parameter_bytes + sum(c.parameter_bytes for c in components)
@@ -278,7 +280,22 @@ def _search(base: list[int], order: Sequence[ComponentSize], split_encoders: boo
 
 
 def _fill(base: list[int], order: Sequence[ComponentSize], split_encoders: bool, cap: int) -> list[Placement] | None:
-    """The greedy placement under ``cap`` bytes per rank, or None when it does not fit."""
+    """The greedy placement under ``cap`` bytes per rank, or None when it does not fit.
+
+    Tries the whole-only components first (they need one rank with room), then, if that
+    fails, the splittable encoders first (their ranges fill ranks exactly, and a small
+    whole component may fit into what they leave).
+    """
+    splittable = [c for c in order if split_encoders and c.splittable]
+    whole = [c for c in order if not (split_encoders and c.splittable)]
+    found = _fill_in_order(base, whole + splittable, split_encoders, cap)
+    if found is None and splittable and whole:
+        found = _fill_in_order(base, splittable + whole, split_encoders, cap)
+    return found
+
+
+def _fill_in_order(base: list[int], order: Sequence[ComponentSize], split_encoders: bool,
+                   cap: int) -> list[Placement] | None:
     load = list(base)
     placements: list[Placement] = []
 
@@ -514,8 +531,9 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
         size = denoiser_size(split, cuts, dtype, inputs)
     else:
         size = denoiser_size(split, cuts, dtype)
-    sizes = [component_size(name, module, dtype) for name, module in components.items()]
-    copies = {name: sum(parameter_sizes(module, dtype).values()) for name, module in (replicated or {}).items()}
+    # by name, so the plan does not depend on the order the caller found the components in
+    sizes = [component_size(name, components[name], dtype) for name in sorted(components)]
+    copies = {name: sum(parameter_sizes(module, dtype).values()) for name, module in sorted((replicated or {}).items())}
     if copies:  # kept whole by every rank: part of the denoiser side of every rank's base
         size = DenoiserSize(size.stage_units, size.stage_bytes, size.shared_bytes + sum(copies.values()),
                             size.stage_activation_bytes, size.full_activation_bytes)

@@ -1,4 +1,4 @@
-"""The ``asyncgen`` command: ``generate``, ``bench``, ``eval`` and ``catalogue``.
+"""The ``asyncgen`` command: ``generate``, ``bench``, ``eval``, ``catalogue`` and ``plan``.
 
 Each subcommand's options and work live in one module with ``add_arguments(parser)``
 and ``run(args)``; this file only dispatches and turns errors into exit codes. Only the
@@ -24,6 +24,8 @@ COMMANDS = {
              "CLIP score of a folder of images against a prompt file, and fidelity to a reference folder"),
     "catalogue": ("asyncgen.catalogue.command",
                   "the asynchronous-learning catalogue: list the methods, run a miniature experiment"),
+    "plan": ("asyncgen.cli.plan", "what each rank would hold (stages, text encoders, VAE, bytes), from a model's "
+             "configs alone: no weights needed"),
 }
 
 

@@ -129,7 +129,8 @@ def describe_pipeline(model: str) -> PipelineFacts:
         vae_config = getattr(diffusers, index["vae"][1]).load_config(model, subfolder="vae")
         vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
         latent_channels = vae_config.get("latent_channels")
-    patch = int(config.get("patch_size") or 1)
+    patch = config.get("patch_size") or 1
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)  # video transformers: (t, h, w)
     in_channels = int(config.get("in_channels") or 0)
     if component == "transformer" and latent_channels and in_channels > latent_channels \
             and in_channels % latent_channels == 0:
@@ -141,3 +142,102 @@ def describe_pipeline(model: str) -> PipelineFacts:
     return PipelineFacts(pipeline_class=index.get("_class_name", "DiffusionPipeline"), denoiser_class=class_name,
                          splittable_units=units, native_height=sample_h * vae_factor,
                          native_width=sample_w * vae_factor, size_multiple=multiple)
+
+
+def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module"]]:
+    """Every model component of ``model`` built from its config on the meta device (no weights read).
+
+    Returns the pipeline's ``model_index.json`` and ``{attribute: module}`` for each
+    component that is a ``torch.nn.Module`` (denoiser, text encoders, VAE, ...); tokenizers,
+    schedulers and components saved as ``null`` are left out. Only config files are read,
+    so a hub id needs no weight download.
+    """
+    import importlib
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    check_pipeline_location(str(model))
+    index = DiffusionPipeline.load_config(model)
+    modules: dict[str, torch.nn.Module] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and all(value)):
+            continue
+        library, class_name = value
+        try:
+            model_class = getattr(importlib.import_module(library), class_name)
+        except (ImportError, AttributeError):
+            raise ValueError(f"{model}: component {name} is a {library}.{class_name}, which this environment "
+                             "does not have") from None
+        if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
+            continue  # tokenizer, scheduler, feature extractor
+        if library == "transformers":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model, subfolder=name)
+            with torch.device("meta"):
+                modules[name] = model_class._from_config(config)
+        else:
+            config = model_class.load_config(model, subfolder=name)
+            with torch.device("meta"):
+                modules[name] = model_class.from_config(config)
+    return index, modules
+
+
+# pipeline attributes the planner places on ranks (what the components runtime can place);
+# any other model component (a ControlNet, an image encoder) is counted whole on every rank
+PLACED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+
+def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bool = False, dtype=None,
+                      height: int | None = None, width: int | None = None, split_encoders: bool = True,
+                      estimate_activations: bool = True):
+    """The :class:`~asyncgen.memory_plan.MemoryPlan` of ``model`` from its configs alone (meta device).
+
+    The denoiser's cuts are the ones :class:`AsyncDiffPipeline` chooses with
+    ``split="flops"``: the FLOP estimate of its units in ``dtype``. ``height``/``width``
+    (pixels, default the model's native size) set the activation estimate
+    (``estimate_activations=False``: activations count as 0, and the plan is faster).
+    """
+    import torch
+
+    from asyncgen.denoisers import split_denoiser
+    from asyncgen.memory_plan import plan_pipeline
+    from asyncgen.schedule import Topology
+    from asyncgen.split import balanced_cuts, estimate_unit_costs
+
+    topology = Topology(stages, stride)
+    facts = describe_pipeline(model)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % facts.size_multiple:
+            raise ValueError(f"{name}={value}: {facts.denoiser_class} needs a multiple of {facts.size_multiple}, "
+                             f"e.g. {facts.nearest_sizes(value)}")
+    _, modules = empty_pipeline_modules(model)
+    attribute = next(c for c in DENOISER_COMPONENTS if c in modules)
+    denoiser = modules.pop(attribute)
+    if dtype is not None:
+        torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
+    split = split_denoiser(denoiser)
+    if stages > len(split.units):
+        raise ValueError(f"stages={stages} is more than the {len(split.units)} units a {facts.denoiser_class} of "
+                         f"this configuration splits into; choose stages between 1 and {len(split.units)}")
+    if stages == 1:
+        cuts = [0, len(split.units)]
+    else:
+        # estimate_unit_costs costs meta weights as the loaded model's (the cuts the wrapper will choose)
+        cuts = balanced_cuts(estimate_unit_costs(split), stages)
+    vae_factor = facts.native_height // _native_latent(denoiser)
+    latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
+    batch = 1 if getattr(denoiser.config, "guidance_embeds", False) else 2  # guidance-distilled: no CFG batch
+    placed = {n: m for n, m in modules.items() if n in PLACED_COMPONENTS}
+    replicated = {n: m for n, m in modules.items() if n not in PLACED_COMPONENTS}
+    plan = plan_pipeline(split, cuts, placed, topology, 2 if cfg_parallel else 1, dtype, latent, batch,
+                         replicated, split_encoders, estimate_activations)
+    plan.notes.update(model=str(model), height=latent[0] * vae_factor, width=latent[1] * vae_factor,
+                      denoiser=facts.denoiser_class, cuts=list(cuts))
+    return plan
+
+
+def _native_latent(denoiser) -> int:
+    sample = denoiser.config.get("sample_size") or 128  # as describe_pipeline reads it
+    return sample if isinstance(sample, int) else sample[0]

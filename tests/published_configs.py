@@ -24,7 +24,7 @@ def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, projecti
     return {"model_type": "clip_text_model", "hidden_size": hidden, "intermediate_size": intermediate,
             "num_attention_heads": heads, "num_hidden_layers": layers, "projection_dim": projection,
             "hidden_act": act, "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-5,
-            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float16"}
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
 CLIP_L = _clip_text(768, 12, 12, 3072, 768, "quick_gelu")  # openai/clip-vit-large-patch14 text tower
@@ -34,7 +34,7 @@ T5_XXL = {  # google/t5-v1_1-xxl, the encoder half
     "model_type": "t5", "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
     "num_decoder_layers": 24, "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
     "is_gated_act": True, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float32",
+    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
 }
 
 # ------------------------------------------------------------------ VAEs
