@@ -53,12 +53,25 @@ def image_format(path: str | os.PathLike) -> str:
     return known[suffix]
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail before any work if ``path`` cannot receive an image: a folder, an unknown extension, no write access."""
+VIDEO_EXTENSIONS = (".mp4", ".gif")
+
+
+def video_format(path: str | os.PathLike) -> str:
+    """``"mp4"`` or ``"gif"`` from a video path's suffix, or a ValueError listing the valid ones."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_EXTENSIONS:
+        given = repr(suffix) if suffix else "no extension"
+        raise ValueError(f"{path}: unknown video extension {given}; use one of {', '.join(VIDEO_EXTENSIONS)}")
+    return suffix[1:]
+
+
+def check_output_path(path: str | os.PathLike, video: bool = False) -> Path:
+    """Fail before any work if ``path`` cannot receive an image (a video with ``video=True``): a folder, an
+    unknown extension, no write access."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a file name such as {path / 'image.png'}")
-    image_format(path)
+        raise ValueError(f"{path} is a directory; give a file name such as {path / ('video.mp4' if video else 'image.png')}")
+    video_format(path) if video else image_format(path)
     parent = path.parent if str(path.parent) else Path(".")
     existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
     if not existing.is_dir():
@@ -79,6 +92,45 @@ def write_image(path: str | os.PathLike, image) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format=image_format(path))
     return write_atomic(path, buffer.getvalue())
+
+
+def write_video(path: str | os.PathLike, frames, fps: int) -> Path:
+    """Save video frames (PIL images, or float arrays in [0, 1]) whole or not at all: ``.mp4`` through diffusers'
+    ``export_to_video`` (imageio-ffmpeg), ``.gif`` through PIL."""
+    import numpy as np
+    from PIL import Image
+
+    kind = video_format(path)
+    frames = list(frames)
+    if kind == "mp4":
+        try:
+            import imageio  # noqa: F401
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ImportError(f"{path}: writing .mp4 needs imageio and imageio-ffmpeg: pip install 'asyncgen[video]' "
+                              "(or write a .gif)") from None
+    if frames and isinstance(frames[0], np.ndarray):
+        frames = [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the writers want a file name with the right suffix: a hidden one beside the target, then a rename
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if kind == "mp4":
+            from diffusers.utils import export_to_video
+
+            export_to_video(frames, tmp, fps=fps)
+        else:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)),
+                           loop=0, optimize=False)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[str]:

@@ -49,6 +49,9 @@ class GenerateJob:
     structure_fraction: float = 0.7
     structure_guidance: float = 1.0
     asg_mode: str = "async"
+    video: bool = False  # a video pipeline: outputs are .mp4/.gif files of its frames
+    frames: int | None = None
+    fps: int = 8
 
 
 def default_device() -> str:
@@ -59,9 +62,10 @@ def default_device() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="what to draw (or give --prompts FILE)")
-    parser.add_argument("-o", "--output", default="asyncgen.png",
-                        help="image file to write (.png, .jpg, .webp, ...); with --prompts, files are numbered: "
-                        "out.png -> out-0000.png, out-0001.png, ... (default: %(default)s)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="image file to write (.png, .jpg, .webp, ...), or for a video pipeline a video file "
+                        "(.mp4 or .gif); with --prompts, files are numbered: out.png -> out-0000.png, out-0001.png, "
+                        "... (default: asyncgen.png, asyncgen.mp4 for a video pipeline)")
     parser.add_argument("--prompts", metavar="FILE", help="a .txt file with one prompt per line (or a .csv with a "
                         "'prompt' column): one image per prompt")
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show (default: none)")
@@ -100,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "patches towards the key patch; 0 turns structure guidance off (default: %(default)s)")
     highres.add_argument("--asg-mode", choices=["async", "sync"], default="async", help="guide with the key patch's "
                          "previous-step prediction (async) or this step's (sync) (default: %(default)s)")
+    video = parser.add_argument_group("video", "for video pipelines (AnimateDiff, Wan, LTX-Video, CogVideoX, "
+                                      "HunyuanVideo, ...): -o chooses .mp4 (needs pip install 'asyncgen[video]') or .gif")
+    video.add_argument("--frames", type=positive_int, default=None, help="frames to generate; with a VAE that "
+                       "compresses time by r, a multiple of r plus 1 (default: the pipeline's own)")
+    video.add_argument("--fps", type=positive_int, default=None, help="frames per second of the written video "
+                       "(default: 8)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each rank's part of the denoiser "
                         "(the first image is slower while it compiles; default: off)")
 
@@ -125,6 +135,43 @@ def _describe_model(model: str, allow_pickle: bool):
                              "downloading it (download it once with network access, or give a local folder)") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model {model}: {text.removeprefix(f'{model}: ')}") from None
+
+
+def _is_video_pipeline(pipeline_class: str) -> bool:
+    """A pipeline whose ``__call__`` takes ``num_frames`` makes videos (AnimateDiff, SVD, Wan, LTX, CogVideoX, ...)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    return cls is not None and "num_frames" in inspect.signature(cls.__call__).parameters
+
+
+def temporal_compression(model: str) -> int:
+    """Frames per latent frame of the pipeline's VAE (1: no temporal compression), from its config on meta."""
+    import diffusers
+    import torch
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model)
+    if not (isinstance(index.get("vae"), list) and index["vae"][1]):
+        return 1
+    cls = getattr(diffusers, index["vae"][1])
+    config = cls.load_config(model, subfolder="vae")
+    with torch.device("meta"):  # structure only: some VAEs derive the ratio in __init__ (LTX)
+        vae = cls.from_config(config)
+    ratio = (getattr(vae, "temporal_compression_ratio", None) or config.get("scale_factor_temporal")
+             or config.get("temporal_compression_ratio") or 1)
+    return int(ratio)
+
+
+def _check_frames(frames: int | None, model: str) -> None:
+    ratio = temporal_compression(model)
+    if frames is not None and ratio > 1 and frames % ratio != 1 % ratio:
+        low = frames - (frames - 1) % ratio
+        valid = f"{low} or {low + ratio}" if low >= 1 else f"{low + ratio}"
+        raise UsageError(f"--frames {frames}: this model's VAE compresses time by {ratio}, so frames must be "
+                         f"{ratio}k + 1 (1, {ratio + 1}, {2 * ratio + 1}, ...); nearest valid: {valid}")
 
 
 def _check_size(name: str, value: int | None, facts) -> None:
@@ -172,12 +219,6 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     if args.seed + len(prompts) - 1 >= SEED_LIMIT:
         raise UsageError(f"--seed {args.seed} with {len(prompts)} prompts: image i uses seed + i, so the seed can be "
                          f"at most 2**64 - {len(prompts)} = {SEED_LIMIT - len(prompts)}")
-    outputs = _output_paths(args.output, len(prompts))
-    try:
-        for path in outputs[:1]:
-            check_output_path(path)
-    except ValueError as exc:
-        raise UsageError(f"-o {exc}") from None
     device = args.device or default_device()
     if device == "cuda":
         import torch
@@ -197,6 +238,21 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     else:
         model = args.model
     facts = _describe_model(model, args.allow_pickle)
+    video = _is_video_pipeline(facts.pipeline_class)
+    if not video and (args.frames is not None or args.fps is not None):
+        given = " ".join(f"--{n}" for n in ("frames", "fps") if getattr(args, n) is not None)
+        raise UsageError(f"{given}: {facts.pipeline_class} makes images, not videos; leave out {given}")
+    outputs = _output_paths(args.output or ("asyncgen.mp4" if video else "asyncgen.png"), len(prompts))
+    try:
+        for path in outputs[:1]:
+            check_output_path(path, video=video)
+    except ValueError as exc:
+        raise UsageError(f"-o {exc}") from None
+    if video:
+        if args.highres:
+            raise UsageError(f"--highres: {facts.pipeline_class} is a video pipeline; high resolution (ASG) is for "
+                             "image pipelines")
+        _check_frames(args.frames, model)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
     height, width = args.height, args.width
     if args.highres:
@@ -233,6 +289,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
         attention=args.attention, compile=args.compile, highres=args.highres,
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
+        video=video, frames=args.frames, fps=args.fps or 8,
     )
 
 
@@ -304,7 +361,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
     import torch
 
-    from asyncgen.cli.files import write_image
+    from asyncgen.cli.files import write_image, write_video
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
     pipe = _load(job, rank)
@@ -342,6 +399,8 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
         from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE
 
         call["guidance_scale"] = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
+    if job.video and job.frames is not None:
+        call["num_frames"] = job.frames
     call = {k: v for k, v in call.items() if v is not None}
     if rank == 0:
         _say_if_truncated(pipe, job.prompts)
@@ -356,20 +415,29 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
         prompts = tqdm(prompts, total=len(job.prompts), desc="images")
     for i, (prompt, path) in prompts:
         generator = torch.Generator("cpu").manual_seed(job.seed + i)
-        image = pipe(prompt, generator=generator, **call).images[0]
+        if job.video:
+            frames = pipe(prompt, generator=generator, **call).frames[0]
+            first = frames[0]
+            image = first if hasattr(first, "size") and not hasattr(first, "shape") else None
+            size = [first.shape[1], first.shape[0]] if image is None else list(first.size)
+        else:
+            image = pipe(prompt, generator=generator, **call).images[0]
+            size = list(image.size)
         steps_done += len(pipe.scheduler.timesteps)
         if rank == 0:
-            write_image(path, image)
+            write_video(path, frames, job.fps) if job.video else write_image(path, image)
     seconds = time.perf_counter() - start
     return {"images": len(job.prompts), "seconds": seconds, "steps": steps_done, "outputs": job.outputs,
             "strategy": _strategy(job, world), "world": world, "device": job.device, "dtype": job.dtype,
-            "size": list(image.size)}
+            "size": size, "frames": len(frames) if job.video else None}
 
 
 def summary_line(result: dict) -> str:
     where = result["outputs"][0] if result["images"] == 1 else f"{result['outputs'][0]} .. {result['outputs'][-1]}"
     w, h = result["size"]
-    return (f"asyncgen: {result['images']} image{'s' if result['images'] > 1 else ''} ({w}x{h}) in "
+    what = "video" if result.get("frames") else "image"
+    shape = f"{result['frames']} frames of {w}x{h}" if result.get("frames") else f"{w}x{h}"
+    return (f"asyncgen: {result['images']} {what}{'s' if result['images'] > 1 else ''} ({shape}) in "
             f"{result['seconds']:.2f} s, {result['steps'] / result['seconds']:.3g} steps/s, "
             f"{result['world']} {result['device']} device{'s' if result['world'] > 1 else ''} ({result['dtype']}), "
             f"{result['strategy']} -> {where}")

@@ -305,3 +305,152 @@ def video_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
         kwargs["image"] = svd_image()
     kwargs.update(overrides)
     return kwargs
+
+
+# ------------------------------------------------------------------ transformer classes
+# One tiny config per diffusers transformer class in the support matrix (2 blocks per
+# list, widths 16-64): the generic block split must carry each exactly.
+
+TRANSFORMER_CONFIGS = {
+    # images
+    "SD3Transformer2DModel": dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                  pooled_projection_dim=32, out_channels=4),
+    "PixArtTransformer2DModel": dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                     num_attention_heads=2, caption_channels=32, in_channels=4, cross_attention_dim=16,
+                                     out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+                                     num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                                     norm_elementwise_affine=False, norm_eps=1e-6),
+    "FluxTransformer2DModel": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+    "Flux2Transformer2DModel": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)),
+    "QwenImageTransformer2DModel": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(4, 6, 6)),
+    "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1),
+    "ChromaTransformer2DModel": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                     axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                     approximator_hidden_dim=32, approximator_layers=1),
+    "Lumina2Transformer2DModel": dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                      axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=32),
+    "CogView4Transformer2DModel": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                       attention_head_dim=8, num_attention_heads=2, text_embed_dim=32,
+                                       time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
+                                       rope_axes_dim=(4, 4)),
+    "AuraFlowTransformer2DModel": dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                       num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=32, caption_projection_dim=16, out_channels=4,
+                                       pos_embed_max_size=64),
+    "OvisImageTransformer2DModel": dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                        num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                        joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
+    "LongCatImageTransformer2DModel": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                           pooled_projection_dim=32, axes_dims_rope=[2, 2, 4]),
+    # video
+    "WanTransformer3DModel": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32),
+    "HunyuanVideoTransformer3DModel": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=1,
+                                           patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+                                           rope_axes_dim=(2, 2, 4)),
+    "LTXVideoTransformer3DModel": dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                       num_layers=2, caption_channels=32),
+    "CogVideoXTransformer3DModel": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                        time_embed_dim=8, text_embed_dim=32, num_layers=2, sample_width=8,
+                                        sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                        max_text_seq_length=8, use_rotary_positional_embeddings=True),
+    "MochiTransformer3DModel": dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=8,
+                                    max_sequence_length=8),
+    "AllegroTransformer3DModel": dict(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+                                      in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=16,
+                                      sample_height=8, sample_width=8, sample_frames=3, caption_channels=32),
+    "SanaVideoTransformer3DModel": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                        cross_attention_dim=16, caption_channels=32, sample_size=8,
+                                        rope_max_seq_len=32),
+    "SkyReelsV2Transformer3DModel": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32),
+}
+
+
+def transformer(class_name: str, seed: int = 0):
+    """The tiny ``class_name`` transformer (random weights, eval mode)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**TRANSFORMER_CONFIGS[class_name]).eval()
+
+
+# ------------------------------------------------------------------ a large model (lean loading)
+
+LARGE_FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=5, num_single_layers=4, attention_head_dim=64,
+                         num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=32,
+                         guidance_embeds=True, axes_dims_rope=(16, 24, 24))
+
+
+def build_large_flux(folder: Path, seed: int = 0, max_shard_size: str | None = "100MB") -> Path:
+    """A ``FluxPipeline`` whose transformer holds ~252 MB of float32 weights (the rest tiny), saved sharded.
+
+    Built on the meta device and filled tensor by tensor from one seeded generator
+    (random init of 63 M parameters takes seconds; this takes a fraction of one).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel(**LARGE_FLUX_CONFIG)
+    generator = torch.Generator().manual_seed(seed)
+    for module in transformer.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_meta:
+                    value = torch.empty(tensor.shape, dtype=tensor.dtype).normal_(std=0.02, generator=generator)
+                    table[name] = torch.nn.Parameter(value, requires_grad=False) if name in module._parameters else value
+    path = save_flux_pipeline(Path(folder) / "large_flux", transformer.eval(), seed=seed)
+    if max_shard_size is not None:
+        transformer.save_pretrained(path / "transformer", max_shard_size=max_shard_size)
+        (path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    return path
+
+
+def wan_transformer(text_hidden: int = 32, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                  text_dim=text_hidden, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return WanTransformer3DModel(**{**config, **overrides}).eval()
+
+
+def save_wan_pipeline(folder: Path, seed: int = 0, transformer=None) -> Path:
+    """A ``WanPipeline``: Wan VAE (time compressed by 4, space by 8: 9 frames of 64x64 are 3 latent frames of 8x8)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer if transformer is not None else wan_transformer()
+    z = transformer.config.in_channels
+    vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+    pipe = WanPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                       text_encoder=random_models.t5_text_encoder(transformer.config.text_dim), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+VIDEO_FAMILIES["wan"] = (save_wan_pipeline, "WanPipeline",
+                         dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=64, width=64,
+                              num_inference_steps=4, guidance_scale=5.0, max_sequence_length=16))
