@@ -125,10 +125,12 @@ class _Provenance(TorchDispatchMode):
                 mask |= self.labels.get(id(t), 0)
         return mask
 
-    def add(self, value, bit: int) -> None:
+    def add(self, value, bit: int, fresh: bool = False) -> None:
+        # ``fresh``: a module call's outputs are labelled with that call alone, so a label says
+        # which calls reach a tensor directly (through the code between calls, not through a call)
         for t in torch.utils._pytree.tree_leaves(value):
             if isinstance(t, torch.Tensor):
-                self.labels[id(t)] = self.labels.get(id(t), 0) | bit
+                self.labels[id(t)] = bit if fresh else self.labels.get(id(t), 0) | bit
                 self._alive.append(t)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -158,6 +160,7 @@ class BlockTrace:
     boundary: list[tuple[str, ...]]  # per block: its inputs that carry the state (first = ``hidden``)
     passthrough: list[Any]  # per block: its output structure, leaves naming the input they stand in for
     output_rule: tuple  # (dims: tuple of int | None (None = the sample's size), dtype or None)
+    suspect_ranges: list[tuple[int, int]] = field(default_factory=list)  # stages that read past their first cut
 
 
 def _leaf_source(out: torch.Tensor, call: _Call, following: _Call | None, boundary: Sequence[str]) -> str | None:
@@ -209,7 +212,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
     """Find ``model``'s block lists and the boundary state at each block, from one fake forward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .split import _fake_nested
+    from .split import _fake_nested, fake_device, meta_weights_as_fake
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     member = {id(child): (name, i) for name, m in lists for i, child in enumerate(m)}
@@ -234,7 +237,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         index = module.__dict__.pop("_asyncgen_call", None)
         if index is not None:
             calls[index].output = output
-            provenance.add(output, 1 << index)
+            provenance.add(output, 1 << index, fresh=True)
 
     seen = set()
     for _, m in lists:
@@ -245,8 +248,10 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
             handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(child.register_forward_hook(post, with_kwargs=True))
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-            fake = {k: _fake_nested(fake_mode, v) for k, v in inputs.items()}
+        device = fake_device(inputs[sample_argument])  # a partly loaded model (one rank's stage) mixes meta and real
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+                meta_weights_as_fake(model, fake_mode, device):
+            fake = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
             with provenance:
                 output = model(**fake, return_dict=False)
         prediction = output[0] if isinstance(output, (tuple, list)) else output
@@ -284,6 +289,20 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
            any(label & chain_bits for label in calls[i].input_labels.values()) for i in range(len(calls))):
         logger.debug("a non-block module list consumes block outputs; verification decides")
     block_bits = sum(1 << i for i in order)
+    # Each block must read block outputs only from the block just before it (and the head only
+    # from the last block): a forward that holds an older block's output (a long skip in a
+    # Python list, an accumulator) carries state past a cut that the boundary does not.
+    suspect = []
+    for j, i in enumerate(order):
+        allowed = 1 << order[j - 1] if j else 0
+        for label in calls[i].input_labels.values():
+            stray = label & block_bits & ~allowed
+            if stray:
+                producer = order.index(stray.bit_length() - 1)
+                suspect.append((producer + 1, j + 1))
+    stray = provenance.label(prediction) & block_bits & ~(1 << order[-1])
+    if stray:
+        suspect.append((order.index(stray.bit_length() - 1) + 1, len(order)))
     boundary = []
     for i in order:
         call = calls[i]
@@ -305,6 +324,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         boundary=boundary,
         passthrough=passthrough,
         output_rule=(dims, dtype),
+        suspect_ranges=sorted(set(suspect)),
     )
 
 
@@ -558,6 +578,18 @@ class BlockSplit(DenoiserSplit):
                 target = states[k + 1] if k + 1 < len(self.units) else BoundaryState(reference)
                 for got, want in zip(out.tensors(), target.tensors()):
                     worst = max(worst, self._compare(want, got, k, k + 1))
+            for start, stop in self.trace.suspect_ranges:
+                # a stage from ``start`` reads a block output from before ``start``: check that range whole
+                out = self._run(start, stop, states[start], cond)
+                target = states[stop] if stop < len(self.units) else BoundaryState(reference)
+                diff = max(self._compare(want, got, start, stop) for got, want in zip(out.tensors(), target.tensors()))
+                span = f"{self.trace.names[start]}..{self.trace.names[stop - 1]}"
+                raise SplitRefused(
+                    f"{type(model).__name__}: the generic block split cannot be proved exact: block "
+                    f"{self.trace.names[stop - 1]} reads a block output from before {self.trace.names[start]}, which "
+                    f"no boundary carries (a stage of blocks {span} differs by max abs {diff:.3g} on a random input); "
+                    "use verify_split=False to split it anyway"
+                )
         logger.debug("verified the block split of %s: max abs difference %g", type(model).__name__, worst)
         return worst
 

@@ -93,9 +93,9 @@ def _argument(name: str, model, layout: str, shape: tuple, batch: int, frames: i
         return {"resolution": None, "aspect_ratio": None}
     if name in ("encoder_attention_mask", "encoder_hidden_states_mask"):
         return torch.ones(batch, _TEXT_TOKENS, device=device, dtype=dtype)
-    if name == "img_shapes":
-        _, p = _patch(model)
-        return [[(1, h // 2, w // 2)]] * batch
+    if name == "img_shapes" and tokens is not None:
+        side = int(round(tokens ** 0.5))
+        return [[(1, side, tokens // side)]] * batch
     if name == "num_frames":
         return frames
     if name in ("height", "width") and layout.startswith("packed"):
@@ -117,6 +117,8 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     is all tracing and verification need and still ranks the blocks' costs correctly.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .split import _fake_nested, fake_device, meta_weights_as_fake
 
     param = next(model.parameters())
     device = param.device
@@ -150,9 +152,15 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
             fake_log = _stdlib_logging.getLogger("torch._subclasses.fake_tensor")
             level = fake_log.level
             fake_log.setLevel(_stdlib_logging.CRITICAL)  # a wrong layout's shape error is expected here
+            # with weights at hand a real call at this tiny size is far quicker than a fake one
             try:
-                with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-                    model(**inputs, return_dict=False)
+                if any(p.is_meta for p in model.parameters()):  # built on meta, or one rank's stage loaded
+                    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+                            meta_weights_as_fake(model, mode, fake_device(inputs[sample_name])):
+                        model(**_fake_nested(mode, inputs, fake_device(inputs[sample_name])), return_dict=False)
+                else:
+                    with torch.no_grad():
+                        model(**inputs, return_dict=False)
             except Exception as exc:  # noqa: BLE001 - any failure means: not this layout
                 errors.append(f"{layout} {tuple(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
