@@ -12,6 +12,7 @@ structure and costs from counting (or timing) what each unit computes.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -107,6 +108,9 @@ class DenoiserSplit(abc.ABC):
 
 
 def _run_chain_with_probe(split: DenoiserSplit, inputs: dict, probe: Callable[[int, Callable[[], None]], None]):
+    runner = getattr(split, "run_units_with_probe", None)
+    if runner is not None:  # a split that runs all its units inside one forward (asyncgen.block_split)
+        return runner(inputs, probe)
     inputs = dict(inputs)
     sample, timestep = inputs.pop(split.sample_argument), inputs.pop("timestep")
     cond = split.conditioning(sample, timestep, **inputs)
@@ -138,17 +142,18 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
         # bytes read (activations and weights) plus bytes written by every op
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if func is torch.ops.prim.device.default:  # a metadata query (fake tensors made from meta ask it)
+                return out
             flat = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
             bytes_moved[0] += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
             return out
 
     inputs = inputs if inputs is not None else split.example_inputs()
     costs: list[float] = []
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-        fake_inputs = {
-            k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else _fake_nested(fake_mode, v)
-            for k, v in inputs.items()
-        }
+    device = fake_device(inputs[split.sample_argument])
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+            meta_weights_as_fake(split.denoiser, fake_mode, device):
+        fake_inputs = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
 
         def probe(i, step):
             counter = FlopCounterMode(display=False)
@@ -161,12 +166,46 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
     return costs
 
 
-def _fake_nested(mode, value):
+def fake_device(sample: torch.Tensor) -> torch.device:
+    """Where a fake run with ``sample`` pretends to be: its device, the CPU for a meta tensor."""
+    return torch.device("cpu") if sample.is_meta else sample.device
+
+
+@contextlib.contextmanager
+def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
+    """``model``'s meta parameters and buffers stand in as fake tensors on ``device`` (restored on exit).
+
+    A model built on the meta device, or partly loaded (one rank's stage), then runs under
+    ``fake_mode`` exactly like the loaded model: weights on ``meta`` beside real ones would
+    be a device mismatch, and on ``meta`` the kernels decompose differently (attention into
+    its maths), which changes the counted bytes by up to 2x and could move the cuts.
+    """
+    converter = fake_mode.fake_tensor_converter
+    swapped, fakes = [], {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_meta:
+                    if id(tensor) not in fakes:  # tied weights stay one tensor
+                        fakes[id(tensor)] = converter.from_meta_and_device(fake_mode, tensor, device)
+                    swapped.append((table, name, tensor))
+                    table[name] = fakes[id(tensor)]
+    try:
+        yield
+    finally:
+        for table, name, tensor in swapped:
+            table[name] = tensor
+
+
+def _fake_nested(mode, value, device: torch.device | None = None):
+    """``value`` with every tensor faked; meta tensors pretend to be on ``device`` (see :func:`fake_device`)."""
     if isinstance(value, dict):
-        return {k: _fake_nested(mode, v) for k, v in value.items()}
+        return {k: _fake_nested(mode, v, device) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_fake_nested(mode, v) for v in value)
+        return type(value)(_fake_nested(mode, v, device) for v in value)
     if isinstance(value, torch.Tensor):
+        if value.is_meta and device is not None:
+            return mode.fake_tensor_converter.from_meta_and_device(mode, value, device)
         return mode.from_tensor(value)
     return value
 

@@ -8,6 +8,7 @@ import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
 from asyncgen.denoisers import split_denoiser
+from asyncgen.evaluation import support_matrix
 
 FAMILIES = list(tiny_models.DIT_FAMILIES)
 
@@ -87,6 +88,8 @@ def test_one_stage_and_full_warmup_equal_stock(dit_paths, family):
     stale = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=2, stride=2, warmup=1)
     images = stale(**tiny_models.dit_call_kwargs(family)).images
     assert np.isfinite(images).all() and not np.array_equal(images, reference)
+    support_matrix.record(type(one.pipeline.transformer.denoiser).__name__, pipeline=tiny_models.DIT_FAMILIES[family][1],
+                          one_stage="exact")
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart"])

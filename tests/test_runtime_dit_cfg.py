@@ -5,6 +5,7 @@ import pytest
 
 import tiny_models
 from asyncgen.cli.launcher import launch, run_workers
+from asyncgen.evaluation import support_matrix
 from asyncgen.pipelines import AsyncDiffPipeline
 
 pytestmark = pytest.mark.distributed
@@ -35,6 +36,9 @@ def test_transformers_distributed_equal_serial(dit_paths, world_size):
         for rank, images in enumerate(per_rank):
             # received states are views into one flat buffer; alignment may change SIMD rounding
             np.testing.assert_allclose(images[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
+        if world_size == 2:
+            support_matrix.record(type(serial.pipeline.transformer.denoiser).__name__,
+                                  pipeline=tiny_models.DIT_FAMILIES[family][1], distributed="yes (pipeline, ≤ 1e-5)")
 
 
 def _cfg(rank, world_size, sd_path, sd3_path, stages):
@@ -55,6 +59,7 @@ def test_cfg_parallel_one_stage_equals_stock(sd_path, dit_paths):
         # each half is computed at batch 1 rather than 2: same maths, possibly different rounding
         np.testing.assert_allclose(r["sd"], stock, atol=1e-5, rtol=0)
         np.testing.assert_allclose(r["sd3"], stock_sd3, atol=1e-5, rtol=0)
+    support_matrix.record("SD3Transformer2DModel", cfg_parallel="yes (2 ranks == stock)")
 
 
 def test_cfg_parallel_times_asyncdiff_on_four_ranks_equals_serial(sd_path):
