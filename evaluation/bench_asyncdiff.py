@@ -60,6 +60,59 @@ def time_images(pipe, prompts: list[str], call: dict, seed: int) -> tuple[float,
     return (time.perf_counter() - start) / len(prompts), np.stack(images)
 
 
+class HostMemory:
+    """Peak resident memory of this process over a span, from ``/proc/self/status`` (Linux).
+
+    ``start()`` notes the current ``VmRSS`` and resets the high-water mark ``VmHWM``
+    (writing ``5`` to ``/proc/self/clear_refs``); ``peak_growth()`` is ``VmHWM`` minus that
+    ``VmRSS``: how much more memory the span needed at its peak. Where the mark cannot be
+    reset the figure counts from the process start (``reset`` is then False) and where
+    ``/proc`` is missing it is None.
+    """
+
+    def __init__(self):
+        self.base, self.reset = None, False
+
+    @staticmethod
+    def _read(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.base = self._read("VmRSS")
+
+    def peak_growth(self) -> int | None:
+        peak = self._read("VmHWM")
+        return None if peak is None or self.base is None else peak - self.base
+
+
+def resident_parameter_bytes(pipeline) -> int:
+    """Bytes of the parameters a pipeline holds on a real device (meta placeholders excluded, tied ones once)."""
+    import torch
+
+    seen, total = set(), 0
+    for module in getattr(pipeline, "components", {}).values():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for p in module.parameters():
+            if id(p) not in seen and p.device.type != "meta":
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
 def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prompts: list[str], repeats: int,
             device: str, dtype: str, allow_pickle: bool = False):
     """Alternate timed passes over the prompts: the stock pipeline (rank 0 alone), then AsyncDiff (all ranks).
@@ -68,6 +121,11 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     changes) out of the ratio; while rank 0 runs the stock pipeline the other ranks wait
     in a barrier, so rank 0's core has the machine to itself as a one-device run would.
     Prompt ``i`` uses a generator seeded ``seed + i`` in both.
+
+    Memory, per rank: the wrapped pipeline is loaded first, through
+    ``AsyncDiffPipeline.from_pretrained`` (what users call, so its lean path is what is
+    measured), and its first (untimed) call runs before the stock pipeline is loaded, so
+    the host peaks of the load and of the call are the wrapper's own.
     """
     import torch
     import torch.distributed as dist
@@ -78,16 +136,31 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
         dist.init_process_group(backend=default_backend())
     call = dict(call)
     seed = call.pop("seed")
-    stock = load_on_rank(model, rank, device, dtype, allow_pickle) if rank == 0 else None
-    wrapped = AsyncDiffPipeline(load_on_rank(model, rank, device, dtype, allow_pickle), **wrap)
+    cuda = device == "cuda"
+    host = HostMemory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(rank)
+    host.start()
+    wrapped = AsyncDiffPipeline.from_pretrained(model, **wrap, device=f"cuda:{rank}" if cuda else None,
+                                                dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
+    wrapped.pipeline.set_progress_bar_config(disable=True)
+    memory = dict(host_load_peak_bytes=host.peak_growth(), host_peak_reset=host.reset,
+                  cuda_load_peak_bytes=torch.cuda.max_memory_allocated(rank) if cuda else None,
+                  resident_pipeline_bytes=resident_parameter_bytes(wrapped.pipeline))
     executor = wrapped.denoiser.executor
 
     def timed(pipe, count=len(prompts)):
         return time_images(pipe, prompts[:count], call, seed)
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(rank)
+    host.start()
+    timed(wrapped, 1)  # untimed warm-up calls: first-call allocations, lazy inits, caches
+    memory.update(host_call_peak_bytes=host.peak_growth(),
+                  cuda_call_peak_bytes=torch.cuda.max_memory_allocated(rank) if cuda else None)
+    stock = load_on_rank(model, rank, device, dtype, allow_pickle) if rank == 0 else None
     if stock is not None:
-        timed(stock, 1)  # untimed warm-up calls: first-call allocations, lazy inits, caches
-    timed(wrapped, 1)
+        timed(stock, 1)
     seconds0, calls0 = executor.compute_seconds, executor.compute_calls
     result = {"stock": [], "async": []}
     for _ in range(repeats):
@@ -103,7 +176,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     result.update(stage=info["stage"], stage_units=info["stage_units"],
                   resident_parameter_bytes=info["resident_parameter_bytes"],
                   full_copy_bytes=sum(p.numel() * p.element_size() for p in full.parameters()),
-                  peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+                  peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None, **memory,
                   compute_per_call_ms=1e3 * (executor.compute_seconds - seconds0) / max(executor.compute_calls - calls0, 1))
     if rank == 0:
         result.update(images=images, stock_images=stock_images)
@@ -177,6 +250,9 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
             resident_parameter_mb=[r["resident_parameter_bytes"] / 2**20 for r in per_rank],
             full_copy_mb=per_rank[0]["full_copy_bytes"] / 2**20,
             peak_cuda_mb=[r["peak_cuda_bytes"] / 2**20 for r in per_rank] if device == "cuda" else None,
+            memory_per_rank=[{k: r[k] for k in ("host_load_peak_bytes", "host_call_peak_bytes", "host_peak_reset",
+                                                "resident_pipeline_bytes", "cuda_load_peak_bytes",
+                                                "cuda_call_peak_bytes")} for r in per_rank],
             stock_latencies=stock,
             async_latencies=asynchronous,
             wrap=wrap,
@@ -305,6 +381,23 @@ if communication were free; clip_score (unless --clip none): mean over the promp
 image of the same prompt and seed; resident_mb_per_rank: parameter MiB each rank holds."""
 
 
+def memory_lines(per_rank: list[dict]) -> str:
+    """Per rank: host peak growth over loading and over the first call, resident parameters, CUDA peaks."""
+    def mb(value):
+        return "-" if value is None else f"{value / 2**20:.1f}"
+
+    lines = ["  memory per rank (MiB): host peak growth during load / during the first call, parameters resident"
+             + (", CUDA peak allocated during load / call" if per_rank[0]["cuda_load_peak_bytes"] is not None else "")]
+    for rank, m in enumerate(per_rank):
+        line = (f"    rank {rank}: host {mb(m['host_load_peak_bytes'])} / {mb(m['host_call_peak_bytes'])}"
+                f"{'' if m['host_peak_reset'] else ' (peaks since process start)'}, "
+                f"parameters {mb(m['resident_pipeline_bytes'])}")
+        if m["cuda_load_peak_bytes"] is not None:
+            line += f", CUDA {mb(m['cuda_load_peak_bytes'])} / {mb(m['cuda_call_peak_bytes'])}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def table_rows(stock_row: dict, rows: list[dict]) -> list[dict]:
     out = []
     for row in [stock_row, *rows]:
@@ -376,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
                  if row.get("peak_cuda_mb") else ""))
         for k, units in enumerate(row["stage_units"]):
             print(f"  stage {k}: {units[0]} .. {units[-1]} ({len(units)} units)")
+        print(memory_lines(row["memory_per_rank"]))
     out = Path(args.out)
     record = dict(benchmark="asyncdiff", model=args.model or f"built-in {args.family}", call=call, prompts=prompts,
                   device=args.device, dtype=args.dtype, repeats=args.repeats, clip=args.clip,

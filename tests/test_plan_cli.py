@@ -82,3 +82,22 @@ def test_a_size_the_model_cannot_take_names_it(sd_path, capsys):
     code, _, err = _run(capsys, "--model", sd_path, "--height", 20)
     assert code == 2 and "height=20" in err and "multiple of" in err
 
+
+
+def test_bench_memory_helpers_measure_host_peaks_and_resident_parameters(sd_path):
+    import torch
+
+    import tiny_models
+    from asyncgen.evaluation.bench_asyncdiff import HostMemory, resident_parameter_bytes
+
+    host = HostMemory()
+    host.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    grown = host.peak_growth()
+    del block
+    assert host.reset and 64 * 2**20 <= grown < 96 * 2**20
+    pipe = tiny_models.load(sd_path)
+    full = sum(p.numel() * 4 for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
+    assert resident_parameter_bytes(pipe) == full
+    pipe.vae.to("meta")  # released weights (another rank's) do not count
+    assert resident_parameter_bytes(pipe) == full - sum(p.numel() * 4 for p in pipe.vae.parameters())
