@@ -10,6 +10,8 @@ import torch.distributed as dist
 from diffusers.utils import logging
 from torch import nn
 
+from asyncgen.component_proxy import place_components
+from asyncgen.memory_plan import Placement
 from asyncgen.distributed import DistContext, control_device, publish_error, resolve_context, shared_randomness
 from asyncgen.proxy import StagedDenoiser
 from asyncgen.runtime import DistributedRuntime
@@ -72,6 +74,46 @@ def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) ->
             dist.broadcast(cuts, ctx.global_rank(0), group=ctx.group)
         return cuts.tolist()
     raise ValueError(f"split={method!r} is not one of 'flops', 'time' or a list of cut indices")
+
+
+def _check_components(components) -> None:
+    if isinstance(components, (list, tuple)) and all(isinstance(p, Placement) for p in components):
+        return
+    if components not in (None, "replicated", "planned"):
+        raise ValueError(f"components={components!r} is not one of 'replicated', 'planned' or a list of Placement")
+
+
+def _check_world_size(ctx: DistContext, topology: Topology, cfg_parallel: bool) -> None:
+    world = (2 if cfg_parallel else 1) * topology.world_size
+    if ctx.distributed and ctx.world_size != world:
+        stages, stride = topology.stages, topology.stride
+        expected = f"stages + stride - 1 = {stages} + {stride} - 1 = {world}"
+        if cfg_parallel:
+            expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
+        raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
+
+
+def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, skip_components=frozenset(),
+                     allow_pickle: bool = False, **load_kwargs):
+    """The pipeline with only this rank's stage (and the shared modules) of the denoiser read; its cuts; the read report.
+
+    The cuts are chosen on the meta-device denoiser exactly as the constructor chooses them
+    on a loaded one (``split="flops"`` costs the same shapes), so every rank agrees.
+    """
+    from .lean_loading import load_pipeline_partially
+
+    chosen: list[int] = []
+
+    def keep_of(denoiser):
+        denoiser_split = split_denoiser(denoiser)
+        chosen.extend(_choose_cuts(denoiser_split, topology.stages, split, ctx))
+        mine = make_stages(denoiser_split, chosen)[topology.stage_of(ctx.rank % topology.world_size)]
+        return denoiser_split.shared_modules() + mine.modules()
+
+    pipeline, report = load_pipeline_partially(model, keep_of, device=ctx.device, dtype=dtype,
+                                               allow_pickle=allow_pickle, skip_components=skip_components,
+                                               **load_kwargs)
+    return pipeline, chosen, report
 
 
 def _check_cfg_parallel(pipeline, denoiser) -> None:
@@ -137,6 +179,16 @@ class AsyncDiffPipeline(PipelineWrapper):
             e.g. ``{"mode": "max-autotune"}``. The schedule and the units do not change, so
             results equal the uncompiled wrapper's up to the compiled kernels' rounding
             (exactly, with ``{"backend": "eager"}``). Compilation happens during the first call.
+        components (`str`, *optional*):
+            Where the text encoders and the VAE run. ``"planned"`` (the default when a process
+            group is in use): each on one rank, the lightest ones first (a text encoder may
+            also run as layer ranges on several ranks), its output broadcast to the others
+            inside the stock ``__call__``; ranks that do not run a component keep none of its
+            weights (they stay on the meta device). ``"replicated"``: every rank keeps and runs
+            them all. Outputs are the same either way. In one process (no group) this has no
+            effect: the serial simulator runs everything there. A list of
+            ``asyncgen.memory_plan.Placement`` places them as it says (a component it does
+            not name stays replicated).
     """
 
     def __init__(
@@ -155,12 +207,14 @@ class AsyncDiffPipeline(PipelineWrapper):
         attention: str | None = None,
         compile: bool | dict = False,
         free_unused_stages: bool = True,
+        components: str | None = None,
     ):
         check_not_wrapped(pipeline, type(self).__name__)
         if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
         topology = Topology(stages, stride)
         compile_kwargs = compile_options(compile)
+        _check_components(components)
         attribute = _denoiser_attribute(pipeline)
         if dtype is not None:
             pipeline.to(dtype=resolve_dtype(dtype))
@@ -201,22 +255,35 @@ class AsyncDiffPipeline(PipelineWrapper):
                 if stage is not mine:
                     for module in stage.modules():
                         module.to("meta")  # frees the storage: this rank never runs that stage
-            executor = DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
+            def new_executor():
+                return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
+
             resident = denoiser_split.shared_modules() + mine.modules()
         else:
-            simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
-            executor = simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
+            def new_executor():
+                simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
+                return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
+
             resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
 
         self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
         self.stages, self.attribute = all_stages, attribute
         self.cfg_parts = cfg_parts
         self.denoiser = StagedDenoiser(
-            denoiser_split, resident, executor, topology, warmup, time_shift, lambda: pipeline.scheduler,
-            cfg_parts,
+            denoiser_split, resident, new_executor(), topology, warmup, time_shift, lambda: pipeline.scheduler,
+            cfg_parts, new_executor=new_executor,
         )
         # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
         object.__setattr__(pipeline, attribute, self.denoiser)
+        self.components, self.component_placements = "replicated", {}
+        if ctx.distributed and components != "replicated":
+            # before pipeline.to(device): the components this rank does not run stay on meta
+            self.components = "planned"
+            self.component_placements = place_components(
+                pipeline, [s.modules() for s in all_stages], denoiser_split.shared_modules(),
+                [topology.stage_of(r % topology.world_size) for r in range(world)], ctx,
+                placements=None if isinstance(components, (str, type(None))) else components,
+                release=free_unused_stages)
         if ctx.device is not None:
             pipeline.to(ctx.device)
         if ctx.rank != 0 and hasattr(pipeline, "set_progress_bar_config"):
@@ -242,9 +309,18 @@ class AsyncDiffPipeline(PipelineWrapper):
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
                         dtype: str | torch.dtype | None = None, attention: str | None = None,
                         compile: bool | dict = False, **load_kwargs) -> "AsyncDiffPipeline":
-        """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it.
+        """Load a pipeline and wrap it; with a process group, each rank reads only the weights it runs.
 
-        ``dtype`` is handed to the loader (weights load in it), not converted after loading.
+        In one process this is ``DiffusionPipeline.from_pretrained`` and the constructor.
+        When a process group is in use (given, initialised, or from ``torchrun``'s
+        environment), the denoiser is built on the meta device, the cuts are decided from
+        its config, and only the shared modules and this rank's stage are read from the
+        safetensors files, straight to this rank's device in ``dtype``; other ranks'
+        parameters stay on ``meta``. ``split="time"`` needs the real weights to time them:
+        it loads everything (with a warning). A pickle-only checkpoint is refused unless
+        ``allow_pickle=True``. ``dtype`` is handed to the loader (weights load in it), not
+        converted after loading. ``load_kwargs`` go to ``DiffusionPipeline.from_pretrained``
+        (``variant``, ``revision``, ``local_files_only``, ...).
         """
         from .loading import load_pipeline
 
@@ -253,11 +329,28 @@ class AsyncDiffPipeline(PipelineWrapper):
             given = load_kwargs.pop("torch_dtype", None)
             if given is not None and given != dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={given} disagree; pass one of them")
+        elif load_kwargs.get("torch_dtype") is not None:
+            dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
         compile_options(compile)  # a bad value fails before minutes of loading
-        pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
-        return cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
-                   process_group=process_group, device=device, timeout=timeout, cfg_parallel=cfg_parallel,
-                   attention=attention, compile=compile)
+        topology = Topology(stages, stride)
+        ctx = resolve_context(process_group, device, timeout)
+        lean = ctx.distributed and not (isinstance(split, str) and split == "time")
+        if ctx.distributed and not lean:
+            logger.warning("split='time' times the units on real weights: every rank loads the whole pipeline "
+                           "(use split='flops' or a list of cuts for stage-only loading)")
+        report = None
+        if lean:
+            _check_world_size(ctx, topology, cfg_parallel)
+            pipeline, split, report = _load_stage_only(pretrained_model_name_or_path, topology, split, ctx, dtype,
+                                                       skip_components=frozenset(), **load_kwargs)
+        else:
+            pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
+        wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
+                      process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
+                      attention=attention, compile=compile)
+        wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
+        wrapped.load_report = report  # lean_loading.ReadReport of the denoiser (None: loaded whole)
+        return wrapped
 
     # ------------------------------------------------------------------- call
 
@@ -280,6 +373,45 @@ class AsyncDiffPipeline(PipelineWrapper):
             raise
 
     # ------------------------------------------------------------- reporting
+
+    def memory_plan(self, height: int | None = None, width: int | None = None, split_encoders: bool = True):
+        """What each rank holds: its stage, the components it runs, parameter and activation bytes.
+
+        Returns an :class:`asyncgen.memory_plan.MemoryPlan` for this wrapper's cuts and
+        topology. In a process group with planned components it reports the placements
+        in use; with replicated components every rank holds every component; in one
+        process it is the plan :mod:`asyncgen.memory_plan` makes for ``stages + stride - 1``
+        ranks (times 2 with ``cfg_parallel``). Activations are estimated (not measured) at
+        ``height`` x ``width`` pixels (default: the denoiser's native size). Components other
+        than the text encoders and the VAE (a ControlNet, an image encoder) count on every rank.
+        """
+        from asyncgen.memory_plan import Placement, plan_pipeline
+
+        placed_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+        placed, replicated = {}, {}
+        for name, module in getattr(self.pipeline, "components", {}).items():
+            module = getattr(self.pipeline, name, module)
+            if name == self.attribute or not isinstance(module, nn.Module):
+                continue
+            real = getattr(module, "component", module)  # a component proxy stands for the real module
+            (placed if name in placed_names else replicated)[name] = real
+        cuts = [0]
+        for stage in self.stages:
+            cuts.append(cuts[-1] + len(stage.units))
+        world = self.cfg_parts * self.topology.world_size
+        placements = None
+        if self.ctx.distributed and getattr(self, "components", "planned") == "planned":
+            in_use = getattr(self, "component_placements", {}) or {}
+            placements = [p for name in placed for p in in_use.get(name, ())]
+            placed_now = {p.component for p in placements}
+            placements += [Placement(n, r) for n in placed if n not in placed_now for r in range(world)]
+        elif self.ctx.distributed:
+            placements = [Placement(n, r) for n in placed for r in range(world)]
+        scale = getattr(self.pipeline, "vae_scale_factor", 8)
+        latent = (height // scale if height else None, width // scale if width else None)
+        batch = 1 if getattr(self.denoiser.split.denoiser.config, "guidance_embeds", False) else 2
+        return plan_pipeline(self.denoiser.split, cuts, placed, self.topology, self.cfg_parts, None, latent, batch,
+                             replicated, split_encoders, placements=placements)
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time."""
