@@ -282,7 +282,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             self.component_placements = place_components(
                 pipeline, [s.modules() for s in all_stages], denoiser_split.shared_modules(),
                 [topology.stage_of(r % topology.world_size) for r in range(world)], ctx,
-                placements=None if isinstance(components, (str, type(None))) else components,
+                placements=self._planned_placements() if isinstance(components, (str, type(None))) else components,
                 release=free_unused_stages)
         if ctx.device is not None:
             pipeline.to(ctx.device)
@@ -373,6 +373,25 @@ class AsyncDiffPipeline(PipelineWrapper):
             raise
 
     # ------------------------------------------------------------- reporting
+
+    def _planned_placements(self) -> list:
+        """Where ``components="planned"`` puts the text encoders and the VAE: the planner's placements.
+
+        Computed the same way on every rank (a deterministic function of the configs and cuts).
+        """
+        from asyncgen.memory_plan import plan_pipeline
+
+        placed = {n: getattr(self.pipeline, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+                  if isinstance(getattr(self.pipeline, n, None), nn.Module)}
+        replicated = {n: m for n, m in getattr(self.pipeline, "components", {}).items()
+                      if n != self.attribute and n not in placed and isinstance(m, nn.Module)}
+        cuts = [0]
+        for stage in self.stages:
+            cuts.append(cuts[-1] + len(stage.units))
+        batch = 1 if getattr(self.denoiser.split.denoiser.config, "guidance_embeds", False) else 2
+        plan = plan_pipeline(self.denoiser.split, cuts, placed, self.topology, self.cfg_parts, None, None, batch,
+                             replicated)
+        return [p for rank in plan.ranks for p in rank.placements]
 
     def memory_plan(self, height: int | None = None, width: int | None = None, split_encoders: bool = True):
         """What each rank holds: its stage, the components it runs, parameter and activation bytes.
