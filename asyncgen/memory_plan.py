@@ -447,7 +447,7 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from .split import _fake_nested, _run_chain_with_probe
+    from .split import _fake_nested, _run_chain_with_probe, fake_device, meta_weights_as_fake
 
     class _LiveBytes(TorchDispatchMode):
         def __init__(self):
@@ -477,10 +477,11 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
                 return query.new_empty((*query.shape[:-1], value.shape[-1]))
             return func(*args, **kwargs)
 
-    device = next(split.denoiser.parameters()).device
     peaks: list[int] = []
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-        fake = {k: _fake_nested(fake_mode, _to_device(v, device)) for k, v in inputs.items()}
+    device = fake_device(inputs[split.sample_argument])  # as estimate_unit_costs runs: meta weights as fakes there
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+            meta_weights_as_fake(split.denoiser, fake_mode, device):
+        fake = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
         counter = _LiveBytes()
         input_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(fake) if isinstance(t, torch.Tensor))
 
@@ -492,22 +493,6 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
         with counter, _FusedAttention():
             _run_chain_with_probe(split, fake, probe)
     return peaks
-
-
-def _to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
-def meta_example_inputs(split, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
-    """``split.example_inputs`` on the denoiser's own device (the meta device for a model built from its config)."""
-    device = next(split.denoiser.parameters()).device
-    return _to_device(split.example_inputs(batch, height, width), device)
 
 
 def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], topology: Topology,
@@ -527,7 +512,7 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
     """
     if estimate_activations:
         height, width = latent_size if latent_size is not None else (None, None)
-        inputs = meta_example_inputs(split, max(1, batch // cfg_parts), height, width)
+        inputs = split.example_inputs(max(1, batch // cfg_parts), height, width)
         size = denoiser_size(split, cuts, dtype, inputs)
     else:
         size = denoiser_size(split, cuts, dtype)
