@@ -45,6 +45,7 @@ class GenerateJob:
     dtype: str
     attention: str | None = None
     compile: bool = False
+    components: str = "planned"
     highres: bool = False
     structure_fraction: float = 0.7
     structure_guidance: float = 1.0
@@ -82,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "asynchronous ones (default: 5%% of the steps, at least 1)")
     parser.add_argument("--cfg-parallel", action="store_true", help="split the classifier-free-guidance batch "
                         "over two groups of devices (needs 2 * (stages + stride - 1) devices; default: off)")
+    parser.add_argument("--components", choices=("planned", "replicated"), default="planned",
+                        help="where the text encoders and the VAE run on several devices: 'planned' on one device "
+                        "each (the least loaded), outputs sent to the others, no copy elsewhere; 'replicated' on "
+                        "every device (default: %(default)s)")
     add_asyncdiff_arguments(parser)
     add_sampling_arguments(parser, steps_help="25 for the built-in model, the pipeline's own default otherwise",
                            guidance_help="4.0 for the built-in model, the pipeline's own default otherwise",
@@ -287,7 +292,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=height,
         width=width, seed=args.seed, stages=stages, stride=args.stride, warmup=args.warmup,
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
-        attention=args.attention, compile=args.compile, highres=args.highres,
+        attention=args.attention, compile=args.compile, components=args.components, highres=args.highres,
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
         video=video, frames=args.frames, fps=args.fps or 8,
     )
@@ -382,7 +387,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
 
             pipe = AsyncDiffPipeline(pipe, stages=job.stages, stride=job.stride, warmup=job.warmup,
                                      time_shift=job.time_shift, split=job.split, cfg_parallel=job.cfg_parallel,
-                                     attention=job.attention, compile=job.compile)
+                                     attention=job.attention, compile=job.compile, components=job.components)
         else:  # the stock pipeline, with the same speed settings the wrapper would apply
             if job.attention:
                 enable_attention(pipe, job.attention)

@@ -192,3 +192,16 @@ def test_planned_components_equal_replicated(sd_path, sdxl_path, dit_paths):
         without = [r for r in range(2)
                    if not any(p.rank == r for c in TEXT_ENCODERS for p in placed.get(c, []))]
         assert without, (name, placed)
+
+
+def test_generate_components_option():
+    import argparse
+
+    from asyncgen.cli import generate
+
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    assert parser.parse_args(["a prompt"]).components == "planned"
+    assert parser.parse_args(["a prompt", "--components", "replicated"]).components == "replicated"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a prompt", "--components", "everywhere"])
