@@ -23,7 +23,11 @@ from asyncgen.denoisers import split_denoiser
 from asyncgen.evaluation import support_matrix
 from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
 
-CLASSES = list(tiny_models.TRANSFORMER_CONFIGS)
+# not split yet, refused with a one-line reason: Lumina2 needs an integer text mask the generic example
+# call does not make (it sums a float one into a size); Mochi's forward calls nonzero on the mask, which a
+# FakeTensorMode trace cannot follow (data-dependent output shape)
+NOT_TRACEABLE = ("Lumina2Transformer2DModel", "MochiTransformer3DModel")
+CLASSES = [c for c in tiny_models.TRANSFORMER_CONFIGS if c not in NOT_TRACEABLE]
 _SPLITS: dict = {}
 
 
@@ -161,3 +165,9 @@ def test_a_split_that_is_not_exact_is_refused():
 def test_a_model_without_a_block_list_is_refused():
     with pytest.raises(TypeError, match="_NoBlocks: found no block list"):
         split_denoiser(_NoBlocks().eval())
+
+
+@pytest.mark.parametrize("name", NOT_TRACEABLE)
+def test_data_dependent_forwards_are_refused_with_the_reason(name):
+    with pytest.raises(TypeError, match=f"^cannot build an example call of {name}.forward from its signature and config \\(tried "):
+        split_denoiser(tiny_models.transformer(name))
