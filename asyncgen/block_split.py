@@ -253,7 +253,11 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
                 meta_weights_as_fake(model, fake_mode, device):
             fake = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
             with provenance:
-                output = model(**fake, return_dict=False)
+                try:
+                    output = model(**fake, return_dict=False)
+                except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values
+                    raise SplitRefused(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
+                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output
         sample = fake[sample_argument]
     finally:

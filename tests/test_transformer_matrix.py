@@ -169,5 +169,5 @@ def test_a_model_without_a_block_list_is_refused():
 
 @pytest.mark.parametrize("name", NOT_TRACEABLE)
 def test_data_dependent_forwards_are_refused_with_the_reason(name):
-    with pytest.raises(TypeError, match=f"^cannot build an example call of {name}.forward from its signature and config \\(tried "):
+    with pytest.raises(TypeError, match=f"(^cannot build an example call of {name}.forward|^{name}: its forward cannot be traced on fake tensors)"):
         split_denoiser(tiny_models.transformer(name))
