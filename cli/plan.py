@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_from_configs(model, stages, args.stride, args.cfg_parallel,
                                  getattr(torch, args.dtype) if args.dtype else None, args.height, args.width,
                                  split_encoders=not args.whole_encoders)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # bad folder, size, stage count; a denoiser it cannot split
         raise UsageError(str(exc)) from None
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     if args.max_memory is not None:

@@ -94,11 +94,13 @@ class PipelineFacts:
         return f"{low}" if low == high else f"{low} or {high}"
 
 
-def describe_pipeline(model: str) -> PipelineFacts:
+def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
     """Read ``model``'s configs (local folder or cached hub id) and split its denoiser on the meta device.
 
     The launching process checks the request against these facts before it starts any
     worker, so a bad ``--stages`` or size fails in a second instead of after N loads.
+    ``count_units=False`` skips the split (``splittable_units`` is then None): a caller
+    that splits the denoiser itself need not pay for it twice (a traced DiT takes seconds).
     """
     import diffusers
     import torch
@@ -121,7 +123,7 @@ def describe_pipeline(model: str) -> PipelineFacts:
     from asyncgen.denoisers import split_denoiser
 
     try:
-        units = len(split_denoiser(denoiser).units)
+        units = len(split_denoiser(denoiser).units) if count_units else None
     except TypeError:
         units = None
     vae_factor, latent_channels = 8, None
@@ -207,7 +209,7 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     from asyncgen.split import balanced_cuts, estimate_unit_costs
 
     topology = Topology(stages, stride)
-    facts = describe_pipeline(model)
+    facts = describe_pipeline(model, count_units=False)  # the split below counts them
     for name, value in (("height", height), ("width", width)):
         if value is not None and value % facts.size_multiple:
             raise ValueError(f"{name}={value}: {facts.denoiser_class} needs a multiple of {facts.size_multiple}, "
