@@ -217,6 +217,10 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     _, modules = empty_pipeline_modules(model)
     attribute = next(c for c in DENOISER_COMPONENTS if c in modules)
     denoiser = modules.pop(attribute)
+    if cfg_parallel and getattr(denoiser.config, "guidance_embeds", False):
+        # the wrapper refuses this too: the plan must not describe a layout that cannot run
+        raise ValueError(f"cfg_parallel: {type(denoiser).__name__} is guidance-distilled (guidance_embeds=True), so "
+                         "its pipeline makes no unconditional pass to split off; plan without --cfg-parallel")
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
     split = split_denoiser(denoiser)

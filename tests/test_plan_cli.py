@@ -78,6 +78,12 @@ def test_devices_that_cannot_hold_the_options_are_refused(argv, message, capsys)
     assert code == 2 and message in err
 
 
+def test_cfg_parallel_on_a_guidance_distilled_model_is_refused_as_the_wrapper_refuses_it(tmp_path, capsys):
+    folder = published_configs.write_pipeline("flux.1-dev", tmp_path)
+    code, _, err = _run(capsys, "--model", folder, "--devices", 4, "--cfg-parallel")
+    assert code == 2 and "guidance-distilled" in err
+
+
 def test_a_size_the_model_cannot_take_names_it(sd_path, capsys):
     code, _, err = _run(capsys, "--model", sd_path, "--height", 20)
     assert code == 2 and "height=20" in err and "multiple of" in err
