@@ -1,0 +1,307 @@
+"""Stage-only loading: each rank reads only the tensors it runs (pipelines/lean_loading.py)."""
+
+import gc
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny_models
+from asyncgen.cli.launcher import launch
+from asyncgen.pipelines import lean_loading
+from asyncgen.pipelines.lean_loading import (
+    CorruptCheckpointError,
+    MissingTensorError,
+    empty_component,
+    load_component_partially,
+)
+from asyncgen.pipelines.loading import PickleRefused
+
+
+def _counting_reads(monkeypatch=None):
+    """Wrap the one reader every safetensors tensor goes through; returns the list of keys read."""
+    reads: list[str] = []
+    original = lean_loading.TensorFile.read
+
+    def read(self, key, scratch=None):
+        reads.append(key)
+        return original(self, key, scratch)
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(lean_loading.TensorFile, "read", read)
+    else:
+        lean_loading.TensorFile.read = read
+    return reads
+
+
+def _state_keys(model, modules) -> set[str]:
+    """The state-dict names of ``modules`` inside ``model`` (one name per tensor, as a checkpoint stores it)."""
+    wanted = {id(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+    state = model.state_dict(keep_vars=True)
+    return {name for name, t in state.items() if id(t) in wanted}
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor, name: str):
+    assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ one process
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory) -> Path:
+    """The tiny Flux transformer saved four ways: single file, sharded, fp16 variant sharded, pickle."""
+    folder = tmp_path_factory.mktemp("lean")
+    torch.manual_seed(0)
+    model = tiny_models.flux_transformer()
+    model.save_pretrained(folder / "single")
+    model.save_pretrained(folder / "sharded", max_shard_size="30KB")
+    model.save_pretrained(folder / "pickle", safe_serialization=False)
+    model.half().save_pretrained(folder / "variant", max_shard_size="30KB", variant="fp16")
+    return folder
+
+
+@pytest.mark.parametrize("layout, variant, dtype", [
+    ("single", None, None), ("sharded", None, torch.bfloat16), ("variant", "fp16", None),
+    ("variant", "fp16", torch.float16),
+])
+def test_reads_exactly_the_kept_modules(flux_folder, monkeypatch, layout, variant, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    full = FluxTransformer2DModel.from_pretrained(flux_folder, subfolder=layout, variant=variant, torch_dtype=dtype)
+    model = empty_component(flux_folder, layout, "FluxTransformer2DModel", dtype)
+    keep = [model.time_text_embed, model.transformer_blocks[1], model.single_transformer_blocks[0]]
+    reads = _counting_reads(monkeypatch)
+    report = load_component_partially(model, flux_folder, layout, keep, dtype=dtype, variant=variant)
+
+    planned = _state_keys(model, keep)
+    assert sorted(reads) == sorted(planned) == sorted(report.tensors)  # each planned tensor read once, nothing else
+    stored = 2 if variant == "fp16" else 4  # bytes per element in the file
+    assert report.bytes_read == stored * sum(full.state_dict()[k].numel() for k in planned)
+    assert len(report.files) >= (3 if layout != "single" else 1) and report.pickle is False
+    full_state = full.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in planned:
+            _assert_same(tensor, full_state[name], name)  # the dtype rules of from_pretrained, bit for bit
+        else:
+            assert tensor.is_meta, name
+    assert model.transformer_blocks[0].attn.to_q.weight.is_meta
+
+
+@pytest.mark.parametrize("folder_name, component, class_name", [
+    ("flux", "text_encoder", "CLIPTextModel"), ("flux", "text_encoder_2", "T5EncoderModel"),
+    ("flux", "vae", "AutoencoderKL"), ("sdxl", "unet", "UNet2DConditionModel"),
+])
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_whole_component_equals_from_pretrained(dit_paths, sdxl_path, folder_name, component, class_name, dtype):
+    """keep=None reads every tensor; tied weights (T5's shared/embed_tokens) stay one tensor, fp32 modules stay fp32."""
+    import diffusers
+    import transformers
+
+    folder = dit_paths["flux"] if folder_name == "flux" else sdxl_path
+    cls = getattr(diffusers, class_name, None) or getattr(transformers, class_name)
+    full = cls.from_pretrained(folder, subfolder=component, **({} if dtype is None else {"torch_dtype": dtype}))
+    model = empty_component(folder, component, class_name, dtype)
+    load_component_partially(model, folder, component, None, dtype=dtype)
+    full_state, state = full.state_dict(), model.state_dict()
+    assert state.keys() == full_state.keys()
+    for name in state:
+        _assert_same(state[name], full_state[name], name)
+    for (name, a), (_, b) in zip(model.named_buffers(), full.named_buffers()):
+        _assert_same(a, b, name)  # non-persistent buffers (CLIP position_ids) were built, not read
+    if class_name == "T5EncoderModel":
+        assert model.shared.weight is model.encoder.embed_tokens.weight
+
+
+def test_missing_tensor_is_named(flux_folder, tmp_path):
+    folder = tmp_path / "missing"
+    shutil.copytree(flux_folder / "single", folder)
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    del state["transformer_blocks.1.attn.to_k.weight"]
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    model = empty_component(tmp_path, "missing", "FluxTransformer2DModel")
+    # the stage without that block loads; the stage with it names the tensor
+    load_component_partially(model, tmp_path, "missing", [model.transformer_blocks[0]])
+    with pytest.raises(MissingTensorError, match=re.escape("transformer_blocks.1.attn.to_k.weight")):
+        load_component_partially(model, tmp_path, "missing", [model.transformer_blocks[1]])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_file_is_named(flux_folder, tmp_path, damage):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(flux_folder / "sharded", folder)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(b"\x07" * 64 if damage == "garbage" else data[: len(data) - 100])
+    model = empty_component(tmp_path, "corrupt", "FluxTransformer2DModel")
+    with pytest.raises(CorruptCheckpointError, match=re.escape(shard.name)):
+        load_component_partially(model, tmp_path, "corrupt", None)
+
+
+def test_pickle_needs_allow_pickle(flux_folder):
+    from diffusers import FluxTransformer2DModel
+
+    model = empty_component(flux_folder, "pickle", "FluxTransformer2DModel")
+    with pytest.raises(PickleRefused, match="allow_pickle=True"):
+        load_component_partially(model, flux_folder, "pickle", None)
+    report = load_component_partially(model, flux_folder, "pickle", [model.transformer_blocks[0]], allow_pickle=True)
+    assert report.pickle and report.tensors
+    full = FluxTransformer2DModel.from_pretrained(flux_folder, subfolder="single").transformer_blocks[0]
+    for (name, a), (_, b) in zip(model.transformer_blocks[0].state_dict().items(), full.state_dict().items()):
+        _assert_same(a, b, name)
+
+
+def test_missing_variant_says_what_is_there(flux_folder):
+    model = empty_component(flux_folder, "single", "FluxTransformer2DModel")
+    with pytest.raises(FileNotFoundError, match=r"variant 'fp16'.*diffusion_pytorch_model\.safetensors"):
+        load_component_partially(model, flux_folder, "single", None, variant="fp16")
+
+
+# --------------------------------------------------------------------- two ranks
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current resident size (Linux: ``echo 5 > /proc/self/clear_refs``); returns it in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    if hwm > rss + 1024:
+        raise RuntimeError(f"clear_refs did not reset VmHWM ({hwm} kB) to VmRSS ({rss} kB) on this kernel")
+    return hwm * 1024
+
+
+def _resident_bytes(pipe) -> int:
+    """Bytes of every real (non-meta) parameter and buffer this rank holds, the denoiser's through its proxy."""
+    seen, total = set(), 0
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in [*module.parameters(), *module.buffers()]:
+                if id(t) not in seen and not t.is_meta:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def _lean_equals_full(path, family, group, **load_kwargs):
+    """Images and resident weights of a lean-loaded and a fully loaded run of the same schedule."""
+    from asyncgen.pipelines import AsyncDiffPipeline
+
+    def call():  # a fresh seeded generator for each run
+        if family == "sd":
+            return tiny_models.call_kwargs(num_inference_steps=4)
+        return tiny_models.dit_call_kwargs(family, num_inference_steps=4)
+
+    lean = AsyncDiffPipeline.from_pretrained(path, stages=2, warmup=1, process_group=group, **load_kwargs)
+    lean.set_progress_bar_config(disable=True)
+    cuts = [0] + list(np.cumsum([len(s.units) for s in lean.stages]))
+    cls = "StableDiffusionPipeline" if family == "sd" else tiny_models.DIT_FAMILIES[family][1]
+    dtype = load_kwargs.pop("dtype", None)
+    full = AsyncDiffPipeline(tiny_models.load(path, cls, dtype=dtype, **load_kwargs), stages=2, warmup=1,
+                             split=[int(c) for c in cuts], process_group=group)
+    same_weights = all(torch.equal(a, b) and a.dtype == b.dtype
+                       for a, b in zip(lean.denoiser.state_dict().values(), full.denoiser.state_dict().values()))
+    denoiser = lean.denoiser.denoiser
+    on_meta = sum(p.is_meta for p in denoiser.parameters())
+    resident = {id(p) for p in lean.denoiser.parameters()}
+    others_meta = all(p.is_meta for p in denoiser.parameters() if id(p) not in resident)
+    result = dict(lean=lean(**call()).images, full=full(**call()).images, same_weights=same_weights, on_meta=on_meta,
+                  others_meta=others_meta, tensors=len(lean.load_report.tensors),
+                  total=len(denoiser.state_dict()), config_same=dict(lean.pipeline.config) == dict(full.pipeline.config))
+    del lean, full
+    gc.collect()
+    return result
+
+
+def _rank_memory(big_path, group, dtype, rank):
+    """Peak host-memory growth over a lean load and its first two steps, against the bytes the rank holds."""
+    from asyncgen.pipelines import AsyncDiffPipeline
+
+    reads = _counting_reads()
+    gc.collect()
+    base = _reset_peak()
+    pipe = AsyncDiffPipeline.from_pretrained(big_path, stages=2, warmup=1, process_group=group, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(**tiny_models.dit_call_kwargs("flux", num_inference_steps=2, output_type="latent")).images
+    growth = _status_kb("VmHWM") * 1024 - base
+    # the planned tensors: shared modules and this rank's stage, on a fresh config-only model cut at the same place
+    model = empty_component(big_path, "transformer", "FluxTransformer2DModel")
+    from asyncgen.denoisers import split_denoiser
+    from asyncgen.split import make_stages
+
+    split = split_denoiser(model)
+    cuts = [0] + list(np.cumsum([len(s.units) for s in pipe.stages]))
+    stage = make_stages(split, [int(c) for c in cuts])[rank]
+    planned_keys = _state_keys(model, split.shared_modules() + stage.modules())
+    result = dict(growth=growth, planned=_resident_bytes(pipe.pipeline), reads=sorted(reads),
+                  planned_keys=sorted(planned_keys), finite=bool(torch.isfinite(latents).all()),
+                  denoiser_bytes=sum(p.numel() * p.element_size() for p in pipe.denoiser.parameters()))
+    del pipe
+    gc.collect()
+    return result
+
+
+def _two_groups(rank, world_size, big_path, flux_path, sd_path, variant_path):
+    """Ranks 0-1 load at the checkpoint's dtype, ranks 2-3 convert to bfloat16: each pair is its own process group,
+    so each dtype's peak memory is measured in fresh processes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # the launcher's environment names the rendezvous
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    dtype = None if rank < 2 else torch.bfloat16
+    results = {}
+    # the small runs come first: they also import and warm up everything the large run uses
+    if rank < 2:
+        results["flux"] = _lean_equals_full(flux_path, "flux", group)
+    else:
+        results["flux"] = _lean_equals_full(flux_path, "flux", group, dtype=torch.bfloat16)
+        results["sd"] = _lean_equals_full(variant_path, "sd", group, variant="fp16")
+    results["memory"] = _rank_memory(big_path, group, dtype, rank % 2)
+    return results
+
+
+@pytest.fixture(scope="module")
+def sd_variant_path(sd_path, tmp_path_factory) -> Path:
+    """The tiny SD pipeline with its UNet saved as a sharded fp16 variant."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("variant") / "sd"
+    shutil.copytree(sd_path, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    unet.half().save_pretrained(folder / "unet", variant="fp16", max_shard_size="200KB")
+    for name in ("text_encoder", "vae"):  # every component needs the variant when one is asked for
+        model = getattr(__import__("diffusers" if name == "vae" else "transformers"),
+                        "AutoencoderKL" if name == "vae" else "CLIPTextModel").from_pretrained(folder / name)
+        model.save_pretrained(folder / name, variant="fp16")
+    return folder
+
+
+@pytest.mark.distributed
+def test_two_ranks_read_only_their_stage(tmp_path_factory, dit_paths, sd_path, sd_variant_path):
+    big = tiny_models.build_large_flux(tmp_path_factory.mktemp("large"))
+    per_rank = launch(_two_groups, 4, str(big), str(dit_paths["flux"]), str(sd_path), str(sd_variant_path),
+                      timeout=400)
+    for rank, results in enumerate(per_rank):
+        for name in ("flux", "sd"):
+            if name not in results:
+                continue
+            r = results[name]
+            # same stage kernels on the same weights in the same process layout: bit for bit
+            np.testing.assert_array_equal(r["lean"], r["full"], err_msg=f"rank {rank} {name}")
+            assert r["same_weights"] and r["others_meta"] and r["config_same"], (rank, name)
+            assert 0 < r["on_meta"] and r["tensors"] < r["total"], (rank, name, r["tensors"], r["total"])
+        m = results["memory"]
+        assert m["finite"]
+        assert m["reads"] == m["planned_keys"], rank  # exactly the planned tensors, each once
+        assert m["denoiser_bytes"] >= 80e6 if rank < 2 else m["denoiser_bytes"] >= 40e6  # a real share of ~252 MB
+        ratio = m["growth"] / m["planned"]
+        print(f"rank {rank} ({'checkpoint dtype' if rank < 2 else 'bfloat16'}): peak growth "
+              f"{m['growth'] / 1e6:.1f} MB, planned {m['planned'] / 1e6:.1f} MB, ratio {ratio:.3f}")
+        assert ratio <= 1.15, (rank, m["growth"], m["planned"])
