@@ -167,3 +167,34 @@ def test_memory_plan_of_a_wrapper_equals_the_plan_from_its_configs(sd_path):
     assert heavy.parameter_bytes["denoiser"] > light.parameter_bytes["denoiser"]
     assert [p.component for p in light.placements] == ["text_encoder", "vae"] and not heavy.placements
     assert all(r.activation_bytes > 0 for r in from_wrapper.ranks)
+
+
+def _placement_order(p: Placement):
+    return p.component, p.rank, p.layers or (0, 0)
+
+
+def _plan_worker(rank, world_size, sd_path):
+    from asyncgen.evaluation.bench_asyncdiff import resident_parameter_bytes
+    from asyncgen.pipelines.asyncdiff import AsyncDiffPipeline
+
+    wrapper = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, components="planned")
+    plan = wrapper.memory_plan()
+    in_use = sorted((p for ps in wrapper.component_placements.values() for p in ps), key=_placement_order)
+    return plan.to_dict(), in_use, resident_parameter_bytes(wrapper.pipeline)
+
+
+@pytest.mark.distributed
+def test_in_a_process_group_the_plan_is_what_each_rank_holds(sd_path):
+    """Every rank computes the same plan, runs exactly its placements, and holds exactly its planned bytes."""
+    from asyncgen.cli.launcher import launch
+
+    per_rank = launch(_plan_worker, 2, str(sd_path), timeout=300)
+    plans = [plan for plan, _, _ in per_rank]
+    assert plans[0] == plans[1]
+    planned = sorted((Placement(p["component"], p["rank"], tuple(p["layers"]) if p["layers"] else None)
+                      for r in plans[0]["ranks"] for p in r["placements"]), key=_placement_order)
+    for rank, (plan, in_use, resident) in enumerate(per_rank):
+        assert in_use == planned
+        assert resident == sum(plan["ranks"][rank]["parameter_bytes"].values())
+    # and the single-process plan (no group) is the same placement search
+    assert plans[0]["ranks"] == plan_from_configs(str(sd_path), 2).to_dict()["ranks"]
