@@ -61,6 +61,7 @@ class StagedDenoiser(nn.Module):
         time_shift: bool,
         scheduler: Callable[[], Any],
         cfg_parts: int = 1,
+        new_executor: Callable[[], Any] | None = None,
     ):
         super().__init__()
         # not registered as a submodule: its other stages' weights are gone on this rank
@@ -74,6 +75,13 @@ class StagedDenoiser(nn.Module):
         self.warmup, self.time_shift, self._scheduler = warmup, time_shift, scheduler
         self.cfg_parts = cfg_parts
         self._signature = inspect.signature(split.denoiser.forward)
+        # Pipelines that call the denoiser more than once per step (Wan, HunyuanVideo and Flux true CFG: "cond" then
+        # "uncond") name each pass with cache_context. Each further pass is a lane of its own: a proxy with its own
+        # executor and schedule, so the passes' stale boundary states never mix.
+        self._new_executor = new_executor
+        self._lanes: dict[str, StagedDenoiser] = {}
+        self._pass: str | None = None
+        self._primary: str | None = None
         self.reset()
 
     # -------------------------------------------------------------- attributes
@@ -87,18 +95,34 @@ class StagedDenoiser(nn.Module):
                 raise
             return getattr(denoiser, name)
 
-    def cache_context(self, name: str):
-        """Pipelines mark each denoiser pass (``"cond"``, ``"uncond"``) for diffusers' caches.
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """Pipelines mark each denoiser pass (``"cond"``, ``"uncond"``, ``"cond_uncond"``) for diffusers' caches.
 
-        The schedule counts one denoiser call per step, so a second pass per step (Flux's
-        true CFG) would be taken for the next step; refuse it instead of computing garbage.
+        The first pass name of a call runs on this proxy; any other name gets its own lane
+        (see ``__init__``). Without an executor factory a second pass is refused: the
+        schedule counts one call per step and would take it for the next step.
         """
-        if name != "cond":
+        if self._primary is None:
+            self._primary = name
+        if name != self._primary and self._new_executor is None:
             raise NotImplementedError(
                 f"the pipeline runs a second denoiser pass per step ({name!r}, e.g. Flux true CFG with "
-                "true_cfg_scale > 1 and a negative prompt); asyncgen schedules one pass per step"
+                "true_cfg_scale > 1 and a negative prompt); this proxy schedules one pass per step"
             )
-        return self._denoiser.cache_context(name)
+        previous, self._pass = self._pass, name
+        try:
+            with self._denoiser.cache_context(name, **kwargs):
+                yield
+        finally:
+            self._pass = previous
+
+    def _lane(self, name: str) -> "StagedDenoiser":
+        if name not in self._lanes:
+            lane = StagedDenoiser(self.split, [], self._new_executor(), self.topology, self.warmup, self.time_shift,
+                                  self._scheduler, self.cfg_parts)
+            self._lanes[name] = lane
+        return self._lanes[name]
 
     @property
     def denoiser(self) -> nn.Module:
@@ -122,6 +146,9 @@ class StagedDenoiser(nn.Module):
         if getattr(self, "_started", False):
             self.executor.end_call()
             self._check_timesteps()
+        for lane in getattr(self, "_lanes", {}).values():
+            lane.reset()
+        self._primary = None
         self._started = False
         self._step = 0
         self._total: int | None = None
@@ -229,6 +256,8 @@ class StagedDenoiser(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, *args, **kwargs):
+        if self._pass is not None and self._pass != self._primary:
+            return self._lane(self._pass).forward(*args, **kwargs)
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         return_dict = arguments.pop("return_dict", True)
         sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop("timestep")

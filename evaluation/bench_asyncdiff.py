@@ -56,7 +56,9 @@ def time_images(pipe, prompts: list[str], call: dict, seed: int) -> tuple[float,
 
     start, images = time.perf_counter(), []
     for i, prompt in enumerate(prompts):
-        images.append(pipe(prompt, **call, generator=torch.Generator().manual_seed(seed + i)).images[0])
+        output = pipe(prompt, **call, generator=torch.Generator().manual_seed(seed + i))
+        # video pipelines return frames: (frames, H, W, C) per video
+        images.append(output.frames[0] if hasattr(output, "frames") else output.images[0])
     return (time.perf_counter() - start) / len(prompts), np.stack(images)
 
 
@@ -161,7 +163,12 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     stock = load_on_rank(model, rank, device, dtype, allow_pickle) if rank == 0 else None
     if stock is not None:
         timed(stock, 1)
-    seconds0, calls0 = executor.compute_seconds, executor.compute_calls
+    def compute_seconds():
+        # pipelines with two denoiser passes per step (Wan's CFG) run the second in a lane of its own
+        lanes = getattr(wrapped.denoiser, "_lanes", {}).values()
+        return executor.compute_seconds + sum(lane.executor.compute_seconds for lane in lanes)
+
+    seconds0, calls0 = compute_seconds(), executor.compute_calls
     result = {"stock": [], "async": []}
     for _ in range(repeats):
         dist.barrier()
@@ -177,7 +184,8 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
                   resident_parameter_bytes=info["resident_parameter_bytes"],
                   full_copy_bytes=sum(p.numel() * p.element_size() for p in full.parameters()),
                   peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None, **memory,
-                  compute_per_call_ms=1e3 * (executor.compute_seconds - seconds0) / max(executor.compute_calls - calls0, 1))
+                  # per step: every pass of the step (one call per lane) counted
+                  compute_per_call_ms=1e3 * (compute_seconds() - seconds0) / max(executor.compute_calls - calls0, 1))
     if rank == 0:
         result.update(images=images, stock_images=stock_images)
     return result
@@ -242,7 +250,7 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
             speedup=statistics.median(s / a for s, a in zip(stock, asynchronous)),
             # identical images (PSNR = inf) are possible: the median over prompts stays meaningful
             psnr_db=statistics.median(psnr(a, b) for a, b in zip(images, stock_images)),
-            ssim=statistics.fmean(ssim(a, b) for a, b in zip(images, stock_images)),
+            ssim=statistics.fmean(_ssim(a, b) for a, b in zip(images, stock_images)),
             stage_compute_ms=[stage_ms[k] for k in sorted(stage_ms)],
             max_stage_share=max(stage_ms.values()) / total_ms,
             compute_bound_speedup=statistics.median(stock) / bound,
@@ -260,6 +268,13 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
             stock_images=stock_images,
         ))
     return rows
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two images, or the mean over the frames of two videos ``(frames, H, W, C)``."""
+    if np.asarray(a).ndim == 4:
+        return statistics.fmean(ssim(x, y) for x, y in zip(a, b))
+    return ssim(a, b)
 
 
 def parse_configs(text: str) -> list[dict]:
@@ -280,12 +295,13 @@ def parse_configs(text: str) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, "the model of --family")
-    parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3"],
+    parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3", "wan"],
                         help="the model when --model is not given: miniature = the trained built-in shapes model, "
                         "32x32 images (real pictures, so quality numbers mean something; too small for large "
                         "speedups); unet = random-weight SD UNet with block_out_channels (64,128,256,256), 64x64 "
                         "images (speed); sd3 = random-weight SD3 transformer, 8 joint blocks of width 384, 128x128 "
-                        "images (default: %(default)s)")
+                        "images; wan = random-weight Wan-architecture video transformer, 8 blocks of width 384, 9 frames of 128x128 "
+                        "(CFG as two passes per step; no CLIP score) (default: %(default)s)")
     parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
                         "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
                         "parallelism with one stage; n1s1 is the wrapper with one stage (default: %(default)s)")
@@ -426,8 +442,11 @@ def run(args: argparse.Namespace) -> int:
     miniature = args.model is None and args.family == "miniature"
     args.steps = args.steps or (25 if miniature else 50)
     args.guidance = args.guidance if args.guidance is not None else (4.0 if miniature else 7.5)
+    video = args.model is None and args.family == "wan"
+    if video and args.clip == "miniature":
+        args.clip = "none"  # CLIP scores images; the fidelity numbers cover the video
     if args.model is None:
-        args.height = args.height or {"sd3": 128, "miniature": 32}.get(args.family, 64)
+        args.height = args.height or {"sd3": 128, "wan": 128, "miniature": 32}.get(args.family, 64)
     args.width = args.width or args.height
     configs, prompts = _configs(args), _prompts(args)
     oversubscribed = [config_name(c) for c in configs if args.device == "cpu" and world_size_of(c) > available_cores()]
@@ -448,10 +467,13 @@ def run(args: argparse.Namespace) -> int:
         elif model is None:
             from . import random_models
 
-            build = random_models.save_bench_sd3_pipeline if args.family == "sd3" else random_models.save_bench_pipeline
+            build = {"sd3": random_models.save_bench_sd3_pipeline,
+                     "wan": random_models.save_bench_wan_pipeline}.get(args.family, random_models.save_bench_pipeline)
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                     width=args.width, output_type="np", seed=args.seed)
+        if video:
+            call.update(num_frames=9, max_sequence_length=32)
         call = {k: v for k, v in call.items() if v is not None}
         start = time.perf_counter()
         rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin, prompts=prompts,

@@ -194,3 +194,28 @@ def save_bench_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     flow_vae(4, (16, 16, 32, 32)).save_pretrained(pipe_folder / "vae")
     AutoencoderKL.from_pretrained(pipe_folder / "vae")  # fail here, not in the benchmark, if it does not load
     return pipe_folder
+
+
+def save_bench_wan_pipeline(folder: Path, seed: int = 0) -> Path:
+    """The video benchmark's ``WanPipeline``: a Wan-architecture transformer, 8 blocks of width 384 (about 24M
+    parameters), and a small Wan VAE (time compressed by 4, space by 8).
+
+    9 frames of 128x128 are 3 latent frames of 16x16; with 1x2x2 patches that is 192 video tokens per sample, so
+    one CPU thread spends tens of milliseconds per block and compute dominates communication.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    text_dim, channels = 64, 16
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=channels,
+        out_channels=channels, text_dim=text_dim, freq_dim=256, ffn_dim=1536, num_layers=8, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024).eval()
+    vae = AutoencoderKLWan(base_dim=4, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=byte_level_clip_tokenizer(folder / "tokenizer"),
+                       text_encoder=t5_text_encoder(text_dim), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

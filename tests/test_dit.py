@@ -116,7 +116,12 @@ def test_cfg_parallel_needs_an_even_batch(sd_path):
     np.testing.assert_allclose(images, reference, atol=1e-5, rtol=0)
 
 
-def test_flux_true_cfg_second_pass_is_refused(dit_paths):
-    wrapped = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=1)
-    with pytest.raises(NotImplementedError, match="second denoiser pass per step \\('uncond'"):
-        wrapped(**tiny_models.dit_call_kwargs("flux", negative_prompt="blurry", true_cfg_scale=2.0))
+def test_flux_true_cfg_second_pass_runs_in_its_own_lane(dit_paths):
+    # two denoiser passes per step ("cond", then "uncond"): each pass has its own schedule and stale states
+    kwargs = dict(negative_prompt="blurry", true_cfg_scale=2.0)
+    reference = tiny_models.load_dit(dit_paths["flux"], "flux")(**tiny_models.dit_call_kwargs("flux", **kwargs)).images
+    exact = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=6)
+    assert np.array_equal(exact(**tiny_models.dit_call_kwargs("flux", **kwargs)).images, reference)
+    stale = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=1)
+    images = stale(**tiny_models.dit_call_kwargs("flux", **kwargs)).images
+    assert np.isfinite(images).all() and not np.array_equal(images, reference)

@@ -395,13 +395,13 @@ def transformer(class_name: str, seed: int = 0):
 
 # ------------------------------------------------------------------ a large model (lean loading)
 
-LARGE_FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=5, num_single_layers=4, attention_head_dim=64,
+LARGE_FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=6, num_single_layers=4, attention_head_dim=64,
                          num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=32,
                          guidance_embeds=True, axes_dims_rope=(16, 24, 24))
 
 
 def build_large_flux(folder: Path, seed: int = 0, max_shard_size: str | None = "100MB") -> Path:
-    """A ``FluxPipeline`` whose transformer holds ~252 MB of float32 weights (the rest tiny), saved sharded.
+    """A ``FluxPipeline`` whose transformer holds ~290 MB of float32 weights (the rest tiny), saved sharded.
 
     Built on the meta device and filled tensor by tensor from one seeded generator
     (random init of 63 M parameters takes seconds; this takes a fraction of one).
@@ -429,7 +429,7 @@ def wan_transformer(text_hidden: int = 32, **overrides):
     from diffusers import WanTransformer3DModel
 
     config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                  text_dim=text_hidden, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  text_dim=text_hidden, freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     return WanTransformer3DModel(**{**config, **overrides}).eval()
 
@@ -454,3 +454,30 @@ def save_wan_pipeline(folder: Path, seed: int = 0, transformer=None) -> Path:
 VIDEO_FAMILIES["wan"] = (save_wan_pipeline, "WanPipeline",
                          dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=64, width=64,
                               num_inference_steps=4, guidance_scale=5.0, max_sequence_length=16))
+
+
+def save_ltx_pipeline(folder: Path, seed: int = 0) -> Path:
+    """An ``LTXPipeline``: LTX VAE compressing time by 4 and space by 4 (9 frames of 32x32: 3 latent frames of 8x8)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        patch_size=1, patch_size_t=1).eval()
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=3, caption_channels=CROSS_DIM).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                       text_encoder=random_models.t5_text_encoder(CROSS_DIM),
+                       tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+VIDEO_FAMILIES["ltx"] = (save_ltx_pipeline, "LTXPipeline",
+                         dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=32, width=32,
+                              num_inference_steps=4, guidance_scale=3.0, max_sequence_length=16))
