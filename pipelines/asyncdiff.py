@@ -308,7 +308,8 @@ class AsyncDiffPipeline(PipelineWrapper):
                         warmup: int | None = None, time_shift: bool = False, split="flops",
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
                         dtype: str | torch.dtype | None = None, attention: str | None = None,
-                        compile: bool | dict = False, **load_kwargs) -> "AsyncDiffPipeline":
+                        compile: bool | dict = False, components: str | None = None,
+                        **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline and wrap it; with a process group, each rank reads only the weights it runs.
 
         In one process this is ``DiffusionPipeline.from_pretrained`` and the constructor.
@@ -319,8 +320,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         parameters stay on ``meta``. ``split="time"`` needs the real weights to time them:
         it loads everything (with a warning). A pickle-only checkpoint is refused unless
         ``allow_pickle=True``. ``dtype`` is handed to the loader (weights load in it), not
-        converted after loading. ``load_kwargs`` go to ``DiffusionPipeline.from_pretrained``
-        (``variant``, ``revision``, ``local_files_only``, ...).
+        converted after loading. ``components`` is the constructor's. ``load_kwargs`` go to
+        ``DiffusionPipeline.from_pretrained`` (``variant``, ``revision``, ``local_files_only``, ...).
         """
         from .loading import load_pipeline
 
@@ -347,7 +348,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
-                      attention=attention, compile=compile)
+                      attention=attention, compile=compile, components=components)
         wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
         wrapped.load_report = report  # lean_loading.ReadReport of the denoiser (None: loaded whole)
         return wrapped
