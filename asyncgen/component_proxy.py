@@ -26,6 +26,7 @@ component's. LoRA on a text encoder: load it before wrapping.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -235,12 +236,20 @@ def resident_modules(component: nn.Module, placements: Sequence[Placement], rank
     return modules
 
 
+def _own_buffers(component: nn.Module) -> list[torch.Tensor]:
+    return [t for t in component._buffers.values() if t is not None]
+
+
 def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     """Move every parameter and buffer of ``component`` outside ``keep`` to the meta device; returns bytes freed.
 
-    Tied parameters stay tied (T5's token embedding is ``shared``'s weight).
+    Tied parameters stay tied (T5's token embedding is ``shared``'s weight). The
+    component's own buffers (not its submodules') stay too: pipelines read them as
+    attributes on every rank (LTX's ``self.vae.latents_mean``/``latents_std``), and they are
+    a few numbers.
     """
     kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
+    kept |= {id(t) for t in _own_buffers(component)}
     replaced: dict[int, torch.Tensor] = {}
     freed = 0
     for module in component.modules():
@@ -261,8 +270,28 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
 # ------------------------------------------------------------------ the proxies
 
 
+class _Mirrored:
+    """A proxy method that reports the signature of the component's method it stands for.
+
+    Pipelines branch on those signatures: StableVideoDiffusionPipeline and LattePipeline
+    pass ``num_frames`` to ``vae.decode`` only when ``inspect.signature(self.vae.forward)``
+    has it. A plain class (not a closure) so that a deep copy of the proxy calls the copy.
+    """
+
+    def __init__(self, method, signature: inspect.Signature):
+        self.method, self.__signature__ = method, signature
+        self.__name__ = method.__name__
+        self.__doc__ = method.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.method(*args, **kwargs)
+
+
 class ComponentProxy(nn.Module):
     """Stands in for a pipeline component that runs on some ranks only (see the module docstring)."""
+
+    # the methods whose signatures the proxy reports as the component's
+    mirrored_methods: tuple[str, ...] = ("forward",)
 
     def __init__(self, name: str, component: nn.Module, placements: Sequence[Placement], ctx: DistContext):
         super().__init__()
@@ -275,6 +304,10 @@ class ComponentProxy(nn.Module):
         self.resident = nn.ModuleList(resident_modules(component, placements, ctx.rank))
         self._home = ctx.device or torch.device("cpu")
         self.calls = 0  # outputs this rank computed itself
+        real = getattr(component, "_orig_mod", component)  # a torch.compile'd component: the module it compiled
+        for method in self.mirrored_methods:
+            if callable(getattr(real, method, None)):
+                object.__setattr__(self, method, _Mirrored(getattr(self, method), inspect.signature(getattr(real, method))))
 
     @property
     def component(self) -> nn.Module:
@@ -305,6 +338,13 @@ class ComponentProxy(nn.Module):
         super().to(*args, **kwargs)
         if device is not None:
             self._home = torch.device(device)
+        # the component's own buffers stay allocated on every rank (see release_weights): move them here when
+        # the resident modules do not hold them
+        held = {id(t) for t in self.resident.buffers()}
+        for name, tensor in list(self._component._buffers.items()):
+            if tensor is not None and id(tensor) not in held and tensor.device.type != "meta":
+                to_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+                self._component._buffers[name] = tensor.to(device=device, dtype=to_dtype)
         if dtype is not None:
             for module in self._component.modules():
                 for table in (module._parameters, module._buffers):
@@ -359,6 +399,8 @@ def _carry_from(received: dict):
 
 class VaeProxy(ComponentProxy):
     """``pipe.vae``: ``decode``, ``encode`` and ``forward`` run on the owner; every rank gets the output."""
+
+    mirrored_methods = ("forward", "decode", "encode")
 
     def _owner(self) -> int:
         if len(self.placements) != 1 or self.placements[0].layers is not None:

@@ -116,11 +116,9 @@ def _video_configs(rank, world_size, paths):
     torch.set_num_threads(1)
     out = []
     for family, stages, stride, cfg in DISTRIBUTED:
-        # text encoders and VAEs on every rank: this checks the denoiser's schedule; with components="planned" the
-        # component proxy fails on SVD (vae.forward's num_frames hidden) and Wan/LTX (meta tensors) today
-        components = "replicated"
+        # components="planned" (the default in a group): text encoders and the VAE run on one rank each
         wrapped = AsyncDiffPipeline(tiny_models.load_video(paths[family], family), stages=stages, stride=stride,
-                                    warmup=1, cfg_parallel=cfg, components=components)
+                                    warmup=1, cfg_parallel=cfg)
         out.append(wrapped(**tiny_models.video_call_kwargs(family)).frames)
     return out
 
