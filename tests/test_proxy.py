@@ -32,6 +32,11 @@ def lora_backend(monkeypatch):
     text encoders are recorded too (without PEFT, diffusers 0.42 takes a path that fails on
     transformers 5's CLIPTextModel, which has no ``text_model``), the same with and without
     the wrapper.
+
+    Like diffusers' own functions (and PEFT's ``scale_layer``), a weight of 1.0 (or an
+    unscale without one) returns at once, and scales multiply: the block split runs the
+    model's own forward for each stage, whose ``apply_lora_scale`` calls them with 1.0
+    inside the proxy's scale, which changes no weight; a scale applied twice would show.
     """
     import diffusers.utils
     from diffusers.pipelines.flux import pipeline_flux
@@ -43,12 +48,19 @@ def lora_backend(monkeypatch):
     events, in_force = [], {}
 
     def scale(model, weight):
+        if weight == 1.0:
+            return
         events.append(("scale", type(model).__name__, weight))
-        in_force[type(model).__name__] = weight
+        in_force[type(model).__name__] = in_force.get(type(model).__name__, 1.0) * weight
 
     def unscale(model, weight=None):
+        if weight is None or weight == 1.0:
+            return
         events.append(("unscale", type(model).__name__, weight))
-        in_force.pop(type(model).__name__, None)
+        name = type(model).__name__
+        in_force[name] = in_force.get(name, 1.0) / weight if weight else 1.0  # 0 resets, as diffusers does
+        if in_force[name] == 1.0:
+            in_force.pop(name)
 
     for module in (diffusers.utils, proxy, pipeline_flux, pipeline_stable_diffusion):
         monkeypatch.setattr(module, "USE_PEFT_BACKEND", True)
@@ -80,11 +92,15 @@ def test_lora_scale_is_applied_around_the_stages_like_the_stock_denoiser(model_p
     given = {"scale": 0.5}
 
     stock = load(model_paths)
+    # before the hooks: splitting a transformer runs its forward (trace, verification), which
+    # would log attention calls on the stock denoiser and scale(1.0) no-ops into this call's events
+    cuts = even_cuts(stock, 2)
     record_attention(denoiser_of(stock), events, in_force)
     stock(**kwargs_of(**{lora_kwargs: given}))
-    expected, events[:] = list(events), []
+    expected = list(events)
 
-    wrapped = AsyncDiffPipeline(load(model_paths), stages=2, warmup=1, split=even_cuts(stock, 2))
+    wrapped = AsyncDiffPipeline(load(model_paths), stages=2, warmup=1, split=cuts)
+    events[:] = []  # the wrapper's own split-time forwards are not the call's
     record_attention(wrapped.denoiser.denoiser, events, in_force)
     wrapped(**kwargs_of(**{lora_kwargs: given}))
 
