@@ -240,6 +240,20 @@ def _own_buffers(component: nn.Module) -> list[torch.Tensor]:
     return [t for t in component._buffers.values() if t is not None]
 
 
+def own_buffers(component: nn.Module) -> list[nn.Module]:
+    """The component's own persistent buffers (not its submodules'), in a holder module; [] when it has none.
+
+    Every rank keeps them, running the component or not: pipelines read a few of them
+    directly (LTX's ``vae.latents_mean``/``latents_std``). The holder registers the same
+    tensor objects, so loading into it loads into the component.
+    """
+    holder = nn.Module()
+    for name, tensor in component._buffers.items():
+        if tensor is not None and name not in component._non_persistent_buffers_set:
+            holder.register_buffer(name, tensor)
+    return [holder] if holder._buffers else []
+
+
 def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     """Move every parameter and buffer of ``component`` outside ``keep`` to the meta device; returns bytes freed.
 

@@ -93,27 +93,56 @@ def _check_world_size(ctx: DistContext, topology: Topology, cfg_parallel: bool) 
         raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
 
 
-def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, skip_components=frozenset(),
+def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str, nn.Module], topology: Topology,
+                     cfg_parts: int, replicated: dict[str, nn.Module] | None = None) -> list[Placement]:
+    """Where ``components="planned"`` runs each text encoder and the VAE: the planner's placements.
+
+    A deterministic function of the configs and the cuts, so every rank computes the same.
+    """
+    from asyncgen.memory_plan import plan_pipeline
+
+    batch = 1 if getattr(split.denoiser.config, "guidance_embeds", False) else 2
+    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, batch, replicated)
+    return [p for rank in plan.ranks for p in rank.placements]
+
+
+def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, cfg_parts: int, components,
                      allow_pickle: bool = False, **load_kwargs):
-    """The pipeline with only this rank's stage (and the shared modules) of the denoiser read; its cuts; the read report.
+    """The pipeline with only what this rank runs read from the checkpoint; its cuts, placements and read reports.
 
     The cuts are chosen on the meta-device denoiser exactly as the constructor chooses them
-    on a loaded one (``split="flops"`` costs the same shapes), so every rank agrees.
+    on a loaded one (``split="flops"`` costs the same shapes), so every rank agrees. With
+    planned components the text encoders and the VAE are placed from their configs too, and
+    this rank reads only the ones (or the layer ranges of them) it runs.
     """
+    from asyncgen.component_proxy import PLACEABLE_COMPONENTS, own_buffers, resident_modules
+
     from .lean_loading import load_pipeline_partially
 
     chosen: list[int] = []
+    placements: list[Placement] = []
 
-    def keep_of(denoiser):
-        denoiser_split = split_denoiser(denoiser)
+    def choose_reads(attribute: str, empty: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
+        denoiser_split = split_denoiser(empty[attribute])
         chosen.extend(_choose_cuts(denoiser_split, topology.stages, split, ctx))
         mine = make_stages(denoiser_split, chosen)[topology.stage_of(ctx.rank % topology.world_size)]
-        return denoiser_split.shared_modules() + mine.modules()
+        reads = {attribute: denoiser_split.shared_modules() + mine.modules()}
+        if components == "replicated":
+            return reads
+        placed = {n: m for n, m in empty.items() if n in PLACEABLE_COMPONENTS}
+        placements.extend(components if isinstance(components, (list, tuple)) else
+                          _plan_placements(denoiser_split, chosen, placed, topology, cfg_parts))
+        for name, module in placed.items():
+            if not any(p.component == name for p in placements):
+                continue  # not placed: replicated, read whole
+            keep = resident_modules(module, placements, ctx.rank)
+            if keep != [module]:  # whole on this rank: diffusers reads it as usual
+                reads[name] = keep + own_buffers(module)
+        return reads
 
-    pipeline, report = load_pipeline_partially(model, keep_of, device=ctx.device, dtype=dtype,
-                                               allow_pickle=allow_pickle, skip_components=skip_components,
-                                               **load_kwargs)
-    return pipeline, chosen, report
+    pipeline, reports = load_pipeline_partially(model, choose_reads, device=ctx.device, dtype=dtype,
+                                                allow_pickle=allow_pickle, **load_kwargs)
+    return pipeline, chosen, (placements if components != "replicated" else "replicated"), reports
 
 
 def _check_cfg_parallel(pipeline, denoiser) -> None:
@@ -339,18 +368,21 @@ class AsyncDiffPipeline(PipelineWrapper):
         if ctx.distributed and not lean:
             logger.warning("split='time' times the units on real weights: every rank loads the whole pipeline "
                            "(use split='flops' or a list of cuts for stage-only loading)")
-        report = None
+        reports = {}
         if lean:
             _check_world_size(ctx, topology, cfg_parallel)
-            pipeline, split, report = _load_stage_only(pretrained_model_name_or_path, topology, split, ctx, dtype,
-                                                       skip_components=frozenset(), **load_kwargs)
+            pipeline, split, components, reports = _load_stage_only(
+                pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
+                **load_kwargs)
         else:
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
                       attention=attention, compile=compile, components=components)
         wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
-        wrapped.load_report = report  # lean_loading.ReadReport of the denoiser (None: loaded whole)
+        # lean_loading.ReadReport of each component read in part (the denoiser's: None when loaded whole)
+        wrapped.load_reports = reports
+        wrapped.load_report = reports.get(wrapped.attribute)
         return wrapped
 
     # ------------------------------------------------------------------- call
@@ -376,23 +408,17 @@ class AsyncDiffPipeline(PipelineWrapper):
     # ------------------------------------------------------------- reporting
 
     def _planned_placements(self) -> list:
-        """Where ``components="planned"`` puts the text encoders and the VAE: the planner's placements.
-
-        Computed the same way on every rank (a deterministic function of the configs and cuts).
-        """
-        from asyncgen.memory_plan import plan_pipeline
-
         placed = {n: getattr(self.pipeline, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
                   if isinstance(getattr(self.pipeline, n, None), nn.Module)}
         replicated = {n: m for n, m in getattr(self.pipeline, "components", {}).items()
                       if n != self.attribute and n not in placed and isinstance(m, nn.Module)}
+        return _plan_placements(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, replicated)
+
+    def _cuts(self) -> list[int]:
         cuts = [0]
         for stage in self.stages:
             cuts.append(cuts[-1] + len(stage.units))
-        batch = 1 if getattr(self.denoiser.split.denoiser.config, "guidance_embeds", False) else 2
-        plan = plan_pipeline(self.denoiser.split, cuts, placed, self.topology, self.cfg_parts, None, None, batch,
-                             replicated)
-        return [p for rank in plan.ranks for p in rank.placements]
+        return cuts
 
     def memory_plan(self, height: int | None = None, width: int | None = None, split_encoders: bool = True):
         """What each rank holds: its stage, the components it runs, parameter and activation bytes.
@@ -415,9 +441,7 @@ class AsyncDiffPipeline(PipelineWrapper):
                 continue
             real = getattr(module, "component", module)  # a component proxy stands for the real module
             (placed if name in placed_names else replicated)[name] = real
-        cuts = [0]
-        for stage in self.stages:
-            cuts.append(cuts[-1] + len(stage.units))
+        cuts = self._cuts()
         world = self.cfg_parts * self.topology.world_size
         placements = None
         if self.ctx.distributed and getattr(self, "components", "planned") == "planned":

@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from diffusers.utils import logging
 from torch import nn
+
+from asyncgen.component_proxy import PLACEABLE_COMPONENTS
 
 from .loading import PickleRefused, check_pipeline_location, load_pipeline
 
@@ -229,6 +231,14 @@ def _default_dtype(dtype: torch.dtype | None):
         torch.set_default_dtype(previous)
 
 
+def _dtype_keyword() -> str:
+    """The name transformers' ``_from_config`` takes a dtype by: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: torch.dtype | None = None) -> nn.Module:
     """The component ``class_name`` built from its config in ``folder/subfolder``, parameters on ``meta``.
 
@@ -247,7 +257,8 @@ def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: 
             model.register_to_config(_name_or_path=os.path.join(str(folder), subfolder))
         else:
             config = cls.config_class.from_pretrained(str(folder), subfolder=subfolder)
-            model = cls._from_config(config)
+            # the saved config names a dtype (float32) that transformers would build in, not the one asked for
+            model = cls._from_config(config, **({_dtype_keyword(): dtype} if dtype is not None else {}))
     if not issubclass(cls, ModelMixin):
         # as from_pretrained ties them (T5's encoder.embed_tokens is shared): one tensor, read once; outside
         # init_empty_weights, whose register_parameter would make the tied parameter a new one again
@@ -416,18 +427,21 @@ def local_pipeline_folder(model: str | os.PathLike, allow_pickle: bool = False, 
     return Path(DiffusionPipeline.download(str(model), **kwargs))
 
 
-def load_pipeline_partially(model: str | os.PathLike, keep_of: Callable[[nn.Module], list[nn.Module]], *,
+def load_pipeline_partially(model: str | os.PathLike,
+                            choose_reads: Callable[[str, dict[str, nn.Module]], dict[str, Sequence[nn.Module]]], *,
                             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                            allow_pickle: bool = False, skip_components: Iterable[str] = (),
-                            **load_kwargs):
-    """A pipeline whose denoiser holds only the modules ``keep_of(denoiser_on_meta)`` names; ``(pipeline, report)``.
+                            allow_pickle: bool = False, **load_kwargs):
+    """A pipeline of which this process reads only the modules it runs; ``(pipeline, reports)``.
 
-    The denoiser is built on ``meta`` from its config, ``keep_of`` picks the modules this
-    process runs (it may look at the structure: cut points come from the config), and only
-    their tensors are read, to ``device`` in ``dtype``. Components in ``skip_components``
-    are built on ``meta`` and never read. The rest load as ``DiffusionPipeline.from_pretrained``
-    loads them, and the pipeline is assembled by it, so its class and config are the ones a
-    full load gives.
+    The denoiser and the text encoders and VAE are built on ``meta`` from their configs
+    and handed to ``choose_reads(denoiser_attribute, empty)`` (``empty``: name → module),
+    which may look at their structure (cut points and placements come from the configs)
+    and returns, for each component this process reads only in part, the modules it
+    reads: their tensors are read to ``device`` in ``dtype``, the rest stays on ``meta``
+    (an empty list: nothing is read). The components it does not name load as
+    ``DiffusionPipeline.from_pretrained`` loads them, and the pipeline is assembled by it,
+    so its class and config are the ones a full load gives. ``reports`` maps each
+    partly read component to its :class:`ReadReport`.
     """
     from diffusers import DiffusionPipeline
 
@@ -438,16 +452,20 @@ def load_pipeline_partially(model: str | os.PathLike, keep_of: Callable[[nn.Modu
     attribute = next((c for c in DENOISER_COMPONENTS if isinstance(index.get(c), list) and index[c][1]), None)
     if attribute is None:
         raise ValueError(f"{model}: the pipeline has no unet or transformer component to load partially")
+    names = [attribute] + [n for n in PLACEABLE_COMPONENTS if isinstance(index.get(n), list) and index[n][1]
+                           and n not in load_kwargs]
+    empty = {name: empty_component(folder, name, index[name][1], dtype) for name in names}
+    reads = choose_reads(attribute, empty)
     components: dict[str, nn.Module] = {}
-    for name in skip_components:
-        if not (isinstance(index.get(name), list) and index[name][1]):
-            raise ValueError(f"skip_components: {model} has no component {name!r}")
-        components[name] = empty_component(folder, name, index[name][1], dtype)
-    denoiser = empty_component(folder, attribute, index[attribute][1], dtype)
-    report = load_component_partially(denoiser, folder, attribute, keep_of(denoiser), device=device, dtype=dtype,
-                                      variant=load_kwargs.get("variant"), allow_pickle=allow_pickle)
-    logger.info("read %d tensors (%.1f MB) of %s from %s", len(report.tensors), report.bytes_read / 1e6,
-                attribute, ", ".join(p.name for p in report.files))
-    components[attribute] = denoiser
+    reports: dict[str, ReadReport] = {}
+    for name, keep in reads.items():
+        if name not in empty:
+            raise ValueError(f"{model}: no component {name!r} to read in part (have: {', '.join(empty)})")
+        if keep:
+            reports[name] = load_component_partially(empty[name], folder, name, keep, device=device, dtype=dtype,
+                                                     variant=load_kwargs.get("variant"), allow_pickle=allow_pickle)
+            logger.info("read %d tensors (%.1f MB) of %s from %s", len(reports[name].tensors),
+                        reports[name].bytes_read / 1e6, name, ", ".join(f.name for f in reports[name].files))
+        components[name] = empty[name]
     pipeline = load_pipeline(str(model), dtype=dtype, allow_pickle=allow_pickle, **load_kwargs, **components)
-    return pipeline, report
+    return pipeline, reports

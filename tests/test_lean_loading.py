@@ -23,12 +23,14 @@ from asyncgen.pipelines.loading import PickleRefused
 
 
 def _counting_reads(monkeypatch=None):
-    """Wrap the one reader every safetensors tensor goes through; returns the list of keys read."""
+    """Wrap the one reader every safetensors tensor goes through; returns the list of keys read (a text
+    encoder's or the VAE's prefixed with its folder)."""
     reads: list[str] = []
     original = lean_loading.TensorFile.read
 
     def read(self, key, scratch=None):
-        reads.append(key)
+        folder = self.path.parent.name
+        reads.append(f"{folder}/{key}" if folder.startswith(("text_encoder", "vae")) else key)
         return original(self, key, scratch)
 
     if monkeypatch is not None:
@@ -240,7 +242,17 @@ def _rank_memory(big_path, group, dtype, rank):
     stage = make_stages(split, [int(c) for c in cuts])[rank]
     planned_keys = _state_keys(model, split.shared_modules() + stage.modules())
     plan = pipe.memory_plan().on_rank(rank)
-    result = dict(growth=growth, planned=plan.total_bytes, planned_parameters=sum(plan.parameter_bytes.values()),
+    from asyncgen.component_proxy import own_buffers, resident_modules
+
+    for name, placements in pipe.component_placements.items():  # text encoders read as layer ranges
+        component = empty_component(big_path, name, type(getattr(pipe.pipeline, name).component).__name__)
+        keep = resident_modules(component, placements, rank)
+        if keep != [component]:
+            planned_keys |= {f"{name}/{key}" for key in _state_keys(component, keep + own_buffers(component))}
+    # a component this rank does not run was never loaded: its weights are all meta
+    not_run = {name: all(p.is_meta for p in getattr(pipe.pipeline, name).component.parameters())
+               for name, placements in pipe.component_placements.items() if all(p.rank != rank for p in placements)}
+    result = dict(growth=growth, planned=plan.total_bytes, not_run=not_run, planned_parameters=sum(plan.parameter_bytes.values()),
                   held=_resident_bytes(pipe.pipeline), reads=sorted(reads),
                   planned_keys=sorted(planned_keys), finite=bool(torch.isfinite(latents).all()),
                   denoiser_bytes=sum(p.numel() * p.element_size() for p in pipe.denoiser.parameters()))
@@ -302,9 +314,30 @@ def test_two_ranks_read_only_their_stage(tmp_path_factory, dit_paths, sd_path, s
         m = results["memory"]
         assert m["finite"]
         assert m["reads"] == m["planned_keys"], rank  # exactly the planned tensors, each once
+        assert all(m["not_run"].values()), (rank, m["not_run"])
         assert m["denoiser_bytes"] >= 80e6 if rank < 2 else m["denoiser_bytes"] >= 40e6  # a real share of ~290 MB
         assert m["held"] == m["planned_parameters"], rank  # the plan's bytes are what the rank really holds
         ratio = m["growth"] / m["planned"]
         print(f"rank {rank} ({'checkpoint dtype' if rank < 2 else 'bfloat16'}): peak growth "
               f"{m['growth'] / 1e6:.1f} MB, planned {m['planned'] / 1e6:.1f} MB, ratio {ratio:.3f}")
         assert ratio <= 1.15, (rank, m["growth"], m["planned"])
+
+
+def test_a_component_read_in_no_part_needs_no_weight_file(sd_path, tmp_path):
+    """What a rank does not run is built from its config alone: its weight file is never opened."""
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_path, folder)
+    for name in ("text_encoder", "vae"):
+        for weights in (folder / name).glob("*.safetensors"):
+            weights.unlink()
+
+    def choose_reads(attribute, empty):
+        assert set(empty) == {"unet", "text_encoder", "vae"}  # built on meta, for the plan to look at
+        unet = empty[attribute]
+        return {attribute: [unet.conv_in], "text_encoder": [], "vae": []}
+
+    pipe, reports = lean_loading.load_pipeline_partially(folder, choose_reads)
+    assert set(reports) == {"unet"} and set(reports["unet"].tensors) == {"conv_in.weight", "conv_in.bias"}
+    for name in ("text_encoder", "vae"):
+        assert all(p.is_meta for p in getattr(pipe, name).parameters()), name
+    assert not pipe.unet.conv_in.weight.is_meta and pipe.unet.conv_out.weight.is_meta
