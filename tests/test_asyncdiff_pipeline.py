@@ -50,9 +50,19 @@ def follow_the_design(pipe, cuts, warmup: int, stride: int = 1, time_shift: bool
     parts = [split.units[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     signature = inspect.signature(denoiser.forward)
     exact = max(warmup, 1)
-    memory = {"step": 0, "previous_timestep": None}
+    memory = {"step": 0, "previous_timestep": None, "inside": False}
+    original = denoiser.forward
 
     def forward(*args, **kwargs):
+        if memory["inside"]:  # the generic block split runs a stage through the model's own forward
+            return original(*args, **kwargs)
+        memory["inside"] = True
+        try:
+            return design(*args, **kwargs)
+        finally:
+            memory["inside"] = False
+
+    def design(*args, **kwargs):
         arguments = dict(signature.bind(*args, **kwargs).arguments)
         return_dict = arguments.pop("return_dict", True)
         sample, timestep = arguments.pop(split.sample_argument), arguments.pop("timestep")
