@@ -6,6 +6,7 @@ rename) and get the permissions any other tool's output gets (``0666`` less the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import tempfile
@@ -20,22 +21,31 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path, suffix: str):
+    """A hidden temporary file beside ``path`` (``(fd, name)``), renamed onto ``path`` when the block succeeds
+    and removed when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem if suffix == path.suffix else path.name}.",
+                               suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
-            os.fsync(f.fileno())
+        yield fd, tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    with _replacing(path, ".tmp") as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
     return path
 
 
@@ -112,11 +122,9 @@ def write_video(path: str | os.PathLike, frames, fps: int) -> Path:
     if frames and isinstance(frames[0], np.ndarray):
         frames = [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in frames]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # the writers want a file name with the right suffix: a hidden one beside the target, then a rename
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with _replacing(path, path.suffix) as (fd, tmp):
+        os.close(fd)
         if kind == "mp4":
             from diffusers.utils import export_to_video
 
@@ -124,12 +132,6 @@ def write_video(path: str | os.PathLike, frames, fps: int) -> Path:
         else:
             frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)),
                            loop=0, optimize=False)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
