@@ -335,17 +335,18 @@ def _quiet_loading(rank: int) -> None:
         warnings.filterwarnings("ignore")
 
 
-def _load(job: GenerateJob, rank: int):
+def _load(job: GenerateJob, rank: int, loader=None):
+    """The pipeline, loaded whole by ``load_pipeline`` or by ``loader(model, dtype=, allow_pickle=)``."""
     import torch
     from asyncgen.pipelines.loading import load_pipeline
 
     _quiet_loading(rank)
     try:
-        pipe = load_pipeline(job.model, dtype=getattr(torch, job.dtype), allow_pickle=job.allow_pickle)
-    except OSError as exc:  # hub id unknown or not cached offline, folder with missing files, pickle refused
+        pipe = (loader or load_pipeline)(job.model, dtype=getattr(torch, job.dtype), allow_pickle=job.allow_pickle)
+    except (OSError, KeyError) as exc:  # hub id unknown or not cached offline, missing or corrupt files, pickle refused
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model {job.model}: could not load a diffusers pipeline: {first}") from None
-    if job.device == "cuda":
+    if job.device == "cuda" and loader is None:
         pipe.to(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     return pipe
 
@@ -369,9 +370,23 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
     from asyncgen.cli.files import write_image, write_video
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
-    pipe = _load(job, rank)
     size = {"height": job.height, "width": job.width}
+    asyncdiff = not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1)
     try:
+        if asyncdiff:
+            from asyncgen.pipelines import AsyncDiffPipeline
+
+            options = dict(stages=job.stages, stride=job.stride, warmup=job.warmup, time_shift=job.time_shift,
+                           split=job.split, cfg_parallel=job.cfg_parallel, attention=job.attention,
+                           compile=job.compile, components=job.components,
+                           device="cpu" if job.device == "cpu" else None)  # None: this rank's GPU
+            if world > 1:  # each rank reads from the checkpoint only what it runs
+                pipe = _load(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,
+                                                                                                **load))
+            else:
+                pipe = AsyncDiffPipeline(_load(job, rank), **options)
+        else:
+            pipe = _load(job, rank)
         if job.highres:
             from asyncgen.pipelines import ASGPipeline
 
@@ -382,13 +397,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
             pipe = ASGPipeline(pipe, structure_fraction=job.structure_fraction,
                                structure_guidance=job.structure_guidance, mode=job.asg_mode)
             pipe.layout(size["height"], size["width"])  # refuses sizes that are not multiples of the native one
-        elif job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1:
-            from asyncgen.pipelines import AsyncDiffPipeline
-
-            pipe = AsyncDiffPipeline(pipe, stages=job.stages, stride=job.stride, warmup=job.warmup,
-                                     time_shift=job.time_shift, split=job.split, cfg_parallel=job.cfg_parallel,
-                                     attention=job.attention, compile=job.compile, components=job.components)
-        else:  # the stock pipeline, with the same speed settings the wrapper would apply
+        elif not asyncdiff:  # the stock pipeline, with the same speed settings the wrapper would apply
             if job.attention:
                 enable_attention(pipe, job.attention)
             if job.compile:
