@@ -85,7 +85,10 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
             if step not in predictions:
                 predictions.update(executor.run_step(step, steps, sample,
                                                      lambda m, x=sample: split.conditioning(x, times[m], **rest)))
-            sample = sample - 0.1 * predictions.pop(step)
+            eps = predictions.pop(step)
+            if eps.ndim > 1 and sample.ndim > 1 and eps.shape[1] == 2 * sample.shape[1]:
+                eps = eps[:, : sample.shape[1]]  # a learned-variance model (PixArt): noise first, as its pipeline takes it
+            sample = sample - 0.1 * eps
     executor.end_call()
     return sample
 
