@@ -10,7 +10,7 @@ import torch.distributed as dist
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen.component_proxy import place_components
+from asyncgen.component_proxy import PLACEABLE_COMPONENTS, place_components
 from asyncgen.memory_plan import Placement
 from asyncgen.distributed import DistContext, control_device, publish_error, resolve_context, shared_randomness
 from asyncgen.proxy import StagedDenoiser
@@ -101,9 +101,13 @@ def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str
     """
     from asyncgen.memory_plan import plan_pipeline
 
-    batch = 1 if getattr(split.denoiser.config, "guidance_embeds", False) else 2
-    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, batch, replicated)
+    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, _denoiser_batch(split), replicated)
     return [p for rank in plan.ranks for p in rank.placements]
+
+
+def _denoiser_batch(split: DenoiserSplit) -> int:
+    """The denoiser's batch per prompt: 2 with classifier-free guidance, 1 for a guidance-distilled model."""
+    return 1 if getattr(split.denoiser.config, "guidance_embeds", False) else 2
 
 
 def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, cfg_parts: int, components,
@@ -115,7 +119,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     planned components the text encoders and the VAE are placed from their configs too, and
     this rank reads only the ones (or the layer ranges of them) it runs.
     """
-    from asyncgen.component_proxy import PLACEABLE_COMPONENTS, own_buffers, resident_modules
+    from asyncgen.component_proxy import own_buffers, resident_modules
 
     from .lean_loading import load_pipeline_partially
 
@@ -408,11 +412,20 @@ class AsyncDiffPipeline(PipelineWrapper):
     # ------------------------------------------------------------- reporting
 
     def _planned_placements(self) -> list:
-        placed = {n: getattr(self.pipeline, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-                  if isinstance(getattr(self.pipeline, n, None), nn.Module)}
-        replicated = {n: m for n, m in getattr(self.pipeline, "components", {}).items()
-                      if n != self.attribute and n not in placed and isinstance(m, nn.Module)}
+        placed, replicated = self._components_by_role()
         return _plan_placements(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, replicated)
+
+    def _components_by_role(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """The pipeline's modules besides the denoiser: those a plan places (text encoders, the VAE) and the rest
+        (every rank keeps them whole); a component proxy stands for the module it wraps."""
+        placed, replicated = {}, {}
+        for name, module in getattr(self.pipeline, "components", {}).items():
+            module = getattr(self.pipeline, name, module)
+            if name == self.attribute or not isinstance(module, nn.Module):
+                continue
+            real = getattr(module, "component", module)
+            (placed if name in PLACEABLE_COMPONENTS else replicated)[name] = real
+        return placed, replicated
 
     def _cuts(self) -> list[int]:
         cuts = [0]
@@ -431,31 +444,21 @@ class AsyncDiffPipeline(PipelineWrapper):
         ``height`` x ``width`` pixels (default: the denoiser's native size). Components other
         than the text encoders and the VAE (a ControlNet, an image encoder) count on every rank.
         """
-        from asyncgen.memory_plan import Placement, plan_pipeline
+        from asyncgen.memory_plan import plan_pipeline
 
-        placed_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-        placed, replicated = {}, {}
-        for name, module in getattr(self.pipeline, "components", {}).items():
-            module = getattr(self.pipeline, name, module)
-            if name == self.attribute or not isinstance(module, nn.Module):
-                continue
-            real = getattr(module, "component", module)  # a component proxy stands for the real module
-            (placed if name in placed_names else replicated)[name] = real
-        cuts = self._cuts()
+        placed, replicated = self._components_by_role()
         world = self.cfg_parts * self.topology.world_size
         placements = None
-        if self.ctx.distributed and getattr(self, "components", "planned") == "planned":
-            in_use = getattr(self, "component_placements", {}) or {}
-            placements = [p for name in placed for p in in_use.get(name, ())]
+        if self.ctx.distributed and self.components == "planned":
+            placements = [p for name in placed for p in self.component_placements.get(name, ())]
             placed_now = {p.component for p in placements}
             placements += [Placement(n, r) for n in placed if n not in placed_now for r in range(world)]
         elif self.ctx.distributed:
             placements = [Placement(n, r) for n in placed for r in range(world)]
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
-        batch = 1 if getattr(self.denoiser.split.denoiser.config, "guidance_embeds", False) else 2
-        return plan_pipeline(self.denoiser.split, cuts, placed, self.topology, self.cfg_parts, None, latent, batch,
-                             replicated, split_encoders, placements=placements)
+        return plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
+                             _denoiser_batch(self.denoiser.split), replicated, split_encoders, placements=placements)
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time."""
