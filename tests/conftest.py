@@ -87,3 +87,16 @@ def video_path(model_dir):
         return built[family]
 
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_path(model_dir):
+    """``pipeline_path(family)``: the tiny pipeline of ``family`` (tiny_models.TRANSFORMER_PIPELINES), built on first use."""
+    built = {}
+
+    def path(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_models.build_pipeline(model_dir / "pipelines", family)
+        return built[family]
+
+    return path

@@ -481,3 +481,60 @@ def save_ltx_pipeline(folder: Path, seed: int = 0) -> Path:
 VIDEO_FAMILIES["ltx"] = (save_ltx_pipeline, "LTXPipeline",
                          dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=32, width=32,
                               num_inference_steps=4, guidance_scale=3.0, max_sequence_length=16))
+
+
+# ------------------------------------------------------------------ a pipeline per transformer class
+# The stock pipeline of each matrix class that has no pipeline test elsewhere (SD3, PixArt and Flux
+# are in DIT_FAMILIES; Wan and LTX in VIDEO_FAMILIES): tiny components, saved and loaded back, so
+# `stages=1` can be checked against the stock pipeline and 2 ranks against the serial simulator.
+# family: (builder, pipeline class, call arguments beyond the generator, batched CFG)
+# "batched CFG": the pipeline runs the conditional and unconditional passes as one batch of 2
+# (CFG parallel applies); the others make two denoiser calls per step (or none, when distilled).
+
+TRANSFORMER_PIPELINES: dict = {}
+
+
+def build_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
+    return TRANSFORMER_PIPELINES[family][0](Path(folder) / family, seed=seed)
+
+
+def load_pipeline(path, family: str):
+    return load(path, TRANSFORMER_PIPELINES[family][1])
+
+
+def pipeline_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
+    kwargs = dict(TRANSFORMER_PIPELINES[family][2], output_type="np", generator=torch.Generator().manual_seed(seed))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def save_chroma_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``ChromaPipeline``: T5 text encoder (byte-level tokenizer), Flux-style VAE, true CFG as two passes."""
+    from diffusers import ChromaPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("ChromaTransformer2DModel")
+    pipe = ChromaPipeline(scheduler=random_models.flow_scheduler(),
+                          vae=random_models.flow_vae(transformer.config.in_channels // 4),
+                          text_encoder=random_models.t5_text_encoder(CROSS_DIM),
+                          tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                          transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def transformer_for_pipeline(class_name: str, **overrides):
+    """The matrix's tiny ``class_name`` with 3 blocks per list (so 2 stages cut inside a list)."""
+    import diffusers
+
+    config = dict(TRANSFORMER_CONFIGS[class_name])
+    for key in ("num_layers", "num_single_layers", "num_mmdit_layers", "num_single_dit_layers"):
+        if key in config:
+            config[key] = 3
+    return getattr(diffusers, class_name)(**{**config, **overrides}).eval()
+
+
+TRANSFORMER_PIPELINES["chroma"] = (save_chroma_pipeline, "ChromaPipeline",
+                                   dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                        num_inference_steps=4, guidance_scale=4.0, max_sequence_length=16), False)
