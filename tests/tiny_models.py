@@ -538,3 +538,305 @@ def transformer_for_pipeline(class_name: str, **overrides):
 TRANSFORMER_PIPELINES["chroma"] = (save_chroma_pipeline, "ChromaPipeline",
                                    dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
                                         num_inference_steps=4, guidance_scale=4.0, max_sequence_length=16), False)
+
+
+# ------------------------------------------------------------------ engineer D: wan_i2v (Wan 2.1 image-to-video), wan22 (two experts)
+
+def tiny_wan_vae(z: int):
+    """A Wan VAE compressing time by 4 and space by 4 (9 frames of 32x32: 3 latent frames of 8x8)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                            scale_factor_spatial=4, latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+
+
+def save_wan_i2v_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``WanImageToVideoPipeline`` in the Wan 2.1 form: one transformer reading CLIP image embeddings.
+
+    The transformer takes the noisy latents and the encoded first frame with its 4 mask channels
+    (``2 * z + 4`` channels); its image attention projects the image embedder's output (the
+    transformer's inner width). The image encoder is a 2-layer CLIP vision tower on 32x32 images
+    (the pipeline takes its second-to-last hidden state: 1 + 4 patch tokens).
+    """
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    z = 4
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=CROSS_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * CROSS_DIM,
+        image_size=32, patch_size=16)).eval()
+    transformer = transformer_for_pipeline("WanTransformer3DModel", in_channels=2 * z + 4, out_channels=z,
+                                           image_dim=CROSS_DIM, added_kv_proj_dim=16)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+        text_encoder=random_models.t5_text_encoder(transformer.config.text_dim), vae=tiny_wan_vae(z),
+        scheduler=random_models.flow_scheduler(), image_processor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=image_encoder, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# max_sequence_length=512: Wan's attention processor takes the last 512 context tokens as text and the rest
+# as image tokens (hard-coded in diffusers' WanAttnProcessor), so a shorter prompt length mixes them up.
+TRANSFORMER_PIPELINES["wan_i2v"] = (save_wan_i2v_pipeline, "WanImageToVideoPipeline",
+                                    dict(prompt="a red ball bouncing", negative_prompt="blurry", image=svd_image(),
+                                         num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
+                                         max_sequence_length=512), False)
+
+
+# ------------------------------------------------------------------ engineer B: sana, sana_video, cogview4
+
+def gemma2_text_encoder(hidden: int):
+    """A 1-layer ``Gemma2Model`` over the byte vocabulary (Sana's text encoder; Sana reads its last hidden state)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    vocab = random_models.BYTE_VOCAB_SIZE
+    config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                          max_position_embeddings=1024, sliding_window=1024, pad_token_id=vocab - 1,
+                          eos_token_id=vocab - 1, bos_token_id=vocab - 2)
+    return Gemma2Model(config).eval()
+
+
+def glm_text_encoder(hidden: int):
+    """A 2-layer ``GlmModel`` over the byte vocabulary (CogView4 reads the second-to-last hidden state)."""
+    from transformers import GlmConfig, GlmModel
+
+    config = GlmConfig(vocab_size=random_models.BYTE_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                       max_position_embeddings=128, pad_token_id=random_models.BYTE_VOCAB_SIZE - 1)
+    return GlmModel(config).eval()
+
+
+def sana_scheduler():
+    # Sana's released schedulers: DPM-Solver++ on flow sigmas (multistep: it keeps the previous model outputs)
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def save_sana_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``SanaPipeline``: Gemma2 text encoder, a 3-level ``AutoencoderDC`` (32x32 images are 8x8 latents).
+
+    The tokenizer is the byte-level one (Sana calls it generically); its length limit is 1024 because
+    Sana prepends its default complex human instruction (893 bytes) to the prompt, kept on purpose.
+    """
+    from diffusers import AutoencoderDC, SanaPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("SanaTransformer2DModel")
+    levels = 3
+    vae = AutoencoderDC(in_channels=3, latent_channels=transformer.config.in_channels, attention_head_dim=4,
+                        encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                        encoder_block_out_channels=(8,) * levels, decoder_block_out_channels=(8,) * levels,
+                        encoder_layers_per_block=(1,) * levels, decoder_layers_per_block=(1,) * levels,
+                        encoder_qkv_multiscales=((),) * levels, decoder_qkv_multiscales=((),) * levels,
+                        scaling_factor=0.41).eval()
+    pipe = SanaPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer", max_length=1024),
+                        text_encoder=gemma2_text_encoder(transformer.config.caption_channels), vae=vae,
+                        transformer=transformer, scheduler=sana_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# use_resolution_binning=False: binning needs a transformer sample_size of 16, 32, 64 or 128 (the tiny one is 8)
+TRANSFORMER_PIPELINES["sana"] = (save_sana_pipeline, "SanaPipeline",
+                                 dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                      num_inference_steps=4, guidance_scale=4.5, max_sequence_length=16,
+                                      use_resolution_binning=False), True)
+
+
+def save_sana_video_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``SanaVideoPipeline``: Gemma2 text encoder (as Sana's), the tiny Wan VAE (9 frames of 32x32: 3x8x8 latents)."""
+    from diffusers import SanaVideoPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("SanaVideoTransformer3DModel")
+    pipe = SanaVideoPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer", max_length=1024),
+                             text_encoder=gemma2_text_encoder(transformer.config.caption_channels),
+                             vae=tiny_wan_vae(transformer.config.in_channels), transformer=transformer,
+                             scheduler=sana_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# use_resolution_binning=False: binning needs a transformer sample_size of 30 or 22 (the tiny one is 8)
+TRANSFORMER_PIPELINES["sana_video"] = (save_sana_video_pipeline, "SanaVideoPipeline",
+                                       dict(prompt="a red ball bouncing", negative_prompt="blurry", frames=9,
+                                            height=32, width=32, num_inference_steps=4, guidance_scale=6.0,
+                                            max_sequence_length=16, use_resolution_binning=False), True)
+
+
+def save_cogview4_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``CogView4Pipeline``: GLM text encoder, a 3-level ``AutoencoderKL`` (32x32 images are 8x8 latents)."""
+    from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("CogView4Transformer2DModel")
+    # CogView4 passes mu (resolution-dependent shift) to set_timesteps: dynamic shifting, linear as released
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                            text_encoder=glm_text_encoder(transformer.config.text_embed_dim),
+                            vae=random_models.vae((8, 8, 16)), transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["cogview4"] = (save_cogview4_pipeline, "CogView4Pipeline",
+                                     dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                          num_inference_steps=4, guidance_scale=5.0, max_sequence_length=16), False)
+
+
+# ------------------------------------------------------------------ ovis_image, flux2, hunyuan_video, qwenimage
+# Chat-template pipelines get the byte-level CLIP tokenizer with a minimal `chat_template` set (built
+# locally: the real Qwen tokenizers would need a download); the pipelines only call
+# `apply_chat_template(..., tokenize=False)` and then the tokenizer itself.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _chat_tokenizer(folder: Path, max_length: int = 512):
+    tokenizer = random_models.byte_level_clip_tokenizer(folder, max_length=max_length)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _qwen3_config(hidden: int, layers: int = 1):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=random_models.BYTE_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                       max_position_embeddings=512, pad_token_id=random_models.BYTE_VOCAB_SIZE - 1)
+
+
+def save_ovis_image_pipeline(folder: Path, seed: int = 0) -> Path:
+    """An ``OvisImagePipeline``: one-layer Qwen3Model, chat-template tokenizer, Flux-style VAE, true CFG as two passes."""
+    from diffusers import OvisImagePipeline
+    from transformers import Qwen3Model
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("OvisImageTransformer2DModel")
+    pipe = OvisImagePipeline(scheduler=random_models.flow_scheduler(),
+                             vae=random_models.flow_vae(transformer.config.in_channels // 4),
+                             text_encoder=Qwen3Model(_qwen3_config(transformer.config.joint_attention_dim)).eval(),
+                             tokenizer=_chat_tokenizer(folder / "tokenizer"), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["ovis_image"] = (save_ovis_image_pipeline, "OvisImagePipeline",
+                                       dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                            num_inference_steps=4, guidance_scale=4.0, max_sequence_length=16), False)
+
+
+def save_flux2_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``Flux2KleinPipeline`` (Flux2Pipeline itself needs a Mistral3 encoder and its processor; Klein runs the
+    same Flux2Transformer2DModel): two-layer Qwen3ForCausalLM whose hidden states 0, 1, 2 are stacked into the
+    text input, chat-template tokenizer, AutoencoderKLFlux2 tiny, true CFG as two passes."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    text_hidden = 16
+    transformer = transformer_for_pipeline("Flux2Transformer2DModel", joint_attention_dim=3 * text_hidden)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                             latent_channels=transformer.config.in_channels // 4, sample_size=32).eval()
+    pipe = Flux2KleinPipeline(scheduler=random_models.flow_scheduler(), vae=vae,
+                              text_encoder=Qwen3ForCausalLM(_qwen3_config(text_hidden, layers=2)).eval(),
+                              tokenizer=_chat_tokenizer(folder / "tokenizer"), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["flux2"] = (save_flux2_pipeline, "Flux2KleinPipeline",
+                                  dict(prompt="a red ball", height=32, width=32, num_inference_steps=4,
+                                       guidance_scale=4.0, max_sequence_length=16, text_encoder_out_layers=(0, 1, 2)),
+                                  False)
+
+
+def save_hunyuan_video_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``HunyuanVideoPipeline``: two-layer LlamaModel (the pipeline reads hidden state -3) and a CLIPTextModel
+    for the pooled projection, byte-level tokenizers for both, HunyuanVideo VAE with 3 levels (time compressed
+    by 4, space by 4: 9 frames of 32x32 are 3 latent frames of 8x8), true CFG as two passes."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("HunyuanVideoTransformer3DModel")
+    text_hidden = transformer.config.text_embed_dim
+    llama = LlamaModel(LlamaConfig(vocab_size=random_models.BYTE_VOCAB_SIZE, hidden_size=text_hidden,
+                                   intermediate_size=2 * text_hidden, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=512,
+                                   pad_token_id=random_models.BYTE_VOCAB_SIZE - 1)).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=transformer.config.in_channels, block_out_channels=(8, 8, 8),
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
+                                    norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=llama,
+                                tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer", max_length=512),
+                                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                text_encoder_2=random_models.clip_text_encoder(transformer.config.pooled_projection_dim),
+                                tokenizer_2=random_models.byte_level_clip_tokenizer(folder / "tokenizer_2"))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["hunyuan_video"] = (save_hunyuan_video_pipeline, "HunyuanVideoPipeline",
+                                          dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9,
+                                               height=32, width=32, num_inference_steps=4, true_cfg_scale=2.0,
+                                               guidance_scale=6.0, max_sequence_length=16), False)
+
+
+def _qwen2_5_vl_encoder(hidden: int):
+    """A one-layer ``Qwen2_5_VLForConditionalGeneration`` (vision tower one block wide 16; the pipeline never gives
+    it an image). Image/video token ids stay out of the byte vocabulary so no text token is taken for an image."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab = random_models.BYTE_VOCAB_SIZE
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                              mrope_section=[2, 3, 3]),  # sums to head_dim / 2 = 8
+                         pad_token_id=vocab - 1, bos_token_id=vocab - 2, eos_token_id=vocab - 1),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        image_token_id=vocab + 1, video_token_id=vocab + 2, vision_start_token_id=vocab + 3,
+        vision_end_token_id=vocab + 4)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def save_qwenimage_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``QwenImagePipeline``: tiny Qwen2.5-VL text encoder, byte-level tokenizer (the pipeline formats its own
+    template, then calls the tokenizer), one-level AutoencoderKLQwenImage (space compressed by 2), true CFG as two
+    passes."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("QwenImageTransformer2DModel")
+    z = transformer.config.in_channels // 4
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=z, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+    pipe = QwenImagePipeline(scheduler=random_models.flow_scheduler(), vae=vae,
+                             text_encoder=_qwen2_5_vl_encoder(transformer.config.joint_attention_dim),
+                             tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer", max_length=2048),
+                             transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["qwenimage"] = (save_qwenimage_pipeline, "QwenImagePipeline",
+                                      dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                           num_inference_steps=4, true_cfg_scale=4.0, max_sequence_length=16), False)
