@@ -498,8 +498,16 @@ def build_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
     return TRANSFORMER_PIPELINES[family][0](Path(folder) / family, seed=seed)
 
 
+# family: the set-up a user does after loading, applied to the loaded pipeline
+# (AllegroPipeline's VAE decodes only with tiling enabled, as its docs show)
+AFTER_LOAD: dict = {}
+
+
 def load_pipeline(path, family: str):
-    return load(path, TRANSFORMER_PIPELINES[family][1])
+    pipe = load(path, TRANSFORMER_PIPELINES[family][1])
+    if family in AFTER_LOAD:
+        AFTER_LOAD[family](pipe)
+    return pipe
 
 
 def pipeline_call_kwargs(family: str, seed: int = 0, **overrides) -> dict:
@@ -840,3 +848,148 @@ def save_qwenimage_pipeline(folder: Path, seed: int = 0) -> Path:
 TRANSFORMER_PIPELINES["qwenimage"] = (save_qwenimage_pipeline, "QwenImagePipeline",
                                       dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
                                            num_inference_steps=4, true_cfg_scale=4.0, max_sequence_length=16), False)
+
+
+# AuraFlow, CogVideoX, Allegro, SkyReels-V2 (UMT5/T5 text encoders, the byte-level tokenizer)
+
+
+def umt5_text_encoder(d_model: int, layers: int = 1):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=random_models.BYTE_VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=2 * d_model,
+                        num_layers=layers, num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                        pad_token_id=random_models.BYTE_VOCAB_SIZE - 1, eos_token_id=random_models.BYTE_VOCAB_SIZE - 1)
+    return UMT5EncoderModel(config).eval()
+
+
+def save_auraflow_pipeline(folder: Path, seed: int = 0) -> Path:
+    """An ``AuraFlowPipeline``: UMT5 text encoder (byte-level tokenizer), 4-channel VAE of factor 2, batched CFG."""
+    from diffusers import AuraFlowPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("AuraFlowTransformer2DModel")
+    pipe = AuraFlowPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                            text_encoder=umt5_text_encoder(transformer.config.joint_attention_dim),
+                            vae=random_models.vae(), transformer=transformer, scheduler=random_models.flow_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["auraflow"] = (save_auraflow_pipeline, "AuraFlowPipeline",
+                                     dict(prompt="a red ball", negative_prompt="blurry", height=16, width=16,
+                                          num_inference_steps=4, guidance_scale=4.0, max_sequence_length=8), True)
+
+
+def save_cogvideox_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``CogVideoXPipeline``: CogVideoX VAE compressing time by 4 and space by 4 (9 frames of 32x32: 3 latent
+    frames of 8x8), rotary positions, DDIM; CFG is one batch of 2."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    # the pipeline's 3D rotary table splits a head into t/h/w parts of dim/4, 3*dim/8, 3*dim/8, each even
+    transformer = transformer_for_pipeline("CogVideoXTransformer3DModel", attention_head_dim=16)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+                                 block_out_channels=(8, 8, 8), latent_channels=transformer.config.in_channels,
+                                 layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4,
+                                 sample_height=32, sample_width=32).eval()
+    pipe = CogVideoXPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                             text_encoder=random_models.t5_text_encoder(transformer.config.text_embed_dim), vae=vae,
+                             transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                                                              prediction_type="v_prediction"))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["cogvideox"] = (save_cogvideox_pipeline, "CogVideoXPipeline",
+                                      dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9,
+                                           height=32, width=32, num_inference_steps=4, guidance_scale=6.0,
+                                           max_sequence_length=8), True)
+
+
+def save_allegro_pipeline(folder: Path, seed: int = 0) -> Path:
+    """An ``AllegroPipeline``. Its VAE decodes only tile by tile (``enable_tiling``, as its docs say), with a tile of
+    24 frames and ``sample_size`` pixels: 24 frames of 16x16 (6 latent frames of 8x8) are exactly one tile."""
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    # the rotary table splits a head into three even parts; cross-attention reads the projected caption (inner dim)
+    transformer = transformer_for_pipeline("AllegroTransformer3DModel", sample_frames=6, attention_head_dim=12,
+                                           cross_attention_dim=24)
+    vae = AutoencoderKLAllegro(down_block_types=("AllegroDownBlock3D",) * 2, up_block_types=("AllegroUpBlock3D",) * 2,
+                               block_out_channels=(8, 8), temporal_downsample_blocks=(True, True),
+                               temporal_upsample_blocks=(True, True), latent_channels=transformer.config.in_channels,
+                               layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+    pipe = AllegroPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                           text_encoder=random_models.t5_text_encoder(transformer.config.caption_channels), vae=vae,
+                           transformer=transformer, scheduler=EulerAncestralDiscreteScheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _enable_vae_tiling(pipe):
+    pipe.vae.enable_tiling()
+
+
+AFTER_LOAD["allegro"] = _enable_vae_tiling
+TRANSFORMER_PIPELINES["allegro"] = (save_allegro_pipeline, "AllegroPipeline",
+                                    dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=24,
+                                         height=16, width=16, num_inference_steps=4, guidance_scale=7.5,
+                                         max_sequence_length=8, clean_caption=False), True)
+
+
+def save_skyreels_v2_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``SkyReelsV2Pipeline``: UMT5 text encoder, the Wan VAE of save_wan_pipeline (9 frames of 64x64: 3 latent
+    frames of 8x8), UniPC; CFG as two passes (cache_context "cond"/"uncond")."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("SkyReelsV2Transformer3DModel")
+    z = transformer.config.in_channels
+    vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+    pipe = SkyReelsV2Pipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                              text_encoder=umt5_text_encoder(transformer.config.text_dim), vae=vae,
+                              transformer=transformer,
+                              scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                                flow_shift=8.0))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["skyreels_v2"] = (save_skyreels_v2_pipeline, "SkyReelsV2Pipeline",
+                                        dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9,
+                                             height=64, width=64, num_inference_steps=4, guidance_scale=6.0,
+                                             max_sequence_length=8), False)
+
+
+def save_wan22_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``WanPipeline`` in the Wan 2.2 form: two experts (``transformer`` for t >= 800, ``transformer_2`` below).
+
+    With 4 steps of ``FlowMatchEulerDiscreteScheduler(shift=5)`` (t = 1000, 910, 717, 24) and
+    ``boundary_ratio=0.8`` each expert runs two steps, so a 2-stage run with one warm-up step
+    has an exact and an asynchronous step on both sides of the switch.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("WanTransformer3DModel")
+    transformer_2 = transformer_for_pipeline("WanTransformer3DModel")
+    pipe = WanPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                       text_encoder=random_models.t5_text_encoder(transformer.config.text_dim),
+                       vae=tiny_wan_vae(transformer.config.in_channels),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer,
+                       transformer_2=transformer_2, boundary_ratio=0.8)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["wan22"] = (save_wan22_pipeline, "WanPipeline",
+                                  dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=32,
+                                       width=32, num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0,
+                                       max_sequence_length=16), False)
