@@ -380,6 +380,10 @@ class TextEncoderProxy(ComponentProxy):
     """``pipe.text_encoder*``: the same call signature and output type as the encoder it stands for."""
 
     def forward(self, *args, **kwargs):
+        # a decoder-only encoder (Gemma2 for Sana, GLM for CogView4) returns the prompt's KV cache by default: no
+        # pipeline reads it and a Cache object cannot travel, so every rank gets past_key_values=None instead
+        if "use_cache" not in kwargs and "use_cache" in inspect.signature(self._component.forward).parameters:
+            kwargs["use_cache"] = False
         if len(self.placements) == 1 and self.placements[0].layers is None:
             return self._owner_run(self.placements[0].rank, self._component, *args, **kwargs)
         return self._run_ranges(args, kwargs)
