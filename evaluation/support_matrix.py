@@ -25,8 +25,8 @@ from typing import Any
 ENV = "ASYNCGEN_SUPPORT_MATRIX"
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "docs" / "support_matrix.jsonl"
-TEST_FILES = ("tests/test_transformer_matrix.py", "tests/test_dit.py", "tests/test_runtime_dit_cfg.py",
-              "tests/test_video.py", "tests/test_video_distributed.py")
+TEST_FILES = ("tests/test_transformer_matrix.py", "tests/test_transformer_pipelines.py", "tests/test_dit.py",
+              "tests/test_runtime_dit_cfg.py", "tests/test_video.py", "tests/test_video_distributed.py")
 MARK_BEGIN, MARK_END = "<!-- support-matrix -->", "<!-- /support-matrix -->"
 
 # column -> header; a record sets one column of one class
@@ -101,7 +101,11 @@ def load_records(path: Path = RECORDS) -> dict[str, dict[str, str]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             item = json.loads(line)
-            rows.setdefault(item.pop("class"), {}).update(item)
+            row = rows.setdefault(item.pop("class"), {})
+            pipelines = row.get("pipeline", "").split(", ") if row.get("pipeline") else []
+            if item.get("pipeline"):  # a class may serve several pipelines: list each once
+                item["pipeline"] = ", ".join(pipelines + [item["pipeline"]] * (item["pipeline"] not in pipelines))
+            row.update(item)
     return rows
 
 
