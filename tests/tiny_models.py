@@ -890,10 +890,10 @@ def save_cogvideox_pipeline(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     # the pipeline's 3D rotary table splits a head into t/h/w parts of dim/4, 3*dim/8, 3*dim/8, each even
     transformer = transformer_for_pipeline("CogVideoXTransformer3DModel", attention_head_dim=16)
-    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-                                 block_out_channels=(8, 8, 8), latent_channels=transformer.config.in_channels,
-                                 layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4,
-                                 sample_height=32, sample_width=32).eval()
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                 latent_channels=transformer.config.in_channels, layers_per_block=1, norm_num_groups=4,
+                                 temporal_compression_ratio=4, sample_height=32, sample_width=32).eval()
     pipe = CogVideoXPipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
                              text_encoder=random_models.t5_text_encoder(transformer.config.text_embed_dim), vae=vae,
                              transformer=transformer,
@@ -911,7 +911,9 @@ TRANSFORMER_PIPELINES["cogvideox"] = (save_cogvideox_pipeline, "CogVideoXPipelin
 
 def save_allegro_pipeline(folder: Path, seed: int = 0) -> Path:
     """An ``AllegroPipeline``. Its VAE decodes only tile by tile (``enable_tiling``, as its docs say), with a tile of
-    24 frames and ``sample_size`` pixels: 24 frames of 16x16 (6 latent frames of 8x8) are exactly one tile."""
+    24 frames and ``sample_size`` pixels: 24 frames of 16x16 (6 latent frames of 8x8) are exactly one tile. Fewer
+    than 6 latent frames fit no tile and decode to a constant video (9 frames: every pixel 0.5), which no
+    comparison could fail on."""
     from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
 
     torch.manual_seed(seed)
@@ -951,7 +953,8 @@ def save_skyreels_v2_pipeline(folder: Path, seed: int = 0) -> Path:
     transformer = transformer_for_pipeline("SkyReelsV2Transformer3DModel")
     z = transformer.config.in_channels
     vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * z,
+                           latents_std=[1.0] * z).eval()
     pipe = SkyReelsV2Pipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
                               text_encoder=umt5_text_encoder(transformer.config.text_dim), vae=vae,
                               transformer=transformer,
