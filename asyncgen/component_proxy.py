@@ -236,21 +236,35 @@ def resident_modules(component: nn.Module, placements: Sequence[Placement], rank
     return modules
 
 
+def _kept_buffers(component: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of the buffers every rank keeps: all of the component's own and the persistent ones
+    of its submodules (statistics and constants, a few numbers each; rotary tables and position ids are
+    non-persistent and stay out)."""
+    kept = []
+    for module in component.modules():
+        for name, tensor in module._buffers.items():
+            if tensor is not None and (module is component or name not in module._non_persistent_buffers_set):
+                kept.append((module, name, tensor))
+    return kept
+
+
 def _own_buffers(component: nn.Module) -> list[torch.Tensor]:
-    return [t for t in component._buffers.values() if t is not None]
+    return [tensor for _, _, tensor in _kept_buffers(component)]
 
 
 def own_buffers(component: nn.Module) -> list[nn.Module]:
-    """The component's own persistent buffers (not its submodules'), in a holder module; [] when it has none.
+    """The component's persistent buffers (its own and its submodules'), in a holder module; [] when it has none.
 
     Every rank keeps them, running the component or not: pipelines read a few of them
-    directly (LTX's ``vae.latents_mean``/``latents_std``). The holder registers the same
-    tensor objects, so loading into it loads into the component.
+    directly (LTX's ``vae.latents_mean``/``latents_std``, Flux.2's ``vae.bn.running_mean``/
+    ``running_var``). The holder registers the same tensor objects, so loading into it loads
+    into the component.
     """
     holder = nn.Module()
-    for name, tensor in component._buffers.items():
-        if tensor is not None and name not in component._non_persistent_buffers_set:
-            holder.register_buffer(name, tensor)
+    for prefix, module in component.named_modules():
+        for name, tensor in module._buffers.items():
+            if tensor is not None and name not in module._non_persistent_buffers_set:
+                holder.register_buffer(f"{prefix}.{name}".replace(".", "_") if prefix else name, tensor)
     return [holder] if holder._buffers else []
 
 
@@ -258,9 +272,9 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     """Move every parameter and buffer of ``component`` outside ``keep`` to the meta device; returns bytes freed.
 
     Tied parameters stay tied (T5's token embedding is ``shared``'s weight). The
-    component's own buffers (not its submodules') stay too: pipelines read them as
-    attributes on every rank (LTX's ``self.vae.latents_mean``/``latents_std``), and they are
-    a few numbers.
+    component's own buffers and its submodules' persistent ones stay too: pipelines read them
+    as attributes on every rank (LTX's ``self.vae.latents_mean``/``latents_std``, Flux.2's
+    ``self.vae.bn.running_mean``), and they are a few numbers.
     """
     kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
     kept |= {id(t) for t in _own_buffers(component)}
@@ -352,13 +366,13 @@ class ComponentProxy(nn.Module):
         super().to(*args, **kwargs)
         if device is not None:
             self._home = torch.device(device)
-        # the component's own buffers stay allocated on every rank (see release_weights): move them here when
-        # the resident modules do not hold them
+        # the kept buffers (its own, its submodules' persistent ones) stay on every rank (see release_weights):
+        # move them here when the resident modules do not hold them
         held = {id(t) for t in self.resident.buffers()}
-        for name, tensor in list(self._component._buffers.items()):
-            if tensor is not None and id(tensor) not in held and tensor.device.type != "meta":
+        for module, name, tensor in _kept_buffers(self._component):
+            if id(tensor) not in held and tensor.device.type != "meta":
                 to_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
-                self._component._buffers[name] = tensor.to(device=device, dtype=to_dtype)
+                module._buffers[name] = tensor.to(device=device, dtype=to_dtype)
         if dtype is not None:
             for module in self._component.modules():
                 for table in (module._parameters, module._buffers):

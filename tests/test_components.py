@@ -144,6 +144,28 @@ def test_vae_proxy_keeps_signatures_and_own_buffers(one_process_group):
     assert elsewhere.dtype == torch.float64
 
 
+def test_vae_proxy_keeps_submodule_statistics(one_process_group):
+    """Flux2KleinPipeline reads ``vae.bn.running_mean``/``running_var`` (a submodule's persistent buffers) on every
+    rank: they stay allocated where the VAE runs elsewhere, and the lean-loading holder reads them."""
+    from diffusers import AutoencoderKLFlux2
+
+    from asyncgen.component_proxy import make_proxy, own_buffers, release_weights
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                             latent_channels=4).eval()
+    vae.bn.running_mean.normal_()
+    mean = vae.bn.running_mean.clone()
+    assert {id(t) for t in own_buffers(vae)[0].buffers()} == {id(t) for t in vae.buffers()}  # bn's three
+    elsewhere = make_proxy("vae", vae, [Placement("vae", 1)], one_process_group)
+    assert release_weights(vae, list(elsewhere.resident)) > 0
+    assert all(p.is_meta for p in vae.parameters())
+    assert torch.equal(elsewhere.bn.running_mean, mean) and not elsewhere.bn.running_var.is_meta
+    elsewhere.to(torch.float64)
+    assert elsewhere.bn.running_mean.dtype == torch.float64 and torch.equal(elsewhere.bn.running_mean, mean.double())
+
+
 def test_bad_components_value(sd_path):
     with pytest.raises(ValueError, match="components='everywhere' is not one of 'replicated', 'planned'"):
         AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, components="everywhere")
