@@ -9,7 +9,9 @@ class name:
   arithmetic) with hooks on every member of every ``ModuleList`` and a dispatch mode
   that labels each tensor with the top-level module calls it derives from. A list whose
   members are each called once, in order, each taking something the previous one
-  produced, is a block list; its calls, in time order, are the units.
+  produced, is a block list; its calls, in time order, are the units. A forward whose
+  Python reads tensor values (sequence lengths from a mask's ``.tolist()``) is traced
+  once on real tensors at the example's tiny size instead, when its weights are loaded.
 * **Boundary.** The state entering block ``k`` is the inputs of block ``k`` that derive
   from an earlier block (one stream or two: image and text); its other inputs (rotary
   embeddings, timestep embeddings, masks) derive from the model's inputs only and are
@@ -210,9 +212,7 @@ def _build_passthrough(spec, inputs: dict[str, Any]):
 
 def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockTrace:
     """Find ``model``'s block lists and the boundary state at each block, from one fake forward."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .split import _fake_nested, fake_device, meta_weights_as_fake
+    from .split import run_on_shapes
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     member = {id(child): (name, i) for name, m in lists for i, child in enumerate(m)}
@@ -247,19 +247,21 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
             seen.add(id(child))
             handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(child.register_forward_hook(post, with_kwargs=True))
+    def traced(shaped: dict):
+        calls.clear()
+        depth[0] = 0
+        provenance.labels.clear()
+        provenance._alive.clear()
+        with provenance:
+            return model(**shaped, return_dict=False), shaped[sample_argument]
+
     try:
-        device = fake_device(inputs[sample_argument])  # a partly loaded model (one rank's stage) mixes meta and real
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
-                meta_weights_as_fake(model, fake_mode, device):
-            fake = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
-            with provenance:
-                try:
-                    output = model(**fake, return_dict=False)
-                except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values
-                    raise SplitRefused(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
-                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        try:  # fake tensors (a partly loaded model, one rank's stage, mixes meta and real), or real ones if it must
+            output, sample = run_on_shapes(model, inputs, sample_argument, traced)
+        except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values, weights on meta
+            raise SplitRefused(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output
-        sample = fake[sample_argument]
     finally:
         for h in handles:
             h.remove()

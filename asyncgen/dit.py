@@ -27,7 +27,8 @@ from .block_split import BlockSplit, SplitRefused
 _TEXT_WIDTH = ("joint_attention_dim", "caption_channels", "text_embed_dim", "text_dim", "cap_feat_dim",
                "text_hidden_dim", "cross_attention_dim", "encoder_hidden_dim")
 _TEXT_TOKENS = 8
-_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()  # the layout that worked
+_TEXT_MASKS = ("encoder_attention_mask", "encoder_hidden_states_mask")
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (layout, mask dtype) that worked
 
 
 def _config(model, *names, default=None):
@@ -68,7 +69,7 @@ def _grid_ids(rows: int, cols: int, axes: int, frames: int = 1) -> torch.Tensor:
 
 
 def _argument(name: str, model, layout: str, shape: tuple, batch: int, frames: int, h: int, w: int,
-              device, dtype) -> Any:
+              device, dtype, mask_dtype) -> Any:
     """An example value for forward argument ``name``; ``inspect.Parameter.empty`` when unknown."""
     text = _config(model, *_TEXT_WIDTH)
     tokens = shape[1] if layout.startswith("packed") else None
@@ -91,8 +92,8 @@ def _argument(name: str, model, layout: str, shape: tuple, batch: int, frames: i
         if getattr(model, "use_additional_conditions", False):
             return {"resolution": full(batch, 2, v=float(8 * h)), "aspect_ratio": full(batch, 1, v=1.0)}
         return {"resolution": None, "aspect_ratio": None}
-    if name in ("encoder_attention_mask", "encoder_hidden_states_mask"):
-        return torch.ones(batch, _TEXT_TOKENS, device=device, dtype=dtype)
+    if name in _TEXT_MASKS:
+        return torch.ones(batch, _TEXT_TOKENS, device=device, dtype=mask_dtype)
     if name == "img_shapes" and tokens is not None:
         side = int(round(tokens ** 0.5))
         return [[(1, side, tokens // side)]] * batch
@@ -130,16 +131,20 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     sample_name = parameters[0].name
     errors = []
     layouts = _latent_layouts(model, batch, frames, h, w)
+    # a text mask in the model's dtype first (as the classes that add it to attention scores take it), then
+    # as a tokenizer gives it, int64 (Lumina2 sums it into sequence lengths)
+    mask_dtypes = [dtype, torch.int64] if any(p.name in _TEXT_MASKS for p in parameters) else [dtype]
+    attempts = [(layout, shape, mask_dtype) for layout, shape in layouts for mask_dtype in mask_dtypes]
     known = _LAYOUTS.get(model)
     if known is not None:
-        layouts = [(name, shape) for name, shape in layouts if name == known]
-    for layout, shape in layouts:
+        attempts = [a for a in attempts if (a[0], a[2]) == known]
+    for layout, shape, mask_dtype in attempts:
         inputs = {sample_name: torch.zeros(shape, device=device, dtype=dtype)}
         for param_ in parameters[1:]:
             if param_.name == "return_dict" or param_.kind in (inspect.Parameter.VAR_KEYWORD,
                                                                 inspect.Parameter.VAR_POSITIONAL):
                 continue
-            value = _argument(param_.name, model, layout, shape, batch, frames, h, w, device, dtype)
+            value = _argument(param_.name, model, layout, shape, batch, frames, h, w, device, dtype, mask_dtype)
             if value is inspect.Parameter.empty:
                 if param_.default is inspect.Parameter.empty:
                     break  # a required argument we cannot make: not this class's convention
@@ -162,11 +167,12 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                     with torch.no_grad():
                         model(**inputs, return_dict=False)
             except Exception as exc:  # noqa: BLE001 - any failure means: not this layout
-                errors.append(f"{layout} {tuple(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                mask = f" ({str(mask_dtype).removeprefix('torch.')} mask)" if len(mask_dtypes) > 1 else ""
+                errors.append(f"{layout} {tuple(shape)}{mask}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
             finally:
                 fake_log.setLevel(level)
-            _LAYOUTS[model] = layout
+            _LAYOUTS[model] = (layout, mask_dtype)
             return inputs
         errors.append(f"{layout}: no example for the required argument {param_.name!r}")
     raise SplitRefused(

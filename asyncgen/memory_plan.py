@@ -431,7 +431,7 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
     """Estimated peak bytes of live tensors while each unit runs (an estimate, not a measurement).
 
     The denoiser runs once under ``FakeTensorMode`` (no memory, no arithmetic; meta
-    parameters work) with a dispatch mode that adds the bytes of every freshly allocated
+    parameters work; real tensors where the forward reads values, see ``run_on_shapes``) with a dispatch mode that adds the bytes of every freshly allocated
     op output and subtracts them when Python frees the tensor. A unit's figure is the
     largest live total while it runs: the boundary state it receives (a UNet's pending
     skip tensors included), the step's conditioning, its intermediates and its output.
@@ -442,12 +442,11 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
     boundary state each way). Views and in-place results add nothing.
     """
     import torch.nn.functional as F
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from .split import _fake_nested, _run_chain_with_probe, fake_device, meta_weights_as_fake
+    from .split import _run_chain_with_probe, run_on_shapes
 
     class _LiveBytes(TorchDispatchMode):
         def __init__(self):
@@ -478,12 +477,11 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
             return func(*args, **kwargs)
 
     peaks: list[int] = []
-    device = fake_device(inputs[split.sample_argument])  # as estimate_unit_costs runs: meta weights as fakes there
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
-            meta_weights_as_fake(split.denoiser, fake_mode, device):
-        fake = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
+
+    def measure(shaped: dict) -> list[int]:  # as estimate_unit_costs runs (fake, or real where it must)
+        peaks.clear()
         counter = _LiveBytes()
-        input_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(fake) if isinstance(t, torch.Tensor))
+        input_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(shaped) if isinstance(t, torch.Tensor))
 
         def probe(i, step):
             counter.peak = counter.live
@@ -491,8 +489,10 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
             peaks.append(counter.peak + input_bytes)
 
         with counter, _FusedAttention():
-            _run_chain_with_probe(split, fake, probe)
-    return peaks
+            _run_chain_with_probe(split, shaped, probe)
+        return peaks
+
+    return run_on_shapes(split.denoiser, inputs, split.sample_argument, measure)
 
 
 def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], topology: Topology,

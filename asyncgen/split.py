@@ -129,9 +129,9 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
     bytes it reads and writes, weights included. Normalisation, elementwise ops and
     wide convolutions on small feature maps are memory-bound, so bytes are converted
     with a fixed FLOPs-per-byte ratio; without that term low-resolution blocks and
-    GroupNorm/SiLU look nearly free and the split comes out lopsided.
+    GroupNorm/SiLU look nearly free and the split comes out lopsided. (A forward that
+    reads tensor values runs on real tensors instead: see :func:`run_on_shapes`.)
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -150,20 +150,20 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
 
     inputs = inputs if inputs is not None else split.example_inputs()
     costs: list[float] = []
-    device = fake_device(inputs[split.sample_argument])
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
-            meta_weights_as_fake(split.denoiser, fake_mode, device):
-        fake_inputs = {k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()}
 
-        def probe(i, step):
-            counter = FlopCounterMode(display=False)
-            bytes_moved[0] = 0
-            with counter, _ByteCounter():
-                step()
-            costs.append(float(counter.get_total_flops()) + flops_per_byte * bytes_moved[0])
+    def probe(i, step):
+        counter = FlopCounterMode(display=False)
+        bytes_moved[0] = 0
+        with counter, _ByteCounter():
+            step()
+        costs.append(float(counter.get_total_flops()) + flops_per_byte * bytes_moved[0])
 
-        _run_chain_with_probe(split, fake_inputs, probe)
-    return costs
+    def count(shaped: dict) -> list[float]:
+        costs.clear()
+        _run_chain_with_probe(split, shaped, probe)
+        return costs
+
+    return run_on_shapes(split.denoiser, inputs, split.sample_argument, count)
 
 
 def fake_device(sample: torch.Tensor) -> torch.device:
@@ -195,6 +195,30 @@ def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
     finally:
         for table, name, tensor in swapped:
             table[name] = tensor
+
+
+def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Callable[[dict], Any]) -> Any:
+    """``fn(inputs)`` under ``FakeTensorMode``, every input faked and meta weights as fakes (no arithmetic).
+
+    A forward whose Python reads tensor values (``.tolist()`` of a mask's sums, a ``nonzero``)
+    cannot run on fake tensors. When the model and the inputs are all real, ``fn`` then runs
+    on the real tensors instead (the example calls are tiny): what the callers record (the
+    blocks called and what feeds them, FLOPs, bytes) depends on shapes, not on values, so
+    both runs give the same answer. ``fn`` may therefore run twice: it must start afresh.
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    device = fake_device(inputs[sample_argument])
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+                meta_weights_as_fake(model, fake_mode, device):
+            return fn({k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()})
+    except (DataDependentOutputException, DynamicOutputShapeException):
+        tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
+        if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+            raise  # no weights (or inputs) to run for real
+    with torch.no_grad():
+        return fn(dict(inputs))
 
 
 def _fake_nested(mode, value, device: torch.device | None = None):
