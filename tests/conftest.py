@@ -17,6 +17,18 @@ from asyncgen.cli import launcher  # noqa: E402
 launcher.START_METHOD = "forkserver"
 
 
+def pytest_configure(config):
+    # Start the fork server now: its imports then overlap collection instead of counting against the
+    # timeout of the first launch (tight under `pytest -n 2`, where two sessions import at once).
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the pytest-xdist controller runs no test
+    multiprocessing.get_context("forkserver").set_forkserver_preload(launcher.FORKSERVER_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
