@@ -82,7 +82,21 @@ class StagedDenoiser(nn.Module):
         self._lanes: dict[str, StagedDenoiser] = {}
         self._pass: str | None = None
         self._primary: str | None = None
+        # Proxies of the pipeline's other denoisers (Wan 2.2's two experts) that take turns within one call: see
+        # share_calls_with
+        self._takes_turns_with: list[StagedDenoiser] = []
         self.reset()
+
+    def share_calls_with(self, others: list["StagedDenoiser"]) -> None:
+        """``others`` are denoisers the pipeline switches to and from during a call (Wan 2.2's experts).
+
+        The switch is treated like the start of a call: when this proxy takes its first step,
+        every other one that has started is reset (its transfers settled, its steps
+        forgotten), and this one starts its own schedule with its own warm-up. A stale
+        boundary state of one expert is never an input of the other (they are different
+        networks), and an expert's first step has no earlier state of its own to use.
+        """
+        self._takes_turns_with = [o for o in others if o is not self]
 
     # -------------------------------------------------------------- attributes
 
@@ -167,6 +181,9 @@ class StagedDenoiser(nn.Module):
                 f"cfg_parallel=True splits the denoiser's batch in two, but this call's batch is {sample.shape[0]}; "
                 "use classifier-free guidance (guidance_scale > 1) or an even num_images_per_prompt"
             )
+        for other in self._takes_turns_with:
+            if other._started:
+                other.reset()
         scheduler = self._scheduler()
         timesteps = getattr(scheduler, "timesteps", None)
         # One stage at stride 1 computes every step whole from the pipeline's own arguments:
@@ -175,7 +192,10 @@ class StagedDenoiser(nn.Module):
         needs_lookup = self.topology.stages > 1 or self.topology.stride > 1
         if needs_lookup and timesteps is not None and len(timesteps):
             timesteps = torch.as_tensor(timesteps).cpu()
-            begin = getattr(scheduler, "begin_index", None)
+            # a denoiser taking over mid-call (Wan 2.2's second expert) starts at the scheduler's current step
+            begin = getattr(scheduler, "step_index", None)
+            if begin is None:
+                begin = getattr(scheduler, "begin_index", None)
             if begin is None:
                 hits = (timesteps == _timestep_value(timestep)).nonzero()
                 begin = int(hits[0]) if len(hits) else None

@@ -45,6 +45,22 @@ def _denoiser_attribute(pipeline) -> str:
     )
 
 
+def _expert_attributes(pipeline) -> list[str]:
+    """The pipeline's second denoisers it switches to during a call (Wan 2.2's ``transformer_2``), if any."""
+    from .loading import EXPERT_COMPONENTS
+
+    return [name for name in EXPERT_COMPONENTS if isinstance(getattr(pipeline, name, None), nn.Module)]
+
+
+def _split_method(split, attribute: str):
+    """The ``split`` argument for one denoiser: a dict gives each denoiser (``transformer``, ``transformer_2``) its own."""
+    if not isinstance(split, dict):
+        return split
+    if attribute not in split:
+        raise ValueError(f"split={split!r} names no cuts for pipe.{attribute}; give one entry per denoiser")
+    return split[attribute]
+
+
 def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) -> list[int]:
     n = len(split.units)
     if stages > n:
@@ -122,20 +138,25 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     from asyncgen.component_proxy import own_buffers, resident_modules
 
     from .lean_loading import load_pipeline_partially
+    from .loading import EXPERT_COMPONENTS
 
-    chosen: list[int] = []
+    chosen: dict[str, list[int]] = {}
     placements: list[Placement] = []
 
     def choose_reads(attribute: str, empty: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
-        denoiser_split = split_denoiser(empty[attribute])
-        chosen.extend(_choose_cuts(denoiser_split, topology.stages, split, ctx))
-        mine = make_stages(denoiser_split, chosen)[topology.stage_of(ctx.rank % topology.world_size)]
-        reads = {attribute: denoiser_split.shared_modules() + mine.modules()}
+        reads, splits = {}, {}
+        # each denoiser (and Wan 2.2's second expert) with its own cuts; this rank reads its stage of each
+        for name in [attribute] + [n for n in EXPERT_COMPONENTS if n in empty]:
+            splits[name] = split_denoiser(empty[name])
+            chosen[name] = _choose_cuts(splits[name], topology.stages, _split_method(split, name), ctx)
+            mine = make_stages(splits[name], chosen[name])[topology.stage_of(ctx.rank % topology.world_size)]
+            reads[name] = splits[name].shared_modules() + mine.modules()
+        denoiser_split = splits[attribute]
         if components == "replicated":
             return reads
         placed = {n: m for n, m in empty.items() if n in PLACEABLE_COMPONENTS}
         placements.extend(components if isinstance(components, (list, tuple)) else
-                          _plan_placements(denoiser_split, chosen, placed, topology, cfg_parts))
+                          _plan_placements(denoiser_split, chosen[attribute], placed, topology, cfg_parts))
         for name, module in placed.items():
             if not any(p.component == name for p in placements):
                 continue  # not placed: replicated, read whole
@@ -146,7 +167,8 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
 
     pipeline, reports = load_pipeline_partially(model, choose_reads, device=ctx.device, dtype=dtype,
                                                 allow_pickle=allow_pickle, **load_kwargs)
-    return pipeline, chosen, (placements if components != "replicated" else "replicated"), reports
+    cuts = chosen if len(chosen) > 1 else next(iter(chosen.values()))
+    return pipeline, cuts, (placements if components != "replicated" else "replicated"), reports
 
 
 def _check_cfg_parallel(pipeline, denoiser) -> None:
@@ -155,6 +177,44 @@ def _check_cfg_parallel(pipeline, denoiser) -> None:
             f"cfg_parallel=True: {type(denoiser).__name__} is guidance-distilled (guidance_embeds=True): "
             f"{type(pipeline).__name__} makes no unconditional pass to split off; use cfg_parallel=False"
         )
+
+
+def _staged_denoiser(denoiser: nn.Module, method, topology: Topology, ctx: DistContext, cfg_parts: int,
+                     warmup: int | None, time_shift: bool, scheduler, compile_kwargs, free_unused_stages: bool):
+    """``denoiser`` split into ``topology.stages`` stages, and the proxy running this rank's part: (stages, proxy).
+
+    In a process group this rank keeps only its stage (the others' weights go to ``meta``
+    with ``free_unused_stages``); in one process the serial simulator runs every stage.
+    """
+    denoiser_split = split_denoiser(denoiser)
+    all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, topology.stages, method, ctx))
+    if compile_kwargs is not None:
+        # one function per stage (not the proxy, not the shared embeddings: those take a
+        # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
+        all_stages = compile_stages(all_stages, compile_kwargs)
+    logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
+                "/".join(str(len(s.units)) for s in all_stages),
+                "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
+    if ctx.distributed:
+        mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
+        for stage in all_stages if free_unused_stages else ():
+            if stage is not mine:
+                for module in stage.modules():
+                    module.to("meta")  # frees the storage: this rank never runs that stage
+
+        def new_executor():
+            return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
+
+        resident = denoiser_split.shared_modules() + mine.modules()
+    else:
+        def new_executor():
+            simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
+            return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
+
+        resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
+    proxy = StagedDenoiser(denoiser_split, resident, new_executor(), topology, warmup, time_shift, scheduler,
+                           cfg_parts, new_executor=new_executor)
+    return all_stages, proxy
 
 
 class AsyncDiffPipeline(PipelineWrapper):
@@ -184,7 +244,12 @@ class AsyncDiffPipeline(PipelineWrapper):
             Let stages fed a stale input use the previous step's timestep.
         split (`str` or list of `int`, defaults to `"flops"`):
             How to place the cuts: ``"flops"`` balances estimated compute, ``"time"``
-            balances unit times measured on rank 0, a list gives the cut indices.
+            balances unit times measured on rank 0, a list gives the cut indices. A pipeline with
+            two denoisers (Wan 2.2: ``transformer`` for the high-noise steps, ``transformer_2`` for
+            the low-noise ones) has each split into ``stages`` stages with its own cuts (a dict
+            ``{"transformer": ..., "transformer_2": ...}`` gives each its own method or cuts); every
+            rank holds its stage of both, and the switch from one to the other starts the new
+            one's schedule afresh, with its own ``warmup`` exact steps.
         process_group (`ProcessGroup`, *optional*):
             Group of ``stages + stride - 1`` ranks to use. Defaults to the initialised
             default group, else one created from ``torchrun``'s environment, else none
@@ -254,10 +319,11 @@ class AsyncDiffPipeline(PipelineWrapper):
         if attention is not None:
             enable_attention(pipeline, attention)
         denoiser = getattr(pipeline, attribute)
-        denoiser_split = split_denoiser(denoiser)
+        experts = _expert_attributes(pipeline)
         cfg_parts = 2 if cfg_parallel else 1
         if cfg_parallel:
-            _check_cfg_parallel(pipeline, denoiser)
+            for name in [attribute] + experts:
+                _check_cfg_parallel(pipeline, getattr(pipeline, name))
         ctx = resolve_context(process_group, device, timeout)
         world = cfg_parts * topology.world_size
         if ctx.distributed and ctx.world_size != world:
@@ -265,15 +331,18 @@ class AsyncDiffPipeline(PipelineWrapper):
             if cfg_parallel:
                 expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
             raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
-        all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, stages, split, ctx))
-        if compile_kwargs is not None:
-            # one function per stage (not the proxy, not the shared embeddings: those take a
-            # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
-            all_stages = compile_stages(all_stages, compile_kwargs)
 
-        logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
-                    "/".join(str(len(s.units)) for s in all_stages),
-                    "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
+        def staged(name: str):
+            return _staged_denoiser(getattr(pipeline, name), _split_method(split, name), topology, ctx, cfg_parts,
+                                    warmup, time_shift, lambda: pipeline.scheduler, compile_kwargs, free_unused_stages)
+
+        all_stages, self.denoiser = staged(attribute)
+        # Wan 2.2's second expert: split into as many stages (cuts of its own), this rank holds its stage of both
+        expert_stages, self.experts = {}, {}
+        for name in experts:
+            expert_stages[name], self.experts[name] = staged(name)
+        for proxy in self._proxies():
+            proxy.share_calls_with(self._proxies())
         if ctx.distributed:
             logger.info("rank %d of %d runs stage %d", ctx.rank, ctx.world_size,
                         topology.stage_of(ctx.rank % topology.world_size))
@@ -282,38 +351,24 @@ class AsyncDiffPipeline(PipelineWrapper):
                            "processes, without their speedup); launch %d processes (torchrun, asyncgen generate "
                            "--devices) for the speedup", stages, stride, " cfg_parallel" if cfg_parallel else "", world,
                            world)
-        if ctx.distributed:
-            mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
-            for stage in all_stages if free_unused_stages else ():
-                if stage is not mine:
-                    for module in stage.modules():
-                        module.to("meta")  # frees the storage: this rank never runs that stage
-            def new_executor():
-                return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
-
-            resident = denoiser_split.shared_modules() + mine.modules()
-        else:
-            def new_executor():
-                simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
-                return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
-
-            resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
 
         self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
         self.stages, self.attribute = all_stages, attribute
+        self.expert_stages = expert_stages
         self.cfg_parts = cfg_parts
-        self.denoiser = StagedDenoiser(
-            denoiser_split, resident, new_executor(), topology, warmup, time_shift, lambda: pipeline.scheduler,
-            cfg_parts, new_executor=new_executor,
-        )
         # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
         object.__setattr__(pipeline, attribute, self.denoiser)
+        for name, proxy in self.experts.items():
+            object.__setattr__(pipeline, name, proxy)
         self.components, self.component_placements = "replicated", {}
         if ctx.distributed and components != "replicated":
             # before pipeline.to(device): the components this rank does not run stay on meta
             self.components = "planned"
+            stage_modules = [s.modules() + [m for e in expert_stages.values() for m in e[k].modules()]
+                             for k, s in enumerate(all_stages)]
+            shared_modules = [m for proxy in self._proxies() for m in proxy.split.shared_modules()]
             self.component_placements = place_components(
-                pipeline, [s.modules() for s in all_stages], denoiser_split.shared_modules(),
+                pipeline, stage_modules, shared_modules,
                 [topology.stage_of(r % topology.world_size) for r in range(world)], ctx,
                 placements=self._planned_placements() if isinstance(components, (str, type(None))) else components,
                 release=free_unused_stages)
@@ -398,16 +453,21 @@ class AsyncDiffPipeline(PipelineWrapper):
             if steps is not None and (not isinstance(steps, int) or steps < 1):
                 raise ValueError(f"num_inference_steps={steps!r}: need a whole number of at least 1")
             kwargs = shared_randomness(self.ctx, kwargs)
-            self.denoiser.reset()
+            for proxy in self._proxies():
+                proxy.reset()
             output = self.pipeline(*args, **kwargs)
             schedule = getattr(self.denoiser, "schedule", None)
             if schedule is not None:
                 logger.info("%d exact warm-up step(s) before the asynchronous ones", schedule.warmup)
-            self.denoiser.reset()  # settle this call's transfers now, not at the next call
+            for proxy in self._proxies():
+                proxy.reset()  # settle this call's transfers now, not at the next call
             return output
         except BaseException as exc:
             publish_error(self.ctx, exc)
             raise
+
+    def _proxies(self) -> list[StagedDenoiser]:
+        return [self.denoiser, *getattr(self, "experts", {}).values()]
 
     # ------------------------------------------------------------- reporting
 
@@ -421,15 +481,15 @@ class AsyncDiffPipeline(PipelineWrapper):
         placed, replicated = {}, {}
         for name, module in getattr(self.pipeline, "components", {}).items():
             module = getattr(self.pipeline, name, module)
-            if name == self.attribute or not isinstance(module, nn.Module):
-                continue
+            if name == self.attribute or name in self.experts or not isinstance(module, nn.Module):
+                continue  # the denoisers are staged, not components
             real = getattr(module, "component", module)
             (placed if name in PLACEABLE_COMPONENTS else replicated)[name] = real
         return placed, replicated
 
-    def _cuts(self) -> list[int]:
+    def _cuts(self, stages=None) -> list[int]:
         cuts = [0]
-        for stage in self.stages:
+        for stage in self.stages if stages is None else stages:
             cuts.append(cuts[-1] + len(stage.units))
         return cuts
 
@@ -444,7 +504,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         ``height`` x ``width`` pixels (default: the denoiser's native size). Components other
         than the text encoders and the VAE (a ControlNet, an image encoder) count on every rank.
         """
-        from asyncgen.memory_plan import plan_pipeline
+        from asyncgen.memory_plan import denoiser_size, plan_pipeline
 
         placed, replicated = self._components_by_role()
         world = self.cfg_parts * self.topology.world_size
@@ -457,8 +517,16 @@ class AsyncDiffPipeline(PipelineWrapper):
             placements = [Placement(n, r) for n in placed for r in range(world)]
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
-        return plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
+        plan = plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
                              _denoiser_batch(self.denoiser.split), replicated, split_encoders, placements=placements)
+        # Wan 2.2's second expert: each rank also holds its stage of it (its activations are not added: the experts
+        # take turns, so the first expert's estimate stands for both); placements were planned without it
+        for name, stages in self.expert_stages.items():
+            size = denoiser_size(self.experts[name].split, self._cuts(stages))
+            for rank in plan.ranks:
+                rank.parameter_bytes[name] = size.shared_bytes + size.stage_bytes[rank.stage]
+            plan.full_pipeline_bytes += size.shared_bytes + sum(size.stage_bytes)
+        return plan
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time."""

@@ -433,7 +433,8 @@ def load_pipeline_partially(model: str | os.PathLike,
                             allow_pickle: bool = False, **load_kwargs):
     """A pipeline of which this process reads only the modules it runs; ``(pipeline, reports)``.
 
-    The denoiser and the text encoders and VAE are built on ``meta`` from their configs
+    The denoiser (and a second expert, ``transformer_2``, where the pipeline has one) and the
+    text encoders and VAE are built on ``meta`` from their configs
     and handed to ``choose_reads(denoiser_attribute, empty)`` (``empty``: name → module),
     which may look at their structure (cut points and placements come from the configs)
     and returns, for each component this process reads only in part, the modules it
@@ -445,15 +446,15 @@ def load_pipeline_partially(model: str | os.PathLike,
     """
     from diffusers import DiffusionPipeline
 
-    from .loading import DENOISER_COMPONENTS
+    from .loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
 
     folder = local_pipeline_folder(model, allow_pickle=allow_pickle, **load_kwargs)
     index = DiffusionPipeline.load_config(str(folder))
     attribute = next((c for c in DENOISER_COMPONENTS if isinstance(index.get(c), list) and index[c][1]), None)
     if attribute is None:
         raise ValueError(f"{model}: the pipeline has no unet or transformer component to load partially")
-    names = [attribute] + [n for n in PLACEABLE_COMPONENTS if isinstance(index.get(n), list) and index[n][1]
-                           and n not in load_kwargs]
+    names = [attribute] + [n for n in EXPERT_COMPONENTS + PLACEABLE_COMPONENTS
+                           if isinstance(index.get(n), list) and index[n][1] and n not in load_kwargs]
     empty = {name: empty_component(folder, name, index[name][1], dtype) for name in names}
     reads = choose_reads(attribute, empty)
     components: dict[str, nn.Module] = {}

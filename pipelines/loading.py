@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DENOISER_COMPONENTS = ("unet", "transformer")
+# a second denoiser the pipeline switches to during a call (Wan 2.2: `transformer` for the high-noise steps,
+# `transformer_2` for the low-noise ones); staged like the first, with cuts of its own
+EXPERT_COMPONENTS = ("transformer_2",)
 
 
 def looks_like_local_path(name: str) -> bool:

@@ -13,7 +13,7 @@ def check_not_wrapped(pipeline, wrapper_name: str) -> None:
     if isinstance(pipeline, PipelineWrapper):
         raise TypeError(f"{wrapper_name} was given an {type(pipeline).__name__}, which is already a wrapper; wrap the "
                         f"diffusers pipeline itself (its .pipeline)")
-    if any(isinstance(getattr(pipeline, name, None), StagedDenoiser) for name in ("unet", "transformer")):
+    if any(isinstance(getattr(pipeline, name, None), StagedDenoiser) for name in ("unet", "transformer", "transformer_2")):
         raise TypeError(f"this {type(pipeline).__name__} is already wrapped by AsyncDiffPipeline (its denoiser is a "
                         f"StagedDenoiser); {wrapper_name} needs the original pipeline, so wrap a fresh one")
 

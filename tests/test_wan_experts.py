@@ -1,0 +1,85 @@
+"""Wan 2.2's two experts under AsyncDiffPipeline: ``transformer`` (high noise) and ``transformer_2`` (low noise).
+
+Both are staged; the switch from one to the other starts the new expert's schedule
+afresh (its own exact warm-up step), so a stale state of one expert never feeds the
+other. The tiny ``wan22`` pipeline runs two steps on each side of the switch. The
+``stages=1`` and the constructor's 2-rank checks are in test_transformer_pipelines.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.cli.launcher import launch
+from asyncgen.pipelines import AsyncDiffPipeline
+from asyncgen.proxy import StagedDenoiser
+from asyncgen.schedule import StepKind
+
+FAMILY = "wan22"
+EXPERTS = ("transformer", "transformer_2")
+
+
+def _frames(pipe, **overrides) -> np.ndarray:
+    return pipe(**tiny_models.pipeline_call_kwargs(FAMILY, **overrides)).frames
+
+
+def _step_kinds(wrapped) -> tuple[np.ndarray, list[tuple[str, StepKind]]]:
+    """A call's frames, and which expert ran each step of it as what kind of step of its own schedule."""
+    seen = []
+
+    def record(pipe, i, t, tensors):
+        # one expert has started at a time: the other has not yet, or was reset at the switch
+        running = [name for name in EXPERTS if getattr(pipe, name)._started]
+        assert len(running) == 1, running
+        proxy = getattr(pipe, running[0])
+        seen.append((running[0], proxy.schedule.kind(proxy._step - 1)))
+        return {}
+
+    return _frames(wrapped, callback_on_step_end=record), seen
+
+
+def test_each_expert_is_staged_and_starts_with_its_own_warmup(pipeline_path, one_thread):
+    path = pipeline_path(FAMILY)
+    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=2)
+    assert all(isinstance(getattr(wrapped.pipeline, name), StagedDenoiser) for name in EXPERTS)
+    assert wrapped.experts["transformer_2"].denoiser is not wrapped.denoiser.denoiser
+    frames, kinds = _step_kinds(wrapped)
+    assert kinds == [("transformer", StepKind.EXACT)] * 2 + [("transformer_2", StepKind.EXACT)] * 2
+    # two exact steps per expert reproduce the stock pipeline: transformer_2 took steps 2 and 3 at their timesteps
+    assert np.array_equal(frames, _frames(tiny_models.load_pipeline(path, FAMILY)))
+
+
+def _lean_two_ranks(rank, world_size, path):
+    torch.set_num_threads(1)
+    wrapped = AsyncDiffPipeline.from_pretrained(path, stages=2, warmup=1)
+    wrapped.set_progress_bar_config(disable=True)
+    out = {"frames": _frames(wrapped)}
+    for name in EXPERTS:
+        proxy = getattr(wrapped.pipeline, name)
+        held = {k for k, v in proxy.denoiser.state_dict().items() if not v.is_meta}
+        out[name] = dict(read=set(wrapped.load_reports[name].tensors), held=held,
+                         all=set(proxy.denoiser.state_dict()))
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_lean_load_reads_their_stage_of_both_experts(pipeline_path, one_thread):
+    path = str(pipeline_path(FAMILY))
+    per_rank = launch(_lean_two_ranks, 2, path, timeout=600)
+    serial = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=1)
+    expected, kinds = _step_kinds(serial)
+    # each expert: one exact warm-up step, then one fed a stale state of its own (the switch restarts the schedule)
+    assert kinds == [("transformer", StepKind.EXACT), ("transformer", StepKind.ROUND),
+                     ("transformer_2", StepKind.EXACT), ("transformer_2", StepKind.ROUND)]
+    assert _step_kinds(serial)[1] == kinds  # the next call starts both experts over
+    assert not np.array_equal(expected, _frames(tiny_models.load_pipeline(path, FAMILY)))  # stale inputs were used
+    for rank, result in enumerate(per_rank):
+        # received states are views into one flat buffer; alignment may change SIMD rounding
+        np.testing.assert_allclose(result["frames"], expected, atol=1e-5, rtol=0, err_msg=f"rank {rank}")
+    for name in EXPERTS:
+        first, second = (result[name] for result in per_rank)
+        for mine in (first, second):
+            assert mine["read"] == mine["held"] < mine["all"]  # read what it runs, nothing else, not everything
+        assert first["read"] | second["read"] == first["all"]  # together the two ranks read the whole expert
+        assert first["read"] - second["read"] and second["read"] - first["read"]  # a stage of its own on each
