@@ -511,10 +511,17 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
     reported instead of searched for.
     """
     if estimate_activations:
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
         height, width = latent_size if latent_size is not None else (None, None)
         inputs = split.example_inputs(max(1, batch // cfg_parts), height, width)
-        size = denoiser_size(split, cuts, dtype, inputs)
-    else:
+        try:
+            size = denoiser_size(split, cuts, dtype, inputs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            # a forward that reads tensor values (Lumina2, Mochi) runs only for real, and weights on meta (a
+            # config-only plan, a rank holding its stage only) cannot: the plan goes without activations
+            estimate_activations = False
+    if not estimate_activations:
         size = denoiser_size(split, cuts, dtype)
     # by name, so the plan does not depend on the order the caller found the components in
     sizes = [component_size(name, components[name], dtype) for name in sorted(components)]

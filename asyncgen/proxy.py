@@ -163,6 +163,9 @@ class StagedDenoiser(nn.Module):
         for lane in getattr(self, "_lanes", {}).values():
             lane.reset()
         self._primary = None
+        self._last_sample: torch.Tensor | None = None  # held, so its id cannot be reused by a later latent
+        self._last_timestep: Any = None
+        self._unnamed_pass = 0
         self._started = False
         self._step = 0
         self._total: int | None = None
@@ -279,6 +282,19 @@ class StagedDenoiser(nn.Module):
         if self._pass is not None and self._pass != self._primary:
             return self._lane(self._pass).forward(*args, **kwargs)
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        if self._pass is None:
+            # A pipeline may run a further pass per step without naming it (Lumina2: cond, then uncond, on the
+            # same latents, no cache_context): a call on the very latent tensor of the call before, at the same
+            # timestep, is that step's next pass (a step's scheduler update makes a new tensor), a lane of its own.
+            sample, timestep = arguments[self.split.sample_argument], arguments["timestep"]
+            if sample is self._last_sample and (timestep is self._last_timestep or
+                                                _timestep_value(timestep) == _timestep_value(self._last_timestep)):
+                self._unnamed_pass += 1
+                if self._new_executor is None:
+                    raise NotImplementedError("the pipeline runs a second denoiser pass per step on the same latents; "
+                                              "this proxy schedules one pass per step")
+                return self._lane(f"pass {self._unnamed_pass}").forward(*args, **kwargs)
+            self._last_sample, self._last_timestep, self._unnamed_pass = sample, timestep, 0
         return_dict = arguments.pop("return_dict", True)
         sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop("timestep")
         if self._started and self._total is not None and self._step >= self._total:

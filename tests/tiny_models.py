@@ -594,14 +594,14 @@ TRANSFORMER_PIPELINES["wan_i2v"] = (save_wan_i2v_pipeline, "WanImageToVideoPipel
                                          max_sequence_length=512), False)
 
 
-# ------------------------------------------------------------------ engineer B: sana, sana_video, cogview4
+# ------------------------------------------------------------------ engineer B: sana, sana_video, cogview4, lumina2
 
-def gemma2_text_encoder(hidden: int):
-    """A 1-layer ``Gemma2Model`` over the byte vocabulary (Sana's text encoder; Sana reads its last hidden state)."""
+def gemma2_text_encoder(hidden: int, layers: int = 1):
+    """A ``Gemma2Model`` over the byte vocabulary (Sana reads its last hidden state, Lumina2 the one before)."""
     from transformers import Gemma2Config, Gemma2Model
 
     vocab = random_models.BYTE_VOCAB_SIZE
-    config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+    config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
                           max_position_embeddings=1024, sliding_window=1024, pad_token_id=vocab - 1,
                           eos_token_id=vocab - 1, bos_token_id=vocab - 2)
@@ -699,6 +699,29 @@ def save_cogview4_pipeline(folder: Path, seed: int = 0) -> Path:
 TRANSFORMER_PIPELINES["cogview4"] = (save_cogview4_pipeline, "CogView4Pipeline",
                                      dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
                                           num_inference_steps=4, guidance_scale=5.0, max_sequence_length=16), False)
+
+
+def save_lumina2_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``Lumina2Pipeline``: 2-layer Gemma2, a 4-level Flux-style VAE (the pipeline hard-codes a factor of 8:
+    32x32 images are 4x4 latents), cond and uncond as two unnamed passes per step."""
+    from diffusers import Lumina2Pipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("Lumina2Transformer2DModel")
+    pipe = Lumina2Pipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
+                           text_encoder=gemma2_text_encoder(transformer.config.cap_feat_dim, layers=2),
+                           vae=random_models.flow_vae(transformer.config.in_channels, (8, 8, 8, 8)),
+                           transformer=transformer, scheduler=random_models.flow_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# system_prompt="": the default one is 170 bytes, 170 tokens of the byte-level tokenizer (a cost, nothing tested)
+TRANSFORMER_PIPELINES["lumina2"] = (save_lumina2_pipeline, "Lumina2Pipeline",
+                                    dict(prompt="a red ball", negative_prompt="blurry", height=32, width=32,
+                                         num_inference_steps=4, guidance_scale=4.0, max_sequence_length=32,
+                                         system_prompt=""), False)
 
 
 # ------------------------------------------------------------------ ovis_image, flux2, hunyuan_video, qwenimage
