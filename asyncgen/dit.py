@@ -119,7 +119,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .split import _fake_nested, fake_device, meta_weights_as_fake
+    from .split import _fake_nested, clear_method_caches, fake_device, meta_weights_as_fake
 
     param = next(model.parameters())
     device = param.device
@@ -172,6 +172,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                 continue
             finally:
                 fake_log.setLevel(level)
+                clear_method_caches(model)  # a fake call leaves fake rotary tables in the model's caches
             _LAYOUTS[model] = (layout, mask_dtype)
             return inputs
         errors.append(f"{layout}: no example for the required argument {param_.name!r}")

@@ -197,6 +197,35 @@ def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
             table[name] = tensor
 
 
+def clear_method_caches(model: nn.Module) -> None:
+    """Empty the ``functools.lru_cache``s on the methods of ``model``'s module classes.
+
+    Diffusers caches rotary tables per (module, shape, device): QwenImage's
+    ``QwenEmbedRope._compute_video_freqs`` under ``lru_cache_unless_export``, which hides the
+    cache in its closure. A run under ``FakeTensorMode`` leaves fake tensors there, and the
+    first real forward at the same shapes would get them back (a meta-built model traced at
+    the pipeline's size then fails on its first real step). The caches belong to the class,
+    so clearing them costs a recomputation and nothing else.
+    """
+    seen: set[type] = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in seen:
+                continue
+            seen.add(cls)
+            for value in vars(cls).values():
+                value = getattr(value, "__func__", value)  # staticmethod / classmethod
+                candidates = [value]
+                for cell in getattr(value, "__closure__", None) or ():
+                    try:
+                        candidates.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        pass
+                for candidate in candidates:
+                    if callable(getattr(candidate, "cache_clear", None)):
+                        candidate.cache_clear()
+
+
 def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Callable[[dict], Any]) -> Any:
     """``fn(inputs)`` under ``FakeTensorMode``, every input faked and meta weights as fakes (no arithmetic).
 
@@ -217,6 +246,8 @@ def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Call
         tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
             raise  # no weights (or inputs) to run for real
+    finally:
+        clear_method_caches(model)  # what the fake run cached is fake
     with torch.no_grad():
         return fn(dict(inputs))
 

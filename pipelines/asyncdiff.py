@@ -160,7 +160,8 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         for name, module in placed.items():
             if not any(p.component == name for p in placements):
                 continue  # not placed: replicated, read whole
-            keep = resident_modules(module, placements, ctx.rank)
+            # this component's placements only: another's whole or layer-range placement on this rank is not its own
+            keep = resident_modules(module, [p for p in placements if p.component == name], ctx.rank)
             if keep != [module]:  # whole on this rank: diffusers reads it as usual
                 reads[name] = keep + own_buffers(module)
         return reads

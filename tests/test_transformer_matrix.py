@@ -175,3 +175,19 @@ def test_data_dependent_forwards_without_weights_are_refused_with_the_reason(nam
         model = getattr(diffusers, name)(**tiny_models.TRANSFORMER_CONFIGS[name])
     with pytest.raises(TypeError, match=f"(^cannot build an example call of {name}.forward|^{name}: its forward cannot be traced on fake tensors)"):
         split_denoiser(model)
+
+
+def test_tracing_a_meta_model_leaves_no_fake_tensor_in_its_caches():
+    """QwenImage caches its rotary tables per (module, shape, device): splitting a config-only model (what each
+    rank does before reading its stage) runs it on fake tensors, and the first real forward at the traced shapes
+    used to get those fakes back."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    with init_empty_weights():
+        model = diffusers.QwenImageTransformer2DModel(**tiny_models.TRANSFORMER_CONFIGS["QwenImageTransformer2DModel"])
+    split = split_denoiser(model)
+    (frames, height, width), = split.example_inputs()["img_shapes"][0]
+    rope = model.pos_embed._compute_video_freqs(frames, height, width, 0, torch.device("cpu"))
+    assert not isinstance(rope, FakeTensor) and torch.isfinite(torch.view_as_real(rope)).all()
