@@ -970,16 +970,14 @@ def save_skyreels_v2_pipeline(folder: Path, seed: int = 0) -> Path:
     """A ``SkyReelsV2Pipeline``: UMT5 text encoder, a Wan VAE one level shallower than save_wan_pipeline's (time and
     space compressed by 4: 9 frames of 32x32 are 3 latent frames of 8x8, decoded in a third of the time), UniPC; CFG
     as two passes (cache_context "cond"/"uncond")."""
-    from diffusers import AutoencoderKLWan, SkyReelsV2Pipeline, UniPCMultistepScheduler
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
 
     torch.manual_seed(seed)
     folder = Path(folder)
     transformer = transformer_for_pipeline("SkyReelsV2Transformer3DModel")
-    z = transformer.config.in_channels
-    vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-                           latents_mean=[0.0] * z, latents_std=[1.0] * z).eval()
     pipe = SkyReelsV2Pipeline(tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"),
-                              text_encoder=umt5_text_encoder(transformer.config.text_dim), vae=vae,
+                              text_encoder=umt5_text_encoder(transformer.config.text_dim),
+                              vae=tiny_wan_vae(transformer.config.in_channels),
                               transformer=transformer,
                               scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                                 flow_shift=8.0))
