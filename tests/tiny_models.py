@@ -1017,3 +1017,25 @@ TRANSFORMER_PIPELINES["wan22"] = (save_wan22_pipeline, "WanPipeline",
                                   dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=9, height=32,
                                        width=32, num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0,
                                        max_sequence_length=16), False)
+
+
+def save_mochi_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``MochiPipeline``: T5 text encoder, a Mochi VAE of width 32 (its group norms take 32 groups) compressing
+    time by 6 and space by 8 (7 frames of 64x64: 2 latent frames of 8x8), batched CFG."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    transformer = transformer_for_pipeline("MochiTransformer3DModel", in_channels=12)  # the VAE's 12 latent channels
+    vae = AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                             layers_per_block=(1,) * 5, add_attention_block=(False,) * 5).eval()
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                         text_encoder=random_models.t5_text_encoder(transformer.config.text_embed_dim),
+                         tokenizer=random_models.byte_level_clip_tokenizer(folder / "tokenizer"), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+TRANSFORMER_PIPELINES["mochi"] = (save_mochi_pipeline, "MochiPipeline",
+                                  dict(prompt="a red ball bouncing", negative_prompt="blurry", num_frames=7, height=64,
+                                       width=64, num_inference_steps=4, guidance_scale=4.5, max_sequence_length=8), True)
