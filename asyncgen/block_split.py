@@ -65,6 +65,11 @@ class SplitRefused(TypeError):
     whether a class splits (``describe_pipeline``) catch that one kind."""
 
 
+class NeedsRealWeights(SplitRefused):
+    """The forward reads tensor values in Python (a mask's ``.tolist()``, ``nonzero``): it traces on real
+    tensors only, so a model built on the meta device (config only, no weights) cannot be split."""
+
+
 # ------------------------------------------------------------------ arguments
 
 
@@ -259,8 +264,12 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         try:  # fake tensors (a partly loaded model, one rank's stage, mixes meta and real), or real ones if it must
             output, sample = run_on_shapes(model, inputs, sample_argument, traced)
         except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values, weights on meta
-            raise SplitRefused(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+            refusal = NeedsRealWeights if isinstance(exc, (DataDependentOutputException,
+                                                          DynamicOutputShapeException)) else SplitRefused
+            raise refusal(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output
     finally:
         for h in handles:

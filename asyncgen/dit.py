@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block_split import BlockSplit, SplitRefused
+from .block_split import BlockSplit, NeedsRealWeights, SplitRefused
 
 # config attributes giving the width of the text states, most specific first
 _TEXT_WIDTH = ("joint_attention_dim", "caption_channels", "text_embed_dim", "text_dim", "cap_feat_dim",
@@ -117,7 +117,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     ``height``/``width`` are latent sizes; the default is small (4 patches a side), which
     is all tracing and verification need and still ranks the blocks' costs correctly.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     from .split import _fake_nested, clear_method_caches, fake_device, meta_weights_as_fake
 
@@ -129,7 +129,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     frames = frames or (2 * t if t > 1 else 3)
     parameters = list(inspect.signature(model.forward).parameters.values())
     sample_name = parameters[0].name
-    errors = []
+    errors, reads_values = [], False
     layouts = _latent_layouts(model, batch, frames, h, w)
     # a text mask in the model's dtype first (as the classes that add it to attention scores take it), then
     # as a tokenizer gives it, int64 (Lumina2 sums it into sequence lengths)
@@ -167,6 +167,8 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                     with torch.no_grad():
                         model(**inputs, return_dict=False)
             except Exception as exc:  # noqa: BLE001 - any failure means: not this layout
+                if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException)) and not reads_values:
+                    reads_values = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 mask = f" ({str(mask_dtype).removeprefix('torch.')} mask)" if len(mask_dtypes) > 1 else ""
                 errors.append(f"{layout} {tuple(shape)}{mask}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
@@ -176,6 +178,9 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
             _LAYOUTS[model] = (layout, mask_dtype)
             return inputs
         errors.append(f"{layout}: no example for the required argument {param_.name!r}")
+    if reads_values:  # on meta weights a forward that reads values fails every layout alike; with weights it may split
+        raise NeedsRealWeights(f"{type(model).__name__}: its forward cannot be traced on fake tensors (it reads tensor "
+                               f"values: {reads_values}); it splits only with its weights loaded")
     raise SplitRefused(
         f"cannot build an example call of {type(model).__name__}.forward from its signature and config "
         f"(tried {'; '.join(errors)}); pass verify_split=False is not enough: the split needs one traced call"

@@ -24,6 +24,7 @@ from asyncgen.split import (
     make_stages,
     measure_unit_costs,
 )
+from asyncgen.block_split import NeedsRealWeights
 from asyncgen.denoisers import split_denoiser
 
 from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
@@ -431,10 +432,15 @@ class AsyncDiffPipeline(PipelineWrapper):
         reports = {}
         if lean:
             _check_world_size(ctx, topology, cfg_parallel)
-            pipeline, split, components, reports = _load_stage_only(
-                pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
-                **load_kwargs)
-        else:
+            try:
+                pipeline, split, components, reports = _load_stage_only(
+                    pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
+                    **load_kwargs)
+            except NeedsRealWeights:  # before any weight was read: the split was tried on the config alone
+                logger.warning("the denoiser's forward reads tensor values in Python, so it cannot be split from its "
+                               "config alone: every rank loads the whole pipeline to split it, then keeps its stage")
+                lean = False
+        if not lean:
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,

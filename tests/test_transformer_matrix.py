@@ -17,7 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 import tiny_models
-from asyncgen.block_split import SplitRefused
+from asyncgen.block_split import NeedsRealWeights, SplitRefused
 from asyncgen.cli.launcher import launch
 from asyncgen.denoisers import split_denoiser
 from asyncgen.evaluation import support_matrix
@@ -173,7 +173,8 @@ def test_data_dependent_forwards_without_weights_are_refused_with_the_reason(nam
 
     with init_empty_weights():  # a config-only description: nothing to run for real
         model = getattr(diffusers, name)(**tiny_models.TRANSFORMER_CONFIGS[name])
-    with pytest.raises(TypeError, match=f"(^cannot build an example call of {name}.forward|^{name}: its forward cannot be traced on fake tensors)"):
+    # NeedsRealWeights: AsyncDiffPipeline.from_pretrained then loads whole instead of stage-only
+    with pytest.raises(NeedsRealWeights, match=f"(^cannot build an example call of {name}.forward|^{name}: its forward cannot be traced on fake tensors)"):
         split_denoiser(model)
 
 

@@ -58,6 +58,12 @@ def test_cfg_parallel_serial_matches_stock(pipeline_path, family, one_thread):
     support_matrix.record(_class_name(wrapped), cfg_parallel="yes (serial == stock, ≤ 1e-5)")
 
 
+# also loaded as `asyncgen generate --devices` loads: AsyncDiffPipeline.from_pretrained under the group (stage-only
+# reads; a decoder-only text encoder placed on one rank; Lumina2's value-reading forward cannot be split from its
+# config alone, so it loads whole and keeps its stage)
+FROM_PRETRAINED = [family for family in ("ovis_image", "lumina2") if family in FAMILIES]
+
+
 def _two_ranks(rank, world_size, paths):
     torch.set_num_threads(1)
     out = {}
@@ -65,6 +71,9 @@ def _two_ranks(rank, world_size, paths):
         # components="planned" (the default in a group): text encoders and the VAE run on one rank each
         wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, family), stages=2, warmup=1)
         out[family] = _run(wrapped, family)
+    for family in FROM_PRETRAINED:
+        out[f"{family} from_pretrained"] = _run(AsyncDiffPipeline.from_pretrained(paths[family], stages=2, warmup=1),
+                                                family)
     return out
 
 
@@ -79,5 +88,8 @@ def test_two_ranks_equal_the_serial_simulator(pipeline_path, one_thread):
         for rank, result in enumerate(per_rank):
             # received states are views into one flat buffer; alignment may change SIMD rounding
             np.testing.assert_allclose(result[family], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
+            if family in FROM_PRETRAINED:
+                np.testing.assert_allclose(result[f"{family} from_pretrained"], expected, atol=1e-5, rtol=0,
+                                           err_msg=f"{family} from_pretrained, rank {rank}")
         support_matrix.record(_class_name(serial), pipeline=tiny_models.TRANSFORMER_PIPELINES[family][1],
                               distributed="yes (pipeline, ≤ 1e-5)")
