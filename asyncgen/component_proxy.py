@@ -236,20 +236,13 @@ def resident_modules(component: nn.Module, placements: Sequence[Placement], rank
     return modules
 
 
-def _kept_buffers(component: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(module, name, tensor) of the buffers every rank keeps: all of the component's own and the persistent ones
-    of its submodules (statistics and constants, a few numbers each; rotary tables and position ids are
-    non-persistent and stay out)."""
-    kept = []
-    for module in component.modules():
-        for name, tensor in module._buffers.items():
-            if tensor is not None and (module is component or name not in module._non_persistent_buffers_set):
-                kept.append((module, name, tensor))
-    return kept
-
-
-def _own_buffers(component: nn.Module) -> list[torch.Tensor]:
-    return [tensor for _, _, tensor in _kept_buffers(component)]
+def _kept_buffers(component: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(module path, module, name, tensor) of the buffers every rank keeps: all of the component's own and the
+    persistent ones of its submodules (statistics and constants, a few numbers each; rotary tables and position
+    ids are non-persistent and stay out)."""
+    return [(prefix, module, name, tensor)
+            for prefix, module in component.named_modules() for name, tensor in module._buffers.items()
+            if tensor is not None and (module is component or name not in module._non_persistent_buffers_set)]
 
 
 def own_buffers(component: nn.Module) -> list[nn.Module]:
@@ -258,13 +251,12 @@ def own_buffers(component: nn.Module) -> list[nn.Module]:
     Every rank keeps them, running the component or not: pipelines read a few of them
     directly (LTX's ``vae.latents_mean``/``latents_std``, Flux.2's ``vae.bn.running_mean``/
     ``running_var``). The holder registers the same tensor objects, so loading into it loads
-    into the component.
+    into the component (a non-persistent buffer is in no weight file: it stays out).
     """
     holder = nn.Module()
-    for prefix, module in component.named_modules():
-        for name, tensor in module._buffers.items():
-            if tensor is not None and name not in module._non_persistent_buffers_set:
-                holder.register_buffer(f"{prefix}.{name}".replace(".", "_") if prefix else name, tensor)
+    for prefix, module, name, tensor in _kept_buffers(component):
+        if name not in module._non_persistent_buffers_set:
+            holder.register_buffer(f"{prefix}.{name}".replace(".", "_") if prefix else name, tensor)
     return [holder] if holder._buffers else []
 
 
@@ -277,7 +269,7 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     ``self.vae.bn.running_mean``), and they are a few numbers.
     """
     kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
-    kept |= {id(t) for t in _own_buffers(component)}
+    kept |= {id(t) for _, _, _, t in _kept_buffers(component)}
     replaced: dict[int, torch.Tensor] = {}
     freed = 0
     for module in component.modules():
@@ -369,7 +361,7 @@ class ComponentProxy(nn.Module):
         # the kept buffers (its own, its submodules' persistent ones) stay on every rank (see release_weights):
         # move them here when the resident modules do not hold them
         held = {id(t) for t in self.resident.buffers()}
-        for module, name, tensor in _kept_buffers(self._component):
+        for _, module, name, tensor in _kept_buffers(self._component):
             if id(tensor) not in held and tensor.device.type != "meta":
                 to_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
                 module._buffers[name] = tensor.to(device=device, dtype=to_dtype)

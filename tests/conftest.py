@@ -88,27 +88,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def video_path(model_dir):
-    """``video_path(family)``: the tiny video pipeline of ``family`` (tiny_models.VIDEO_FAMILIES), built on first use."""
+def _built_on_first_use(build, folder: Path):
     built = {}
 
     def path(family: str) -> Path:
         if family not in built:
-            built[family] = tiny_models.build_video(model_dir / "video", family)
+            built[family] = build(folder, family)
         return built[family]
 
     return path
+
+
+@pytest.fixture(scope="session")
+def video_path(model_dir):
+    """``video_path(family)``: the tiny video pipeline of ``family`` (tiny_models.VIDEO_FAMILIES), built on first use."""
+    return _built_on_first_use(tiny_models.build_video, model_dir / "video")
 
 
 @pytest.fixture(scope="session")
 def pipeline_path(model_dir):
     """``pipeline_path(family)``: the tiny pipeline of ``family`` (tiny_models.TRANSFORMER_PIPELINES), built on first use."""
-    built = {}
-
-    def path(family: str) -> Path:
-        if family not in built:
-            built[family] = tiny_models.build_pipeline(model_dir / "pipelines", family)
-        return built[family]
-
-    return path
+    return _built_on_first_use(tiny_models.build_pipeline, model_dir / "pipelines")
