@@ -91,6 +91,8 @@ def test_a_size_the_model_cannot_take_names_it(sd_path, capsys):
 
 
 def test_bench_memory_helpers_measure_host_peaks_and_resident_parameters(sd_path):
+    import mmap
+
     import torch
 
     import tiny_models
@@ -98,9 +100,13 @@ def test_bench_memory_helpers_measure_host_peaks_and_resident_parameters(sd_path
 
     host = HostMemory()
     host.start()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    # 64 MiB of fresh anonymous pages, written so they are resident. Not a torch tensor:
+    # after earlier tests in this worker, malloc may serve 64 MiB from a freed chunk whose
+    # pages are still resident, and the process would not grow at all (seen in CI).
+    block = mmap.mmap(-1, 64 * 2**20)
+    torch.frombuffer(block, dtype=torch.uint8).fill_(1)
     grown = host.peak_growth()
-    del block
+    block.close()
     assert host.reset and 64 * 2**20 <= grown < 96 * 2**20
     pipe = tiny_models.load(sd_path)
     full = sum(p.numel() * 4 for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
