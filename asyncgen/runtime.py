@@ -69,7 +69,7 @@ class _Pending:
         self.work, self.buffer, self.layout = work, buffer, layout
 
 
-class _ComputeTimer:
+class ComputeTimer:
     """Compute time of this rank's stage without making the host wait for the GPU.
 
     CUDA work is bracketed by events whose elapsed times are read only when someone asks
@@ -131,7 +131,7 @@ class DistributedRuntime:
         self.state_group = part_groups[self.part]
         self.prediction_group = dist.new_group(members, timeout=ctx.timeout, use_local_synchronization=True)
         ctx.subgroups += [g for g in (*part_groups, self.prediction_group) if isinstance(g, dist.ProcessGroup)]
-        self._timer = _ComputeTimer()
+        self._timer = ComputeTimer()
         # both groups inherit one backend; where it cannot move this rank's tensors they are staged
         backend = dist.get_backend(self.prediction_group)
         self._wire = p2p_device(backend, self.device)

@@ -306,6 +306,8 @@ def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path, capsys
     assert [r["config"] for r in result["rows"]] == ["one stage", "AsyncDiff N=2 S=1 W=1"]
     for row in result["rows"]:
         assert row["speedup"] > 0 and row["async_s"] > 0 and 0 < row["clip_score"] <= 100
+        # the stock call's denoiser time is part of it: text encoding and decoding are the rest
+        assert 0 < row["stock_denoiser_s"] < row["stock_s"] and row["compute_bound_speedup"] > 0
         assert len(row["resident_parameter_mb"]) == row["devices"]
     # one stage reproduces the stock pipeline exactly; two stages hold the weights between them
     assert result["rows"][0]["psnr_db"] == "inf"
@@ -315,6 +317,17 @@ def test_bench_two_configurations_writes_json_markdown_and_plot(tmp_path, capsys
     assert "| stock pipeline |" in table and "AsyncDiff N=2 S=1 W=1" in table
     with Image.open(tmp_path / "bench" / "results.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 400
+
+
+def test_bench_ceiling_keeps_the_work_outside_the_denoiser_serial():
+    from asyncgen.evaluation.bench_asyncdiff import compute_bound_speedup
+
+    # 10 s stock, 9 s of it in 10 denoising steps: 1 s serial + 2 exact steps (0.9 s each) + 8 steps at 0.45 s
+    assert compute_bound_speedup(10.0, 9.0, 10, 2, 1, 0.45) == pytest.approx(10.0 / 6.4)
+    # stride 2: the 8 asynchronous steps take 4 rounds
+    assert compute_bound_speedup(10.0, 9.0, 10, 2, 2, 0.45) == pytest.approx(10.0 / 4.6)
+    # nothing outside the denoiser, no warm-up, stages at half a step: 2x
+    assert compute_bound_speedup(10.0, 10.0, 10, 0, 1, 0.5) == pytest.approx(2.0)
 
 
 def test_generate_highres_on_two_devices_matches_one(tmp_path, capsys):
