@@ -348,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "32x32 images (real pictures, so quality numbers mean something; too small for large "
                         "speedups); unet = random-weight SD UNet with block_out_channels (64,128,256,256), 64x64 "
                         "images (speed); sd3 = random-weight SD3 transformer, 8 joint blocks of width 384, 128x128 "
-                        "images; wan = random-weight Wan-architecture video transformer, 8 blocks of width 384, 9 frames of 128x128 "
+                        "images; wan = random-weight Wan-architecture video transformer, 8 blocks of width 384, 9 frames of 192x192 "
                         "(CFG as two passes per step; no CLIP score) (default: %(default)s)")
     parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
                         "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
@@ -362,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "captions of the built-in shapes prompt set (default: %(default)s)")
     add_sampling_arguments(parser, steps_help="25 for miniature, 50 otherwise",
                            guidance_help="4.0 for miniature, 7.5 otherwise; > 1 doubles the batch",
-                           size_help="32 for miniature, 64 for unet, 128 for sd3, the pipeline's own for --model")
+                           size_help="32 for miniature, 64 for unet, 128 for sd3, 192 for wan, the pipeline's own for --model")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the prompts per configuration, "
                         "median reported (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: one thread per process; "
@@ -494,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
     if video and args.clip == "miniature":
         args.clip = "none"  # CLIP scores images; the fidelity numbers cover the video
     if args.model is None:
-        args.height = args.height or {"sd3": 128, "wan": 128, "miniature": 32}.get(args.family, 64)
+        args.height = args.height or {"sd3": 128, "wan": 192, "miniature": 32}.get(args.family, 64)
     args.width = args.width or args.height
     configs, prompts = _configs(args), _prompts(args)
     oversubscribed = [config_name(c) for c in configs if args.device == "cpu" and world_size_of(c) > available_cores()]

@@ -200,8 +200,8 @@ def save_bench_wan_pipeline(folder: Path, seed: int = 0) -> Path:
     """The video benchmark's ``WanPipeline``: a Wan-architecture transformer, 8 blocks of width 384 (about 24M
     parameters), and a small Wan VAE (time compressed by 4, space by 8).
 
-    9 frames of 128x128 are 3 latent frames of 16x16; with 1x2x2 patches that is 192 video tokens per sample, so
-    one CPU thread spends tens of milliseconds per block and compute dominates communication.
+    The benchmark's 9 frames of 192x192 are 3 latent frames of 24x24; with 1x2x2 patches that is 432 video tokens
+    per sample, so one CPU thread spends about 50 ms per block and compute dominates communication and the per-pass bookkeeping.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
