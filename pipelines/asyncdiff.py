@@ -536,17 +536,24 @@ class AsyncDiffPipeline(PipelineWrapper):
         return plan
 
     def stage_info(self) -> dict[str, Any]:
-        """What this rank holds and has computed: stage, units, parameter bytes, compute time."""
+        """What this rank holds and has computed: stage, units, parameter bytes, compute time.
+
+        ``resident_parameter_bytes`` counts every staged denoiser this rank holds a stage of
+        (Wan 2.2: both experts); ``expert_stage_units`` gives a second expert's own cuts.
+        Compute time and calls are the first denoiser's first pass (lane).
+        """
         executor = self.denoiser.executor
         local = self.ctx.rank % self.topology.world_size
         mine = self.topology.stage_of(local) if self.ctx.distributed else None
+        held = {id(p): p for proxy in self._proxies() for p in proxy.parameters()}  # a shared tensor once
         return {
             "rank": self.ctx.rank,
             "world_size": self.ctx.world_size,
             "stage": mine,
             "cfg_part": getattr(executor, "part", None),
             "stage_units": [s.names for s in self.stages],
-            "resident_parameter_bytes": sum(p.numel() * p.element_size() for p in self.denoiser.parameters()),
+            "expert_stage_units": {name: [s.names for s in stages] for name, stages in self.expert_stages.items()},
+            "resident_parameter_bytes": sum(p.numel() * p.element_size() for p in held.values()),
             "compute_seconds": getattr(executor, "compute_seconds", None),
             "compute_calls": getattr(executor, "compute_calls", None),
         }

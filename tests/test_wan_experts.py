@@ -54,12 +54,14 @@ def _lean_two_ranks(rank, world_size, path):
     torch.set_num_threads(1)
     wrapped = AsyncDiffPipeline.from_pretrained(path, stages=2, warmup=1)
     wrapped.set_progress_bar_config(disable=True)
-    out = {"frames": _frames(wrapped)}
+    out = {"frames": _frames(wrapped), "info": wrapped.stage_info()}
     for name in EXPERTS:
         proxy = getattr(wrapped.pipeline, name)
         held = {k for k, v in proxy.denoiser.state_dict().items() if not v.is_meta}
         out[name] = dict(read=set(wrapped.load_reports[name].tensors), held=held,
-                         all=set(proxy.denoiser.state_dict()))
+                         all=set(proxy.denoiser.state_dict()),
+                         held_bytes=sum(p.numel() * p.element_size() for p in proxy.denoiser.parameters()
+                                        if not p.is_meta))
     return out
 
 
@@ -83,3 +85,9 @@ def test_two_ranks_lean_load_reads_their_stage_of_both_experts(pipeline_path, on
             assert mine["read"] == mine["held"] < mine["all"]  # read what it runs, nothing else, not everything
         assert first["read"] | second["read"] == first["all"]  # together the two ranks read the whole expert
         assert first["read"] - second["read"] and second["read"] - first["read"]  # a stage of its own on each
+    for rank, result in enumerate(per_rank):
+        # what a rank reports holding is its stage of both experts
+        info = result["info"]
+        assert info["resident_parameter_bytes"] == sum(result[name]["held_bytes"] for name in EXPERTS)
+        units = info["expert_stage_units"]["transformer_2"]
+        assert len(units) == 2 and info["stage"] == rank
