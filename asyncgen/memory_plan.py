@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -498,7 +498,8 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
 def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], topology: Topology,
                   cfg_parts: int = 1, dtype: torch.dtype | None = None, latent_size: tuple[int, int] | None = None,
                   batch: int = 2, replicated: dict[str, nn.Module] | None = None, split_encoders: bool = True,
-                  estimate_activations: bool = True, placements: Sequence[Placement] | None = None) -> MemoryPlan:
+                  estimate_activations: bool = True, placements: Sequence[Placement] | None = None,
+                  experts: Sequence[tuple[str, Any, Sequence[int]]] = ()) -> MemoryPlan:
     """The memory plan of a pipeline whose modules may live on the meta device.
 
     ``split``/``cuts`` are the denoiser's split and its compute-balanced cut points (as the
@@ -508,7 +509,11 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
     are estimated at ``latent_size`` (the denoiser's input height and width, None: its
     native size) for the denoiser batch ``batch`` (2 with classifier-free guidance, 1
     without), halved on each rank when ``cfg_parts == 2``. ``placements`` (optional) are
-    reported instead of searched for.
+    reported instead of searched for. ``experts`` are ``(name, split, cuts)`` of further
+    denoisers the pipeline switches to during a call (Wan 2.2's ``transformer_2``), staged
+    in as many stages: each rank holds its stage of each, so the components are placed
+    around those bytes too (reported under the expert's name); the experts take turns, so
+    the first denoiser's activation estimate stands for all.
     """
     if estimate_activations:
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
@@ -529,6 +534,13 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
     if copies:  # kept whole by every rank: part of the denoiser side of every rank's base
         size = DenoiserSize(size.stage_units, size.stage_bytes, size.shared_bytes + sum(copies.values()),
                             size.stage_activation_bytes, size.full_activation_bytes)
+    expert_sizes = {name: denoiser_size(expert_split, expert_cuts, dtype) for name, expert_split, expert_cuts in experts}
+    for name, expert in expert_sizes.items():
+        if len(expert.stage_bytes) != len(size.stage_bytes):
+            raise ValueError(f"{name}: {len(expert.stage_bytes)} stages for a denoiser of {len(size.stage_bytes)}")
+        size = DenoiserSize(size.stage_units, tuple(b + e for b, e in zip(size.stage_bytes, expert.stage_bytes)),
+                            size.shared_bytes + expert.shared_bytes, size.stage_activation_bytes,
+                            size.full_activation_bytes)
     notes = {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
              "latent_size": list(latent_size) if latent_size is not None else None,
              "batch_per_rank": max(1, batch // cfg_parts), "stages": topology.stages, "stride": topology.stride,
@@ -540,4 +552,9 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
         for rank in plan.ranks:
             rank.parameter_bytes["denoiser"] -= sum(copies.values())
             rank.parameter_bytes.update(copies)
+    for name, expert in expert_sizes.items():  # and each expert's stage under the expert's name
+        for rank in plan.ranks:
+            held = expert.shared_bytes + expert.stage_bytes[rank.stage]
+            rank.parameter_bytes["denoiser"] -= held
+            rank.parameter_bytes[name] = held
     return plan

@@ -111,14 +111,17 @@ def _check_world_size(ctx: DistContext, topology: Topology, cfg_parallel: bool) 
 
 
 def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str, nn.Module], topology: Topology,
-                     cfg_parts: int, replicated: dict[str, nn.Module] | None = None) -> list[Placement]:
+                     cfg_parts: int, replicated: dict[str, nn.Module] | None = None,
+                     experts: Sequence[tuple[str, DenoiserSplit, Sequence[int]]] = ()) -> list[Placement]:
     """Where ``components="planned"`` runs each text encoder and the VAE: the planner's placements.
 
-    A deterministic function of the configs and the cuts, so every rank computes the same.
+    A deterministic function of the configs and the cuts, so every rank computes the same;
+    ``experts`` (Wan 2.2's second denoiser: name, split, cuts) count with their stages.
     """
     from asyncgen.memory_plan import plan_pipeline
 
-    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, _denoiser_batch(split), replicated)
+    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, _denoiser_batch(split), replicated,
+                         experts=experts)
     return [p for rank in plan.ranks for p in rank.placements]
 
 
@@ -156,8 +159,10 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         if components == "replicated":
             return reads
         placed = {n: m for n, m in empty.items() if n in PLACEABLE_COMPONENTS}
+        experts = [(name, splits[name], chosen[name]) for name in splits if name != attribute]
         placements.extend(components if isinstance(components, (list, tuple)) else
-                          _plan_placements(denoiser_split, chosen[attribute], placed, topology, cfg_parts))
+                          _plan_placements(denoiser_split, chosen[attribute], placed, topology, cfg_parts,
+                                           experts=experts))
         for name, module in placed.items():
             if not any(p.component == name for p in placements):
                 continue  # not placed: replicated, read whole
@@ -480,7 +485,11 @@ class AsyncDiffPipeline(PipelineWrapper):
 
     def _planned_placements(self) -> list:
         placed, replicated = self._components_by_role()
-        return _plan_placements(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, replicated)
+        return _plan_placements(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, replicated,
+                                self._expert_cuts())
+
+    def _expert_cuts(self) -> list[tuple[str, DenoiserSplit, list[int]]]:
+        return [(name, self.experts[name].split, self._cuts(stages)) for name, stages in self.expert_stages.items()]
 
     def _components_by_role(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         """The pipeline's modules besides the denoiser: those a plan places (text encoders, the VAE) and the rest
@@ -511,7 +520,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         ``height`` x ``width`` pixels (default: the denoiser's native size). Components other
         than the text encoders and the VAE (a ControlNet, an image encoder) count on every rank.
         """
-        from asyncgen.memory_plan import denoiser_size, plan_pipeline
+        from asyncgen.memory_plan import plan_pipeline
 
         placed, replicated = self._components_by_role()
         world = self.cfg_parts * self.topology.world_size
@@ -524,16 +533,9 @@ class AsyncDiffPipeline(PipelineWrapper):
             placements = [Placement(n, r) for n in placed for r in range(world)]
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
-        plan = plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
-                             _denoiser_batch(self.denoiser.split), replicated, split_encoders, placements=placements)
-        # Wan 2.2's second expert: each rank also holds its stage of it (its activations are not added: the experts
-        # take turns, so the first expert's estimate stands for both); placements were planned without it
-        for name, stages in self.expert_stages.items():
-            size = denoiser_size(self.experts[name].split, self._cuts(stages))
-            for rank in plan.ranks:
-                rank.parameter_bytes[name] = size.shared_bytes + size.stage_bytes[rank.stage]
-            plan.full_pipeline_bytes += size.shared_bytes + sum(size.stage_bytes)
-        return plan
+        return plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
+                             _denoiser_batch(self.denoiser.split), replicated, split_encoders, placements=placements,
+                             experts=self._expert_cuts())
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time.

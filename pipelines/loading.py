@@ -226,24 +226,35 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
                          "its pipeline makes no unconditional pass to split off; plan without --cfg-parallel")
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
-    split = split_denoiser(denoiser)
-    if stages > len(split.units):
-        raise ValueError(f"stages={stages} is more than the {len(split.units)} units a {facts.denoiser_class} of "
-                         f"this configuration splits into; choose stages between 1 and {len(split.units)}")
-    if stages == 1:
-        cuts = [0, len(split.units)]
-    else:
+    def split_and_cut(denoiser):
+        split = split_denoiser(denoiser)
+        if stages > len(split.units):
+            raise ValueError(f"stages={stages} is more than the {len(split.units)} units a "
+                             f"{type(denoiser).__name__} of this configuration splits into; choose stages between 1 "
+                             f"and {len(split.units)}")
+        if stages == 1:
+            return split, [0, len(split.units)]
         # estimate_unit_costs costs meta weights as the loaded model's (the cuts the wrapper will choose)
-        cuts = balanced_cuts(estimate_unit_costs(split), stages)
+        return split, balanced_cuts(estimate_unit_costs(split), stages)
+
+    split, cuts = split_and_cut(denoiser)
+    # Wan 2.2's second expert: staged like the first (cuts of its own), each rank holds its stage of it
+    experts = []
+    for name in [n for n in EXPERT_COMPONENTS if n in modules]:
+        expert = modules.pop(name)
+        if dtype is not None:
+            torch.nn.Module.to(expert, dtype)
+        experts.append((name, *split_and_cut(expert)))
     vae_factor = facts.native_height // _native_latent(denoiser)
     latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
     batch = 1 if getattr(denoiser.config, "guidance_embeds", False) else 2  # guidance-distilled: no CFG batch
     placed = {n: m for n, m in modules.items() if n in PLACED_COMPONENTS}
     replicated = {n: m for n, m in modules.items() if n not in PLACED_COMPONENTS}
     plan = plan_pipeline(split, cuts, placed, topology, 2 if cfg_parallel else 1, dtype, latent, batch,
-                         replicated, split_encoders, estimate_activations)
+                         replicated, split_encoders, estimate_activations, experts=experts)
     plan.notes.update(model=str(model), height=latent[0] * vae_factor, width=latent[1] * vae_factor,
-                      denoiser=facts.denoiser_class, cuts=list(cuts))
+                      denoiser=facts.denoiser_class, cuts=list(cuts),
+                      **{f"{name}_cuts": list(expert_cuts) for name, _, expert_cuts in experts})
     return plan
 
 

@@ -91,3 +91,28 @@ def test_two_ranks_lean_load_reads_their_stage_of_both_experts(pipeline_path, on
         assert info["resident_parameter_bytes"] == sum(result[name]["held_bytes"] for name in EXPERTS)
         units = info["expert_stage_units"]["transformer_2"]
         assert len(units) == 2 and info["stage"] == rank
+
+
+def test_memory_plan_counts_each_ranks_stage_of_both_experts(pipeline_path, one_thread):
+    from asyncgen.pipelines.loading import plan_from_configs
+
+    path = str(pipeline_path(FAMILY))
+    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=1)
+    from_configs = plan_from_configs(path, stages=2, estimate_activations=False)
+    loaded = wrapped.memory_plan()
+    pipe = wrapped.pipeline
+    for plan in (from_configs, loaded):
+        assert "transformer_2" not in plan.notes.get("replicated", {})  # staged, not kept whole by every rank
+        for rank, stages in zip(plan.ranks, zip(wrapped.stages, wrapped.expert_stages["transformer_2"])):
+            # the shared modules (embeddings, output) on every rank, and this rank's blocks of each expert
+            for name, stage in zip(EXPERTS, stages):
+                split = getattr(pipe, name).split
+                expected = sum(p.numel() * p.element_size() for m in split.shared_modules() + stage.modules()
+                               for p in dict.fromkeys(m.parameters()))
+                key = "denoiser" if name == "transformer" else name
+                assert rank.parameter_bytes[key] == expected, (name, rank.rank)
+        every = {id(p): p for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()}
+        every.update({id(p): p for name in EXPERTS for p in getattr(pipe, name).denoiser.parameters()})
+        assert plan.full_pipeline_bytes == sum(p.numel() * p.element_size() for p in every.values())
+    assert [r.parameter_bytes for r in from_configs.ranks] == [r.parameter_bytes for r in loaded.ranks]
+    assert from_configs.notes["transformer_2_cuts"] == wrapped._cuts(wrapped.expert_stages["transformer_2"])
