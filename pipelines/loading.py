@@ -226,6 +226,7 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
                          "its pipeline makes no unconditional pass to split off; plan without --cfg-parallel")
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
+
     def split_and_cut(denoiser):
         split = split_denoiser(denoiser)
         if stages > len(split.units):
