@@ -217,7 +217,7 @@ def _build_passthrough(spec, inputs: dict[str, Any]):
 
 def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockTrace:
     """Find ``model``'s block lists and the boundary state at each block, from one fake forward."""
-    from .split import run_on_shapes
+    from .split import run_on_shapes, value_read_errors
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     member = {id(child): (name, i) for name, m in lists for i, child in enumerate(m)}
@@ -264,10 +264,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         try:  # fake tensors (a partly loaded model, one rank's stage, mixes meta and real), or real ones if it must
             output, sample = run_on_shapes(model, inputs, sample_argument, traced)
         except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values, weights on meta
-            from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-            refusal = NeedsRealWeights if isinstance(exc, (DataDependentOutputException,
-                                                          DynamicOutputShapeException)) else SplitRefused
+            refusal = NeedsRealWeights if isinstance(exc, value_read_errors()) else SplitRefused
             raise refusal(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output

@@ -117,9 +117,9 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     ``height``/``width`` are latent sizes; the default is small (4 patches a side), which
     is all tracing and verification need and still ranks the blocks' costs correctly.
     """
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .split import _fake_nested, clear_method_caches, fake_device, meta_weights_as_fake
+    from .split import _fake_nested, clear_method_caches, fake_device, meta_weights_as_fake, value_read_errors
 
     param = next(model.parameters())
     device = param.device
@@ -167,7 +167,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                     with torch.no_grad():
                         model(**inputs, return_dict=False)
             except Exception as exc:  # noqa: BLE001 - any failure means: not this layout
-                if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException)) and not reads_values:
+                if isinstance(exc, value_read_errors()) and not reads_values:
                     reads_values = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 mask = f" ({str(mask_dtype).removeprefix('torch.')} mask)" if len(mask_dtypes) > 1 else ""
                 errors.append(f"{layout} {tuple(shape)}{mask}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

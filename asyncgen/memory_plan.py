@@ -516,13 +516,13 @@ def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], 
     the first denoiser's activation estimate stands for all.
     """
     if estimate_activations:
-        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+        from .split import value_read_errors
 
         height, width = latent_size if latent_size is not None else (None, None)
         inputs = split.example_inputs(max(1, batch // cfg_parts), height, width)
         try:
             size = denoiser_size(split, cuts, dtype, inputs)
-        except (DataDependentOutputException, DynamicOutputShapeException):
+        except value_read_errors():
             # a forward that reads tensor values (Lumina2, Mochi) runs only for real, and weights on meta (a
             # config-only plan, a rank holding its stage only) cannot: the plan goes without activations
             estimate_activations = False

@@ -226,6 +226,14 @@ def clear_method_caches(model: nn.Module) -> None:
                         candidate.cache_clear()
 
 
+def value_read_errors() -> tuple[type[Exception], ...]:
+    """What a ``FakeTensorMode`` run raises where the forward reads tensor values in Python
+    (``.tolist()``, ``nonzero``): such a forward runs on real tensors only."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    return DataDependentOutputException, DynamicOutputShapeException
+
+
 def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Callable[[dict], Any]) -> Any:
     """``fn(inputs)`` under ``FakeTensorMode``, every input faked and meta weights as fakes (no arithmetic).
 
@@ -235,14 +243,14 @@ def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Call
     blocks called and what feeds them, FLOPs, bytes) depends on shapes, not on values, so
     both runs give the same answer. ``fn`` may therefore run twice: it must start afresh.
     """
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = fake_device(inputs[sample_argument])
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
                 meta_weights_as_fake(model, fake_mode, device):
             return fn({k: _fake_nested(fake_mode, v, device) for k, v in inputs.items()})
-    except (DataDependentOutputException, DynamicOutputShapeException):
+    except value_read_errors():
         tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
             raise  # no weights (or inputs) to run for real

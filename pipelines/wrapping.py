@@ -10,10 +10,12 @@ def check_not_wrapped(pipeline, wrapper_name: str) -> None:
     """Refuse a wrapper or an already wrapped pipeline with a message that says so."""
     from asyncgen.proxy import StagedDenoiser
 
+    from .loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
+
     if isinstance(pipeline, PipelineWrapper):
         raise TypeError(f"{wrapper_name} was given an {type(pipeline).__name__}, which is already a wrapper; wrap the "
                         f"diffusers pipeline itself (its .pipeline)")
-    if any(isinstance(getattr(pipeline, name, None), StagedDenoiser) for name in ("unet", "transformer", "transformer_2")):
+    if any(isinstance(getattr(pipeline, name, None), StagedDenoiser) for name in DENOISER_COMPONENTS + EXPERT_COMPONENTS):
         raise TypeError(f"this {type(pipeline).__name__} is already wrapped by AsyncDiffPipeline (its denoiser is a "
                         f"StagedDenoiser); {wrapper_name} needs the original pipeline, so wrap a fresh one")
 
