@@ -3,9 +3,14 @@
     python -m asyncgen.evaluation.bench_peer_asyncdiff --peer PATH [--steps 50] [--repeats 5] [--out DIR] [--quick]
 
 ``PATH`` is a checkout of the original AsyncDiff: the folder holding its ``asyncdiff``
-package (on CPU, patched for gloo as ``shared/peers/asyncdiff`` is). The peer is
+package. To run on CPU it must be patched to create its process group with gloo and to
+leave the pipeline on the CPU (it uses NCCL and ``cuda:RANK`` as published). The peer is
 imported only inside this benchmark's worker processes, from ``PATH`` put on their
-``sys.path``; nothing in asyncgen imports or copies it.
+``sys.path``; nothing in asyncgen imports or copies it. What the benchmark uses of it is
+``asyncdiff.async_sd.AsyncDiff(pipeline, model_n, stride, warm_up, time_shift)``, which
+creates the default process group itself from the launcher's environment, and its
+``reset_state(warm_up)``; the tests run it against a stand-in with that interface
+(``tests/fixtures/stand_in_asyncdiff.py``).
 
 All three run the same model (``asyncgen bench --family unet``'s random-weight SD-architecture
 UNet, 64x64 images), prompt, seed, step count and warm-up, two ranks each for the two
