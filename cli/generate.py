@@ -276,7 +276,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     else:
         stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
         if stages > 1 and facts.splittable_units is None:
-            from asyncgen.denoisers import supported_denoisers
+            from asyncgen.split.registry import supported_denoisers
 
             raise UsageError(f"--stages {stages}: asyncgen cannot split a {facts.denoiser_class}; it splits "
                              f"{', '.join(supported_denoisers())} (use --stages 1, or --cfg-parallel alone)")

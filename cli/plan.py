@@ -6,7 +6,7 @@
 Only ``model_index.json`` and each component's ``config.json`` are read (a hub model
 needs no weight download): every component is built on the meta device, the denoiser
 is cut where ``asyncgen generate`` would cut it, and the planner
-(:mod:`asyncgen.memory_plan`) places the text encoders and the VAE on the ranks.
+(:mod:`asyncgen.placement.planner`) places the text encoders and the VAE on the ranks.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from asyncgen.memory_plan import PlanDoesNotFit, check_fits
+    from asyncgen.placement.planner import PlanDoesNotFit, check_fits
     from asyncgen.pipelines.loading import plan_from_configs
     from asyncgen.pipelines.miniature import MINIATURE_SD_PATH
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_plan(plan) -> str:
     """The plan as a text table, then the full-copy comparison."""
-    from asyncgen.memory_plan import format_bytes
+    from asyncgen.placement.planner import format_bytes
 
     notes = plan.notes
     rows = [("rank", "stage", "stage units", "components", "parameters", "activations*", "total")]

@@ -33,8 +33,8 @@ import numpy as np
 from asyncgen.cli.launcher import launch
 from asyncgen.cli.options import (DTYPES, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
                                   positive_int)
-from asyncgen.proxy import default_warmup
-from asyncgen.schedule import AsyncSchedule, Topology
+from asyncgen.runtime.staged_denoiser import default_warmup
+from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
 
 from .fidelity import psnr, ssim
 from .reporting import markdown_table, write_atomic, write_json
@@ -111,7 +111,7 @@ class DenoiserClock:
     def __init__(self, pipeline, device):
         import torch
         from asyncgen.pipelines.loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
-        from asyncgen.runtime import ComputeTimer
+        from asyncgen.cost.timing import ComputeTimer
 
         self.device, self.timer, self._started = torch.device(device), ComputeTimer(), []
         for name in DENOISER_COMPONENTS + EXPERT_COMPONENTS:
@@ -162,7 +162,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     """
     import torch
     import torch.distributed as dist
-    from asyncgen.distributed import default_backend
+    from asyncgen.comm.group import default_backend
     from asyncgen.pipelines import AsyncDiffPipeline
 
     if not dist.is_initialized():  # also with one process: the wrapper then runs its distributed runtime

@@ -51,8 +51,10 @@ from typing import Any, Callable
 
 import torch
 
-from asyncgen.boundary import BoundaryLayout, pack, unpack
-from asyncgen.split import DenoiserSplit, Stage, balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs
+from asyncgen.split.boundary import BoundaryLayout, pack, unpack
+from asyncgen.split.units import DenoiserSplit, Stage, make_stages
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
 
 from .reporting import markdown_table, write_atomic, write_json
 
@@ -68,7 +70,7 @@ def have_diffusers() -> bool:
 
 
 def split_denoiser(denoiser):
-    from asyncgen.denoisers import split_denoiser as split  # imports diffusers
+    from asyncgen.split.registry import split_denoiser as split
 
     return split(denoiser)
 

@@ -61,10 +61,10 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
     """
     import torch
 
-    from asyncgen.runtime import DistributedRuntime
-    from asyncgen.schedule import AsyncSchedule, Topology
-    from asyncgen.simulator import SerialSimulator
-    from asyncgen.split import make_stages
+    from asyncgen.runtime.asyncdiff import DistributedRuntime
+    from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
+    from asyncgen.schedules.simulator import SerialSimulator
+    from asyncgen.split.units import make_stages
 
     n = len(split.units)
     cuts = [round(k * n / stages) for k in range(stages + 1)]

@@ -41,7 +41,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _modules_of(target) -> list[nn.Module]:
     """The models inside a pipeline, an AsyncDiffPipeline, a staged denoiser or a module."""
-    from asyncgen.proxy import StagedDenoiser
+    from asyncgen.runtime.staged_denoiser import StagedDenoiser
 
     def whole(module: nn.Module) -> nn.Module:
         # a staged denoiser registers only the resident modules: act on the whole model

@@ -5,7 +5,7 @@ latent (each one the whole picture at the native resolution), mixing them by pix
 interaction and pulling them towards the key patch where the prompt's words attend
 (structure guidance); then the patches are relocated into the large latent and a detail
 phase denoises overlapping native-size windows whose predictions are averaged. Patches
-and windows are spread over the ranks; the maths is in :mod:`asyncgen.asg_maths`.
+and windows are spread over the ranks; the maths is in :mod:`asyncgen.schedules.asg_maths`.
 
 Choices the paper leaves open, and why (the measurements behind them are in
 ``docs/benchmarks.md``, section ASG):
@@ -53,9 +53,11 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from asyncgen import asg_maths
-from asyncgen.attention_maps import AttentionMapStore, cross_attention_layers, record_attention_maps
-from asyncgen.distributed import DistContext, publish_error, remote_error, resolve_context, shared_randomness
+from asyncgen.schedules import asg_maths
+from asyncgen.schedules.asg_attention import AttentionMapStore, cross_attention_layers, record_attention_maps
+from asyncgen.comm.context import DistContext
+from asyncgen.comm.group import resolve_context, shared_randomness
+from asyncgen.comm.failure import publish_error, remote_error
 
 from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
 

@@ -10,22 +10,22 @@ import torch.distributed as dist
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen.component_proxy import PLACEABLE_COMPONENTS, place_components
-from asyncgen.memory_plan import Placement
-from asyncgen.distributed import DistContext, control_device, publish_error, resolve_context, shared_randomness
-from asyncgen.proxy import StagedDenoiser
-from asyncgen.runtime import DistributedRuntime
-from asyncgen.schedule import Topology
-from asyncgen.simulator import CfgSerialSimulator, SerialSimulator
-from asyncgen.split import (
-    DenoiserSplit,
-    balanced_cuts,
-    estimate_unit_costs,
-    make_stages,
-    measure_unit_costs,
-)
-from asyncgen.block_split import NeedsRealWeights
-from asyncgen.denoisers import split_denoiser
+from asyncgen.placement.proxies import PLACEABLE_COMPONENTS
+from asyncgen.placement.components import place_components
+from asyncgen.placement.planner import Placement
+from asyncgen.comm.context import DistContext
+from asyncgen.comm.group import resolve_context, shared_randomness
+from asyncgen.comm.p2p import control_device
+from asyncgen.comm.failure import publish_error
+from asyncgen.runtime.staged_denoiser import StagedDenoiser
+from asyncgen.runtime.asyncdiff import DistributedRuntime
+from asyncgen.schedules.asyncdiff import Topology
+from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
+from asyncgen.split.units import DenoiserSplit, make_stages
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+from asyncgen.split.transformer.trace import NeedsRealWeights
+from asyncgen.split.registry import split_denoiser
 
 from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
 from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
@@ -118,7 +118,7 @@ def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str
     A deterministic function of the configs and the cuts, so every rank computes the same;
     ``experts`` (Wan 2.2's second denoiser: name, split, cuts) count with their stages.
     """
-    from asyncgen.memory_plan import plan_pipeline
+    from asyncgen.placement.pipeline_plan import plan_pipeline
 
     plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, _denoiser_batch(split), replicated,
                          experts=experts)
@@ -139,7 +139,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     planned components the text encoders and the VAE are placed from their configs too, and
     this rank reads only the ones (or the layer ranges of them) it runs.
     """
-    from asyncgen.component_proxy import own_buffers, resident_modules
+    from asyncgen.placement.residency import own_buffers, resident_modules
 
     from .lean_loading import load_pipeline_partially
     from .loading import EXPERT_COMPONENTS
@@ -292,7 +292,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             weights (they stay on the meta device). ``"replicated"``: every rank keeps and runs
             them all. Outputs are the same either way. In one process (no group) this has no
             effect: the serial simulator runs everything there. A list of
-            ``asyncgen.memory_plan.Placement`` places them as it says (a component it does
+            ``asyncgen.placement.planner.Placement`` places them as it says (a component it does
             not name stays replicated).
     """
 
@@ -512,15 +512,15 @@ class AsyncDiffPipeline(PipelineWrapper):
     def memory_plan(self, height: int | None = None, width: int | None = None, split_encoders: bool = True):
         """What each rank holds: its stage, the components it runs, parameter and activation bytes.
 
-        Returns an :class:`asyncgen.memory_plan.MemoryPlan` for this wrapper's cuts and
+        Returns an :class:`asyncgen.placement.planner.MemoryPlan` for this wrapper's cuts and
         topology. In a process group with planned components it reports the placements
         in use; with replicated components every rank holds every component; in one
-        process it is the plan :mod:`asyncgen.memory_plan` makes for ``stages + stride - 1``
+        process it is the plan :mod:`asyncgen.placement.planner` makes for ``stages + stride - 1``
         ranks (times 2 with ``cfg_parallel``). Activations are estimated (not measured) at
         ``height`` x ``width`` pixels (default: the denoiser's native size). Components other
         than the text encoders and the VAE (a ControlNet, an image encoder) count on every rank.
         """
-        from asyncgen.memory_plan import plan_pipeline
+        from asyncgen.placement.pipeline_plan import plan_pipeline
 
         placed, replicated = self._components_by_role()
         world = self.cfg_parts * self.topology.world_size

@@ -30,7 +30,7 @@ import torch
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen.component_proxy import PLACEABLE_COMPONENTS
+from asyncgen.placement.proxies import PLACEABLE_COMPONENTS
 
 from .loading import PickleRefused, check_pipeline_location, load_pipeline
 

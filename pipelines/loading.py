@@ -123,7 +123,7 @@ def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
     config = model_class.load_config(model, subfolder=component)
     with torch.device("meta"):  # structure only: no memory, no weights read
         denoiser = model_class.from_config(config)
-    from asyncgen.denoisers import split_denoiser
+    from asyncgen.split.registry import split_denoiser
 
     try:
         units = len(split_denoiser(denoiser).units) if count_units else None
@@ -197,7 +197,7 @@ PLACED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bool = False, dtype=None,
                       height: int | None = None, width: int | None = None, split_encoders: bool = True,
                       estimate_activations: bool = True):
-    """The :class:`~asyncgen.memory_plan.MemoryPlan` of ``model`` from its configs alone (meta device).
+    """The :class:`~asyncgen.placement.planner.MemoryPlan` of ``model`` from its configs alone (meta device).
 
     The denoiser's cuts are the ones :class:`AsyncDiffPipeline` chooses with
     ``split="flops"``: the FLOP estimate of its units in ``dtype``. ``height``/``width``
@@ -206,10 +206,11 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     """
     import torch
 
-    from asyncgen.denoisers import split_denoiser
-    from asyncgen.memory_plan import plan_pipeline
-    from asyncgen.schedule import Topology
-    from asyncgen.split import balanced_cuts, estimate_unit_costs
+    from asyncgen.split.registry import split_denoiser
+    from asyncgen.placement.pipeline_plan import plan_pipeline
+    from asyncgen.schedules.asyncdiff import Topology
+    from asyncgen.cost.cuts import balanced_cuts
+    from asyncgen.cost.estimate import estimate_unit_costs
 
     topology = Topology(stages, stride)
     facts = describe_pipeline(model, count_units=False)  # the split below counts them

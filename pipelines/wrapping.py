@@ -8,7 +8,7 @@ from typing import Any
 
 def check_not_wrapped(pipeline, wrapper_name: str) -> None:
     """Refuse a wrapper or an already wrapped pipeline with a message that says so."""
-    from asyncgen.proxy import StagedDenoiser
+    from asyncgen.runtime.staged_denoiser import StagedDenoiser
 
     from .loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import tiny_models
-from asyncgen.boundary import BoundaryLayout, BoundaryState, pack, unpack
-from asyncgen.distributed import control_device, local_cuda_device, p2p_device
+from asyncgen.split.boundary import BoundaryLayout, BoundaryState, pack, unpack
+from asyncgen.comm.p2p import control_device, p2p_device
+from asyncgen.comm.group import local_cuda_device
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.pipelines.acceleration import compile_options, enable_attention, resolve_dtype
 from tiny_models import call_kwargs

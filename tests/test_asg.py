@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import tiny_models
-from asyncgen import asg_maths
-from asyncgen.attention_maps import AttentionMapStore, cross_attention_layers, record_attention_maps
+from asyncgen.schedules import asg_maths
+from asyncgen.schedules.asg_attention import AttentionMapStore, cross_attention_layers, record_attention_maps
 from asyncgen.pipelines import ASGPipeline
 from tiny_models import call_kwargs
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import tiny_models
-from asyncgen.denoisers import split_denoiser
+from asyncgen.split.registry import split_denoiser
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.proxy import default_warmup
+from asyncgen.runtime.staged_denoiser import default_warmup
 from tiny_models import call_kwargs
 
 

@@ -6,9 +6,9 @@ import torch
 
 import tiny_models
 from asyncgen.cli.launcher import launch
-from asyncgen.encoder_split import encoder_blocks, modules_for_layers, run_layers, split_call_arguments
+from asyncgen.split.text_encoder import encoder_blocks, modules_for_layers, run_layers, split_call_arguments
 from asyncgen.evaluation import random_models
-from asyncgen.memory_plan import Placement
+from asyncgen.placement.planner import Placement
 from asyncgen.pipelines import AsyncDiffPipeline
 from tiny_models import call_kwargs, dit_call_kwargs
 
@@ -99,7 +99,7 @@ def one_process_group():
     """A gloo group of this process alone: a proxy's wire needs a group, and world size 1 sends nothing."""
     import torch.distributed as dist
 
-    from asyncgen.distributed import resolve_context
+    from asyncgen.comm.group import resolve_context
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -115,7 +115,8 @@ def test_vae_proxy_keeps_signatures_and_own_buffers(one_process_group):
 
     from diffusers import AutoencoderKLLTXVideo, AutoencoderKLTemporalDecoder
 
-    from asyncgen.component_proxy import make_proxy, release_weights
+    from asyncgen.placement.proxies import make_proxy
+    from asyncgen.placement.residency import release_weights
 
     torch.manual_seed(0)
     svd_vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
@@ -149,7 +150,8 @@ def test_vae_proxy_keeps_submodule_statistics(one_process_group):
     rank: they stay allocated where the VAE runs elsewhere, and the lean-loading holder reads them."""
     from diffusers import AutoencoderKLFlux2
 
-    from asyncgen.component_proxy import make_proxy, own_buffers, release_weights
+    from asyncgen.placement.proxies import make_proxy
+    from asyncgen.placement.residency import own_buffers, release_weights
 
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import tiny_models
-from asyncgen.boundary import BoundaryLayout, pack, unpack
+from asyncgen.split.boundary import BoundaryLayout, pack, unpack
 from asyncgen.evaluation import random_models
 from asyncgen.evaluation.gpu_check import DenoiserOnly, staged_forward, unet_inputs
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
-from asyncgen.denoisers import split_denoiser
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs
+from asyncgen.split.units import make_stages
+from asyncgen.split.registry import split_denoiser
 from tiny_models import call_kwargs
 
 pytestmark = pytest.mark.cuda
@@ -139,7 +141,7 @@ def test_one_stage_proxy_adds_no_host_sync():
 def _ranks_worker(rank, world_size, sd_path, dtype_name, backend):
     import torch.distributed as dist
 
-    import asyncgen.runtime as runtime
+    import asyncgen.runtime.asyncdiff as runtime
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if backend == "gloo":  # CUDA ranks on a CPU-only backend: transfers staged through pinned memory
@@ -235,7 +237,7 @@ def test_time_split_measures_on_the_rank_device(sd_path, monkeypatch):
 def test_upcoming_timesteps_go_to_the_gpu_once_per_call(sd_path, monkeypatch):
     """stride 2 looks timesteps up ahead: one copy to the GPU per call, and the check of the
     pipeline's CUDA timesteps deferred to the call's end (no per-step .item())."""
-    from asyncgen import proxy
+    from asyncgen.runtime import staged_denoiser as proxy
 
     copies, on_device = [], proxy._on_device
     monkeypatch.setattr(proxy, "_on_device", lambda values, device: copies.append(device.type) or on_device(values, device))

@@ -6,8 +6,10 @@ import torch
 
 import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
-from asyncgen.denoisers import split_denoiser
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs
+from asyncgen.split.units import make_stages
+from asyncgen.split.registry import split_denoiser
 from asyncgen.evaluation import support_matrix
 
 FAMILIES = list(tiny_models.DIT_FAMILIES)

@@ -234,15 +234,15 @@ def _rank_memory(big_path, group, dtype, rank):
     growth = _status_kb("VmHWM") * 1024 - base
     # the planned tensors: shared modules and this rank's stage, on a fresh config-only model cut at the same place
     model = empty_component(big_path, "transformer", "FluxTransformer2DModel")
-    from asyncgen.denoisers import split_denoiser
-    from asyncgen.split import make_stages
+    from asyncgen.split.registry import split_denoiser
+    from asyncgen.split.units import make_stages
 
     split = split_denoiser(model)
     cuts = [0] + list(np.cumsum([len(s.units) for s in pipe.stages]))
     stage = make_stages(split, [int(c) for c in cuts])[rank]
     planned_keys = _state_keys(model, split.shared_modules() + stage.modules())
     plan = pipe.memory_plan().on_rank(rank)
-    from asyncgen.component_proxy import own_buffers, resident_modules
+    from asyncgen.placement.residency import own_buffers, resident_modules
 
     for name, placements in pipe.component_placements.items():  # text encoders read as layer ranges
         component = empty_component(big_path, name, type(getattr(pipe.pipeline, name).component).__name__)

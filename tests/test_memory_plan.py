@@ -7,9 +7,10 @@ import torch
 
 import published_configs
 import tiny_models
-from asyncgen.memory_plan import (ComponentSize, DenoiserSize, Placement, PlanDoesNotFit, check_fits,
-                                  component_size, plan_memory, plan_pipeline)
-from asyncgen.schedule import Topology
+from asyncgen.placement.planner import ComponentSize, DenoiserSize, Placement, PlanDoesNotFit, check_fits, plan_memory
+from asyncgen.placement.sizes import component_size
+from asyncgen.placement.pipeline_plan import plan_pipeline
+from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.pipelines.loading import empty_pipeline_modules, plan_from_configs
 
 
@@ -128,8 +129,9 @@ def test_encoder_blocks_and_dtypes_of_the_published_text_encoders(published):
 
 def test_flux_dev_bf16_goal_largest_rank_at_4_and_8_ranks(published):
     """Goal: the largest rank holds <= 35 % of the full pipeline's parameters at N=4, <= 20 % at N=8."""
-    from asyncgen.denoisers import split_denoiser
-    from asyncgen.split import balanced_cuts, estimate_unit_costs
+    from asyncgen.split.registry import split_denoiser
+    from asyncgen.cost.cuts import balanced_cuts
+    from asyncgen.cost.estimate import estimate_unit_costs
 
     _, modules = empty_pipeline_modules(str(published["flux.1-dev"]))
     transformer = modules.pop("transformer")

@@ -43,7 +43,7 @@ def lora_backend(monkeypatch):
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion
     from diffusers.utils import peft_utils
 
-    import asyncgen.proxy as proxy
+    import asyncgen.runtime.staged_denoiser as proxy
 
     events, in_force = [], {}
 

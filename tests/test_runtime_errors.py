@@ -3,15 +3,17 @@
 import datetime
 
 import pytest
+import tiny_models
 import torch
 import torch.distributed as dist
-
-import tiny_models
-from asyncgen import distributed, runtime
-from asyncgen.cli.launcher import run_workers
-from asyncgen.distributed import ERROR_KEY, DistContext, ErrorWatch, remote_error
-from asyncgen.pipelines import AsyncDiffPipeline
 from tiny_models import call_kwargs
+
+from asyncgen.cli.launcher import run_workers
+from asyncgen.comm import failure
+from asyncgen.comm.context import DistContext
+from asyncgen.comm.failure import ERROR_KEY, ErrorWatch, remote_error
+from asyncgen.pipelines import AsyncDiffPipeline
+from asyncgen.runtime import asyncdiff as runtime
 
 TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -51,7 +53,7 @@ def test_error_watch_aborts_the_groups_once_a_peer_published(monkeypatch):
     stand-ins; that the abort ends an NCCL wait needs GPUs to show.
     """
     store, world, sub = _Store(), _Group(), _Group()
-    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(failure, "_store", lambda: store)
     watch = ErrorWatch(DistContext(world, 1, 2, None, TIMEOUT, subgroups=[sub]), interval=0.05)
     assert not watch.fired.wait(0.5) and store.checks >= 3  # polling, nothing published yet
     assert (world.aborted, sub.aborted) == (0, 0)

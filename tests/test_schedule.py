@@ -1,6 +1,6 @@
 import pytest
 
-from asyncgen.schedule import AsyncSchedule, StepKind, Task, Topology, connections
+from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Task, Topology, connections
 
 
 def test_topology_places_last_stage_on_stride_ranks():

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 import tiny_models
-from asyncgen.boundary import BoundaryState, pack, unpack
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages, measure_unit_costs
-from asyncgen.denoisers import split_denoiser
+from asyncgen.split.boundary import BoundaryState, pack, unpack
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+from asyncgen.split.units import make_stages
+from asyncgen.split.registry import split_denoiser
 
 UNETS = {
     "sd": tiny_models.sd_unet,
@@ -159,7 +161,7 @@ def test_boundary_wire_format_round_trips():
     state = BoundaryState(torch.randn(2, 3, 4, 4), (torch.randn(2, 5, 4, 4), torch.randn(2, 3, 8, 8)),
                           {"text": torch.randn(2, 7, 6)})
     layout = state.layout()
-    from asyncgen.boundary import BoundaryLayout
+    from asyncgen.split.boundary import BoundaryLayout
 
     again = BoundaryLayout.decode(layout.encode(("text", "video")), ("text", "video"))
     assert again == layout

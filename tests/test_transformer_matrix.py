@@ -17,11 +17,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 import tiny_models
-from asyncgen.block_split import NeedsRealWeights, SplitRefused
+from asyncgen.split.transformer.trace import NeedsRealWeights, SplitRefused
 from asyncgen.cli.launcher import launch
-from asyncgen.denoisers import split_denoiser
+from asyncgen.split.registry import split_denoiser
 from asyncgen.evaluation import support_matrix
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs
+from asyncgen.split.units import make_stages
 
 CLASSES = list(tiny_models.TRANSFORMER_CONFIGS)
 # forwards that read tensor values (Lumina2: sequence lengths from its integer text mask's .tolist(); Mochi:
@@ -82,7 +84,7 @@ def test_stages_compose_to_the_full_forward(transformer_dir, name):
 
 
 def _distributed(rank, world_size, folder, names):
-    from asyncgen.distributed import resolve_context
+    from asyncgen.comm.group import resolve_context
 
     torch.set_num_threads(1)
     ctx = resolve_context()

@@ -14,10 +14,12 @@ import torch
 
 import tiny_models
 from asyncgen.cli.launcher import launch
-from asyncgen.denoisers import split_denoiser
+from asyncgen.split.registry import split_denoiser
 from asyncgen.evaluation import support_matrix
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split import balanced_cuts, estimate_unit_costs, make_stages
+from asyncgen.cost.cuts import balanced_cuts
+from asyncgen.cost.estimate import estimate_unit_costs
+from asyncgen.split.units import make_stages
 
 FAMILIES = list(tiny_models.VIDEO_FAMILIES)
 UNET_FAMILIES = ["animatediff", "svd"]
@@ -83,7 +85,7 @@ def test_one_stage_and_full_warmup_equal_stock(video_path, family, one_thread):
                           one_stage="exact")
 
 
-# Wan runs CFG as two denoiser passes per step ("cond", "uncond": two lanes, see asyncgen.proxy), each of batch 1:
+# Wan runs CFG as two denoiser passes per step ("cond", "uncond": two lanes, see asyncgen.runtime.staged_denoiser), each of batch 1:
 # there is no CFG batch to split, so CFG parallel applies to the batched-CFG pipelines only
 @pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_cfg_parallel_serial_matches_stock(video_path, family, one_thread):

@@ -13,8 +13,8 @@ import torch
 import tiny_models
 from asyncgen.cli.launcher import launch
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.proxy import StagedDenoiser
-from asyncgen.schedule import StepKind
+from asyncgen.runtime.staged_denoiser import StagedDenoiser
+from asyncgen.schedules.asyncdiff import StepKind
 
 FAMILY = "wan22"
 EXPERTS = ("transformer", "transformer_2")

@@ -10,7 +10,7 @@ import tiny_models
 from diffusers.utils import logging as diffusers_logging
 
 from asyncgen.pipelines import ASGPipeline, AsyncDiffPipeline
-from asyncgen.proxy import StagedDenoiser
+from asyncgen.runtime.staged_denoiser import StagedDenoiser
 
 
 @pytest.fixture

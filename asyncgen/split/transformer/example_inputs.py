@@ -1,6 +1,6 @@
 """Diffusion transformers (images and video): example calls for the generic block split.
 
-Every diffusers transformer splits through :class:`~asyncgen.block_split.BlockSplit`,
+Every diffusers transformer splits through :class:`~asyncgen.split.transformer.block_split.BlockSplit`,
 which reads the blocks and the boundary state from a traced forward. What it cannot
 read from the model is what a valid call looks like: the forward's arguments and their
 shapes. :func:`example_inputs` builds one from the forward's signature and the model's
@@ -21,13 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block_split import BlockSplit, NeedsRealWeights, SplitRefused
+from asyncgen.split.transformer.block_split import BlockSplit
+from asyncgen.split.transformer.trace import NeedsRealWeights, SplitRefused
 
 # config attributes giving the width of the text states, most specific first
 _TEXT_WIDTH = ("joint_attention_dim", "caption_channels", "text_embed_dim", "text_dim", "cap_feat_dim",
                "text_hidden_dim", "cross_attention_dim", "encoder_hidden_dim")
+
+
 _TEXT_TOKENS = 8
+
+
 _TEXT_MASKS = ("encoder_attention_mask", "encoder_hidden_states_mask")
+
+
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (layout, mask dtype) that worked
 
 
@@ -119,7 +126,13 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .split import _fake_nested, clear_method_caches, fake_device, meta_weights_as_fake, value_read_errors
+    from asyncgen.cost.fake import (
+        fake_nested,
+        clear_method_caches,
+        fake_device,
+        meta_weights_as_fake,
+        value_read_errors,
+    )
 
     param = next(model.parameters())
     device = param.device
@@ -162,7 +175,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                 if any(p.is_meta for p in model.parameters()):  # built on meta, or one rank's stage loaded
                     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
                             meta_weights_as_fake(model, mode, fake_device(inputs[sample_name])):
-                        model(**_fake_nested(mode, inputs, fake_device(inputs[sample_name])), return_dict=False)
+                        model(**fake_nested(mode, inputs, fake_device(inputs[sample_name])), return_dict=False)
                 else:
                     with torch.no_grad():
                         model(**inputs, return_dict=False)

@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import torch
 
-from .boundary import BoundaryState
-from .cfg import batch_part
-from .schedule import AsyncSchedule, StepKind, Topology
-from .split import DenoiserSplit, Stage
+from asyncgen.split.boundary import BoundaryState
+from asyncgen.schedules.cfg_parallel import batch_part
+from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology
+from asyncgen.split.units import DenoiserSplit, Stage
 
 CondFn = Callable[[int], Any]
 

@@ -1,31 +1,27 @@
 """Which rank holds what: placing a pipeline's components so the largest rank holds little.
 
-The denoiser's cuts are chosen for compute (:func:`asyncgen.split.balanced_cuts`) and
-the plan never moves them: stage ``k`` runs where :class:`~asyncgen.schedule.Topology`
+The denoiser's cuts are chosen for compute (:func:`asyncgen.cost.cuts.balanced_cuts`) and
+the plan never moves them: stage ``k`` runs where :class:`~asyncgen.schedules.asyncdiff.Topology`
 puts it, and every rank keeps the denoiser's shared modules. What the plan places are
 the other *components*: text encoders and the VAE, each used once per prompt. Each runs
 on one rank (or, for a text encoder too big for any rank's share, as sequential layer
-ranges on several ranks, see :mod:`asyncgen.encoder_split`) and its output reaches the
+ranges on several ranks, see :mod:`asyncgen.split.text_encoder`) and its output reaches the
 others. Compute-balanced stages are rarely byte-balanced (a UNet's low-resolution
 blocks hold most of its weights, a DiT's first stage also holds the embedders), so the
 components go to the lighter ranks: the plan minimises the largest per-rank total of
 parameter bytes plus the estimated activation bytes of its stage.
 
-Like :mod:`asyncgen.schedule`, this module only *describes*: the planner is a pure
+Like :mod:`asyncgen.schedules.asyncdiff`, this module only *describes*: the planner is a pure
 function of sizes (deterministic, no weights, no I/O), and :func:`measure_pipeline`
 reads those sizes from modules that may live on the meta device.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-from torch import nn
-
-from .schedule import Topology
+from asyncgen.schedules.asyncdiff import Topology
 
 __all__ = [
     "Placement",
@@ -33,9 +29,6 @@ __all__ = [
     "MemoryPlan",
     "PlanDoesNotFit",
 ]
-
-
-# ------------------------------------------------------------------ the plan itself
 
 
 @dataclass(frozen=True)
@@ -133,9 +126,6 @@ class PlanDoesNotFit(ValueError):
     """The largest rank of the best plan needs more than the memory the user allows."""
 
 
-# ------------------------------------------------------------------ sizes the planner takes
-
-
 @dataclass(frozen=True)
 class ComponentSize:
     """Parameter bytes of one component; of each block too when it splits into layer ranges.
@@ -181,9 +171,6 @@ class DenoiserSize:
     @property
     def parameter_bytes(self) -> int:
         return self.shared_bytes + sum(self.stage_bytes)
-
-
-# ------------------------------------------------------------------ the planner
 
 
 def plan_memory(denoiser: DenoiserSize, components: Sequence[ComponentSize], topology: Topology,
@@ -345,216 +332,3 @@ def format_bytes(count: int) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.2f} {unit}"
     return f"{count} B"
-
-
-# ------------------------------------------------------------------ sizes read from modules
-
-
-def parameter_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[int, int]:
-    """Bytes of each parameter of ``model`` (by ``id``) once loaded in ``dtype`` (None: as it is).
-
-    Floating parameters take ``dtype``'s size, except that a float16 load keeps the
-    modules a model names in ``_keep_in_fp32_modules`` in float32, as ``from_pretrained``
-    does (T5's ``wo``). Works on the meta device: only shapes and dtypes are read.
-    """
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-    sizes: dict[int, int] = {}
-    for name, p in model.named_parameters(remove_duplicate=True):
-        if dtype is None or not p.is_floating_point():
-            size = p.element_size()
-        elif keep and keep & set(name.split(".")):
-            size = 4
-        else:
-            size = torch.empty((), dtype=dtype).element_size()
-        sizes[id(p)] = p.numel() * size
-    return sizes
-
-
-def modules_bytes(modules: Sequence[nn.Module], sizes: dict[int, int], exclude: set[int] = frozenset()) -> int:
-    """Bytes of the distinct parameters of ``modules`` (tied parameters once), leaving out ``exclude`` ids."""
-    seen: set[int] = set(exclude)
-    total = 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += sizes[id(p)]
-    return total
-
-
-def component_size(name: str, model: nn.Module, dtype: torch.dtype | None = None) -> ComponentSize:
-    """A component's bytes, per block too when :mod:`asyncgen.encoder_split` can cut it into layer ranges."""
-    from .encoder_split import encoder_blocks, is_splittable, modules_for_layers
-
-    sizes = parameter_sizes(model, dtype)
-    whole = sum(sizes.values())
-    if not is_splittable(model):
-        return ComponentSize(name, whole)
-    blocks = list(encoder_blocks(model))
-    count = len(blocks)
-    layer_bytes = tuple(modules_bytes([b], sizes) for b in blocks)
-    head = modules_bytes(modules_for_layers(model, 0, 1, count), sizes) - layer_bytes[0]
-    tail = modules_bytes(modules_for_layers(model, count - 1, count, count), sizes) - layer_bytes[-1]
-    if count == 1 or head + sum(layer_bytes) + tail != whole:
-        # parameters outside the embeddings, blocks and final norm: the ranges would not cover
-        # the component, so it runs whole
-        return ComponentSize(name, whole)
-    return ComponentSize(name, whole, layer_bytes, head, tail)
-
-
-def denoiser_size(split, cuts: Sequence[int], dtype: torch.dtype | None = None,
-                  activation_inputs: dict | None = None) -> DenoiserSize:
-    """Bytes of the shared modules and of each stage between ``cuts``; activations if inputs are given.
-
-    ``activation_inputs`` (the denoiser's forward keywords at the size and batch one rank
-    runs, e.g. ``split.example_inputs(batch, h, w)``) turns on the activation estimate of
-    :func:`estimate_unit_activation_bytes`; without them activations count as 0.
-    """
-    sizes = parameter_sizes(split.denoiser, dtype)
-    shared_modules = split.shared_modules()
-    shared_ids = {id(p) for m in shared_modules for p in m.parameters()}
-    shared = modules_bytes(shared_modules, sizes)
-    stage_units, stage_bytes = [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        units = split.units[a:b]
-        stage_units.append(tuple(u.name for u in units))
-        stage_bytes.append(modules_bytes([m for u in units for m in u.modules], sizes, shared_ids))
-    if activation_inputs is None:
-        activations = [0] * (len(cuts) - 1)
-    else:
-        per_unit = estimate_unit_activation_bytes(split, activation_inputs)
-        activations = [max(per_unit[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-    return DenoiserSize(tuple(stage_units), tuple(stage_bytes), shared, tuple(activations), max(activations))
-
-
-def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
-    """Estimated peak bytes of live tensors while each unit runs (an estimate, not a measurement).
-
-    The denoiser runs once under ``FakeTensorMode`` (no memory, no arithmetic; meta
-    parameters work; real tensors where the forward reads values, see ``run_on_shapes``) with a dispatch mode that adds the bytes of every freshly allocated
-    op output and subtracts them when Python frees the tensor. A unit's figure is the
-    largest live total while it runs: the boundary state it receives (a UNet's pending
-    skip tensors included), the step's conditioning, its intermediates and its output.
-    ``scaled_dot_product_attention`` counts as the fused kernel GPUs run (flash or
-    memory-efficient attention: the output, never the tokens x tokens matrix the CPU's
-    math path would hold). What it leaves out: kernel workspace, allocator
-    fragmentation, the CUDA context, and the runtime's communication buffers (about one
-    boundary state each way). Views and in-place results add nothing.
-    """
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    from .split import _run_chain_with_probe, run_on_shapes
-
-    class _LiveBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-
-        def _free(self, nbytes: int) -> None:
-            self.live -= nbytes
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not any(r.alias_info is not None for r in func._schema.returns):
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        nbytes = t.numel() * t.element_size()
-                        self.live += nbytes
-                        weakref.finalize(t, self._free, nbytes)
-                self.peak = max(self.peak, self.live)
-            return out
-
-    class _FusedAttention(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention:
-                query = args[0] if args else kwargs["query"]
-                value = args[2] if len(args) > 2 else kwargs["value"]
-                return query.new_empty((*query.shape[:-1], value.shape[-1]))
-            return func(*args, **kwargs)
-
-    peaks: list[int] = []
-
-    def measure(shaped: dict) -> list[int]:  # as estimate_unit_costs runs (fake, or real where it must)
-        peaks.clear()
-        counter = _LiveBytes()
-        input_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(shaped) if isinstance(t, torch.Tensor))
-
-        def probe(i, step):
-            counter.peak = counter.live
-            step()
-            peaks.append(counter.peak + input_bytes)
-
-        with counter, _FusedAttention():
-            _run_chain_with_probe(split, shaped, probe)
-        return peaks
-
-    return run_on_shapes(split.denoiser, inputs, split.sample_argument, measure)
-
-
-def plan_pipeline(split, cuts: Sequence[int], components: dict[str, nn.Module], topology: Topology,
-                  cfg_parts: int = 1, dtype: torch.dtype | None = None, latent_size: tuple[int, int] | None = None,
-                  batch: int = 2, replicated: dict[str, nn.Module] | None = None, split_encoders: bool = True,
-                  estimate_activations: bool = True, placements: Sequence[Placement] | None = None,
-                  experts: Sequence[tuple[str, Any, Sequence[int]]] = ()) -> MemoryPlan:
-    """The memory plan of a pipeline whose modules may live on the meta device.
-
-    ``split``/``cuts`` are the denoiser's split and its compute-balanced cut points (as the
-    wrapper chose them); ``components`` the modules to place (text encoders, the VAE);
-    ``replicated`` modules every rank keeps whole anyway (counted on every rank).
-    ``dtype`` is the dtype the weights will have (None: as the modules are). Activations
-    are estimated at ``latent_size`` (the denoiser's input height and width, None: its
-    native size) for the denoiser batch ``batch`` (2 with classifier-free guidance, 1
-    without), halved on each rank when ``cfg_parts == 2``. ``placements`` (optional) are
-    reported instead of searched for. ``experts`` are ``(name, split, cuts)`` of further
-    denoisers the pipeline switches to during a call (Wan 2.2's ``transformer_2``), staged
-    in as many stages: each rank holds its stage of each, so the components are placed
-    around those bytes too (reported under the expert's name); the experts take turns, so
-    the first denoiser's activation estimate stands for all.
-    """
-    if estimate_activations:
-        from .split import value_read_errors
-
-        height, width = latent_size if latent_size is not None else (None, None)
-        inputs = split.example_inputs(max(1, batch // cfg_parts), height, width)
-        try:
-            size = denoiser_size(split, cuts, dtype, inputs)
-        except value_read_errors():
-            # a forward that reads tensor values (Lumina2, Mochi) runs only for real, and weights on meta (a
-            # config-only plan, a rank holding its stage only) cannot: the plan goes without activations
-            estimate_activations = False
-    if not estimate_activations:
-        size = denoiser_size(split, cuts, dtype)
-    # by name, so the plan does not depend on the order the caller found the components in
-    sizes = [component_size(name, components[name], dtype) for name in sorted(components)]
-    copies = {name: sum(parameter_sizes(module, dtype).values()) for name, module in sorted((replicated or {}).items())}
-    if copies:  # kept whole by every rank: part of the denoiser side of every rank's base
-        size = DenoiserSize(size.stage_units, size.stage_bytes, size.shared_bytes + sum(copies.values()),
-                            size.stage_activation_bytes, size.full_activation_bytes)
-    expert_sizes = {name: denoiser_size(expert_split, expert_cuts, dtype) for name, expert_split, expert_cuts in experts}
-    for name, expert in expert_sizes.items():
-        if len(expert.stage_bytes) != len(size.stage_bytes):
-            raise ValueError(f"{name}: {len(expert.stage_bytes)} stages for a denoiser of {len(size.stage_bytes)}")
-        size = DenoiserSize(size.stage_units, tuple(b + e for b, e in zip(size.stage_bytes, expert.stage_bytes)),
-                            size.shared_bytes + expert.shared_bytes, size.stage_activation_bytes,
-                            size.full_activation_bytes)
-    notes = {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-             "latent_size": list(latent_size) if latent_size is not None else None,
-             "batch_per_rank": max(1, batch // cfg_parts), "stages": topology.stages, "stride": topology.stride,
-             "cfg_parts": cfg_parts, "activations_estimated": estimate_activations,
-             "replicated": {name: copies[name] for name in copies}}
-    plan = plan_memory(size, sizes, topology, cfg_parts, split_encoders, notes, placements)
-    if copies:
-        # report the replicated modules under their own names, not inside "denoiser"
-        for rank in plan.ranks:
-            rank.parameter_bytes["denoiser"] -= sum(copies.values())
-            rank.parameter_bytes.update(copies)
-    for name, expert in expert_sizes.items():  # and each expert's stage under the expert's name
-        for rank in plan.ranks:
-            held = expert.shared_bytes + expert.stage_bytes[rank.stage]
-            rank.parameter_bytes["denoiser"] -= held
-            rank.parameter_bytes[name] = held
-    return plan

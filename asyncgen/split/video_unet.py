@@ -3,7 +3,7 @@
 Both run a 2-D UNet over the frames folded into the batch (``batch * frames`` images)
 and mix information across frames inside their blocks: AnimateDiff with a *motion
 module* (a temporal transformer) after every resnet/attention pair, SVD with
-spatio-temporal resnets and transformers. The units follow :mod:`asyncgen.unet`: per
+spatio-temporal resnets and transformers. The units follow :mod:`asyncgen.split.unet`: per
 down/up block one unit per resnet, per spatial attention and per motion module, one for
 the sampler; the mid block; ``conv_in`` and ``conv_out``. The boundary state is (hidden
 state, skips pushed and not yet popped), in the folded ``(batch * frames, C, H, W)``
@@ -39,9 +39,9 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
 )
 from torch import nn
 
-from .boundary import BoundaryState
-from .cfg import batch_part
-from .split import DenoiserSplit, Unit
+from asyncgen.split.boundary import BoundaryState
+from asyncgen.schedules.cfg_parallel import batch_part
+from asyncgen.split.units import DenoiserSplit, Unit
 
 try:  # both live in torch_utils in the diffusers releases that ship these UNets
     from diffusers.utils.torch_utils import apply_freeu, maybe_adjust_dtype_for_device
@@ -233,7 +233,7 @@ class MotionUNetSplit(_VideoUNetSplit):
         )
 
     def batch_part(self, value, part: int, parts: int, batch: int):
-        """CFG parallel's slice of ``(sample, timestep, arguments)``: as :func:`asyncgen.cfg.batch_part`, except that
+        """CFG parallel's slice of ``(sample, timestep, arguments)``: as :func:`asyncgen.schedules.cfg_parallel.batch_part`, except that
         tensors with ``batch * frames`` rows (the prompt and ControlNet residuals, repeated per frame) are cut into
         ``parts`` contiguous row blocks, each sample's frames being contiguous."""
         sample, timestep, arguments = value

@@ -27,8 +27,8 @@ from diffusers.models.unets.unet_2d_blocks import (
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from torch import nn
 
-from .boundary import BoundaryState
-from .split import DenoiserSplit, Unit
+from asyncgen.split.boundary import BoundaryState
+from asyncgen.split.units import DenoiserSplit, Unit
 
 try:  # FreeU lives in torch_utils since diffusers 0.22
     from diffusers.utils.torch_utils import apply_freeu

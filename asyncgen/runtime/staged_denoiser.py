@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .cfg import batch_part
-from .schedule import AsyncSchedule, StepKind, Topology
-from .split import DenoiserSplit
+from asyncgen.schedules.cfg_parallel import batch_part
+from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology
+from asyncgen.split.units import DenoiserSplit
 
 try:  # LoRA scaling moved around between diffusers releases; absent means no PEFT backend
     from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers

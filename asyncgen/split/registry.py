@@ -9,12 +9,12 @@ from __future__ import annotations
 from diffusers import ModelMixin
 from torch import nn
 
-from .dit import transformer_split
-from .split import DenoiserSplit
-from .unet import UNetSplit
-from .video_unet import MotionUNetSplit, SpatioTemporalUNetSplit
+from asyncgen.split.transformer.example_inputs import transformer_split
+from asyncgen.split.units import DenoiserSplit
+from asyncgen.split.unet import UNetSplit
+from asyncgen.split.video_unet import MotionUNetSplit, SpatioTemporalUNetSplit
 
-# UNets by class; every other denoiser through the generic block split (asyncgen.block_split)
+# UNets by class; every other denoiser through the generic block split (asyncgen.split.transformer.block_split)
 SPLITS: tuple[type[DenoiserSplit], ...] = (UNetSplit, MotionUNetSplit, SpatioTemporalUNetSplit)
 
 

@@ -23,7 +23,7 @@ blocks until the peer joins. Created lazily in the middle of a step, a pair can 
 a peer that is itself blocked on another pair (rank 0 creating the prediction pair
 (0, 1) while rank 1 waits for rank 0's boundary header): a deadlock at step 0. So the
 constructor connects every pair the schedule uses, with one blocking message each, in
-the order :func:`~asyncgen.schedule.connections` gives all ranks, and a message to a
+the order :func:`~asyncgen.schedules.asyncdiff.connections` gives all ranks, and a message to a
 pair not connected there is refused instead of risking the hang. The group stays lazy
 (no ``device_id``): eager init would put every pair of a rank on one communicator and
 one stream, queueing a stage's receive of its next input behind its send.
@@ -39,25 +39,27 @@ own timeout and watchdog cover a hang). Where the group's backend cannot move CU
 tensors point to point (gloo), tensors are staged through pinned host memory, and the
 host waits for gloo, which reads and writes that memory itself.
 
-Communication failures become :class:`~asyncgen.distributed.RemoteRankError` carrying
+Communication failures become :class:`~asyncgen.comm.failure.RemoteRankError` carrying
 the failing rank's message; a local failure is published before it propagates.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from .boundary import HEADER_LEN, BoundaryLayout, BoundaryState, pack, unpack
-from .cfg import batch_part
-from .distributed import DistContext, ErrorWatch, control_device, p2p_device, publish_error, remote_error
-from .schedule import AsyncSchedule, StepKind, Topology, connections
-from .split import DenoiserSplit, Stage
+from asyncgen.comm.context import DistContext
+from asyncgen.comm.failure import ErrorWatch, publish_error, remote_error
+from asyncgen.comm.p2p import control_device, p2p_device
+from asyncgen.cost.timing import ComputeTimer
+from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology, connections
+from asyncgen.schedules.cfg_parallel import batch_part
+from asyncgen.split.boundary import HEADER_LEN, BoundaryLayout, BoundaryState, pack, unpack
+from asyncgen.split.units import DenoiserSplit, Stage
 
 CondFn = Callable[[int], Any]
 
@@ -67,43 +69,6 @@ class _Pending:
 
     def __init__(self, work, buffer: torch.Tensor, layout: BoundaryLayout | None = None):
         self.work, self.buffer, self.layout = work, buffer, layout
-
-
-class ComputeTimer:
-    """Compute time of this rank's stage without making the host wait for the GPU.
-
-    CUDA work is bracketed by events whose elapsed times are read only when someone asks
-    (after the call, typically); a synchronize per step would stall the host's queueing
-    of the next step behind the GPU. CPU work is timed directly.
-    """
-
-    def __init__(self):
-        self._seconds, self._events = 0.0, []
-        self.calls = 0
-
-    def start(self, device: torch.device):
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def stop(self, started, device: torch.device) -> None:
-        self.calls += 1
-        if device.type != "cuda":
-            self._seconds += time.perf_counter() - started
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(torch.cuda.current_stream(device))
-        self._events.append((started, end))
-
-    @property
-    def seconds(self) -> float:
-        for start, end in self._events:
-            end.synchronize()
-            self._seconds += start.elapsed_time(end) / 1e3
-        self._events = []
-        return self._seconds
 
 
 class DistributedRuntime:
@@ -207,7 +172,7 @@ class DistributedRuntime:
         if (group.group_name, peer) not in self._connected:
             raise RuntimeError(
                 f"rank {self.ctx.rank}: no connection to rank {peer} was made before the first step "
-                "(asyncgen.schedule.connections misses a pair the runtime uses); on NCCL this would hang"
+                "(asyncgen.schedules.asyncdiff.connections misses a pair the runtime uses); on NCCL this would hang"
             )
 
     def _side_stream(self, stream):

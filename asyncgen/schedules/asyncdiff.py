@@ -1,6 +1,6 @@
 """The asynchronous denoising schedule: who computes what, from which input, when.
 
-This module only *describes* the schedule; :mod:`asyncgen.simulator` executes it in one
+This module only *describes* the schedule; :mod:`asyncgen.schedules.simulator` executes it in one
 process and :mod:`asyncgen.runtime` across ranks, so both run literally the same plan.
 
 Notation: N stages, stride S, warm-up W, T steps, step indices 0..T-1.

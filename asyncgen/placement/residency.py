@@ -1,0 +1,75 @@
+"""Which of a component's modules a rank keeps resident, and releasing the rest to ``meta``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from asyncgen.placement.planner import Placement
+from asyncgen.split.text_encoder import modules_for_layers
+
+
+def resident_modules(component: nn.Module, placements: Sequence[Placement], rank: int) -> list[nn.Module]:
+    """The modules of ``component`` that ``rank`` runs under ``placements`` (empty when it runs none)."""
+    modules: list[nn.Module] = []
+    for p in placements:
+        if p.rank != rank:
+            continue
+        if p.layers is None:
+            return [component]
+        modules += modules_for_layers(component, p.layers[0], p.layers[1])
+    return modules
+
+
+def kept_buffers(component: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(module path, module, name, tensor) of the buffers every rank keeps: all of the component's own and the
+    persistent ones of its submodules (statistics and constants, a few numbers each; rotary tables and position
+    ids are non-persistent and stay out)."""
+    return [(prefix, module, name, tensor)
+            for prefix, module in component.named_modules() for name, tensor in module._buffers.items()
+            if tensor is not None and (module is component or name not in module._non_persistent_buffers_set)]
+
+
+def own_buffers(component: nn.Module) -> list[nn.Module]:
+    """The component's persistent buffers (its own and its submodules'), in a holder module; [] when it has none.
+
+    Every rank keeps them, running the component or not: pipelines read a few of them
+    directly (LTX's ``vae.latents_mean``/``latents_std``, Flux.2's ``vae.bn.running_mean``/
+    ``running_var``). The holder registers the same tensor objects, so loading into it loads
+    into the component (a non-persistent buffer is in no weight file: it stays out).
+    """
+    holder = nn.Module()
+    for prefix, module, name, tensor in kept_buffers(component):
+        if name not in module._non_persistent_buffers_set:
+            holder.register_buffer(f"{prefix}.{name}".replace(".", "_") if prefix else name, tensor)
+    return [holder] if holder._buffers else []
+
+
+def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
+    """Move every parameter and buffer of ``component`` outside ``keep`` to the meta device; returns bytes freed.
+
+    Tied parameters stay tied (T5's token embedding is ``shared``'s weight). The
+    component's own buffers and its submodules' persistent ones stay too: pipelines read them
+    as attributes on every rank (LTX's ``self.vae.latents_mean``/``latents_std``, Flux.2's
+    ``self.vae.bn.running_mean``), and they are a few numbers.
+    """
+    kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
+    kept |= {id(t) for _, _, _, t in kept_buffers(component)}
+    replaced: dict[int, torch.Tensor] = {}
+    freed = 0
+    for module in component.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or id(tensor) in kept or tensor.device.type == "meta":
+                    continue
+                if id(tensor) not in replaced:
+                    freed += tensor.numel() * tensor.element_size()
+                    meta = tensor.detach().to("meta")
+                    if isinstance(tensor, nn.Parameter):
+                        meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                    replaced[id(tensor)] = meta
+                table[name] = replaced[id(tensor)]
+    return freed
