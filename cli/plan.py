@@ -16,12 +16,10 @@ import json
 import re
 
 from .errors import UsageError
-from .options import DTYPES, positive_int
+from .options import positive_int
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                **{d: d for d in DTYPES}}
 
 
 def memory_size(text: str) -> int:
@@ -34,9 +32,11 @@ def memory_size(text: str) -> int:
 
 
 def dtype_name(text: str) -> str:
-    if text.lower() not in _DTYPE_NAMES:
-        raise argparse.ArgumentTypeError(f"{text}: need one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[text.lower()]
+    from asyncgen.models import DTYPE_ALIASES, dtype_name
+
+    if text.lower() not in DTYPE_ALIASES:
+        raise argparse.ArgumentTypeError(f"{text}: need one of {', '.join(DTYPE_ALIASES)}")
+    return dtype_name(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

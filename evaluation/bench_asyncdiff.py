@@ -110,7 +110,7 @@ class DenoiserClock:
 
     def __init__(self, pipeline, device):
         import torch
-        from asyncgen.pipelines.loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
+        from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS
         from asyncgen.cost.timing import ComputeTimer
 
         self.device, self.timer, self._started = torch.device(device), ComputeTimer(), []

@@ -53,8 +53,7 @@ import torch
 
 from asyncgen.split.boundary import BoundaryLayout, pack, unpack
 from asyncgen.split.units import DenoiserSplit, Stage, make_stages
-from asyncgen.cost.cuts import balanced_cuts
-from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+from asyncgen.cost.cuts import choose_cuts
 
 from .reporting import markdown_table, write_atomic, write_json
 
@@ -367,12 +366,12 @@ def check_composition(name: str, config: dict, device: torch.device, stage_count
     split = split_denoiser(unet)
     size = config["sample_size"]
     inputs = unet_inputs(split, 1, size, size, seed)
-    costs = estimate_unit_costs(split, inputs)
+    cuts = {n: choose_cuts(split, n, "flops", inputs=inputs) for n in stage_counts}  # counted in float32, kept for bf16
     rows = []
     with torch.no_grad():
         reference = unet(**inputs).sample
         for n in stage_counts:
-            stages = make_stages(split, balanced_cuts(costs, n))
+            stages = make_stages(split, cuts[n])
             rows.append(dict(model=name, dtype="float32", stages=n, error=_relative_error(staged_forward(split, stages, inputs), reference),
                              tolerance=FP32_TOLERANCE))
         unet.to(torch.bfloat16)
@@ -380,7 +379,7 @@ def check_composition(name: str, config: dict, device: torch.device, stage_count
         full = unet(**low).sample
         dtype_error = _relative_error(full, reference)
         for n in stage_counts:
-            stages = make_stages(split, balanced_cuts(costs, n))
+            stages = make_stages(split, cuts[n])
             staged = staged_forward(split, stages, low)
             rows.append(dict(model=name, dtype="bfloat16", stages=n, error=_relative_error(staged, full),
                              tolerance=dtype_error, boundary_dtype=str(staged.dtype).removeprefix("torch.")))
@@ -401,11 +400,10 @@ def profile_model(name: str, config: dict, device: torch.device, dtype: torch.dt
     overhead = dict(model=name, resolution=resolution, dtype=str(dtype).removeprefix("torch."), steps=steps,
                     repeats=repeats, parameters_m=parameters / 1e6, **time_overhead(unet, inputs, steps, repeats))
     overhead["target_met"] = overhead["overhead"] <= OVERHEAD_TARGET
-    methods = {"flops": estimate_unit_costs(split, inputs), "time": measure_unit_costs(split, inputs, repeats)}
     rows = []
     for n in stage_counts:
-        for method, costs in methods.items():
-            cuts = balanced_cuts(costs, n)
+        for method in ("flops", "time"):
+            cuts = choose_cuts(split, n, method, inputs=inputs)
             ms = stage_times(split, make_stages(split, cuts), inputs, repeats)
             rows.append(dict(model=name, resolution=resolution, stages=n, split=method, cuts=cuts, stage_ms=ms,
                              step_ms=sum(ms), max_stage_ms=max(ms), projected_speedup=projected_speedup(ms)))
@@ -514,7 +512,7 @@ def main(argv=None) -> int:
     if stage_counts[0] < 1:
         parser.error(f"--stages {args.stages!r}: stage counts must be >= 1")
     device = torch.device(args.device)
-    from asyncgen.pipelines.acceleration import resolve_dtype
+    from asyncgen.models import resolve_dtype
 
     dtype = resolve_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     steps = args.steps or (8 if args.quick else 20)

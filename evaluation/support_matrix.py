@@ -61,14 +61,13 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
     """
     import torch
 
+    from asyncgen.cost.cuts import choose_cuts
     from asyncgen.runtime.asyncdiff import DistributedRuntime
     from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
     from asyncgen.schedules.simulator import SerialSimulator
     from asyncgen.split.units import make_stages
 
-    n = len(split.units)
-    cuts = [round(k * n / stages) for k in range(stages + 1)]
-    all_stages = make_stages(split, cuts)
+    all_stages = make_stages(split, choose_cuts(split, stages, "even"))
     topology = Topology(stages, 1)
     if ctx is None:
         executor = SerialSimulator(split, all_stages, topology)

@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+from asyncgen._compat import renamed_function
+
+
 ATTENTION_BACKENDS = ("sdpa", "xformers")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float16"``/``"fp16"``/``"half"``, ``"bfloat16"``/``"bf16"``, ``"float32"``/``"fp32"`` or a ``torch.dtype``."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(set(map(str, DTYPES.values())))}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
 
 # --------------------------------------------------------------------------- attention
@@ -177,8 +163,7 @@ class CompiledStage:
 
     def __init__(self, stage, options: Mapping[str, Any]):
         self.stage = stage
-        code = _run_stage.__code__.replace(co_name=f"asyncgen_stage_{stage.index}")
-        function = types.FunctionType(code, _run_stage.__globals__, code.co_name)
+        function = renamed_function(_run_stage, f"asyncgen_stage_{stage.index}")
         self._compiled = torch.compile(function, **{"dynamic": False, **options})  # compiled at the first call
 
     def __call__(self, split, state, cond):

@@ -10,46 +10,41 @@ import torch.distributed as dist
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen.placement.proxies import PLACEABLE_COMPONENTS
+from asyncgen._compat import set_pipeline_component
+from asyncgen.models import (DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, check_cfg_parallel,
+                             denoiser_batch, resolve_dtype)
 from asyncgen.placement.components import place_components
 from asyncgen.placement.planner import Placement
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.group import resolve_context, shared_randomness
-from asyncgen.comm.p2p import control_device
 from asyncgen.comm.failure import publish_error
 from asyncgen.runtime.staged_denoiser import StagedDenoiser
 from asyncgen.runtime.asyncdiff import DistributedRuntime
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.units import DenoiserSplit, make_stages
-from asyncgen.cost.cuts import balanced_cuts
-from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+from asyncgen.cost.cuts import choose_cuts
 from asyncgen.split.transformer.trace import NeedsRealWeights
 from asyncgen.split.registry import split_denoiser
 
-from .acceleration import compile_options, compile_stages, enable_attention, resolve_dtype
+from .acceleration import compile_options, compile_stages, enable_attention
 from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
 
 # a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
 logger = logging.get_logger(f"diffusers.{__name__}")
 
-DENOISER_ATTRIBUTES = ("unet", "transformer")
-
-
 def _denoiser_attribute(pipeline) -> str:
-    for name in DENOISER_ATTRIBUTES:
+    for name in DENOISER_COMPONENTS:
         if isinstance(getattr(pipeline, name, None), nn.Module):
             return name
     raise TypeError(
         f"{type(pipeline).__name__} has no denoiser to split (looked for a module in "
-        f"{', '.join('pipe.' + n for n in DENOISER_ATTRIBUTES)})"
+        f"{', '.join('pipe.' + n for n in DENOISER_COMPONENTS)})"
     )
 
 
 def _expert_attributes(pipeline) -> list[str]:
     """The pipeline's second denoisers it switches to during a call (Wan 2.2's ``transformer_2``), if any."""
-    from .loading import EXPERT_COMPONENTS
-
     return [name for name in EXPERT_COMPONENTS if isinstance(getattr(pipeline, name, None), nn.Module)]
 
 
@@ -62,52 +57,11 @@ def _split_method(split, attribute: str):
     return split[attribute]
 
 
-def _choose_cuts(split: DenoiserSplit, stages: int, method, ctx: DistContext) -> list[int]:
-    n = len(split.units)
-    if stages > n:
-        raise ValueError(
-            f"stages={stages} is more than the {n} units a {type(split.denoiser).__name__} of this "
-            f"configuration splits into; choose stages between 1 and {n}"
-        )
-    if stages == 1 and isinstance(method, str) and method in ("flops", "time"):
-        return [0, n]  # nothing to balance: skip the cost estimate (seconds on large models)
-    if not isinstance(method, str):
-        cuts = [int(c) for c in method]
-        if len(cuts) != stages + 1:
-            raise ValueError(f"split={list(method)} gives {len(cuts) - 1} stages, expected {stages}")
-        return cuts
-    if method == "flops":
-        return balanced_cuts(estimate_unit_costs(split), stages)
-    if method == "time":
-        cuts = torch.zeros(stages + 1, dtype=torch.int64)
-        if ctx.rank == 0:  # timings differ per rank; all ranks must cut at the same place
-            if ctx.device is not None:
-                # timed where it will run (the pipeline moves there later): on the CPU an SDXL
-                # takes minutes while the other ranks wait, and gives the CPU's cuts
-                split.denoiser.to(ctx.device)
-            cuts = torch.tensor(balanced_cuts(measure_unit_costs(split), stages), dtype=torch.int64)
-        if ctx.distributed:
-            cuts = cuts.to(control_device(dist.get_backend(ctx.group), ctx.device))
-            dist.broadcast(cuts, ctx.global_rank(0), group=ctx.group)
-        return cuts.tolist()
-    raise ValueError(f"split={method!r} is not one of 'flops', 'time' or a list of cut indices")
-
-
 def _check_components(components) -> None:
     if isinstance(components, (list, tuple)) and all(isinstance(p, Placement) for p in components):
         return
     if components not in (None, "replicated", "planned"):
         raise ValueError(f"components={components!r} is not one of 'replicated', 'planned' or a list of Placement")
-
-
-def _check_world_size(ctx: DistContext, topology: Topology, cfg_parallel: bool) -> None:
-    world = (2 if cfg_parallel else 1) * topology.world_size
-    if ctx.distributed and ctx.world_size != world:
-        stages, stride = topology.stages, topology.stride
-        expected = f"stages + stride - 1 = {stages} + {stride} - 1 = {world}"
-        if cfg_parallel:
-            expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
-        raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
 
 
 def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str, nn.Module], topology: Topology,
@@ -120,14 +74,9 @@ def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str
     """
     from asyncgen.placement.pipeline_plan import plan_pipeline
 
-    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, _denoiser_batch(split), replicated,
+    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, denoiser_batch(split.denoiser), replicated,
                          experts=experts)
     return [p for rank in plan.ranks for p in rank.placements]
-
-
-def _denoiser_batch(split: DenoiserSplit) -> int:
-    """The denoiser's batch per prompt: 2 with classifier-free guidance, 1 for a guidance-distilled model."""
-    return 1 if getattr(split.denoiser.config, "guidance_embeds", False) else 2
 
 
 def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, cfg_parts: int, components,
@@ -142,7 +91,6 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     from asyncgen.placement.residency import own_buffers, resident_modules
 
     from .lean_loading import load_pipeline_partially
-    from .loading import EXPERT_COMPONENTS
 
     chosen: dict[str, list[int]] = {}
     placements: list[Placement] = []
@@ -152,7 +100,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         # each denoiser (and Wan 2.2's second expert) with its own cuts; this rank reads its stage of each
         for name in [attribute] + [n for n in EXPERT_COMPONENTS if n in empty]:
             splits[name] = split_denoiser(empty[name])
-            chosen[name] = _choose_cuts(splits[name], topology.stages, _split_method(split, name), ctx)
+            chosen[name] = choose_cuts(splits[name], topology.stages, _split_method(split, name), ctx=ctx)
             mine = make_stages(splits[name], chosen[name])[topology.stage_of(ctx.rank % topology.world_size)]
             reads[name] = splits[name].shared_modules() + mine.modules()
         denoiser_split = splits[attribute]
@@ -178,14 +126,6 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     return pipeline, cuts, (placements if components != "replicated" else "replicated"), reports
 
 
-def _check_cfg_parallel(pipeline, denoiser) -> None:
-    if getattr(denoiser.config, "guidance_embeds", False):
-        raise ValueError(
-            f"cfg_parallel=True: {type(denoiser).__name__} is guidance-distilled (guidance_embeds=True): "
-            f"{type(pipeline).__name__} makes no unconditional pass to split off; use cfg_parallel=False"
-        )
-
-
 def _staged_denoiser(denoiser: nn.Module, method, topology: Topology, ctx: DistContext, cfg_parts: int,
                      warmup: int | None, time_shift: bool, scheduler, compile_kwargs, free_unused_stages: bool):
     """``denoiser`` split into ``topology.stages`` stages, and the proxy running this rank's part: (stages, proxy).
@@ -194,7 +134,7 @@ def _staged_denoiser(denoiser: nn.Module, method, topology: Topology, ctx: DistC
     with ``free_unused_stages``); in one process the serial simulator runs every stage.
     """
     denoiser_split = split_denoiser(denoiser)
-    all_stages = make_stages(denoiser_split, _choose_cuts(denoiser_split, topology.stages, method, ctx))
+    all_stages = make_stages(denoiser_split, choose_cuts(denoiser_split, topology.stages, method, ctx=ctx))
     if compile_kwargs is not None:
         # one function per stage (not the proxy, not the shared embeddings: those take a
         # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
@@ -330,14 +270,11 @@ class AsyncDiffPipeline(PipelineWrapper):
         cfg_parts = 2 if cfg_parallel else 1
         if cfg_parallel:
             for name in [attribute] + experts:
-                _check_cfg_parallel(pipeline, getattr(pipeline, name))
+                check_cfg_parallel(getattr(pipeline, name), type(pipeline).__name__)
         ctx = resolve_context(process_group, device, timeout)
         world = cfg_parts * topology.world_size
-        if ctx.distributed and ctx.world_size != world:
-            expected = f"stages + stride - 1 = {stages} + {stride} - 1 = {world}"
-            if cfg_parallel:
-                expected = f"2 * (stages + stride - 1) = 2 * ({stages} + {stride} - 1) = {world} (cfg_parallel)"
-            raise ValueError(f"world size {ctx.world_size} does not match {expected}; launch {world} processes")
+        if ctx.distributed:
+            topology.check_world_size(ctx.world_size, cfg_parts)
 
         def staged(name: str):
             return _staged_denoiser(getattr(pipeline, name), _split_method(split, name), topology, ctx, cfg_parts,
@@ -363,10 +300,10 @@ class AsyncDiffPipeline(PipelineWrapper):
         self.stages, self.attribute = all_stages, attribute
         self.expert_stages = expert_stages
         self.cfg_parts = cfg_parts
-        # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
-        object.__setattr__(pipeline, attribute, self.denoiser)
+        # past DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
+        set_pipeline_component(pipeline, attribute, self.denoiser)
         for name, proxy in self.experts.items():
-            object.__setattr__(pipeline, name, proxy)
+            set_pipeline_component(pipeline, name, proxy)
         self.components, self.component_placements = "replicated", {}
         if ctx.distributed and components != "replicated":
             # before pipeline.to(device): the components this rank does not run stay on meta
@@ -436,7 +373,8 @@ class AsyncDiffPipeline(PipelineWrapper):
                            "(use split='flops' or a list of cuts for stage-only loading)")
         reports = {}
         if lean:
-            _check_world_size(ctx, topology, cfg_parallel)
+            if ctx.distributed:
+                topology.check_world_size(ctx.world_size, 2 if cfg_parallel else 1)
             try:
                 pipeline, split, components, reports = _load_stage_only(
                     pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
@@ -534,7 +472,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
         return plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
-                             _denoiser_batch(self.denoiser.split), replicated, split_encoders, placements=placements,
+                             denoiser_batch(self.denoiser.split.denoiser), replicated, split_encoders, placements=placements,
                              experts=self._expert_cuts())
 
     def stage_info(self) -> dict[str, Any]:

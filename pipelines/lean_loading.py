@@ -30,7 +30,16 @@ import torch
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen.placement.proxies import PLACEABLE_COMPONENTS
+from asyncgen._compat import (
+    from_deprecated_attention_block,
+    keep_in_fp32_modules,
+    keep_in_fp32_modules_strict,
+    non_persistent_buffer_names,
+    own_tensors,
+    replace_tensor,
+    transformers_model_from_config,
+)
+from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, SAFETENSORS_DTYPES
 
 from .loading import PickleRefused, check_pipeline_location, load_pipeline
 
@@ -39,16 +48,6 @@ logger = logging.get_logger(f"diffusers.{__name__}")
 # diffusers models save "diffusion_pytorch_model.*", transformers models "model.*" ("pytorch_model.bin" for pickle)
 SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
-
-# the dtype names of the safetensors format
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                                                      ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
-       if hasattr(torch, attr)},
-}
 
 # diffusers renamed the attention layers of old VAE checkpoints (query -> to_q, ...); it renames them on load
 _DEPRECATED_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -231,14 +230,6 @@ def _default_dtype(dtype: torch.dtype | None):
         torch.set_default_dtype(previous)
 
 
-def _dtype_keyword() -> str:
-    """The name transformers' ``_from_config`` takes a dtype by: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
 def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: torch.dtype | None = None) -> nn.Module:
     """The component ``class_name`` built from its config in ``folder/subfolder``, parameters on ``meta``.
 
@@ -258,7 +249,7 @@ def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: 
         else:
             config = cls.config_class.from_pretrained(str(folder), subfolder=subfolder)
             # the saved config names a dtype (float32) that transformers would build in, not the one asked for
-            model = cls._from_config(config, **({_dtype_keyword(): dtype} if dtype is not None else {}))
+            model = transformers_model_from_config(cls, config, dtype)
     if not issubclass(cls, ModelMixin):
         # as from_pretrained ties them (T5's encoder.embed_tokens is shared): one tensor, read once; outside
         # init_empty_weights, whose register_parameter would make the tied parameter a new one again
@@ -273,12 +264,12 @@ def _fp32_module_names(model: nn.Module, dtype: torch.dtype | None) -> set[str]:
     if dtype is None:
         return set()
     if isinstance(model, ModelMixin):
-        return set(model._keep_in_fp32_modules or [])
+        return set(keep_in_fp32_modules(model))
     names = set()
     if dtype == torch.float16:  # transformers: the plain list guards fp16 only, the strict one bf16 too
-        names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+        names |= set(keep_in_fp32_modules(model))
     if dtype in (torch.float16, torch.bfloat16):
-        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        names |= set(keep_in_fp32_modules_strict(model))
     return names
 
 
@@ -299,10 +290,10 @@ def _slots(model: nn.Module, keep: Iterable[nn.Module] | None) -> list[_Slot]:
         kept = {id(t) for module in keep for t in [*module.parameters(), *module.buffers()]}
     slots: dict[int, _Slot] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        local = [(n, t, True) for n, t in module._parameters.items()]
-        local += [(n, t, False) for n, t in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        transient = non_persistent_buffer_names(module)
+        local = [(n, t, p) for n, t, p in own_tensors(module) if p or n not in transient]
         for name, tensor, is_parameter in local:
-            if tensor is None or (kept is not None and id(tensor) not in kept):
+            if kept is not None and id(tensor) not in kept:
                 continue
             slot = slots.setdefault(id(tensor), _Slot(tensor, is_parameter))
             if all(owner is not module or attr != name for owner, attr in slot.owners):
@@ -323,7 +314,7 @@ def _deprecated_names(model: nn.Module, name: str) -> list[str]:
                 block = model.get_submodule(path)
             except AttributeError:
                 return []
-            if getattr(block, "_from_deprecated_attn_block", False):
+            if from_deprecated_attention_block(block):
                 return [name.replace(marker, f".{old}.")]
     return []
 
@@ -396,7 +387,7 @@ def load_component_partially(model_on_meta: nn.Module, folder: str | Path, subfo
         if slot.is_parameter:
             value = nn.Parameter(value, requires_grad=slot.tensor.requires_grad)
         for module, attr in slot.owners:
-            (module._parameters if slot.is_parameter else module._buffers)[attr] = value
+            replace_tensor(module, attr, value)
         report.tensors[key] = stored.numel() * stored.element_size()
         del stored, value
     del scratch
@@ -446,7 +437,6 @@ def load_pipeline_partially(model: str | os.PathLike,
     """
     from diffusers import DiffusionPipeline
 
-    from .loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
 
     folder = local_pipeline_folder(model, allow_pickle=allow_pickle, **load_kwargs)
     index = DiffusionPipeline.load_config(str(folder))

@@ -8,10 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DENOISER_COMPONENTS = ("unet", "transformer")
-# a second denoiser the pipeline switches to during a call (Wan 2.2: `transformer` for the high-noise steps,
-# `transformer_2` for the low-noise ones); staged like the first, with cuts of its own
-EXPERT_COMPONENTS = ("transformer_2",)
+from asyncgen.models import (DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, check_cfg_parallel,
+                             denoiser_batch, size_multiple)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -140,8 +138,7 @@ def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
     if component == "transformer" and latent_channels and in_channels > latent_channels \
             and in_channels % latent_channels == 0:
         patch *= math.isqrt(in_channels // latent_channels)  # latents packed into patches by the pipeline (Flux)
-    # diffusers' SD-family pipelines refuse sizes that are not multiples of 8 whatever the VAE's factor
-    multiple = math.lcm(8, vae_factor) * patch
+    multiple = size_multiple(vae_factor, patch)
     sample = config.get("sample_size") or 128
     sample_h, sample_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     return PipelineFacts(pipeline_class=index.get("_class_name", "DiffusionPipeline"), denoiser_class=class_name,
@@ -179,19 +176,16 @@ def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module
         if library == "transformers":
             from transformers import AutoConfig
 
+            from asyncgen._compat import transformers_model_from_config
+
             config = AutoConfig.from_pretrained(model, subfolder=name)
             with torch.device("meta"):
-                modules[name] = model_class._from_config(config)
+                modules[name] = transformers_model_from_config(model_class, config)
         else:
             config = model_class.load_config(model, subfolder=name)
             with torch.device("meta"):
                 modules[name] = model_class.from_config(config)
     return index, modules
-
-
-# pipeline attributes the planner places on ranks (what the components runtime can place);
-# any other model component (a ControlNet, an image encoder) is counted whole on every rank
-PLACED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bool = False, dtype=None,
@@ -209,8 +203,7 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     from asyncgen.split.registry import split_denoiser
     from asyncgen.placement.pipeline_plan import plan_pipeline
     from asyncgen.schedules.asyncdiff import Topology
-    from asyncgen.cost.cuts import balanced_cuts
-    from asyncgen.cost.estimate import estimate_unit_costs
+    from asyncgen.cost.cuts import choose_cuts
 
     topology = Topology(stages, stride)
     facts = describe_pipeline(model, count_units=False)  # the split below counts them
@@ -221,23 +214,15 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     _, modules = empty_pipeline_modules(model)
     attribute = next(c for c in DENOISER_COMPONENTS if c in modules)
     denoiser = modules.pop(attribute)
-    if cfg_parallel and getattr(denoiser.config, "guidance_embeds", False):
-        # the wrapper refuses this too: the plan must not describe a layout that cannot run
-        raise ValueError(f"cfg_parallel: {type(denoiser).__name__} is guidance-distilled (guidance_embeds=True), so "
-                         "its pipeline makes no unconditional pass to split off; plan without --cfg-parallel")
+    if cfg_parallel:  # the wrapper refuses this too: the plan must not describe a layout that cannot run
+        check_cfg_parallel(denoiser, "its pipeline", remedy="plan without --cfg-parallel")
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
 
     def split_and_cut(denoiser):
         split = split_denoiser(denoiser)
-        if stages > len(split.units):
-            raise ValueError(f"stages={stages} is more than the {len(split.units)} units a "
-                             f"{type(denoiser).__name__} of this configuration splits into; choose stages between 1 "
-                             f"and {len(split.units)}")
-        if stages == 1:
-            return split, [0, len(split.units)]
-        # estimate_unit_costs costs meta weights as the loaded model's (the cuts the wrapper will choose)
-        return split, balanced_cuts(estimate_unit_costs(split), stages)
+        # flops on meta weights cost as on the loaded model's: the cuts the wrapper will choose
+        return split, choose_cuts(split, stages, "flops")
 
     split, cuts = split_and_cut(denoiser)
     # Wan 2.2's second expert: staged like the first (cuts of its own), each rank holds its stage of it
@@ -249,9 +234,9 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
         experts.append((name, *split_and_cut(expert)))
     vae_factor = facts.native_height // _native_latent(denoiser)
     latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
-    batch = 1 if getattr(denoiser.config, "guidance_embeds", False) else 2  # guidance-distilled: no CFG batch
-    placed = {n: m for n, m in modules.items() if n in PLACED_COMPONENTS}
-    replicated = {n: m for n, m in modules.items() if n not in PLACED_COMPONENTS}
+    batch = denoiser_batch(denoiser)
+    placed = {n: m for n, m in modules.items() if n in PLACEABLE_COMPONENTS}
+    replicated = {n: m for n, m in modules.items() if n not in PLACEABLE_COMPONENTS}
     plan = plan_pipeline(split, cuts, placed, topology, 2 if cfg_parallel else 1, dtype, latent, batch,
                          replicated, split_encoders, estimate_activations, experts=experts)
     plan.notes.update(model=str(model), height=latent[0] * vae_factor, width=latent[1] * vae_factor,

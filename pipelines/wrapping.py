@@ -10,7 +10,7 @@ def check_not_wrapped(pipeline, wrapper_name: str) -> None:
     """Refuse a wrapper or an already wrapped pipeline with a message that says so."""
     from asyncgen.runtime.staged_denoiser import StagedDenoiser
 
-    from .loading import DENOISER_COMPONENTS, EXPERT_COMPONENTS
+    from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS
 
     if isinstance(pipeline, PipelineWrapper):
         raise TypeError(f"{wrapper_name} was given an {type(pipeline).__name__}, which is already a wrapper; wrap the "

@@ -7,9 +7,11 @@ from typing import Sequence
 
 from torch import nn
 
+from asyncgen._compat import set_pipeline_component
 from asyncgen.comm.context import DistContext
 from asyncgen.placement.planner import Placement
-from asyncgen.placement.proxies import PLACEABLE_COMPONENTS, ComponentProxy, make_proxy
+from asyncgen.models import PLACEABLE_COMPONENTS
+from asyncgen.placement.proxies import ComponentProxy, make_proxy
 from asyncgen.placement.residency import release_weights
 
 
@@ -73,7 +75,7 @@ def place_components(pipeline, stage_modules: Sequence[Sequence[nn.Module]], sha
         proxy = make_proxy(name, component, mine, ctx)
         if release:
             release_weights(component, list(proxy.resident))
-        # bypass DiffusionPipeline.__setattr__: the pipeline's config still names the real class
-        object.__setattr__(pipeline, name, proxy)
+        # past DiffusionPipeline.__setattr__: the pipeline's config still names the real class
+        set_pipeline_component(pipeline, name, proxy)
         by_name[name] = mine
     return by_name

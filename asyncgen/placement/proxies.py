@@ -31,24 +31,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from asyncgen._compat import compiled_original, parse_to_arguments, replace_tensor
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.wire import Wire
+from asyncgen.models import PLACEABLE_COMPONENTS
 from asyncgen.placement.planner import Placement
-from asyncgen.placement.residency import kept_buffers, release_weights, resident_modules
+from asyncgen.placement.residency import kept_buffers, resident_modules
 from asyncgen.split.text_encoder import run_layers, split_call_arguments
-
-__all__ = [
-    "ComponentProxy",
-    "TextEncoderProxy",
-    "VaeProxy",
-    "PLACEABLE_COMPONENTS",
-    "release_weights",
-    "resident_modules",
-]
-
-
-# pipeline attributes a plan may place; anything else (tokenizers, controlnets, image encoders) stays replicated
-PLACEABLE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 
@@ -87,7 +76,7 @@ class ComponentProxy(nn.Module):
         self.resident = nn.ModuleList(resident_modules(component, placements, ctx.rank))
         self._home = ctx.device or torch.device("cpu")
         self.calls = 0  # outputs this rank computed itself
-        real = getattr(component, "_orig_mod", component)  # a torch.compile'd component: the module it compiled
+        real = compiled_original(component)  # a torch.compile'd component: the module it compiled
         for method in self.mirrored_methods:
             if callable(getattr(real, method, None)):
                 object.__setattr__(self, method, _Mirrored(getattr(self, method), inspect.signature(getattr(real, method))))
@@ -117,7 +106,7 @@ class ComponentProxy(nn.Module):
 
     def to(self, *args, **kwargs):
         """Move the resident modules; a dtype change also reaches the meta rest (so ``dtype`` agrees everywhere)."""
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype = parse_to_arguments(*args, **kwargs)
         super().to(*args, **kwargs)
         if device is not None:
             self._home = torch.device(device)
@@ -127,13 +116,15 @@ class ComponentProxy(nn.Module):
         for _, module, name, tensor in kept_buffers(self._component):
             if id(tensor) not in held and tensor.device.type != "meta":
                 to_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
-                module._buffers[name] = tensor.to(device=device, dtype=to_dtype)
+                replace_tensor(module, name, tensor.to(device=device, dtype=to_dtype))
         if dtype is not None:
             for module in self._component.modules():
-                for table in (module._parameters, module._buffers):
-                    for name, tensor in table.items():
-                        if tensor is not None and tensor.device.type == "meta" and tensor.is_floating_point():
-                            table[name].data = tensor.data.to(dtype)
+                for name, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
+                    if tensor.device.type == "meta" and tensor.is_floating_point():
+                        tensor.data = tensor.data.to(dtype)
+                for name, tensor in module.named_buffers(recurse=False, remove_duplicate=False):
+                    if tensor.device.type == "meta" and tensor.is_floating_point():
+                        tensor.data = tensor.data.to(dtype)
         return self
 
     def _owner_run(self, owner: int, fn, *args, **kwargs):

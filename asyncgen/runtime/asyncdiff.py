@@ -73,12 +73,8 @@ class _Pending:
 
 class DistributedRuntime:
     def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, cfg_parts: int = 1):
+        topology.check_world_size(ctx.world_size, cfg_parts)
         m = topology.world_size
-        if ctx.world_size != cfg_parts * m:
-            expected = f"stages + stride - 1 = {topology.stages} + {topology.stride} - 1 = {m}"
-            if cfg_parts > 1:
-                expected = f"{cfg_parts} * (stages + stride - 1) = {cfg_parts * m} (cfg_parallel)"
-            raise ValueError(f"world size {ctx.world_size} does not match {expected}")
         self.split, self.stage, self.topology, self.ctx = split, stage, topology, ctx
         self.schedule: AsyncSchedule | None = None
         self.cfg_parts = cfg_parts

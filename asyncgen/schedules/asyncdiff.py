@@ -68,6 +68,16 @@ class Topology:
     def rank_of(self, stage: int, replica: int = 0) -> int:
         return stage + replica
 
+    def check_world_size(self, world_size: int, cfg_parts: int = 1) -> None:
+        """Refuse a process group of the wrong size: ``cfg_parts * (stages + stride - 1)`` ranks run this topology."""
+        world = cfg_parts * self.world_size
+        if world_size != world:
+            expected = f"stages + stride - 1 = {self.stages} + {self.stride} - 1 = {world}"
+            if cfg_parts > 1:
+                expected = (f"{cfg_parts} * (stages + stride - 1) = {cfg_parts} * ({self.stages} + {self.stride} - 1) "
+                            f"= {world} (cfg_parallel)")
+            raise ValueError(f"world size {world_size} does not match {expected}; launch {world} processes")
+
 
 @dataclass(frozen=True)
 class Task:

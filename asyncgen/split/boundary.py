@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asyncgen.models import WIRE_DTYPES
+
 # header: [version, stream mask, n_skips, dtype_code, (ndim, *shape) per tensor ...]
 _HEADER_VERSION = 1
 HEADER_LEN = 256
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 @dataclass
@@ -79,7 +80,7 @@ class BoundaryLayout:
         if unknown:
             raise ValueError(f"streams {sorted(unknown)} are not among the model's streams {list(known_streams)}")
         mask = sum(1 << i for i, name in enumerate(known_streams) if name in self.stream_names)
-        values = [_HEADER_VERSION, mask, self.n_skips, _DTYPES.index(self.dtype)]
+        values = [_HEADER_VERSION, mask, self.n_skips, WIRE_DTYPES.index(self.dtype)]
         for shape in self.shapes:
             values += [len(shape), *shape]
         if len(values) > HEADER_LEN:
@@ -100,7 +101,7 @@ class BoundaryLayout:
             ndim = values[pos]
             shapes.append(tuple(values[pos + 1 : pos + 1 + ndim]))
             pos += 1 + ndim
-        return cls(tuple(shapes), n_skips, stream_names, _DTYPES[dtype_code])
+        return cls(tuple(shapes), n_skips, stream_names, WIRE_DTYPES[dtype_code])
 
 
 def pack(state: BoundaryState, out: torch.Tensor | None = None) -> torch.Tensor:
