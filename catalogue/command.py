@@ -1,9 +1,10 @@
 """``asyncgen catalogue``: list the asynchronous-learning catalogue, or run one miniature experiment.
 
-``list`` prints a table (name, family, paper, claim, default run time here);
-``run NAME`` runs the experiment on seeds ``--seed .. --seed+--seeds-1`` and writes
-``results.json``, ``results.md`` and ``results.png`` into ``--out`` (each whole or not at
-all). The exit code is 0 when the run completed, whether or not its goals passed.
+``list`` prints a table (name, family, paper, claim, and the CPU and wall seconds the committed
+default run measured); ``run NAME`` runs the experiment on seeds ``--seed .. --seed+--seeds-1``
+and writes ``results.json``, ``results.md`` and ``results.png`` into ``--out`` (each whole or
+not at all); ``render DIR...`` rewrites each folder's ``results.md`` from its ``results.json``.
+The exit code is 0 when the run completed, whether or not its goals passed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import argparse
 import sys
 
 from asyncgen.cli.errors import UsageError
+
+# the command's line in ``asyncgen --help``
+SUMMARY = 'the asynchronous-learning catalogue: list the methods, run a miniature experiment'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a documented default (repeatable); an unknown key lists the valid ones")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    render = actions.add_parser("render", help="rewrite results.md from results.json in each folder",
+                                description="Rewrite each folder's results.md from its results.json (the "
+                                "committed results are written only this way or by 'run').")
+    render.add_argument("folders", nargs="+", metavar="DIR", help="folders holding a results.json")
 
 
 def _list() -> int:
     from asyncgen.catalogue import experiments
 
-    rows = [(i.name, i.family, i.paper, i.claim, f"{i.default_seconds:.0f} s") for i in experiments().values()]
-    header = ("name", "family", "paper", "claim", "default run")
+    from asyncgen.catalogue.frame import measured_seconds
+
+    def seconds(name):
+        measured = measured_seconds(name)
+        return "not measured" if measured is None else f"{measured[1]:.0f} s CPU, {measured[0]:.0f} s wall"
+
+    rows = [(i.name, i.family, i.paper, i.claim, seconds(i.name)) for i in experiments().values()]
+    header = ("name", "family", "paper", "claim", "default run (committed)")
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
@@ -65,5 +79,20 @@ def _run(args) -> int:
     return 0
 
 
+def _render(args) -> int:
+    from pathlib import Path
+
+    from asyncgen.catalogue.frame import render_markdown
+
+    for folder in args.folders:
+        if not (Path(folder) / "results.json").is_file():
+            raise UsageError(f"{folder}: no results.json there")
+    for folder in args.folders:
+        print(f"wrote {render_markdown(folder)}")
+    return 0
+
+
 def run(args) -> int:
-    return _list() if args.action == "list" else _run(args)
+    if args.action == "list":
+        return _list()
+    return _render(args) if args.action == "render" else _run(args)

@@ -64,9 +64,13 @@ class ExperimentInfo:
     quick: Mapping[str, Any] = field(default_factory=dict)
     default_seeds: int = 3
     quick_seeds: int = 1
-    default_seconds: float = 60.0  # measured default run time here (2 cores)
+    processes_key: str = ""  # the config key holding the number of worker processes, if the run forks any
     packages: Sequence[str] = ()  # distributions whose versions go into results.json
     plot_caption: str = ""
+
+    def processes(self, config: Mapping[str, Any]) -> int:
+        """How many processes a run with ``config`` computes in at once (1 unless it forks workers)."""
+        return max(1, int(config[self.processes_key])) if self.processes_key else 1
 
     def load(self) -> Callable[..., "ExperimentResult"]:
         module, _, function = self.entry.partition(":")
@@ -202,7 +206,51 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def results_markdown(info: ExperimentInfo, report: dict) -> str:
+#: where the committed default runs live: docs/catalogue/NAME/results.{json,md,png} in a checkout (an
+#: installed copy without the docs has none, and says "not measured")
+COMMITTED = Path(__file__).resolve().parent.parent / "docs" / "catalogue"
+
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _revive(value: Any) -> Any:
+    """Undo ``write_json``'s one change: non-finite floats are stored as the strings nan / inf / -inf."""
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    if isinstance(value, dict):
+        return {k: _revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    return value
+
+
+def report_from_json(text: str) -> dict:
+    """A ``results.json``'s text as the report ``results_markdown`` renders (non-finite values restored)."""
+    import json
+
+    return _revive(json.loads(text))
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    return report_from_json(Path(path).read_text())
+
+
+def committed_report(name: str) -> dict | None:
+    """The committed default run of experiment ``name`` (its ``results.json``), or None where there is none."""
+    path = COMMITTED / name / "results.json"
+    return load_report(path) if path.is_file() else None
+
+
+def measured_seconds(name: str) -> tuple[float, float] | None:
+    """(wall, CPU) seconds of the committed default run of ``name``, as that run measured them; None if none."""
+    report = committed_report(name)
+    if report is None or "cpu_seconds" not in report:  # none, or from before CPU time was recorded
+        return None
+    return float(report["wall_seconds"]), float(report["cpu_seconds"])
+
+
+def results_markdown(report: dict) -> str:
+    """``results.md`` from a report alone (what ``results.json`` holds), so the committed file can be re-rendered."""
     from asyncgen.evaluation.reporting import markdown_table
 
     metrics = report["metrics"]
@@ -211,12 +259,12 @@ def results_markdown(info: ExperimentInfo, report: dict) -> str:
         names += [m for m, v in row.items() if m != "per_seed" and isinstance(v, (int, float)) and m not in names]
     rows = [{"arm": arm, **{m: _format(row[m]) if m in row else "" for m in names}} for arm, row in metrics.items()]
     lines = [
-        f"# {info.name}",
+        f"# {report['experiment']}",
         "",
-        f"{info.paper}. Claim: {info.claim}",
+        f"{report['paper']}. Claim: {report['claim']}",
         "",
         f"Seeds {report['seeds']} (values are seed means), wall time {report['wall_seconds']:.1f} s "
-        f"(CPU {report.get('cpu_seconds', float('nan')):.1f} s), "
+        f"(CPU {report['cpu_seconds']:.1f} s in {report['processes']} process(es)), "
         f"config: `{', '.join(f'{k}={v}' for k, v in report['config'].items())}`.",
         "",
         markdown_table(rows, ["arm", *names]),
@@ -350,11 +398,13 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
     report = {
         "experiment": info.name,
         "paper": info.paper,
+        "claim": info.claim,
         "config": config,
         "seeds": seed_list,
         "versions": _versions(info),
         "wall_seconds": wall,
         "cpu_seconds": cpu,  # this process and its finished children: on a shared machine wall time inflates
+        "processes": info.processes(config),  # computing at once; idle-machine wall time is about cpu / processes
         "metrics": metrics,
         "goals": {g.name: {"value": float(g.value), "threshold": float(g.threshold), "direction": g.direction,
                            "passed": g.passed, "description": g.description, "reason": g.reason}
@@ -363,8 +413,17 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
     }
     if out is not None:
         out = Path(out)
-        write_json(out / "results.json", report)
-        write_atomic(out / "results.md", results_markdown(info, report))
+        path = write_json(out / "results.json", report)
+        # results.md is rendered from what results.json holds, so it can be re-rendered from the file alone
+        write_atomic(out / "results.md", results_markdown(load_report(path)))
         if result.plot is not None:
             write_atomic(out / "results.png", plot_png(result.plot))
     return report
+
+
+def render_markdown(folder: str | os.PathLike) -> Path:
+    """Rewrite ``folder/results.md`` from ``folder/results.json`` (after a change to the results.md layout)."""
+    from asyncgen.evaluation.reporting import write_atomic
+
+    folder = Path(folder)
+    return write_atomic(folder / "results.md", results_markdown(load_report(folder / "results.json")))

@@ -36,7 +36,6 @@ EXPERIMENTS = [
         quick={"epochs": 3, "permuted_epochs": 1, "tasks": 2},
         default_seeds=1,
         quick_seeds=1,
-        default_seconds=256.0,  # measured: 256 s wall, 62 s CPU, on the shared 2 cores at load average 12-16
         packages=("scikit-learn",),
         plot_caption="accuracy on each task's test set after the last task",
     ),

@@ -27,7 +27,6 @@ EXPERIMENTS = [
         quick={"rounds": 4},
         # measured 2026-11-30: 48.4 s of CPU time (single-threaded, so ≈ wall on an idle core); 491 s wall
         # at load average ~12 on the 2 shared cores, where the run got ~10% of a core
-        default_seconds=49.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
@@ -42,7 +41,6 @@ EXPERIMENTS = [
                   "fedbuff_K": 5, "a": 0.5, **_SHARED},
         quick={"rounds": 6},
         # measured 2026-11-30: 152.3 s of CPU time (≈ wall on an idle core); 1341 s wall at load average ~12
-        default_seconds=153.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -57,7 +55,6 @@ EXPERIMENTS = [
                   "fedbuff_K": 5, **_SHARED},
         quick={"rounds": 6},
         # measured 2026-11-30: 41.3 s of CPU time (≈ wall on an idle core); 437 s wall at load average ~12
-        default_seconds=42.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -73,7 +70,6 @@ EXPERIMENTS = [
         quick={"rounds": 3},
         # measured 2026-11-30 at load average ~1.5: 252 s wall, 240 s CPU (after the bit-identical
         # BatchedMLPSGD speed-up; before it: 327 s CPU)
-        default_seconds=252.0,
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -90,7 +86,6 @@ EXPERIMENTS = [
                   "eta_g": 0.5},
         quick={"rounds": 3},
         # measured 2026-11-30: 52.1 s of CPU time (≈ wall on an idle core); 514 s wall at load average ~12
-        default_seconds=53.0,
         packages=PACKAGES,
         plot_caption="test accuracy of each task against simulated time",
     ),

@@ -109,6 +109,10 @@ def _check_config(config: dict) -> None:
         raise CatalogueError(f"arms={list(config['arms'])!r}: expected a subset of {', '.join(ARMS)}")
 
 
+def _spread(values, spec: str = ".3f") -> str:
+    return f"{statistics.fmean(values):{spec}} [{min(values):{spec}}, {max(values):{spec}}]"
+
+
 def run_energy_gnn_hogwild(config: dict, seeds: list[int], progress) -> ExperimentResult:
     torch.set_num_threads(1)
     _check_config(config)
@@ -141,18 +145,28 @@ def run_energy_gnn_hogwild(config: dict, seeds: list[int], progress) -> Experime
 
     mean = lambda arm, metric: statistics.fmean(per_seed[arm][metric])  # noqa: E731
     goals = []
-    for arm in ("gcn", "gin"):
-        if arm in arms:
-            goals.append(Goal(f"{arm}_hogwild_rel_error", mean(arm, "hogwild_rel_error"), 0.2, ">",
-                              f"{arm.upper()} median |Y_async - Y_sync| / |Y_sync| under hogwild",
-                              reason="the explicit GNN's layers mix little at this size, so mixing layers barely "
-                                     "changes its output"))
+    # pooled over both tasks (the first statement); GIN's is restated per task below (issue 24), the rest stand
+    if "gcn" in arms:
+        goals.append(Goal("gcn_hogwild_rel_error", mean("gcn", "hogwild_rel_error"), 0.2, ">",
+                          "GCN median |Y_async - Y_sync| / |Y_sync| under hogwild, both tasks",
+                          reason="the explicit GNN's layers mix little at this size, so mixing layers barely "
+                                 "changes its output"))
     for arm in ("ignn", "energy-gnn"):
         if arm in arms:
             goals.append(Goal(f"{arm}_hogwild_rel_error", mean(arm, "hogwild_rel_error"), 1e-3, "<",
-                              f"{arm} median relative error, hogwild vs sync",
+                              f"{arm} median relative error, hogwild vs sync, both tasks",
                               reason="the asynchronous iteration stopped at its tolerance farther from the fixed "
                                      "point than 1e-3"))
+    # per task, on the task every model learns (sums; no model learns chains, see the notes)
+    if "gin" in arms:
+        goals.append(Goal("gin_sums_hogwild_rel_error", mean("gin", "sums_hogwild_rel_error"), 0.2, ">",
+                          "sums: GIN median |Y_async - Y_sync| / |Y_sync| under hogwild",
+                          reason="GIN's sums output barely changes when its layers mix under hogwild"))
+    if "energy-gnn" in arms:
+        goals.append(Goal("energy-gnn_sums_hogwild_rel_error", mean("energy-gnn", "sums_hogwild_rel_error"), 1e-3,
+                          "<", "sums: energy GNN median relative error, hogwild vs sync",
+                          reason="the asynchronous iteration stopped at its tolerance farther from the fixed "
+                                 "point than 1e-3"))
     if "ignn" in arms and "energy-gnn" in arms:
         goals.append(Goal("energy_minus_ignn_sums_mse", mean("energy-gnn", "sums_mse_sync")
                           - mean("ignn", "sums_mse_sync"), 0.0, "<=",
@@ -191,6 +205,12 @@ def run_energy_gnn_hogwild(config: dict, seeds: list[int], progress) -> Experime
         "the hogwild subset (the 1% goal compares those two).",
         f"sums: MSE on the target sum/{SUMS_SCALE:g}; chains: node accuracy. Implicit solvers stop at "
         f"|residual|_inf < {config['tol']:g}.",
+        "chains (2 classes, chance 0.5; the label sits at one end of a 10-20 node path: 3-layer GCN/GIN see 3 "
+        f"hops, the implicit models learn it in {config['epochs']} epochs or not), per arm, seed mean [min, max], "
+        "accuracy sync / hogwild beside the hogwild relative error: "
+        + "; ".join(f"{arm} {_spread(per_seed[arm]['chains_accuracy_sync'])} / "
+                    f"{_spread(per_seed[arm]['chains_accuracy_hogwild'])}, error "
+                    f"{_spread(per_seed[arm]['chains_hogwild_rel_error'], '.3g')}" for arm in arms) + ".",
     ]
     return ExperimentResult(per_seed=per_seed, goals=goals, plot=Plot(panels=panels, title="hogwild GNN inference"),
                             notes=notes)

@@ -22,7 +22,7 @@ EXPERIMENTS = [
         # --set num_restarts=10 --set raw_samples=1024
         default_seeds=3,
         quick_seeds=1,
-        default_seconds=280.0,  # 532 s of CPU over 2 processes; 1610 s wall measured at load average 10-14
+        processes_key="processes",
         packages=("optuna", "botorch", "gpytorch", "torch"),
         plot_caption="median log10 simple regret against completed evaluations",
     ),
@@ -37,7 +37,6 @@ EXPERIMENTS = [
         quick={},
         default_seeds=20,
         quick_seeds=2,
-        default_seconds=16.0,
         packages=("numpy",),
         plot_caption="true final loss of the incumbent against cumulative budget",
     ),

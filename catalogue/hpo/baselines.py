@@ -3,8 +3,9 @@
 - ``KrigingBelieverSampler``: LogEI on a GP where every RUNNING point is added with its
   posterior mean as if observed (hyperparameters fixed); with no running points this is
   sequential LogEI;
-- ``LocalPenalisationSampler`` (González et al. 2016): EI x prod_j Phi((L ||x - x_j|| - M + mu(x_j)) / sigma(x_j))
-  over RUNNING points x_j, L = max ||grad mu|| over Sobol points, M = min y, maximised in log space;
+- ``LocalPenalisationSampler`` (González et al. 2016): EI x prod_j Phi((L ||x - x_j|| - mu(x_j) + M) / sigma(x_j))
+  over RUNNING points x_j on the loss scale (minimise), L = max ||grad mu|| over Sobol points, M = min y,
+  maximised in log space (the sign is derived in ``_PenalisedLogEI``);
 - asynchronous Thompson sampling is ``AEGiSSampler(probabilities=(0, 1, 0))``;
 - optuna's own ``GPSampler`` (qLogEI over RUNNING trials) is used as it is.
 
@@ -54,7 +55,21 @@ class KrigingBelieverSampler(GPSamplerBase):
 
 
 class _PenalisedLogEI(AcquisitionFunction):
-    """log EI(x) + sum_j log Phi((L ||x - x_j|| - M + mu(x_j)) / sigma(x_j)), on the loss scale."""
+    """log EI(x) + sum_j log Phi((L ||x - x_j|| - mu(x_j) + M) / sigma(x_j)), on the loss scale (minimise).
+
+    The sign, derived for this code's convention: ``busy_mean`` and ``loss_min`` are on the loss
+    scale, which is minimised (M = min y <= mu). With f L-Lipschitz and M = min f, every x with
+    ||x - x_j|| < (f(x_j) - M)/L has f(x) >= f(x_j) - L ||x - x_j|| > M, so the ball of radius
+    r_j = (f(x_j) - M)/L around a busy point x_j cannot hold a better point. The penaliser is the probability that x lies outside
+    that ball, with f(x_j) ~ N(mu(x_j), sigma(x_j)^2):
+        P(||x - x_j|| >= (f(x_j) - M)/L) = P(f(x_j) <= M + L d) = Phi((L d - (mu(x_j) - M)) / sigma(x_j)).
+    A busy point predicted far above the best loss therefore excludes a large ball (strong
+    penalty at and near it); one predicted at the best loss excludes almost nothing. The
+    opposite sign, Phi((L d + (mu - M))/sigma), penalises busy points least exactly where they
+    are worst and gives Phi > 1/2 at x_j whenever mu(x_j) > M (the test checks this case).
+    On the model's own scale (negated losses m = -f, maximised, M' = max m = -M) the radius reads
+    (M' - m(x_j))/L, González et al.'s maximisation form: the same ball, the same sign.
+    """
 
     def __init__(self, model, best_f: float, busy: torch.Tensor, lipschitz: float, loss_min: float):
         super().__init__(model)
@@ -66,11 +81,14 @@ class _PenalisedLogEI(AcquisitionFunction):
         self.busy_mean = -posterior.mean.reshape(-1)
         self.busy_sd = posterior.variance.reshape(-1).clamp_min(1e-12).sqrt()
 
-    def forward(self, X):
-        value = self.log_ei(X)
+    def log_penalty(self, X) -> torch.Tensor:
+        """sum_j log Phi((L ||x - x_j|| - (mu(x_j) - M)) / sigma(x_j)) for X of shape b x 1 x d: shape b."""
         distance = torch.cdist(X.squeeze(-2), self.busy)  # b x m
-        z = (self.lipschitz * distance - self.loss_min + self.busy_mean) / self.busy_sd
-        return value + log_ndtr(z).sum(-1)
+        z = (self.lipschitz * distance - (self.busy_mean - self.loss_min)) / self.busy_sd
+        return log_ndtr(z).sum(-1)
+
+    def forward(self, X):
+        return self.log_ei(X) + self.log_penalty(X)
 
 
 class LocalPenalisationSampler(KrigingBelieverSampler):

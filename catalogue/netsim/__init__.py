@@ -17,7 +17,7 @@ EXPERIMENTS = [
         quick={"dynamic_seconds": 20.0, "stable_seconds": 15.0, "tune_seeds": 3},
         default_seeds=10,
         quick_seeds=1,
-        default_seconds=120.0,  # 136 s of CPU over 2 worker processes; 712 s wall at load 10
+        processes_key="workers",
         packages=("simpy", "scikit-learn", "numpy"),
         plot_caption="GCC target bitrate against time on dynamic and stable traces",
     ),

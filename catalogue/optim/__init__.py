@@ -27,10 +27,10 @@ EXPERIMENTS = [
             "granularity": "tensor",
             "quad_dims": 50,
             "quad_steps": 2000,
-            "quad_lr": 0.1,
+            "quad_lr": 0.05,
             "quad_noise": 1e-3,
             "quad_delays": [0, 8, 32],
-            "quad_probe_lr": 0.05,
+            "quad_probe_lr": 0.1,
             "digits_epochs": 40,
             "digits_batch": 32,
             "digits_hidden": 256,
@@ -43,7 +43,6 @@ EXPERIMENTS = [
                "lr_grid": [0.1], "rhos": [2.0], "quad_probe_lr": 0.0},
         default_seeds=3,
         quick_seeds=1,
-        default_seconds=281.0,  # CPU seconds of the default run here (wall 1783 s at load average ~13 on 2 cores)
         packages=("scikit-learn",),
         plot_caption="test accuracy vs gradient delay (digits MLP) and f/f0 vs step on the quadratic at D=32",
     )

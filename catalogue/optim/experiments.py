@@ -179,7 +179,7 @@ def run_adaptive_braking(config: dict, seeds: list[int], progress) -> Experiment
             if delay == max(quad_delays):
                 quad_curves.setdefault(arm + (f" rho={rho:g}" if arm == "sgdm-ab" else ""), []).append(curve)
             progress.update()
-        if config["quad_probe_lr"] > 0:  # the same D=max comparison at a smaller lr, for the reader
+        if config["quad_probe_lr"] > 0:  # the same D=max comparison at another lr, for the reader
             for arm, rho in (("sgdm", 0.0), ("sgdm-lwp", 0.0), ("sgdm-ab", 2.0)):
                 curve = run_quadratic(arm, max(quad_delays), rho, config, seed, lr=config["quad_probe_lr"])
                 per_seed[arm].setdefault(f"quad_f_ratio_d{max(quad_delays)}_lr{config['quad_probe_lr']:g}",
@@ -214,17 +214,25 @@ def run_adaptive_braking(config: dict, seeds: list[int], progress) -> Experiment
                           - mean("sgdm-lwp", f"accuracy_d{d_goal}"), 0.0, ">",
                           f"SGDM+AB minus SGDM+LWP accuracy at D={d_goal}",
                           reason="linear weight prediction compensates this delay as well as braking does"))
-        goals.append(Goal(f"quad_sgdm_f_ratio_d{q_goal}", mean("sgdm", f"quad_f_ratio_d{q_goal}"), 1.0, ">",
-                          f"quadratic: SGDM final f / f0 at D={q_goal} (> 1 = diverged)",
-                          reason="SGDM stays stable on the quadratic at this delay"))
+    # the quadratic goal as issue 24 restates it: at the largest delay and quad_lr, AB reaches f/f0 <= 1e-2 while
+    # SGDM diverges or stays >= 10x higher. A diverged SGDM run stopped at f > QUAD_STOP_RATIO f0; it counts as
+    # QUAD_STOP_RATIO, so the ratio stays finite and a divergence always clears 10x over a converged AB.
+    lr_q = config["quad_lr"]
     ab_quad = mean("sgdm-ab", f"quad_f_ratio_d{q_goal}")
+    sgdm_capped = [min(v, QUAD_STOP_RATIO) if math.isfinite(v) else QUAD_STOP_RATIO
+                   for v in per_seed["sgdm"][f"quad_f_ratio_d{q_goal}"]]
+    sgdm_quad = sum(sgdm_capped) / len(sgdm_capped)
     probe = f"quad_f_ratio_d{q_goal}_lr{config['quad_probe_lr']:g}"
     probe_text = (f"; at lr={config['quad_probe_lr']:g} it reaches f/f0 = {mean('sgdm-ab', probe):.3g} while SGDM "
                   f"reaches {mean('sgdm', probe):.3g}") if probe in per_seed["sgdm-ab"] else ""
-    goals.append(Goal(f"quad_ab_f_ratio_d{q_goal}", ab_quad, 1e-2, "<",
-                      f"quadratic: SGDM+AB (rho=2) final f / f0 at D={q_goal}",
-                      reason=(f"SGDM+AB diverges too at lr={config['quad_lr']:g}, D={q_goal}" if ab_quad > 1 else
+    goals.append(Goal(f"quad_ab_f_ratio_d{q_goal}", ab_quad, 1e-2, "<=",
+                      f"quadratic: SGDM+AB (rho=2) final f / f0 at D={q_goal}, lr={lr_q:g}",
+                      reason=(f"SGDM+AB diverges too at lr={lr_q:g}, D={q_goal}" if ab_quad > 1 else
                               "braking does not bring f below 1% of f0 in the step budget") + probe_text))
+    goals.append(Goal(f"quad_sgdm_over_ab_d{q_goal}", sgdm_quad / max(ab_quad, 1e-300), 10.0, ">=",
+                      f"quadratic: SGDM final f / f0 over SGDM+AB's at D={q_goal}, lr={lr_q:g} (a diverged SGDM run "
+                      f"counts as {QUAD_STOP_RATIO:g})",
+                      reason=f"plain SGDM is as stable as braking at lr={lr_q:g}, D={q_goal}" + probe_text))
 
     x_quad = [min(20 * i, config["quad_steps"]) for i in range(config["quad_steps"] // 20 + 1)]
     panels = [
@@ -246,6 +254,13 @@ def run_adaptive_braking(config: dict, seeds: list[int], progress) -> Experiment
         f"A digits run counts as diverged (accuracy 0.10) when a training loss is NaN or > 1e3, or the final test "
         f"loss is > 10; a quadratic run stops when f > {QUAD_STOP_RATIO:g} f0 and reports f/f0 there.",
     ]
+    a_max = 2 * math.sin(math.pi / (2 * (2 * q_goal + 1)))
+    notes.append(f"quadratic stability: delayed gradient descent without momentum, w(t+1) = w(t) - lr*lambda*w(t-D), "
+                 f"is stable only for lr*lambda_max < 2 sin(pi / (2(2D+1))) = {a_max:.4f} at D={q_goal} "
+                 f"(lambda_max = 1); momentum {config['momentum']:g} multiplies the effective step by up to "
+                 f"{1 / (1 - config['momentum']):.0f}. The quadratic goals are set at lr={lr_q:g} (issue 24 restated "
+                 "them: the first statement, at lr=0.1, asked braking to converge twice as far past that limit); "
+                 "what they test is that braking converges where SGDM diverges.")
     if probes:
         notes.append(f"`quad_f_ratio_d{max(quad_delays)}_lr{config['quad_probe_lr']:g}`: the quadratic at the largest "
                      f"delay with lr={config['quad_probe_lr']:g} instead of {config['quad_lr']:g} (a probe, not a goal).")

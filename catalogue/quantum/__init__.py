@@ -20,7 +20,6 @@ EXPERIMENTS = [
         quick={"loss_points": 13, "mc_cycles": 200_000, "mc_loss_db": [40.0, 50.0]},
         default_seeds=3,
         quick_seeds=1,
-        default_seconds=2.0,
         packages=("numpy", "scipy"),
         plot_caption="secret key per channel use against total loss; ratio to PLOB against cycle length and T2",
     ),

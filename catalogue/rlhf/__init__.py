@@ -26,7 +26,6 @@ EXPERIMENTS = [
                "reward_pairs": 200, "reward_epochs": 1, "eval_prompts": 32},
         default_seeds=1,
         quick_seeds=1,
-        default_seconds=180.0,  # 177 s of CPU measured (one process); its wall time was 708 s at load average 12-15
         packages=("trl", "transformers", "datasets"),
         plot_caption="gold win-rate against SFT samples and KL to the SFT policy, against off-policyness N",
     ),

@@ -18,7 +18,7 @@ def test_listed_with_quick_overrides():
     listed = experiments()
     for name in FEDERATED:
         info = listed[name]
-        assert info.family == "federated" and info.quick and info.default_seconds <= 300
+        assert info.family == "federated" and info.quick  # run times: the committed runs' (test_committed_results)
 
 
 @pytest.mark.parametrize("name", FEDERATED)

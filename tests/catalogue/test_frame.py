@@ -7,7 +7,8 @@ import pytest
 
 from asyncgen.catalogue import experiments
 from asyncgen.catalogue.frame import (CatalogueError, ExperimentInfo, ExperimentResult, Goal, MissingExtra, Plot,
-                                      Series, require_extra, resolve_config, run_experiment, seed_means)
+                                      Series, load_report, require_extra, resolve_config, results_markdown,
+                                      run_experiment, seed_means)
 
 
 def toy_experiment(config, seeds, progress):
@@ -64,7 +65,9 @@ def test_run_writes_three_files_and_is_reproducible(tmp_path):
     assert saved["metrics"]["a"]["score"] == 2.0 and saved["metrics"]["b"]["per_seed"]["score"] == [1.0, 4.0, 9.0]
     assert saved["goals"]["a_small"] == {"value": 2.0, "threshold": 1.0, "direction": "<=", "passed": False,
                                          "description": "a stays small", "reason": "scale too large"}
+    assert saved["claim"] == "a is small" and saved["processes"] == 1
     md = (tmp_path / "r" / "results.md").read_text()
+    assert md == results_markdown(load_report(tmp_path / "r" / "results.json"))
     assert "MISSED" in md and "scale too large" in md and "| a |" in md
     assert (tmp_path / "r" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = run_experiment(TOY, seeds=3, seed=1, progress=False)
@@ -81,7 +84,7 @@ def test_missing_extra_is_one_line():
 
 def test_every_listed_experiment_is_complete():
     for name, info in experiments().items():
-        assert info.name == name and info.paper and info.claim and info.default_seconds <= 300
+        assert info.name == name and info.paper and info.claim  # run times: test_committed_results
         module, _, function = info.entry.partition(":")
         assert module.startswith(f"asyncgen.catalogue.{info.family}.") and function
         assert set(info.quick) <= set(info.defaults)

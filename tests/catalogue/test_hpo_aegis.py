@@ -144,9 +144,49 @@ def test_local_penalisation_discourages_running_points():
     plain = penalised.log_ei
     at_busy, far = busy[:, None, :], torch.tensor([[[0.9, 0.1]]], dtype=DTYPE)
     with torch.no_grad():
-        # at the running point the penaliser is Phi((0 - M + mu)/sigma) < 1; far away it is ~1
+        # at the running point (near the minimum) the penaliser is Phi((0 - (mu - M))/sigma) < 1; far away ~1
         assert float(penalised(at_busy) - plain(at_busy)) < -0.01
         assert float(penalised(far) - plain(far)) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_local_penalisation_excludes_the_ball_around_a_bad_busy_point():
+    # González et al. (2016) for losses (minimise, M = min y): a busy point x_j predicted at mu(x_j) > M excludes
+    # the ball of radius (mu(x_j) - M)/L, penaliser Phi((L d - (mu(x_j) - M))/sigma(x_j)). The busy point sits
+    # in a high corner of the bowl, far from the minimum, so mu(x_j) - M is several sigma: the wrong sign
+    # Phi((L d + (mu - M))/sigma) would give ~1 (no penalty) at and near it, and fails every check below.
+    rng = np.random.default_rng(103)
+    corner = np.array([0.95, 0.05])
+    points = np.vstack([rng.random((11, 2)), corner])  # the corner observed: mu(x_j) known to within the noise
+    fitted = fit_gp(points, [bowl(p) for p in points])
+    best = float(fitted.model.train_targets.max())
+    busy = torch.tensor(corner[None, :], dtype=DTYPE)
+    lipschitz = 4.0
+    penalised = _PenalisedLogEI(fitted.model, best, busy, lipschitz=lipschitz, loss_min=-best)
+    with torch.no_grad():
+        posterior = fitted.model.posterior(busy)
+    mu = -float(posterior.mean)  # loss scale (the model predicts negated, standardised losses)
+    sigma = float(posterior.variance) ** 0.5
+    gap = mu - (-best)  # mu(x_j) - M
+    assert gap > 10 * sigma  # the setting the test needs: the busy point is clearly worse than the best
+    radius = gap / lipschitz
+    toward = torch.tensor([-1.0, 1.0], dtype=DTYPE) / 2**0.5
+    from scipy.stats import norm
+
+    with torch.no_grad():
+        for t in (0.0, 0.25 * radius, 0.5 * radius, radius, radius + 3 * sigma / lipschitz, 2 * radius):
+            x = (busy[0] + t * toward)[None, None, :]
+            expected = norm.logcdf((lipschitz * t - gap) / sigma)  # the formula, computed independently
+            got = float(penalised.log_penalty(x))
+            # float64 throughout; the only difference is cdist's and scipy's rounding
+            assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            assert float(penalised(x) - penalised.log_ei(x)) == pytest.approx(got, rel=1e-9, abs=1e-12)
+        inside = lambda t: float(penalised.log_penalty((busy[0] + t * toward)[None, None, :]))  # noqa: E731
+        # inside the ball the penaliser is Phi(z) with z <= -gap/(2 sigma) < -5: below 3e-7 (log < -15)
+        assert inside(0.0) < -15 and inside(0.5 * radius) < -15
+        assert inside(radius) == pytest.approx(np.log(0.5), abs=1e-9)  # on the sphere: z = 0 exactly
+        # three sigma/L beyond the sphere: Phi(3) = 0.99865
+        assert inside(radius + 3 * sigma / lipschitz) == pytest.approx(np.log(norm.cdf(3.0)), abs=1e-9)
+        assert inside(0.0) < inside(0.5 * radius) < inside(radius) < inside(2 * radius) <= 0.0
 
 
 def test_bad_inputs():

@@ -176,5 +176,12 @@ def test_quick_experiment(tmp_path):
     assert metrics["eid-hb"]["cost"] == 1902.0 and metrics["rerun"]["cost"] == 423.0 + 1902.0
     assert report["goals"]["first_run_fully_reused"]["passed"]
     assert np.isfinite(metrics["eid-hb"]["incumbent_g"])
+    # the incumbent goal is one-sided: the signed gap of the medians, so a better ID-HB passes however large the gap
+    for variant in ("eid", "cid", "dcid"):
+        goal = report["goals"][f"{variant}_incumbent_vs_hb81"]
+        gap = float(np.median(metrics[f"{variant}-hb"]["per_seed"]["incumbent_g"])
+                    - np.median(metrics["hb-81"]["per_seed"]["incumbent_g"]))
+        assert goal["value"] == gap and goal["direction"] == "<=" and goal["threshold"] == 0.01
+        assert goal["passed"] == (gap <= 0.01)
     again = run_experiment(get_experiment("idhb"), quick=True, progress=False)
     assert again["metrics"] == report["metrics"]

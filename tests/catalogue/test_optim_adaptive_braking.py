@@ -232,7 +232,7 @@ def test_experiment_quick_runs_are_identical_and_named_as_the_issue(tmp_path):
     assert "accuracy_d32" in saved["metrics"]["sgdm-lwp"] and "accuracy_d0" not in saved["metrics"]["sgdm-lwp"]
     assert all(0.0 <= v <= 1.0 for v in saved["metrics"]["sgdm"]["per_seed"]["accuracy_d0"])
     assert set(saved["goals"]) == {"sgdm_accuracy_d0", "ab_retention_d32", "sgdm_retention_d32", "ab_minus_lwp_d32",
-                                   "quad_sgdm_f_ratio_d32", "quad_ab_f_ratio_d32"}
+                                   "quad_sgdm_over_ab_d32", "quad_ab_f_ratio_d32"}
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
 
 
