@@ -15,6 +15,9 @@ import sys
 from asyncgen.cli.errors import UsageError
 
 # the command's line in ``asyncgen --help``
+SUMMARY = "the asynchronous-learning catalogue: list the methods, run a miniature experiment"
+
+# the command's line in ``asyncgen --help``
 SUMMARY = 'the asynchronous-learning catalogue: list the methods, run a miniature experiment'
 
 

@@ -19,6 +19,9 @@ from .launcher import check_worker_count, launched_by_torchrun, run_on_devices
 from .options import (DTYPES, SEED_LIMIT, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
                       finite_float, fraction, non_negative_int, positive_int)
 
+# the command's line in ``asyncgen --help``
+SUMMARY = "generate images from prompts, on one device or several (AsyncDiff)"
+
 
 @dataclass
 class GenerateJob:

@@ -1,8 +1,10 @@
 """The ``asyncgen`` command: ``generate``, ``bench``, ``eval``, ``catalogue`` and ``plan``.
 
-Each subcommand's options and work live in one module with ``add_arguments(parser)``
-and ``run(args)``; this file only dispatches and turns errors into exit codes. Only the
-chosen subcommand's module is imported, so ``asyncgen generate`` never loads the
+Each subcommand's options and work live in one module with ``SUMMARY``,
+``add_arguments(parser)`` and ``run(args)``, registered as an entry point of the
+``asyncgen.commands`` group (``pyproject.toml``); this file finds them there, dispatches
+and turns errors into exit codes. It names no module of the layers above it, and only
+the chosen subcommand's module is imported, so ``asyncgen generate`` never loads the
 evaluation harness.
 """
 
@@ -16,17 +18,23 @@ from typing import Sequence
 from .errors import UsageError
 from .launcher import Interrupted, WorkerFailed
 
-COMMANDS = {
-    "generate": ("asyncgen.cli.generate", "generate images from prompts, on one device or several (AsyncDiff)"),
-    "bench": ("asyncgen.evaluation.bench_asyncdiff",
-              "time and grade the stock pipeline against AsyncDiff configurations; JSON, Markdown and a plot"),
-    "eval": ("asyncgen.evaluation.evaluate_folder",
-             "CLIP score of a folder of images against a prompt file, and fidelity to a reference folder"),
-    "catalogue": ("asyncgen.catalogue.command",
-                  "the asynchronous-learning catalogue: list the methods, run a miniature experiment"),
-    "plan": ("asyncgen.cli.plan", "what each rank would hold (stages, text encoders, VAE, bytes), from a model's "
-             "configs alone: no weights needed"),
-}
+# the subcommands are the entry points of this group (pyproject.toml): the CLI names no module of the layers
+# above it, and a plugin package can add a command the same way
+ENTRY_POINT_GROUP = "asyncgen.commands"
+# the order ``asyncgen --help`` lists them in; commands not named here follow in name order
+ORDER = ("generate", "bench", "eval", "plan", "catalogue")
+
+
+def commands() -> dict[str, str]:
+    """``{command: module}`` from the installed entry points, in :data:`ORDER` (nothing is imported)."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if not found:
+        raise UsageError(f"no asyncgen commands are registered (entry points {ENTRY_POINT_GROUP!r}): "
+                         "install the package (pip install -e .) before running it")
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -41,19 +49,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="on a failure, show the full traceback of the worker "
                         "that failed first (default: one line)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in commands().items():
+        # only the chosen command's module is imported (``asyncgen generate`` never loads the evaluation
+        # harness); the others' one-line summaries are needed only when no command is chosen (``--help``)
+        loaded = importlib.import_module(module) if command in (None, name) else None
+        summary = getattr(loaded, "SUMMARY", None)
+        sub = subparsers.add_parser(name, help=summary, description=summary)
         sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="on a failure, show the full traceback of the worker that failed first (default: one line)")
-        if command in (None, name):
-            importlib.import_module(module).add_arguments(sub)
+        if loaded is not None:
+            loaded.add_arguments(sub)
         sub.set_defaults(module=module)
     return parser
 
 
 def _chosen_command(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if a in COMMANDS), None)
+    names = commands()
+    return next((a for a in argv if a in names), None)
 
 
 def _quiet_third_party() -> None:
@@ -72,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
-    args = build_parser(_chosen_command(argv)).parse_args(argv)
+    try:
+        parser = build_parser(_chosen_command(argv))
+    except UsageError as exc:
+        print(f"asyncgen: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     prog = f"asyncgen {args.command}"
     try:
         return importlib.import_module(args.module).run(args) or 0

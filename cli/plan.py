@@ -18,6 +18,10 @@ import re
 from .errors import UsageError
 from .options import positive_int
 
+# the command's line in ``asyncgen --help``
+SUMMARY = ("what each rank would hold (stages, text encoders, VAE, bytes), from a model's configs alone: "
+           "no weights needed")
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

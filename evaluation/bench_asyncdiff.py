@@ -39,6 +39,9 @@ from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
 from .fidelity import psnr, ssim
 from .reporting import markdown_table, write_atomic, write_json
 
+# the command's line in ``asyncgen --help``
+SUMMARY = "time and grade the stock pipeline against AsyncDiff configurations; JSON, Markdown and a plot"
+
 
 def load_on_rank(model: str, rank: int, device: str = "cpu", dtype: str = "float32", allow_pickle: bool = False):
     """The pipeline at ``model``, progress bars off, on this rank's device (``cuda:rank`` for CUDA)."""

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the command's line in ``asyncgen --help``
+SUMMARY = "CLIP score of a folder of images against a prompt file, and fidelity to a reference folder"
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

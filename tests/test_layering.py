@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,44 @@ def test_every_import_points_down_the_layers():
             if _layer(target) not in ALLOWED[layer]:
                 wrong.append(f"{name} imports {target}")
     assert not wrong, "imports against the one-way rule:\n" + "\n".join(wrong)
+
+
+def _string_imports(path: Path) -> set[str]:
+    """Module names written as whole string constants (``importlib.import_module("asyncgen.x")``, a registry)."""
+    tree = ast.parse(path.read_text())
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and re.fullmatch(r"asyncgen(\.[a-z_0-9]+)+(:[A-Za-z_0-9.]+)?", n.value)}
+
+
+def test_modules_named_in_strings_point_down_the_layers_too():
+    wrong = []
+    for name, path, _ in _modules():
+        layer = _layer(name)
+        for target in _string_imports(path):
+            module = target.partition(":")[0]
+            if _layer(module) not in ALLOWED[layer]:
+                wrong.append(f"{name} names {module} in a string")
+    assert not wrong, "string imports against the one-way rule:\n" + "\n".join(wrong)
+
+
+def test_the_cli_finds_its_subcommands_through_entry_points():
+    from asyncgen.cli.main import ENTRY_POINT_GROUP, commands
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert f'[project.entry-points."{ENTRY_POINT_GROUP}"]' in text
+    found = commands()
+    assert list(found)[:5] == ["generate", "bench", "eval", "plan", "catalogue"]
+    assert found["bench"] == "asyncgen.evaluation.bench_asyncdiff"
+    # the CLI's own modules name none of the layers above it (the entry points do)
+    assert not [t for _, path, _ in _modules() if "cli" in path.parts for t in _string_imports(path)
+                if _layer(t.partition(":")[0]) not in ALLOWED["asyncgen.cli"]]
+
+
+def test_the_string_check_sees_a_registry_of_upper_modules(tmp_path):
+    sample = tmp_path / "registry.py"
+    sample.write_text('COMMANDS = {"bench": ("asyncgen.evaluation.bench_asyncdiff", "time it")}\n'
+                      'x = "asyncgen.pipelines are the layer above"\n')
+    assert _string_imports(sample) == {"asyncgen.evaluation.bench_asyncdiff"}
 
 
 def test_no_module_level_import_cycle():
