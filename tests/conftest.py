@@ -6,7 +6,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ASYNCGEN_TIMEOUT", "60")
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ is a package (tests/<area>/test_<module>.py, basenames repeat across areas); the shared
+# helpers in fixtures/ are imported by module name (`import tiny_models`), here and in the worker
+# processes of distributed tests, which inherit this sys.path.
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 import tiny_models  # noqa: E402
 from asyncgen.cli import launcher  # noqa: E402

@@ -6,7 +6,7 @@ import torch
 
 import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
-from test_asyncdiff_pipeline import denoiser_of, even_cuts, follow_the_design
+from tests.pipelines.test_asyncdiff import denoiser_of, even_cuts, follow_the_design
 from tiny_models import call_kwargs
 
 # family -> (load the pipeline, call arguments, the denoiser kwargs dict that carries a LoRA scale)

@@ -103,7 +103,7 @@ def test_no_print_in_library_code():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     calls = []
     for folder in ("asyncgen", "pipelines"):
         for path in (root / folder).rglob("*.py"):

@@ -17,7 +17,7 @@ import pytest
 
 from asyncgen.evaluation import bench_peer_asyncdiff
 
-STAND_IN = Path(__file__).resolve().parent / "fixtures" / "stand_in_asyncdiff.py"
+STAND_IN = Path(__file__).resolve().parents[1] / "fixtures" / "stand_in_asyncdiff.py"
 PEER_LABEL = "original AsyncDiff (SD2.1 split table)"
 
 
