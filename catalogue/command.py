@@ -17,9 +17,6 @@ from asyncgen.cli.errors import UsageError
 # the command's line in ``asyncgen --help``
 SUMMARY = "the asynchronous-learning catalogue: list the methods, run a miniature experiment"
 
-# the command's line in ``asyncgen --help``
-SUMMARY = 'the asynchronous-learning catalogue: list the methods, run a miniature experiment'
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
