@@ -1,64 +1,17 @@
-"""dtype, attention kernels, torch.compile and device placement: the CPU-checkable parts."""
+"""dtype, attention kernels and torch.compile through the wrapper: the CPU-checkable parts.
+
+Which device the wire and control messages use is in tests/comm/, the wire format's dtypes in
+tests/split/test_boundary.py.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 import tiny_models
-from asyncgen.split.boundary import BoundaryLayout, BoundaryState, pack, unpack
-from asyncgen.comm.p2p import control_device, p2p_device
-from asyncgen.comm.group import local_cuda_device
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.pipelines.acceleration import compile_options, enable_attention, resolve_dtype
 from tiny_models import call_kwargs
-
-CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-
-
-# ------------------------------------------------------------------ devices and backends
-
-
-@pytest.mark.parametrize("backend, device, expected", [
-    ("cpu:gloo,cuda:nccl", CUDA, CUDA),  # NCCL moves CUDA tensors itself
-    ("nccl", CUDA, CUDA),
-    ("gloo", CUDA, CPU),  # gloo reads host memory: stage through pinned buffers
-    ("gloo", CPU, CPU),
-    ("cpu:gloo,cuda:nccl", CPU, CPU),
-])
-def test_p2p_device(backend, device, expected):
-    assert p2p_device(backend, device) == expected
-
-
-def test_p2p_device_refuses_what_no_backend_carries():
-    with pytest.raises(ValueError, match="backend 'nccl' cannot carry cpu tensors"):
-        p2p_device("nccl", CPU)
-
-
-@pytest.mark.parametrize("backend, expected", [("cpu:gloo,cuda:nccl", CPU), ("gloo", CPU), ("nccl", CUDA)])
-def test_control_device(backend, expected):
-    # seeds, cut points and layout headers are read by the host: CPU wherever gloo can carry them
-    assert control_device(backend, CUDA) == expected
-
-
-def test_local_cuda_device_names_the_missing_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert local_cuda_device("cuda") == torch.device("cuda", 1)  # "cuda" means this rank's GPU, not GPU 0
-    assert local_cuda_device("cuda:0") == torch.device("cuda", 0)  # an explicit index wins
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    with pytest.raises(ValueError, match="LOCAL_RANK=3 asks for CUDA device 3, but this process sees 2"):
-        local_cuda_device(None)
-
-
-def test_one_visible_gpu_is_cuda_0_whatever_local_rank(monkeypatch):
-    """SLURM/Kubernetes give each process its own CUDA_VISIBLE_DEVICES: LOCAL_RANK 3 then sees one GPU, cuda:0."""
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    assert local_cuda_device(None) == torch.device("cuda", 0)
-    assert local_cuda_device("cuda") == torch.device("cuda", 0)
-    with pytest.raises(ValueError, match="device='cuda:1' asks for CUDA device 1, but this process sees 1"):
-        local_cuda_device("cuda:1")  # an explicit index is still checked
-
 
 # ------------------------------------------------------------------ dtypes
 
@@ -74,17 +27,6 @@ def test_resolve_dtype(name, dtype):
 def test_resolve_dtype_rejects(bad):
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype(bad)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_wire_format_keeps_the_dtype(dtype):
-    state = BoundaryState(torch.randn(2, 3, 4).to(dtype), (torch.randn(2, 5).to(dtype),), {"text": torch.randn(7).to(dtype)})
-    layout = BoundaryLayout.decode(state.layout().encode(("text",)), ("text",))
-    buffer = pack(state)
-    received = unpack(buffer.clone(), layout)
-    assert layout.dtype == buffer.dtype == dtype
-    for sent, got in zip(state.tensors(), received.tensors()):
-        assert got.dtype == dtype and torch.equal(sent, got)
 
 
 def test_bfloat16_pipeline_through_the_stages(sd_path):

@@ -1,4 +1,5 @@
-"""The proxy's own duties: LoRA scale, timesteps looked up ahead, and the guards around them."""
+"""The proxy (asyncgen/runtime/staged_denoiser.py): its own duties (LoRA scale, timesteps looked up ahead,
+the guards around them) and a second, unnamed pass per step as a lane of its own."""
 
 import numpy as np
 import pytest
@@ -186,3 +187,24 @@ def test_timesteps_the_scheduler_does_not_list(sd_path):
         x = latents + t / 1000  # a different sample each step, as a real loop has
         assert torch.equal(stride_1(x, t, encoder_hidden_states=text).sample,
                            design(x, t, encoder_hidden_states=text).sample)
+
+
+# A pipeline that runs a second denoiser pass per step without naming it (Lumina2: cond, then
+# uncond, on the same latents, no ``cache_context``): the proxy must count steps, not calls, and
+# give the second pass a lane of its own, so the two passes' stale states never mix.
+def test_a_second_pass_on_the_same_latents_is_a_lane_of_its_own(pipeline_path, one_thread):
+    path = pipeline_path("lumina2")
+    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, "lumina2"), stages=2, warmup=1)
+    seen = []
+
+    def count(pipe, i, t, kwargs):
+        proxy = pipe.transformer
+        seen.append((proxy._step, {name: lane._step for name, lane in proxy._lanes.items()}))
+        return {}
+
+    kwargs = tiny_models.pipeline_call_kwargs("lumina2", callback_on_step_end=count)
+    images = wrapped(**kwargs).images
+    steps = kwargs["num_inference_steps"]
+    # after step i both the proxy and the uncond lane have run i + 1 steps (not 2 (i + 1) calls on one schedule)
+    assert seen == [(i + 1, {"pass 1": i + 1}) for i in range(steps)]
+    assert np.isfinite(images).all()
