@@ -1,0 +1,483 @@
+"""The one door to private and version-specific APIs of torch, diffusers, transformers and the stdlib.
+
+Every use of another library's underscore name, or of a behaviour that changed between
+releases, is a named function here: its docstring says what it does, which releases it
+was written against, and what public API would replace it. A version bump that breaks
+one of them is fixed here and nowhere else; ``tests/test_compat.py`` checks each on the
+installed releases, and ``tests/test_layering.py`` fails on a private name used anywhere
+else in the package.
+
+Functions that reach a private API detect it and raise :class:`PrivateAPIMissing`, naming
+the library's version, when it is gone, unless a documented fallback exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class PrivateAPIMissing(RuntimeError):
+    """A private API asyncgen relies on is not in the installed library (named with its version)."""
+
+
+def library_version(name: str):
+    """The installed version of distribution ``name`` as a ``packaging`` ``Version`` (None if not installed)."""
+    from packaging.version import Version
+
+    try:
+        return Version(importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _missing(library: str, what: str, hint: str = "") -> PrivateAPIMissing:
+    return PrivateAPIMissing(f"{what} is not in {library} {library_version(library)}; asyncgen needs it"
+                             + (f" ({hint})" if hint else ""))
+
+
+# ---------------------------------------------------------------------------- torch: dispatch and fake tensors
+
+def tree_leaves(tree: Any) -> list:
+    """The leaves of a nested structure of tuples, lists, dicts and dataclass-like pytrees.
+
+    ``torch.utils.pytree.tree_leaves`` is public from the torch release that adds
+    ``torch.utils.pytree``; before it (torch 2.4 to 2.14 at least) only the private
+    ``torch.utils._pytree`` has it. Uses the public module when present.
+    """
+    try:
+        from torch.utils.pytree import tree_leaves as leaves  # public, newer torch
+    except ImportError:
+        from torch.utils._pytree import tree_leaves as leaves
+    return leaves(tree)
+
+
+@functools.cache
+def torch_dispatch_mode() -> type:
+    """The base class of a ``__torch_dispatch__`` mode (every aten op passes through it).
+
+    ``torch.utils._python_dispatch.TorchDispatchMode`` (torch 1.13 on, unchanged API through
+    2.14); torch documents it under that private path and has no public alias. Subclass the
+    class this returns.
+    """
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError as exc:
+        raise _missing("torch", "torch.utils._python_dispatch.TorchDispatchMode") from exc
+    return TorchDispatchMode
+
+
+def op_returns_alias(func) -> bool:
+    """Whether aten op ``func`` (an ``OpOverload``) returns a view of, or the same tensor as, an input.
+
+    Reads ``func._schema.returns[*].alias_info`` (torch 2.x). The public
+    ``OpOverload.is_view`` looks at the arguments, not the returns, so it differs for ops
+    with aliased inputs and fresh outputs.
+    """
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        raise _missing("torch", "OpOverload._schema")
+    return any(r.alias_info is not None for r in schema.returns)
+
+
+def fake_tensor_mode(**kwargs):
+    """A new ``FakeTensorMode`` (``torch._subclasses.fake_tensor``, torch 2.0 on; no public path).
+
+    ``kwargs`` go to its constructor (``allow_non_fake_inputs=True`` is what asyncgen passes).
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError as exc:
+        raise _missing("torch", "torch._subclasses.fake_tensor.FakeTensorMode") from exc
+    return FakeTensorMode(**kwargs)
+
+
+def value_read_errors() -> tuple[type[Exception], ...]:
+    """What a ``FakeTensorMode`` run raises where the forward reads tensor values in Python
+    (``.tolist()``, ``nonzero``): ``DataDependentOutputException`` and
+    ``DynamicOutputShapeException`` of ``torch._subclasses.fake_tensor`` (torch 2.0 on)."""
+    try:
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+        )
+    except ImportError as exc:
+        raise _missing("torch", "torch._subclasses.fake_tensor's data-dependent exceptions") from exc
+    return DataDependentOutputException, DynamicOutputShapeException
+
+
+def fake_from_meta(mode, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor of ``mode`` with ``tensor``'s (a meta tensor's) shape and dtype, pretending to live on ``device``.
+
+    ``FakeTensorMode.fake_tensor_converter.from_meta_and_device`` (torch 2.0 to 2.14);
+    ``mode.from_tensor`` would keep the meta device.
+    """
+    converter = getattr(mode, "fake_tensor_converter", None)
+    if converter is None or not hasattr(converter, "from_meta_and_device"):
+        raise _missing("torch", "FakeTensorMode.fake_tensor_converter.from_meta_and_device")
+    return converter.from_meta_and_device(mode, tensor, device)
+
+
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"  # the logger a failed fake op writes to (torch 2.x)
+
+
+# ---------------------------------------------------------------------------- torch: modules
+
+def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """``(name, tensor, is_parameter)`` for ``module``'s own parameters then buffers (not its submodules'),
+    a tensor held under two names listed under each, ``None`` slots left out.
+
+    Public API: ``named_parameters``/``named_buffers`` with ``recurse=False,
+    remove_duplicate=False`` (torch 2.0 on); nothing private here.
+    """
+    params = [(n, t, True) for n, t in module.named_parameters(recurse=False, remove_duplicate=False)]
+    return params + [(n, t, False) for n, t in module.named_buffers(recurse=False, remove_duplicate=False)]
+
+
+def non_persistent_buffer_names(module: nn.Module) -> set[str]:
+    """The names of ``module``'s own buffers registered with ``persistent=False`` (in no ``state_dict``).
+
+    Reads ``nn.Module._non_persistent_buffers_set`` (torch 1.6 to 2.14). The public way
+    (buffer names minus the module's own ``state_dict`` keys) walks the whole subtree, once
+    per module: quadratic on a large model.
+    """
+    names = getattr(module, "_non_persistent_buffers_set", None)
+    if names is None:
+        raise _missing("torch", "nn.Module._non_persistent_buffers_set")
+    return set(names)
+
+
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Put ``value`` in ``module``'s own parameter or buffer slot ``name``, whatever its type.
+
+    A buffer slot keeps its persistence. For a parameter slot ``setattr`` (public) is used
+    when ``value`` is an ``nn.Parameter``; anything else (a fake tensor standing in for a
+    meta weight while shapes are traced) goes straight into ``nn.Module._parameters``
+    (torch 1.x to 2.14), which ``setattr`` would refuse. ``torch.func.functional_call`` is
+    the public way to run a module on other tensors, for one call only.
+    """
+    is_parameter = name in dict(module.named_parameters(recurse=False, remove_duplicate=False))
+    if is_parameter and value is not None and not isinstance(value, nn.Parameter):
+        table = getattr(module, "_parameters", None)
+        if table is None:
+            raise _missing("torch", "nn.Module._parameters")
+        table[name] = value
+        return
+    if not is_parameter and name not in dict(module.named_buffers(recurse=False, remove_duplicate=False)):
+        raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+    setattr(module, name, value)  # nn.Module.__setattr__ writes an existing slot; a buffer keeps its persistence
+
+
+def compiled_original(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d module wraps (``module`` itself when it is not one).
+
+    ``OptimizedModule._orig_mod`` (torch 2.0 to 2.14); torch has no public accessor.
+    """
+    return getattr(module, "_orig_mod", module)
+
+
+def parse_to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype an ``nn.Module.to(*args, **kwargs)`` call asks for (None: unchanged).
+
+    ``torch._C._nn._parse_to`` is what ``nn.Module.to`` itself calls (torch 1.x to 2.14);
+    no public function parses these arguments.
+    """
+    parse = getattr(getattr(torch._C, "_nn", None), "_parse_to", None)
+    if parse is None:
+        raise _missing("torch", "torch._C._nn._parse_to")
+    device, dtype, _, _ = parse(*args, **kwargs)
+    return device, dtype
+
+
+def renamed_function(function: types.FunctionType, name: str) -> types.FunctionType:
+    """A copy of ``function`` whose code object is a distinct one named ``name``.
+
+    ``torch.compile`` caches what it compiled per code object, up to
+    ``torch._dynamo.config.recompile_limit`` (``cache_size_limit`` before torch 2.6) entries;
+    stages with different modules would each recompile the one shared function and hit the
+    limit. A distinct code object per stage gives each stage its own cache. Uses only
+    ``CodeType.replace`` (Python 3.8 on); a public per-call cache in ``torch.compile``
+    would replace it.
+    """
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+
+
+# ---------------------------------------------------------------------------- torch.distributed
+
+def default_store():
+    """The default process group's key-value store, or None (no group, or the helper is gone).
+
+    ``torch.distributed.distributed_c10d._get_default_store`` (torch 1.x to 2.14); there is no
+    public getter. Failure reporting must never mask the real error, so this never raises.
+    """
+    import torch.distributed as dist
+
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except Exception:  # noqa: BLE001 - no default group
+        return None
+
+
+def abort_process_group(group=None) -> None:
+    """End ``group`` now, pending work dropped (``None``: every group of this process); never raises.
+
+    ``torch.distributed.distributed_c10d._abort_process_group`` (torch 2.5 on; 2.14 checked)
+    does not wait for pending NCCL operations, and on gloo it closes the connections, which
+    peers see at once. Where it is missing or fails, the public
+    ``torch.distributed.destroy_process_group`` (which may wait) is the fallback.
+    """
+    import torch.distributed as dist
+
+    try:
+        dist.distributed_c10d._abort_process_group(group)
+    except Exception:  # noqa: BLE001 - an older torch, or a group already gone
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001, S110 - nothing left to end
+            pass
+
+
+# ---------------------------------------------------------------------------- diffusers
+
+def clear_method_caches(model: nn.Module) -> None:
+    """Empty the ``functools.lru_cache``s on the methods of ``model``'s module classes.
+
+    Diffusers caches rotary tables per (module, shape, device): QwenImage's
+    ``QwenEmbedRope._compute_video_freqs`` under ``lru_cache_unless_export`` (diffusers 0.35 on;
+    0.42 checked), which hides the cache in its closure. A run under ``FakeTensorMode`` leaves
+    fake tensors there, and the first real forward at the same shapes would get them back (a
+    meta-built model traced at the pipeline's size then fails on its first real step). The
+    caches belong to the class, so clearing them costs a recomputation and nothing else.
+    No public API clears them; a diffusers that stops caching makes this a no-op.
+    """
+    seen: set[type] = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in seen:
+                continue
+            seen.add(cls)
+            for value in vars(cls).values():
+                value = getattr(value, "__func__", value)  # staticmethod / classmethod
+                candidates = [value]
+                for cell in getattr(value, "__closure__", None) or ():
+                    try:
+                        candidates.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        pass
+                for candidate in candidates:
+                    if callable(getattr(candidate, "cache_clear", None)):
+                        candidate.cache_clear()
+
+
+def hook_original_forward(hook) -> Callable:
+    """The forward a ``diffusers.hooks.ModelHook`` with a ``new_forward`` wraps (the next one down the chain).
+
+    ``hook.fn_ref.original_forward`` (``HookFunctionReference``, diffusers 0.33 on; 0.42
+    checked); ``ModelHook`` has no public accessor for it.
+    """
+    original = getattr(getattr(hook, "fn_ref", None), "original_forward", None)
+    if original is None:
+        raise _missing("diffusers", "ModelHook.fn_ref.original_forward", "is the hook registered?")
+    return original
+
+
+def execution_device(pipeline) -> torch.device:
+    """The device a ``DiffusionPipeline`` runs its models on (that of the offload hooks when offloading).
+
+    ``DiffusionPipeline._execution_device`` (diffusers 0.x to 0.42); ``pipeline.device`` is
+    public but reports the CPU under model offloading.
+    """
+    if not hasattr(type(pipeline), "_execution_device"):
+        raise _missing("diffusers", "DiffusionPipeline._execution_device")
+    return pipeline._execution_device
+
+
+def sdxl_add_time_ids(pipeline, original_size, crop_top_left, target_size, dtype: torch.dtype,
+                      text_encoder_projection_dim: int | None) -> torch.Tensor:
+    """SDXL's micro-conditioning ids ``(1, 6)`` for these sizes, as the pipeline computes them.
+
+    ``StableDiffusionXLPipeline._get_add_time_ids`` (diffusers 0.19 to 0.42, positional
+    ``original_size, crops_coords_top_left, target_size, dtype`` then the projection dim);
+    it also checks the ids against the UNet's embedding size. No public equivalent.
+    """
+    method = getattr(pipeline, "_get_add_time_ids", None)
+    if method is None:
+        raise _missing("diffusers", f"{type(pipeline).__name__}._get_add_time_ids")
+    return method(original_size, crop_top_left, target_size, dtype=dtype,
+                  text_encoder_projection_dim=text_encoder_projection_dim)
+
+
+def from_deprecated_attention_block(module: nn.Module) -> bool:
+    """Whether diffusers built ``module`` (an ``Attention``) for an old VAE checkpoint whose
+    attention weights are named ``query``/``key``/``value``/``proj_attn`` and renamed on load.
+
+    ``Attention._from_deprecated_attn_block`` (diffusers 0.15 to 0.42); False when absent.
+    """
+    return bool(getattr(module, "_from_deprecated_attn_block", False))
+
+
+def diffusers_dtype_keyword() -> str:
+    """The keyword ``DiffusionPipeline.from_pretrained`` takes a dtype by: ``dtype`` in the diffusers releases
+    that deprecate ``torch_dtype`` (0.42 checked), ``torch_dtype`` before.
+
+    Detected by the presence of ``diffusers.utils.deprecation_utils._resolve_dtype``, the helper
+    that accepts ``dtype``; ``from_pretrained`` takes ``**kwargs``, so its signature cannot say.
+    """
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        return "dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
+def unet_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0/1 attention mask ``(B, T)`` as the additive bias ``(B, 1, T)`` the UNets' forwards make of it.
+
+    ``UNet2DConditionModel.forward`` and ``UNetMotionModel.forward`` (diffusers 0.x to 0.42)
+    keep 1 as 0 and turn 0 into -10000.0, not ``-inf`` nor the dtype's minimum; a split
+    that rebuilds those forwards must do the same to stay bit-identical. Not a function
+    diffusers exports: its inline code, mirrored here so a change is fixed in one place.
+    """
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+def set_pipeline_component(pipeline, name: str, module) -> None:
+    """Make ``pipeline.<name>`` be ``module`` without rewriting the pipeline's config.
+
+    ``DiffusionPipeline.__setattr__`` (diffusers 0.x to 0.42) records a new component's
+    class in the config (``register_to_config``); a stand-in (a staged denoiser, a proxy)
+    must leave the real class there, so ``save_pretrained`` and ``pipe.components`` keep
+    naming it. Writing past that ``__setattr__`` is the private step; a
+    ``diffusers.hooks`` hook on the real module would need no replacement at all.
+    """
+    object.__setattr__(pipeline, name, module)
+
+
+def keep_in_fp32_modules(model: nn.Module) -> list[str]:
+    """The module names a model class asks ``from_pretrained`` to keep in float32 (T5's ``wo``).
+
+    ``_keep_in_fp32_modules`` (a class attribute of diffusers' ``ModelMixin`` from 0.26 and of
+    transformers' ``PreTrainedModel``); [] when absent or None. No public accessor.
+    """
+    return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def keep_in_fp32_modules_strict(model: nn.Module) -> list[str]:
+    """The module names transformers keeps in float32 under bfloat16 as well as float16.
+
+    ``PreTrainedModel._keep_in_fp32_modules_strict`` (transformers 4.54 on); [] when absent.
+    """
+    return list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+
+
+# ---------------------------------------------------------------------------- transformers
+
+def transformers_dtype_keyword() -> str:
+    """The keyword transformers takes a model dtype by: ``dtype`` from 4.56, ``torch_dtype`` before."""
+    version = library_version("transformers")
+    from packaging.version import Version
+
+    return "dtype" if version is None or version >= Version("4.56") else "torch_dtype"
+
+
+def transformers_model_from_config(model_class, config, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model of ``model_class`` built from ``config`` (weights initialised, not loaded), in ``dtype``.
+
+    ``PreTrainedModel._from_config`` (transformers 4.x to 5.x), which ``AutoModel.from_config``
+    calls after resolving the class; it sets the attention implementation and the dtype as
+    ``from_pretrained`` would. The dtype keyword follows :func:`transformers_dtype_keyword`.
+    """
+    build = getattr(model_class, "_from_config", None)
+    if build is None:
+        raise _missing("transformers", f"{model_class.__name__}._from_config")
+    return build(config, **({transformers_dtype_keyword(): dtype} if dtype is not None else {}))
+
+
+def t5_attention_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The encoder mask a T5 stack's forward builds: ``masking_utils.create_bidirectional_mask``
+    (transformers 4.56 on; 5.x checked); transformers < 4.56 built it inside ``T5Stack.forward``."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError as exc:
+        raise _missing("transformers", "transformers.masking_utils.create_bidirectional_mask",
+                       "a T5 encoder split into layer ranges needs transformers >= 4.56") from exc
+    return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+
+def clip_causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The causal mask a CLIP text transformer's forward builds: ``masking_utils.create_causal_mask``
+    with no cache (transformers 4.53 on; 5.x checked)."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError as exc:
+        raise _missing("transformers", "transformers.masking_utils.create_causal_mask",
+                       "a CLIP encoder split into layer ranges needs transformers >= 4.53") from exc
+    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None)
+
+
+def t5_block_forward(block: nn.Module, hidden: torch.Tensor, mask, position_bias):
+    """One ``T5Block`` of an encoder: ``(hidden, position_bias)`` out.
+
+    transformers 5.x's ``T5Block.forward(hidden_states, attention_mask, position_bias,
+    encoder_hidden_states, encoder_attention_mask, encoder_decoder_position_bias, cache=...)``
+    returning a 3-tuple; earlier releases named the cache ``past_key_value`` and returned
+    more fields, so the version is checked.
+    """
+    if not _takes_cache(type(block)):
+        raise _missing("transformers", "T5Block.forward(..., cache=)", "a T5 encoder split needs transformers 5")
+    hidden, bias, _ = block(hidden, mask, position_bias, None, None, None, cache=None)
+    return hidden, bias
+
+
+@functools.cache
+def _takes_cache(block_class: type) -> bool:
+    import inspect
+
+    return "cache" in inspect.signature(block_class.forward).parameters
+
+
+def clip_layer_forward(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
+    """One ``CLIPEncoderLayer`` of a text encoder, causal: the new hidden state.
+
+    Written against transformers 5.x's ``CLIPEncoderLayer.forward(hidden_states,
+    attention_mask, **kwargs)`` with ``is_causal`` among the attention kwargs, returning a
+    tensor; 4.x took a separate ``causal_attention_mask`` and returned a tuple (the tuple's
+    first field is taken if one comes back).
+    """
+    out = layer(hidden, mask, is_causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------------------- Python's multiprocessing
+
+def resource_tracker_running() -> bool:
+    """Whether this process started multiprocessing's resource tracker.
+
+    ``multiprocessing.resource_tracker._resource_tracker._fd`` (CPython 3.8 to 3.13); no public API.
+    """
+    from multiprocessing import resource_tracker
+
+    return getattr(getattr(resource_tracker, "_resource_tracker", None), "_fd", None) is not None
+
+
+def stop_resource_tracker() -> None:
+    """Stop the resource tracker this process started (it outlives the workers otherwise, until exit).
+
+    ``ResourceTracker._stop`` (CPython 3.12.? on); a no-op where it is missing.
+    """
+    from multiprocessing import resource_tracker
+
+    stop = getattr(getattr(resource_tracker, "_resource_tracker", None), "_stop", None)
+    if stop is not None:
+        stop()
