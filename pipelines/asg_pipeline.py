@@ -5,7 +5,9 @@ latent (each one the whole picture at the native resolution), mixing them by pix
 interaction and pulling them towards the key patch where the prompt's words attend
 (structure guidance); then the patches are relocated into the large latent and a detail
 phase denoises overlapping native-size windows whose predictions are averaged. Patches
-and windows are spread over the ranks; the maths is in :mod:`asyncgen.schedules.asg_maths`.
+and windows are spread over the ranks. The plan and its serial executor are in
+:mod:`asyncgen.schedules.asg`, the maths in :mod:`asyncgen.schedules.asg_maths`, the
+all-reduce in :mod:`asyncgen.runtime.asg`; this module is the pipeline around them.
 
 Choices the paper leaves open, and why (the measurements behind them are in
 ``docs/benchmarks.md``, section ASG):
@@ -53,46 +55,15 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from asyncgen._compat import execution_device, sdxl_add_time_ids
+from asyncgen.runtime.asg import ASGRuntime
 from asyncgen.schedules import asg_maths
-from asyncgen.schedules.asg_attention import AttentionMapStore, cross_attention_layers, record_attention_maps
-from asyncgen.comm.context import DistContext
+from asyncgen.schedules.asg import MODES, ASGLayout, plan_layout
+from asyncgen.schedules.asg_attention import AttentionMapStore, cross_attention_layers
 from asyncgen.comm.group import resolve_context, shared_randomness
-from asyncgen.comm.failure import publish_error, remote_error
+from asyncgen.comm.failure import publish_error
 
 from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
-
-MODES = ("async", "sync")
-
-
-# --------------------------------------------------------------------------- communication
-
-
-class _Exchange:
-    """Sums tensors over the ranks in place (nothing to do on one rank).
-
-    Every rank fills in only what it computed and leaves zeros elsewhere, so the sum
-    assembles the whole; adding zeros is exact, which keeps the structure phase
-    bit-identical to the serial run.
-    """
-
-    def __init__(self, ctx: DistContext):
-        self.ctx = ctx
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.ctx.distributed or self.ctx.world_size == 1:
-            return tensor
-        try:
-            work = dist.all_reduce(tensor, group=self.ctx.group, async_op=True)
-            if tensor.is_cuda:
-                # stream-ordered: with a timeout the host would wait for the GPU every step; the
-                # group's own timeout covers a hang
-                work.wait()
-            else:
-                work.wait(self.ctx.timeout)
-        except Exception as exc:
-            raise remote_error(self.ctx, exc) from exc
-        return tensor
-
 
 # --------------------------------------------------------------------------- call state
 
@@ -110,23 +81,6 @@ class _Conditioning:
     time_ids: Callable[[tuple[int, int]], torch.Tensor] | None = None  # SDXL: crop offset (px) -> time ids
     timestep_cond: torch.Tensor | None = None
     cross_attention_kwargs: dict | None = None
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The geometry of one call: scale factors, patch and window sizes, who computes what."""
-
-    s_h: int
-    s_w: int
-    h: int  # native latent size
-    w: int
-    windows: tuple[asg_maths.Window, ...]
-    my_patches: range
-    my_windows: range
-
-    @property
-    def patches(self) -> int:
-        return self.s_h * self.s_w
 
 
 class ASGPipeline(PipelineWrapper):
@@ -209,7 +163,9 @@ class ASGPipeline(PipelineWrapper):
         self.tiled_decoding = bool(tiled_decoding)
         self.map_layers = self._map_layers(unet, attention_layers)
         self.ctx = resolve_context(process_group, device, timeout)
-        self.exchange = _Exchange(self.ctx)
+        # the plan's executor: the serial simulator's phases, assembled across the ranks (identity on one)
+        self.executor = ASGRuntime(self.structure_guidance, guidance_schedule, mode, self.map_layers,
+                                   self.vae_scale_factor, self.ctx)
         if self.ctx.device is not None:
             pipeline.to(self.ctx.device)
         if self.ctx.rank != 0 and hasattr(pipeline, "set_progress_bar_config"):
@@ -338,7 +294,7 @@ class ASGPipeline(PipelineWrapper):
             generator = shared_randomness(self.ctx, {"generator": generator, "latents": latents})["generator"]
 
             # 2. encode the prompt
-            device = self.pipeline._execution_device
+            device = execution_device(self.pipeline)
             cond = self.encode_prompt(prompt, prompt_2, device, num_images_per_prompt, guidance_scale,
                                       guidance_rescale, negative_prompt, negative_prompt_2, prompt_embeds,
                                       negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
@@ -386,19 +342,10 @@ class ASGPipeline(PipelineWrapper):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         self.pipeline.check_inputs(**common)
 
-    def layout(self, height: int, width: int) -> _Layout:
-        """Scale factors, windows, and this rank's share of patches and windows."""
-        s_h, s_w = asg_maths.scale_factors(height, width, *self.native_size)
-        h, w = (n // self.vae_scale_factor for n in self.native_size)
-        k = s_h * s_w
-        if self.ctx.world_size > k:
-            raise ValueError(f"{self.ctx.world_size} ranks are more than the K = {s_h}x{s_w} = {k} patches of a "
-                             f"{height}x{width} picture; use at most {k} ranks (a rank needs a patch to work on)")
-        stride = self.window_stride or (None, None)
-        windows = tuple(asg_maths.window_layout(s_h * h, s_w * w, h, w, *stride))
-        rank, world = self.ctx.rank, self.ctx.world_size
-        return _Layout(s_h, s_w, h, w, windows, asg_maths.split_evenly(k, world)[rank],
-                       asg_maths.split_evenly(len(windows), world)[rank])
+    def layout(self, height: int, width: int) -> ASGLayout:
+        """Scale factors, windows, and this rank's share of patches and windows (:func:`plan_layout`)."""
+        return plan_layout(height, width, self.native_size, self.vae_scale_factor, self.ctx.rank, self.ctx.world_size,
+                           self.window_stride)
 
     def encode_prompt(self, prompt, prompt_2, device, num_images_per_prompt, guidance_scale, guidance_rescale,
                       negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -441,8 +388,7 @@ class ASGPipeline(PipelineWrapper):
 
         def time_ids(crop: tuple[int, int]) -> torch.Tensor:
             if crop not in cache:
-                ids = pipe._get_add_time_ids(self.native_size, crop, self.native_size, dtype=dtype,
-                                             text_encoder_projection_dim=projection_dim)
+                ids = sdxl_add_time_ids(pipe, self.native_size, crop, self.native_size, dtype, projection_dim)
                 ids = torch.cat([ids, ids]) if do_cfg else ids  # negative size conditioning = positive, as in diffusers
                 cache[crop] = ids.to(device).repeat(batch, 1)
             return cache[crop]
@@ -477,7 +423,7 @@ class ASGPipeline(PipelineWrapper):
             self.pipeline.scheduler.set_begin_index(0)
         return timesteps
 
-    def interaction_generator(self, generator, layout: _Layout) -> torch.Generator | None:
+    def interaction_generator(self, generator, layout: ASGLayout) -> torch.Generator | None:
         """The generator of the pixel-interaction permutations, seeded from the call's generator
         (so every rank draws the same permutations); none with a single patch, so that a 1x1
         call draws exactly the stock pipeline's random numbers."""
@@ -490,62 +436,25 @@ class ASGPipeline(PipelineWrapper):
 
     # ------------------------------------------------------------------ phases
 
-    def structure_phase(self, patches: torch.Tensor, timesteps: torch.Tensor, layout: _Layout, cond: _Conditioning,
+    def structure_phase(self, patches: torch.Tensor, timesteps: torch.Tensor, layout: ASGLayout, cond: _Conditioning,
                         shuffle: torch.Generator | None, extra_step_kwargs: dict, progress) -> torch.Tensor:
         """Denoise the K patches with pixel interaction and structure guidance; returns them ``(K, B, C, h, w)``."""
-        k, weights = layout.patches, asg_maths.guidance_weights(self.structure_guidance, len(timesteps), self.guidance_schedule)
-        guided = k > 1 and any(w > 0 for w in weights)
-        store = AttentionMapStore()
-        previous_key = None  # (prediction, map) of the key patch at the previous step
-        # every step's permutation drawn up front (the same draws in the same order) and moved to
-        # the device in one copy, instead of two host-to-device copies per step
-        permutations = torch.stack([asg_maths.interaction_permutation(k, layout.h, layout.w, shuffle)
-                                    for _ in timesteps]).to(patches.device) if k > 1 and len(timesteps) else None
-        with record_attention_maps(self.map_layers if guided else {}, store):
-            for step, t in enumerate(timesteps):
-                permutation = permutations[step] if k > 1 else None
-                slots = asg_maths.permute_patches(patches, permutation) if k > 1 else patches
-                channels = patches.shape[2]
-                # this rank's slots (zeros elsewhere): prediction channels, then the map channel
-                out = slots.new_zeros(k, slots.shape[1], channels + int(guided), layout.h, layout.w)
-                for s in layout.my_patches:
-                    out[s, :, :channels] = self._predict(slots[s], t, cond, (0, 0), store if guided else None)
-                    if guided:
-                        out[s, :, channels:] = asg_maths.structure_map(store.take(), cond.token_weights, (layout.h, layout.w))
-                out = self.exchange.sum_(out)
-                if k > 1:
-                    out = asg_maths.unpermute_patches(out, permutation)
-                predictions = out[:, :, :channels]
-                current_key = (predictions[0], out[0, :, channels:]) if guided else None
-                # the first step has no previous key prediction: it guides with its own (see module notes)
-                key = previous_key if self.mode == "async" and previous_key is not None else current_key
-                if guided:
-                    predictions = asg_maths.structure_guidance(predictions, key[0], key[1], weights[step])
-                previous_key = current_key
-                # the scheduler steps the relocated latent, so its state (step index, multistep
-                # history, noise) has the large latent's shape in both phases
-                latent = self.pipeline.scheduler.step(
-                    asg_maths.relocate(predictions, layout.s_h, layout.s_w), t, asg_maths.relocate(patches, layout.s_h, layout.s_w),
-                    **extra_step_kwargs, return_dict=False)[0]
-                patches = asg_maths.derelocate(latent, layout.s_h, layout.s_w)
-                progress.update()
-        return patches
+        return self.executor.structure_phase(patches, timesteps, layout, self._predictor(cond),
+                                             self._stepper(extra_step_kwargs), cond.token_weights, shuffle, progress)
 
-    def detail_phase(self, latents: torch.Tensor, timesteps: torch.Tensor, layout: _Layout, cond: _Conditioning,
+    def detail_phase(self, latents: torch.Tensor, timesteps: torch.Tensor, layout: ASGLayout, cond: _Conditioning,
                      extra_step_kwargs: dict, progress) -> torch.Tensor:
         """Denoise overlapping native-size windows of the large latent, averaging where they overlap."""
-        counts = asg_maths.overlap_counts(layout.windows, *latents.shape[-2:], device=latents.device, dtype=latents.dtype)
-        for t in timesteps:
-            total = torch.zeros_like(latents)
-            for index in layout.my_windows:
-                window = layout.windows[index]
-                rows, cols = window.slices
-                crop = (window.top * self.vae_scale_factor, window.left * self.vae_scale_factor)
-                total[..., rows, cols] += self._predict(latents[..., rows, cols], t, cond, crop, None)
-            prediction = self.exchange.sum_(total) / counts
-            latents = self.pipeline.scheduler.step(prediction, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            progress.update()
-        return latents
+        return self.executor.detail_phase(latents, timesteps, layout, self._predictor(cond),
+                                          self._stepper(extra_step_kwargs), progress)
+
+    def _predictor(self, cond: _Conditioning):
+        return lambda latent, t, crop, store: self._predict(latent, t, cond, crop, store)
+
+    def _stepper(self, extra_step_kwargs: dict):
+        scheduler = self.pipeline.scheduler
+        return lambda prediction, t, latent: scheduler.step(prediction, t, latent, **extra_step_kwargs,
+                                                            return_dict=False)[0]
 
     def _predict(self, latent: torch.Tensor, t, cond: _Conditioning, crop: tuple[int, int],
                  store: AttentionMapStore | None) -> torch.Tensor:
