@@ -26,13 +26,12 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
     """
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
+    from asyncgen._compat import op_returns_alias, torch_dispatch_mode, tree_leaves
     from asyncgen.cost.estimate import run_chain_with_probe
     from asyncgen.cost.fake import run_on_shapes
 
-    class _LiveBytes(TorchDispatchMode):
+    class _LiveBytes(torch_dispatch_mode()):
         def __init__(self):
             super().__init__()
             self.live = self.peak = 0
@@ -42,7 +41,7 @@ def estimate_unit_activation_bytes(split, inputs: dict) -> list[int]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if not any(r.alias_info is not None for r in func._schema.returns):
+            if not op_returns_alias(func):
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor):
                         nbytes = t.numel() * t.element_size()

@@ -40,19 +40,20 @@ def estimate_unit_costs(split: DenoiserSplit, inputs: dict | None = None) -> lis
     GroupNorm/SiLU look nearly free and the split comes out lopsided. (A forward that
     reads tensor values runs on real tensors instead: see :func:`run_on_shapes`.)
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
+
+    from asyncgen._compat import torch_dispatch_mode, tree_leaves
 
     flops_per_byte = 8.0
     bytes_moved = [0]
 
-    class _ByteCounter(TorchDispatchMode):
+    class _ByteCounter(torch_dispatch_mode()):
         # bytes read (activations and weights) plus bytes written by every op
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if func is torch.ops.prim.device.default:  # a metadata query (fake tensors made from meta ask it)
                 return out
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
+            flat = tree_leaves((args, kwargs or {}, out))
             bytes_moved[0] += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
             return out
 

@@ -13,6 +13,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from asyncgen._compat import (  # clear_method_caches, value_read_errors: other modules import them from here too
+    clear_method_caches,
+    fake_from_meta,
+    fake_tensor_mode,
+    own_tensors,
+    replace_tensor,
+    tree_leaves,
+    value_read_errors,
+)
+
 
 def fake_device(sample: torch.Tensor) -> torch.device:
     """Where a fake run with ``sample`` pretends to be: its device, the CPU for a meta tensor."""
@@ -28,58 +38,20 @@ def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
     be a device mismatch, and on ``meta`` the kernels decompose differently (attention into
     its maths), which changes the counted bytes by up to 2x and could move the cuts.
     """
-    converter = fake_mode.fake_tensor_converter
     swapped, fakes = [], {}
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and tensor.is_meta:
-                    if id(tensor) not in fakes:  # tied weights stay one tensor
-                        fakes[id(tensor)] = converter.from_meta_and_device(fake_mode, tensor, device)
-                    swapped.append((table, name, tensor))
-                    table[name] = fakes[id(tensor)]
+        for name, tensor, _ in own_tensors(module):
+            if tensor.is_meta:
+                if id(tensor) not in fakes:  # tied weights stay one tensor
+                    fakes[id(tensor)] = fake_from_meta(fake_mode, tensor, device)
+                swapped.append((module, name, tensor))
+    for module, name, tensor in swapped:
+        replace_tensor(module, name, fakes[id(tensor)])
     try:
         yield
     finally:
-        for table, name, tensor in swapped:
-            table[name] = tensor
-
-
-def clear_method_caches(model: nn.Module) -> None:
-    """Empty the ``functools.lru_cache``s on the methods of ``model``'s module classes.
-
-    Diffusers caches rotary tables per (module, shape, device): QwenImage's
-    ``QwenEmbedRope._compute_video_freqs`` under ``lru_cache_unless_export``, which hides the
-    cache in its closure. A run under ``FakeTensorMode`` leaves fake tensors there, and the
-    first real forward at the same shapes would get them back (a meta-built model traced at
-    the pipeline's size then fails on its first real step). The caches belong to the class,
-    so clearing them costs a recomputation and nothing else.
-    """
-    seen: set[type] = set()
-    for module in model.modules():
-        for cls in type(module).__mro__:
-            if cls in seen:
-                continue
-            seen.add(cls)
-            for value in vars(cls).values():
-                value = getattr(value, "__func__", value)  # staticmethod / classmethod
-                candidates = [value]
-                for cell in getattr(value, "__closure__", None) or ():
-                    try:
-                        candidates.append(cell.cell_contents)
-                    except ValueError:  # an empty cell
-                        pass
-                for candidate in candidates:
-                    if callable(getattr(candidate, "cache_clear", None)):
-                        candidate.cache_clear()
-
-
-def value_read_errors() -> tuple[type[Exception], ...]:
-    """What a ``FakeTensorMode`` run raises where the forward reads tensor values in Python
-    (``.tolist()``, ``nonzero``): such a forward runs on real tensors only."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-    return DataDependentOutputException, DynamicOutputShapeException
+        for module, name, tensor in swapped:
+            replace_tensor(module, name, tensor)
 
 
 def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Callable[[dict], Any]) -> Any:
@@ -91,15 +63,13 @@ def run_on_shapes(model: nn.Module, inputs: dict, sample_argument: str, fn: Call
     blocks called and what feeds them, FLOPs, bytes) depends on shapes, not on values, so
     both runs give the same answer. ``fn`` may therefore run twice: it must start afresh.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     device = fake_device(inputs[sample_argument])
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, \
+        with torch.no_grad(), fake_tensor_mode(allow_non_fake_inputs=True) as fake_mode, \
                 meta_weights_as_fake(model, fake_mode, device):
             return fn({k: fake_nested(fake_mode, v, device) for k, v in inputs.items()})
     except value_read_errors():
-        tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
+        tensors = [*model.parameters(), *model.buffers(), *tree_leaves(inputs)]
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
             raise  # no weights (or inputs) to run for real
     finally:
@@ -116,6 +86,6 @@ def fake_nested(mode, value, device: torch.device | None = None):
         return type(value)(fake_nested(mode, v, device) for v in value)
     if isinstance(value, torch.Tensor):
         if value.is_meta and device is not None:
-            return mode.fake_tensor_converter.from_meta_and_device(mode, value, device)
+            return fake_from_meta(mode, value, device)
         return mode.from_tensor(value)
     return value

@@ -22,6 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from asyncgen._compat import (
+    clip_causal_mask,
+    clip_layer_forward,
+    t5_attention_mask,
+    t5_block_forward,
+)
+
 __all__ = [
     "EncoderCarry",
     "encoder_blocks",
@@ -180,12 +187,9 @@ def _record(carry: EncoderCarry, hidden: torch.Tensor) -> None:
 
 
 def _t5_begin(model, call: dict) -> EncoderCarry:
-    from transformers.masking_utils import create_bidirectional_mask
-
     stack = _t5_stack(model)
     embeds = stack.embed_tokens(call["input_ids"])
-    mask = create_bidirectional_mask(config=stack.config, inputs_embeds=embeds,
-                                     attention_mask=call.get("attention_mask"))
+    mask = t5_attention_mask(stack.config, embeds, call.get("attention_mask"))
     hidden = stack.dropout(embeds)
     carry = EncoderCarry(hidden, mask, None, [] if call.get("output_hidden_states") else None)
     _record(carry, hidden)  # the stock forward records the first block's input
@@ -198,7 +202,7 @@ def _t5_block(model, index: int, carry: EncoderCarry) -> EncoderCarry:
         out = block(carry.hidden, carry.mask)
         hidden, bias = (out[0] if isinstance(out, tuple) else out), None
     else:
-        hidden, bias, _ = block(carry.hidden, carry.mask, carry.position_bias, None, None, None, cache=None)
+        hidden, bias = t5_block_forward(block, carry.hidden, carry.mask, carry.position_bias)
     _record(carry, hidden)
     return replace(carry, hidden=hidden, position_bias=bias)
 
@@ -216,21 +220,18 @@ def _t5_finish(model, call: dict, carry: EncoderCarry):
 
 
 def _clip_begin(model, call: dict) -> EncoderCarry:
-    from transformers.masking_utils import create_causal_mask
-
     text = _clip_text(model)
     input_ids = call["input_ids"]
     input_ids = input_ids.view(-1, input_ids.shape[-1])
     hidden = text.embeddings(input_ids=input_ids, position_ids=call.get("position_ids"))
-    mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=call.get("attention_mask"),
-                              cache=None)
+    mask = clip_causal_mask(text.config, hidden, call.get("attention_mask"))
     carry = EncoderCarry(hidden, mask, None, [] if call.get("output_hidden_states") else None)
     _record(carry, hidden)
     return carry
 
 
 def _clip_block(model, index: int, carry: EncoderCarry) -> EncoderCarry:
-    hidden = encoder_blocks(model)[index](carry.hidden, carry.mask, is_causal=True)
+    hidden = clip_layer_forward(encoder_blocks(model)[index], carry.hidden, carry.mask)
     _record(carry, hidden)
     return replace(carry, hidden=hidden)
 

@@ -27,6 +27,7 @@ from diffusers.models.unets.unet_2d_blocks import (
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from torch import nn
 
+from asyncgen._compat import unet_mask_bias
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.units import DenoiserSplit, Unit
 
@@ -168,9 +169,9 @@ class UNetSplit(DenoiserSplit):
         up_factor = 2**unet.num_upsamplers
         forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
         if attention_mask is not None:
-            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            attention_mask = unet_mask_bias(attention_mask, sample.dtype)
         if encoder_attention_mask is not None:
-            encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            encoder_attention_mask = unet_mask_bias(encoder_attention_mask, sample.dtype)
         t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
         emb = unet.time_embedding(t_emb, timestep_cond)
         class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)

@@ -39,6 +39,7 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
 )
 from torch import nn
 
+from asyncgen._compat import unet_mask_bias
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.schedules.cfg_parallel import batch_part
 from asyncgen.split.units import DenoiserSplit, Unit
@@ -210,7 +211,7 @@ class MotionUNetSplit(_VideoUNetSplit):
         # UNetMotionModel.forward up to conv_in, through the model's own modules
         unet = self.denoiser
         if attention_mask is not None:
-            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            attention_mask = unet_mask_bias(attention_mask, sample.dtype)
         num_frames = sample.shape[2]
         t_emb = unet.time_proj(_timesteps(timestep, sample, sample.shape[0])).to(dtype=unet.dtype)
         emb = unet.time_embedding(t_emb, timestep_cond)

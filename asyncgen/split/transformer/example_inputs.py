@@ -124,14 +124,11 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     ``height``/``width`` are latent sizes; the default is small (4 patches a side), which
     is all tracing and verification need and still ranks the blocks' costs correctly.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    from asyncgen._compat import FAKE_TENSOR_LOGGER, clear_method_caches, fake_tensor_mode, value_read_errors
     from asyncgen.cost.fake import (
         fake_nested,
-        clear_method_caches,
         fake_device,
         meta_weights_as_fake,
-        value_read_errors,
     )
 
     param = next(model.parameters())
@@ -167,13 +164,13 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
         else:
             if known is not None:
                 return inputs
-            fake_log = _stdlib_logging.getLogger("torch._subclasses.fake_tensor")
+            fake_log = _stdlib_logging.getLogger(FAKE_TENSOR_LOGGER)
             level = fake_log.level
             fake_log.setLevel(_stdlib_logging.CRITICAL)  # a wrong layout's shape error is expected here
             # with weights at hand a real call at this tiny size is far quicker than a fake one
             try:
                 if any(p.is_meta for p in model.parameters()):  # built on meta, or one rank's stage loaded
-                    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+                    with torch.no_grad(), fake_tensor_mode(allow_non_fake_inputs=True) as mode, \
                             meta_weights_as_fake(model, mode, fake_device(inputs[sample_name])):
                         model(**fake_nested(mode, inputs, fake_device(inputs[sample_name])), return_dict=False)
                 else:

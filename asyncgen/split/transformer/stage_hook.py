@@ -16,6 +16,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import logging
 from torch import nn
 
+from asyncgen._compat import hook_original_forward
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.trace import bind_call, build_passthrough, named_values, replace_named
 
@@ -76,14 +77,12 @@ class StageRun:
 class _BlockStageHook(ModelHook):
     """Inert unless a stage is running: then the stage decides what this block does."""
 
-    _is_stateful = False
-
     def __init__(self):
         super().__init__()
         self.active: tuple[StageRun, int] | None = None
 
     def new_forward(self, module, *args, **kwargs):
-        forward = self.fn_ref.original_forward
+        forward = hook_original_forward(self)
         if self.active is None:
             return forward(*args, **kwargs)
         run, index = self.active

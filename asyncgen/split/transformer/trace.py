@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 from diffusers.utils import logging
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from asyncgen._compat import torch_dispatch_mode, tree_leaves
 
 logger = logging.get_logger(f"diffusers.{__name__}")
 
@@ -74,7 +75,7 @@ def replace_named(bound: inspect.BoundArguments, values: dict[str, Any]) -> tupl
     return rebound.args, rebound.kwargs
 
 
-class _Provenance(TorchDispatchMode):
+class _Provenance(torch_dispatch_mode()):
     """Labels every tensor an op produces with the union of its inputs' labels (a bit mask
     of the top-level module calls it derives from). Keeps the tensors alive so ``id``s stay unique."""
 
@@ -85,7 +86,7 @@ class _Provenance(TorchDispatchMode):
 
     def label(self, value) -> int:
         mask = 0
-        for t in torch.utils._pytree.tree_leaves(value):
+        for t in tree_leaves(value):
             if isinstance(t, torch.Tensor):
                 mask |= self.labels.get(id(t), 0)
         return mask
@@ -93,7 +94,7 @@ class _Provenance(TorchDispatchMode):
     def add(self, value, bit: int, fresh: bool = False) -> None:
         # ``fresh``: a module call's outputs are labelled with that call alone, so a label says
         # which calls reach a tensor directly (through the code between calls, not through a call)
-        for t in torch.utils._pytree.tree_leaves(value):
+        for t in tree_leaves(value):
             if isinstance(t, torch.Tensor):
                 self.labels[id(t)] = bit if fresh else self.labels.get(id(t), 0) | bit
                 self._alive.append(t)
