@@ -259,18 +259,16 @@ def _start_context():
 
 
 def _tracker_running() -> bool:
-    from multiprocessing import resource_tracker
+    from asyncgen._compat import resource_tracker_running
 
-    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+    return resource_tracker_running()
 
 
 def _stop_tracker() -> None:
     """Stop the resource tracker the launch started (it outlives the workers otherwise, until we exit)."""
-    from multiprocessing import resource_tracker
+    from asyncgen._compat import stop_resource_tracker
 
-    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
-        stop()
+    stop_resource_tracker()
 
 
 def _failure_summary(rank: int, exitcode: int | None) -> str:

@@ -32,12 +32,9 @@ def check_pipeline_location(model: str) -> None:
 
 def _dtype_argument() -> str:
     """The name ``from_pretrained`` takes a dtype by: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present once `dtype` is accepted)
+    from asyncgen._compat import diffusers_dtype_keyword
 
-        return "dtype"
-    except ImportError:
-        return "torch_dtype"
+    return diffusers_dtype_keyword()
 
 
 def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: bool = False, **kwargs):

@@ -141,3 +141,134 @@ def test_generate_never_loads_the_evaluation_harness(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "x.png").is_file()
+
+
+# ---------------------------------------------------------------------------- one door for private APIs
+# Other libraries' private names are reached only through asyncgen/_compat.py (issue 23, item 4).
+
+THIRD_PARTY = ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub", "multiprocessing")
+# underscore names of those libraries that asyncgen once reached, or might: flagged on any object
+KNOWN_PRIVATE_ATTRIBUTES = frozenset({
+    # torch.nn.Module internals
+    "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_forward_hooks", "_forward_pre_hooks",
+    "_backward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+    "_load_state_dict_pre_hooks", "_call_impl", "_apply", "_named_members", "_orig_mod",
+    # torch internals
+    "_schema", "_parse_to", "_get_default_store", "_abort_process_group", "_pytree", "_python_dispatch",
+    "_subclasses", "_dynamo", "_inductor", "_C", "_nn", "_resource_tracker",
+    # diffusers
+    "_execution_device", "_get_add_time_ids", "_from_config", "_keep_in_fp32_modules", "_keep_in_fp32_modules_strict",
+    "_is_stateful", "_diffusers_hook", "_from_deprecated_attn_block", "_compute_video_freqs", "_internal_dict",
+    "_fn_refs", "_hook_order", "_module_ref", "_no_split_modules", "_optional_components", "_callback_tensor_inputs",
+    "_exclude_from_cpu_offload", "_hf_hook", "_encode_prompt", "_get_t5_prompt_embeds", "_get_clip_prompt_embeds",
+    # transformers
+    "_attn_implementation", "_supports_sdpa", "_tied_weights_keys", "_init_weights",
+})
+PUBLIC_DESPITE_UNDERSCORE = {("os", "_exit")}
+COMPAT = ROOT / "asyncgen" / "_compat.py"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root_name(node: ast.AST) -> tuple[str | None, list[str]]:
+    """The name an attribute chain starts from and the attributes after it (``a.b._c`` -> ``a``, [b, _c])."""
+    attrs = []
+    while isinstance(node, ast.Attribute):
+        attrs.append(node.attr)
+        node = node.value
+    return (node.id if isinstance(node, ast.Name) else None), attrs[::-1]
+
+
+def private_api_uses(source: str, filename: str = "<source>") -> list[str]:
+    """``file:line: what`` for every use of another library's private name in ``source`` (see the test below)."""
+    tree = ast.parse(source)
+    bound: set[str] = set()  # names bound to a third-party library or to something imported from one
+    found: list[str] = []
+
+    def third_party(module: str | None) -> bool:
+        return bool(module) and module.split(".")[0] in THIRD_PARTY
+
+    def report(node: ast.AST, what: str) -> None:
+        found.append(f"{filename}:{node.lineno}: {what}")
+
+    for node in ast.walk(tree):  # the bindings first: a function may use a name imported further down
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if third_party(alias.name):
+                    bound.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and not node.level and third_party(node.module):
+            bound |= {alias.asname or alias.name for alias in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if third_party(alias.name) and any(_is_private(p) for p in alias.name.split(".")):
+                    report(node, f"import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and not node.level and third_party(node.module):
+            if any(_is_private(p) for p in node.module.split(".")):
+                report(node, f"from {node.module} import ...")
+            for alias in node.names:
+                if _is_private(alias.name):
+                    report(node, f"from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Attribute) and _is_private(node.attr):
+            root, attrs = _root_name(node)
+            chain = ".".join([root or "...", *attrs])
+            if node.attr in KNOWN_PRIVATE_ATTRIBUTES:
+                report(node, f"{chain} (a known private attribute of a library)")
+            elif root in bound and (root, node.attr) not in PUBLIC_DESPITE_UNDERSCORE:
+                report(node, f"{chain} (a private name of a library)")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name = node.func.id
+            if name in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2 \
+                    and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                attr = node.args[1].value
+                root, _ = _root_name(node.args[0])
+                if attr in KNOWN_PRIVATE_ATTRIBUTES or (_is_private(attr) and root in bound):
+                    report(node, f'{name}(..., "{attr}")')
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) \
+                and node.slice.value in KNOWN_PRIVATE_ATTRIBUTES:
+            report(node, f'[...]["{node.slice.value}"]')
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__setattr__" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "object" and node.args \
+                and not (isinstance(node.args[0], ast.Name) and node.args[0].id == "self"):
+            report(node, "object.__setattr__ on another object (past its class's __setattr__)")
+    return found
+
+
+def test_no_private_api_of_another_library_outside_compat():
+    wrong = []
+    for folder in ("asyncgen", "pipelines", "cli", "evaluation"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path != COMPAT:
+                wrong += private_api_uses(path.read_text(), str(path.relative_to(ROOT)))
+    assert not wrong, ("private or version-specific APIs of other libraries used outside asyncgen/_compat.py "
+                       "(add a named function there and call it):\n" + "\n".join(wrong))
+
+
+def test_the_private_api_check_catches_each_kind():
+    cases = {
+        "from torch._subclasses.fake_tensor import FakeTensorMode": "from torch._subclasses.fake_tensor",
+        "import torch._C": "import torch._C",
+        "from diffusers.hooks._helpers import x": "from diffusers.hooks._helpers",
+        "from torch.utils import _pytree": "import _pytree",
+        "import torch\ntorch._C._nn._parse_to(1)": "torch._C",
+        "import torch.distributed as dist\ndist.distributed_c10d._get_default_store()": "dist.distributed_c10d._get",
+        "from torch import nn\nnn.Module._parameters": "nn.Module._parameters",
+        "def f(m):\n    return m._buffers": "m._buffers",
+        "def f(p):\n    return p._execution_device": "_execution_device",
+        'def f(m):\n    return getattr(m, "_keep_in_fp32_modules", None)': '"_keep_in_fp32_modules"',
+        'import torch\ndef f():\n    return hasattr(torch, "_dynamo_x")': '"_dynamo_x"',
+        'def f(m):\n    return m.__dict__["_parameters"]': '["_parameters"]',
+        "def f(pipe, m):\n    object.__setattr__(pipe, 'unet', m)": "object.__setattr__",
+        "from multiprocessing import resource_tracker\nresource_tracker._resource_tracker": "_resource_tracker",
+    }
+    for source, expected in cases.items():
+        found = private_api_uses(source)
+        assert len(found) >= 1 and any(expected in f for f in found), (source, found)
+    allowed = ("import os\nos._exit(1)\n"
+               "class A:\n    def __init__(self):\n        object.__setattr__(self, '_x', 1)\n        self._y = 2\n"
+               "import torch\nx = torch.float16\n"
+               "from asyncgen.evaluation import pixel_checker\ny = pixel_checker._UNIT_AREA\n"
+               "from asyncgen._compat import tree_leaves\n")
+    assert private_api_uses(allowed) == []

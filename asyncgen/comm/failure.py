@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
+from asyncgen._compat import abort_process_group, default_store
+
 if TYPE_CHECKING:  # the context imports this module
     from asyncgen.comm.context import DistContext
 
@@ -40,10 +42,7 @@ class RemoteRankError(RuntimeError):
 
 
 def _store():
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # store API is private; failure reporting must not mask the real error
-        return None
+    return default_store()  # None where there is none: failure reporting must not mask the real error
 
 
 def _abort(group) -> None:
@@ -52,13 +51,7 @@ def _abort(group) -> None:
     torch's abort helper, which (unlike ``destroy_process_group``) does not wait for
     pending NCCL operations; on gloo it closes the connections, which peers see at once.
     """
-    try:
-        dist.distributed_c10d._abort_process_group(group)
-    except Exception:  # private helper (torch 2.14); an older torch, or a group already gone
-        try:
-            dist.destroy_process_group(group)
-        except Exception:
-            pass
+    abort_process_group(group)
 
 
 def publish_error(ctx: DistContext, exc: BaseException) -> None:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from asyncgen._compat import non_persistent_buffer_names, own_tensors, replace_tensor
 from asyncgen.placement.planner import Placement
 from asyncgen.split.text_encoder import modules_for_layers
 
@@ -29,8 +30,9 @@ def kept_buffers(component: nn.Module) -> list[tuple[str, nn.Module, str, torch.
     persistent ones of its submodules (statistics and constants, a few numbers each; rotary tables and position
     ids are non-persistent and stay out)."""
     return [(prefix, module, name, tensor)
-            for prefix, module in component.named_modules() for name, tensor in module._buffers.items()
-            if tensor is not None and (module is component or name not in module._non_persistent_buffers_set)]
+            for prefix, module in component.named_modules()
+            for name, tensor, is_parameter in own_tensors(module)
+            if not is_parameter and (module is component or name not in non_persistent_buffer_names(module))]
 
 
 def own_buffers(component: nn.Module) -> list[nn.Module]:
@@ -43,9 +45,9 @@ def own_buffers(component: nn.Module) -> list[nn.Module]:
     """
     holder = nn.Module()
     for prefix, module, name, tensor in kept_buffers(component):
-        if name not in module._non_persistent_buffers_set:
+        if name not in non_persistent_buffer_names(module):
             holder.register_buffer(f"{prefix}.{name}".replace(".", "_") if prefix else name, tensor)
-    return [holder] if holder._buffers else []
+    return [holder] if any(True for _ in holder.buffers()) else []
 
 
 def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
@@ -61,15 +63,14 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     replaced: dict[int, torch.Tensor] = {}
     freed = 0
     for module in component.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in list(table.items()):
-                if tensor is None or id(tensor) in kept or tensor.device.type == "meta":
-                    continue
-                if id(tensor) not in replaced:
-                    freed += tensor.numel() * tensor.element_size()
-                    meta = tensor.detach().to("meta")
-                    if isinstance(tensor, nn.Parameter):
-                        meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
-                    replaced[id(tensor)] = meta
-                table[name] = replaced[id(tensor)]
+        for name, tensor, _ in own_tensors(module):
+            if id(tensor) in kept or tensor.device.type == "meta":
+                continue
+            if id(tensor) not in replaced:
+                freed += tensor.numel() * tensor.element_size()
+                meta = tensor.detach().to("meta")
+                if isinstance(tensor, nn.Parameter):
+                    meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                replaced[id(tensor)] = meta
+            replace_tensor(module, name, replaced[id(tensor)])
     return freed

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from asyncgen._compat import keep_in_fp32_modules
 from asyncgen.cost.activation import estimate_unit_activation_bytes
 from asyncgen.placement.planner import ComponentSize, DenoiserSize
 
@@ -21,7 +22,7 @@ def parameter_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[
     modules a model names in ``_keep_in_fp32_modules`` in float32, as ``from_pretrained``
     does (T5's ``wo``). Works on the meta device: only shapes and dtypes are read.
     """
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    keep = set(keep_in_fp32_modules(model)) if dtype == torch.float16 else set()
     sizes: dict[int, int] = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         if dtype is None or not p.is_floating_point():
