@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from asyncgen.evaluation import gpu_check
+from asyncgen.evaluation import gpu_check, gpu_diagnostics, unet_configs
 
 
 def test_public_configs_have_the_published_sizes():
@@ -13,19 +13,19 @@ def test_public_configs_have_the_published_sizes():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # shapes only, no memory
-        sd21 = UNet2DConditionModel(**gpu_check.SD21_UNET)
-        sdxl = UNet2DConditionModel(**gpu_check.SDXL_UNET)
+        sd21 = UNet2DConditionModel(**unet_configs.SD21_UNET)
+        sdxl = UNet2DConditionModel(**unet_configs.SDXL_UNET)
     assert sum(p.numel() for p in sd21.parameters()) == 865_910_724
     assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684
 
 
 def test_tiny_configs_keep_the_architecture():
-    for config in (gpu_check.SD21_UNET, gpu_check.SDXL_UNET):
-        tiny = gpu_check.tiny_config(config)
+    for config in (unet_configs.SD21_UNET, unet_configs.SDXL_UNET):
+        tiny = unet_configs.tiny_config(config)
         for key in ("down_block_types", "up_block_types", "use_linear_projection", "addition_embed_type", "layers_per_block"):
             assert tiny.get(key) == config.get(key)
         assert len(tiny["block_out_channels"]) == len(config["block_out_channels"])
-    assert gpu_check.tiny_config(gpu_check.SDXL_UNET)["transformer_layers_per_block"] == [1, 2, 2]
+    assert unet_configs.tiny_config(unet_configs.SDXL_UNET)["transformer_layers_per_block"] == [1, 2, 2]
 
 
 def test_cpu_tiny_run_writes_the_report(tmp_path, capsys):
@@ -66,7 +66,7 @@ def test_cpu_tiny_run_writes_the_report(tmp_path, capsys):
         (m, n, s) for m in models for n in (2, 3) for s in ("flops", "time")}
     for row in stages:
         assert len(row["stage_ms"]) == row["stages"] == len(row["cuts"]) - 1
-        assert row["projected_speedup"] == gpu_check.projected_speedup(row["stage_ms"])
+        assert row["projected_speedup"] == gpu_diagnostics.projected_speedup(row["stage_ms"])
 
 
 @pytest.mark.parametrize("stage_ms, expected", [
@@ -76,7 +76,7 @@ def test_cpu_tiny_run_writes_the_report(tmp_path, capsys):
     ([1.0, 2.0, 1.0], 2.0),  # 4 ms serial, 2 ms in parallel
 ])
 def test_projected_speedup_by_hand(stage_ms, expected):
-    assert gpu_check.projected_speedup(stage_ms) == pytest.approx(expected, rel=1e-12)
+    assert gpu_diagnostics.projected_speedup(stage_ms) == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_failing_part_is_recorded_and_the_rest_runs(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import torch
 import tiny_models
 from asyncgen.split.boundary import BoundaryLayout, pack, unpack
 from asyncgen.evaluation import random_models
-from asyncgen.evaluation.gpu_check import DenoiserOnly, staged_forward, unet_inputs
+from asyncgen.evaluation.gpu_diagnostics import DenoiserOnly, staged_forward, unet_inputs
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.cost.cuts import balanced_cuts
 from asyncgen.cost.estimate import estimate_unit_costs
