@@ -308,13 +308,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         if ctx.distributed and components != "replicated":
             # before pipeline.to(device): the components this rank does not run stay on meta
             self.components = "planned"
-            stage_modules = [s.modules() + [m for e in expert_stages.values() for m in e[k].modules()]
-                             for k, s in enumerate(all_stages)]
-            shared_modules = [m for proxy in self._proxies() for m in proxy.split.shared_modules()]
             self.component_placements = place_components(
-                pipeline, stage_modules, shared_modules,
-                [topology.stage_of(r % topology.world_size) for r in range(world)], ctx,
-                placements=self._planned_placements() if isinstance(components, (str, type(None))) else components,
+                pipeline, self._planned_placements() if isinstance(components, (str, type(None))) else components, ctx,
                 release=free_unused_stages)
         if ctx.device is not None:
             pipeline.to(ctx.device)

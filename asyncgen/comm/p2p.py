@@ -1,10 +1,13 @@
-"""Which device a rank's point-to-point tensors and control messages travel on.
+"""Which device a rank's point-to-point tensors and control messages travel on, and how to wait for them.
 
 CUDA tensors go over NCCL, everything else over gloo on the host; the wait rule follows
-from it (a CUDA stream waits on the device, gloo on the host).
+from it (:func:`wait_for`: a transfer on a CUDA stream is waited for by the compute
+stream, one on the host by the host, with the timeout).
 """
 
 from __future__ import annotations
+
+import datetime
 
 import torch
 from torch.distributed.distributed_c10d import BackendConfig
@@ -47,3 +50,17 @@ def control_device(backend: str, device: torch.device | None) -> torch.device:
     if device is None:
         raise ValueError(f"process group backend {backend!r} carries no CPU tensors and this rank has no device")
     return torch.device(device)
+
+
+def wait_for(work, timeout: datetime.timedelta, stream_ordered: bool) -> None:
+    """Wait for an asynchronous transfer the way its transport needs.
+
+    ``stream_ordered`` (the tensor travels on a CUDA stream: NCCL): the current compute
+    stream waits for the transfer and the host does not; with a timeout, ``wait`` would
+    block the host until the GPU got there, and the group's own timeout covers a hang.
+    Otherwise (gloo: the host sends and receives) the host waits, at most ``timeout``.
+    """
+    if stream_ordered:
+        work.wait()
+    else:
+        work.wait(timeout)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from asyncgen.comm.failure import remote_error
-from asyncgen.comm.p2p import control_device, p2p_device
+from asyncgen.comm.p2p import control_device, p2p_device, wait_for
 
 if TYPE_CHECKING:  # the context imports this module
     from asyncgen.comm.context import DistContext
@@ -121,10 +121,7 @@ class Wire:
         try:
             work = fn(*args, **kwargs)
             if isinstance(work, dist.Work):  # an async_op's handle (the object-list calls return nothing to wait for)
-                if self.wire.type == "cpu":
-                    work.wait(self.ctx.timeout)
-                else:  # the compute stream waits for the transfer; the group's own timeout covers a hang
-                    work.wait()
+                wait_for(work, self.ctx.timeout, stream_ordered=self.wire.type != "cpu")
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
 

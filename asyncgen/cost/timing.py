@@ -1,5 +1,4 @@
-"""Timing a stage's compute without synchronising: CUDA events on GPUs, ``perf_counter`` on CPU.
-"""
+"""Timing a stage's compute without synchronising: CUDA events on GPUs, ``perf_counter`` on CPU."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Which of a component's modules a rank keeps resident, and releasing the rest to ``meta``.
-"""
+"""Which of a component's modules a rank keeps resident, and releasing the rest to ``meta``."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.failure import remote_error
+from asyncgen.comm.p2p import wait_for
 from asyncgen.schedules.asg import ASGSimulator
 
 
@@ -28,12 +29,7 @@ class ASGRuntime(ASGSimulator):
             return tensor
         try:
             work = dist.all_reduce(tensor, group=self.ctx.group, async_op=True)
-            if tensor.is_cuda:
-                # stream-ordered: with a timeout the host would wait for the GPU every step; the
-                # group's own timeout covers a hang
-                work.wait()
-            else:
-                work.wait(self.ctx.timeout)
+            wait_for(work, self.ctx.timeout, stream_ordered=tensor.is_cuda)
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
         return tensor

@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.failure import ErrorWatch, publish_error, remote_error
-from asyncgen.comm.p2p import control_device, p2p_device
+from asyncgen.comm.p2p import control_device, p2p_device, wait_for
 from asyncgen.cost.timing import ComputeTimer
 from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology, connections
 from asyncgen.schedules.cfg_parallel import batch_part
@@ -229,12 +229,7 @@ class DistributedRuntime:
         return buffer
 
     def _wait(self, pending: _Pending) -> torch.Tensor:
-        if self._stream_ordered:
-            # the current (compute) stream waits for the transfer, the host does not; with a
-            # timeout, wait() would block the host until the GPU got there
-            self._comm(pending.work.wait)
-        else:  # gloo: the host waits (it is the host that receives)
-            self._comm(pending.work.wait, self.ctx.timeout)
+        self._comm(wait_for, pending.work, self.ctx.timeout, self._stream_ordered)
         return self._arrived(pending.buffer)
 
     def _wait_sends(self) -> None:
