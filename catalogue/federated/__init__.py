@@ -25,8 +25,6 @@ EXPERIMENTS = [
         defaults={"N": 200, "concurrencies": [10, 100], "K": 10, "Q": 5, "alpha": 1.0, "profile": "lognormal",
                   "rounds": 40, "o": 1.3, "a": 0.5, "server_momentum": 0.0, "fedasync_alpha": 0.6, **_SHARED},
         quick={"rounds": 4},
-        # measured 2026-11-30: 48.4 s of CPU time (single-threaded, so ≈ wall on an idle core); 491 s wall
-        # at load average ~12 on the 2 shared cores, where the run got ~10% of a core
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
@@ -40,7 +38,6 @@ EXPERIMENTS = [
         defaults={"N": 50, "s": 10, "K": 10, "period": 2.0, "alpha": 0.3, "slow_fraction": 0.8, "rounds": 60,
                   "fedbuff_K": 5, "a": 0.5, **_SHARED},
         quick={"rounds": 6},
-        # measured 2026-11-30: 152.3 s of CPU time (≈ wall on an idle core); 1341 s wall at load average ~12
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -54,7 +51,6 @@ EXPERIMENTS = [
         defaults={"M": 20, "Q": 10, "dt": 0.5, "other_dts": [0.2, 0.8], "alpha": 0.1, "rounds": 60,
                   "fedbuff_K": 5, **_SHARED},
         quick={"rounds": 6},
-        # measured 2026-11-30: 41.3 s of CPU time (≈ wall on an idle core); 437 s wall at load average ~12
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -68,8 +64,6 @@ EXPERIMENTS = [
         defaults={"N": 16, "Qmax": 50, "Qmin_fraction": 0.2, "lambda": 1.5, "alpha": 0.1, "rounds": 30,
                   "fedbuff_K": 3, "fedasync_alpha": 0.6, "a": 0.5, **_SHARED},
         quick={"rounds": 3},
-        # measured 2026-11-30 at load average ~1.5: 252 s wall, 240 s CPU (after the bit-identical
-        # BatchedMLPSGD speed-up; before it: 327 s CPU)
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -85,7 +79,6 @@ EXPERIMENTS = [
         defaults={"M": 3, "N": 300, "R": 48, "g": 4, "Q": 5, "alpha": 1.0, "rounds": 30, "lr": 0.1, "B": 8,
                   "eta_g": 0.5},
         quick={"rounds": 3},
-        # measured 2026-11-30: 52.1 s of CPU time (≈ wall on an idle core); 514 s wall at load average ~12
         packages=PACKAGES,
         plot_caption="test accuracy of each task against simulated time",
     ),
