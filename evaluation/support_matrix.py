@@ -64,7 +64,7 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
     from asyncgen.cost.cuts import choose_cuts
     from asyncgen.runtime.asyncdiff import DistributedRuntime
     from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
-    from asyncgen.schedules.simulator import SerialSimulator
+    from asyncgen.schedules.simulator import SerialSimulator, run_loop
     from asyncgen.split.units import make_stages
 
     all_stages = make_stages(split, choose_cuts(split, stages, "even"))
@@ -77,19 +77,15 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
     sample = rest.pop(split.sample_argument)
     timestep = rest.pop("timestep")
     times = [timestep * (1.0 - 0.2 * m) for m in range(steps)]
-    executor.begin_call(AsyncSchedule(topology, warmup, False))
-    predictions: dict[int, torch.Tensor] = {}
+
+    def update(step: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if eps.ndim > 1 and x.ndim > 1 and eps.shape[1] == 2 * x.shape[1]:
+            eps = eps[:, : x.shape[1]]  # a learned-variance model (PixArt): noise first, as its pipeline takes it
+        return x - 0.1 * eps
+
     with torch.no_grad():
-        for step in range(steps):
-            if step not in predictions:
-                predictions.update(executor.run_step(step, steps, sample,
-                                                     lambda m, x=sample: split.conditioning(x, times[m], **rest)))
-            eps = predictions.pop(step)
-            if eps.ndim > 1 and sample.ndim > 1 and eps.shape[1] == 2 * sample.shape[1]:
-                eps = eps[:, : sample.shape[1]]  # a learned-variance model (PixArt): noise first, as its pipeline takes it
-            sample = sample - 0.1 * eps
-    executor.end_call()
-    return sample
+        return run_loop(executor, AsyncSchedule(topology, warmup, False), steps, sample,
+                        lambda m, x: split.conditioning(x, times[m], **rest), update)
 
 
 # ------------------------------------------------------------------ rendering

@@ -89,3 +89,23 @@ class CfgSerialSimulator:
             for h, sim in enumerate(self.simulators)
         ]
         return {s: torch.cat([p[s] for p in per_part], dim=0) for s in per_part[0]}
+
+
+def run_loop(executor, schedule: AsyncSchedule, total_steps: int, sample: torch.Tensor,
+             cond_at: Callable[[int, torch.Tensor], Any],
+             update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A whole denoising loop through an executor (a simulator or the distributed runtime), without a pipeline.
+
+    ``cond_at(m, sample)`` is the conditioning of step ``m`` for the current sample and
+    ``update(step, sample, eps)`` the scheduler's step. A round start yields several
+    predictions; the steps it covers are served from them, as the pipelines' staged
+    denoiser serves them when a pipeline drives the calls.
+    """
+    executor.begin_call(schedule)
+    predictions: dict[int, torch.Tensor] = {}
+    for step in range(total_steps):
+        if step not in predictions:
+            predictions.update(executor.run_step(step, total_steps, sample, lambda m, x=sample: cond_at(m, x)))
+        sample = update(step, sample, predictions.pop(step))
+    executor.end_call()  # settles the last transfers (not after a failure: the error already ends the ranks)
+    return sample
