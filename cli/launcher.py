@@ -128,8 +128,12 @@ def grace_seconds(grace: float | None = None) -> float:
         try:
             grace = float(text)
         except ValueError:
-            raise ValueError(f"ASYNCGEN_GRACE_SECONDS={text!r} is not a number of seconds") from None
-    if not 0 <= grace < float("inf"):
+            grace = float("nan")
+        if not 0 <= grace < float("inf"):
+            raise ValueError(f"ASYNCGEN_GRACE_SECONDS={text!r}: must be a finite number of seconds >= 0 (how long "
+                             "the other workers may finish after one failed; unset it for the default "
+                             f"{DEFAULT_GRACE:g})")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
         raise ValueError(f"grace period {grace} s: must be a finite number of seconds >= 0")
     return grace
 
@@ -249,9 +253,32 @@ class _StopSignals:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _start_context():
+def check_start_method() -> None:
+    """Refuse an unknown :data:`START_METHOD` (``ASYNCGEN_START_METHOD``) in one line."""
     if START_METHOD not in ("spawn", "forkserver"):
-        raise ValueError(f"ASYNCGEN_START_METHOD={START_METHOD!r}: use 'spawn' or 'forkserver'")
+        raise ValueError(f"ASYNCGEN_START_METHOD={START_METHOD!r}: must be 'spawn' or 'forkserver' "
+                         "(unset it for the default, spawn)")
+
+
+def check_environment() -> None:
+    """Check every environment variable a launch and its workers read, before anything starts.
+
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` (they must describe one
+    consistent group: see :func:`asyncgen.comm.group.launcher_environment`), ``ASYNCGEN_TIMEOUT``,
+    ``ASYNCGEN_GRACE_SECONDS`` and ``ASYNCGEN_START_METHOD``. Raises ``ValueError`` with one line
+    naming the variable, its value and what is accepted.
+    """
+    from asyncgen.comm.context import environment_timeout
+    from asyncgen.comm.group import launcher_environment
+
+    launcher_environment()
+    environment_timeout()
+    grace_seconds()
+    check_start_method()
+
+
+def _start_context():
+    check_start_method()
     ctx = mp.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
@@ -308,6 +335,10 @@ def run_workers(
     import torch.distributed as dist
 
     grace = grace_seconds(grace)
+    check_start_method()
+    from asyncgen.comm.context import environment_timeout
+
+    environment_timeout()  # every worker reads it: a bad value fails here once, not in each of them
     threads, cpu_sets = placement(nprocs, device_type, usable_cpus(), threads)
     if not pin_cpus:
         cpu_sets = [None] * nprocs
@@ -418,8 +449,21 @@ def launch(fn: Callable, nprocs: int, *args, **kwargs) -> list[Any]:
 
 
 def launched_by_torchrun() -> bool:
-    """True inside a process that ``torchrun`` (or another launcher) started as one rank of a group."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True inside a process that ``torchrun`` (or another launcher) started as one rank of a group.
+
+    The launcher's variables are checked first: a partial or inconsistent set (``RANK`` without
+    ``WORLD_SIZE``, ``RANK`` outside ``[0, WORLD_SIZE)``, no ``MASTER_ADDR``/``MASTER_PORT`` for more
+    than one rank, a non-integer) raises a one-line ``UsageError`` instead of being ignored or
+    ending in a rendezvous that fails or never completes.
+    """
+    from asyncgen.comm.group import LauncherEnvironmentError, launcher_environment
+
+    from .errors import UsageError
+
+    try:
+        return launcher_environment() is not None
+    except LauncherEnvironmentError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = "cpu", oversubscribe: bool = False,
@@ -434,6 +478,12 @@ def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = 
     (pinned to its own core when there are enough), one GPU each on CUDA
     (``cuda:LOCAL_RANK``). ``kwargs`` go to :func:`launch` (``timeout``, ``grace``, ...).
     """
+    try:
+        check_environment()
+    except ValueError as exc:
+        from .errors import UsageError
+
+        raise UsageError(str(exc)) from None
     if launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if devices is not None and devices != world:

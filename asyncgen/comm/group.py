@@ -10,19 +10,91 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from asyncgen.comm.context import DEFAULT_TIMEOUT, DistContext
+from asyncgen.comm.context import DistContext, check_timeout, environment_timeout
 from asyncgen.comm.failure import NETWORK_HINT, RemoteRankError
 from asyncgen.comm.p2p import control_device
 
 
-def _env_world_size() -> int | None:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return None
+class LauncherEnvironmentError(ValueError):
+    """The launcher's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) disagree
+    or are malformed; the message is one line naming the variable, its value and what is accepted."""
+
+
+@dataclass(frozen=True)
+class LauncherEnvironment:
+    """What ``torchrun`` (or another launcher) told this process, checked."""
+
+    rank: int
+    world_size: int
+    local_rank: int | None
+    master_addr: str | None
+    master_port: int | None
+
+
+def _integer(environ, name: str, accepted: str, low: int, high: int | None = None) -> int | None:
+    text = environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        raise LauncherEnvironmentError(f"{name}={text!r}: must be {accepted}")
+    return value
+
+
+def env_local_rank(environ=None) -> int | None:
+    """``LOCAL_RANK`` when set (an integer >= 0), else None."""
+    environ = os.environ if environ is None else environ
+    return _integer(environ, "LOCAL_RANK", "an integer >= 0 (this process's index on its machine)", 0)
+
+
+def launcher_environment(environ=None) -> LauncherEnvironment | None:
+    """The launcher's environment, checked before anything connects; None when no launcher started this process.
+
+    A process with neither ``RANK`` nor ``WORLD_SIZE`` runs alone. Otherwise both must be
+    integers with ``0 <= RANK < WORLD_SIZE``; ``WORLD_SIZE > 1`` needs ``MASTER_ADDR`` and
+    ``MASTER_PORT`` (1-65535) for the rendezvous; ``LOCAL_RANK``, when set, must be an integer
+    ``>= 0`` below ``LOCAL_WORLD_SIZE`` (when set) and ``WORLD_SIZE``. Anything else raises
+    :class:`LauncherEnvironmentError` here, instead of a rendezvous that fails deep in torch
+    or waits forever for a rank that will never come.
+    """
+    environ = os.environ if environ is None else environ
+    local_rank = env_local_rank(environ)
+    present = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if not present:
+        return None
+    if len(present) == 1:
+        other = "WORLD_SIZE" if present[0] == "RANK" else "RANK"
+        raise LauncherEnvironmentError(
+            f"{present[0]}={environ[present[0]]!r} is set but {other} is not: a launcher (torchrun) sets both; "
+            f"set {other} too, or unset {present[0]} to run in one process")
+    world = _integer(environ, "WORLD_SIZE", "an integer >= 1 (the number of processes)", 1)
+    rank = _integer(environ, "RANK", f"an integer from 0 to WORLD_SIZE - 1 = {world - 1}", 0, world)
+    local_world = _integer(environ, "LOCAL_WORLD_SIZE", f"an integer from 1 to WORLD_SIZE = {world}", 1, world + 1)
+    if local_rank is not None:
+        limit = local_world if local_world is not None else world
+        source = "LOCAL_WORLD_SIZE" if local_world is not None else "WORLD_SIZE"
+        _integer(environ, "LOCAL_RANK", f"an integer from 0 to {source} - 1 = {limit - 1}", 0, limit)
+    addr = environ.get("MASTER_ADDR")
+    port = _integer(environ, "MASTER_PORT", "a port number from 1 to 65535", 1, 65536)
+    if world > 1:
+        if addr is None or not addr.strip():
+            shown = " is not set" if addr is None else f"={addr!r} is empty"
+            raise LauncherEnvironmentError(
+                f"MASTER_ADDR{shown}, but WORLD_SIZE={world} needs it: the address of rank 0's machine for the "
+                "rendezvous (torchrun sets it; or unset RANK and WORLD_SIZE to run in one process)")
+        if port is None:
+            raise LauncherEnvironmentError(
+                f"MASTER_PORT is not set, but WORLD_SIZE={world} needs it: a free port from 1 to 65535 on "
+                f"MASTER_ADDR={addr} for the rendezvous (torchrun sets it)")
+    return LauncherEnvironment(rank, world, local_rank, addr, port)
 
 
 def default_backend() -> str:
@@ -45,7 +117,8 @@ def local_cuda_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda", 0)
     else:
         raw = os.environ.get("LOCAL_RANK")
-        index = int(raw) if raw is not None else (dist.get_rank() % max(count, 1) if dist.is_initialized() else 0)
+        local = env_local_rank()
+        index = local if local is not None else (dist.get_rank() % max(count, 1) if dist.is_initialized() else 0)
         source = f"LOCAL_RANK={raw}" if raw is not None else f"rank {index}"
     if index >= count:
         raise ValueError(
@@ -60,15 +133,18 @@ def resolve_context(
     device: str | torch.device | None = None,
     timeout: datetime.timedelta | float | None = None,
 ) -> DistContext:
-    """Find (or create from the launcher's environment) the group this process works in."""
-    if isinstance(timeout, (int, float)):
-        timeout = datetime.timedelta(seconds=timeout)
-    timeout = timeout or DEFAULT_TIMEOUT
+    """Find (or create from the launcher's environment) the group this process works in.
+
+    ``timeout`` (seconds or a ``timedelta``, finite and > 0) defaults to ``ASYNCGEN_TIMEOUT``,
+    else 600 s. The launcher's variables are checked (:func:`launcher_environment`) before any
+    rendezvous: an inconsistent set raises :class:`LauncherEnvironmentError` at once.
+    """
+    timeout = check_timeout(timeout) or environment_timeout()
     owns = False
     group = process_group
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
-    elif group is None and (_env_world_size() or 1) > 1:
+    elif group is None and ((launcher := launcher_environment()) is not None and launcher.world_size > 1):
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
             # before the group exists, so NCCL binds its communicators to this rank's GPU
             torch.cuda.set_device(local_cuda_device(device))

@@ -138,6 +138,8 @@ def test_run_on_devices_checks_before_spawning(monkeypatch):
 def test_devices_must_match_torchrun_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what torchrun sets with them: a consistent environment
+    monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(ValueError, match=r"^--devices 3 does not match the launcher's WORLD_SIZE=2; [^\n]*$"):
         run_on_devices(_fail_on_one, 3)
     assert run_on_devices(_fail_on_one, 2) == 0
