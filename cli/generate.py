@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UsageError
 from .launcher import check_worker_count, launched_by_torchrun, run_on_devices
 from .options import (DTYPES, SEED_LIMIT, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
-                      finite_float, fraction, non_negative_int, positive_int)
+                      check_image_side, finite_float, fraction, non_negative_int, positive_int)
 
 # the command's line in ``asyncgen --help``
 SUMMARY = "generate images from prompts, on one device or several (AsyncDiff)"
@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default=None,
                         help="image file to write (.png, .jpg, .webp, ...), or for a video pipeline a video file "
                         "(.mp4 or .gif); with --prompts, files are numbered: out.png -> out-0000.png, out-0001.png, "
-                        "... (default: asyncgen.png, asyncgen.mp4 for a video pipeline)")
+                        "...; '-' is standard output (one PNG image; not a terminal); a name ending in / is a "
+                        "directory (DIR/asyncgen.png); an existing device or FIFO is written through "
+                        "(default: asyncgen.png, asyncgen.mp4 for a video pipeline)")
     parser.add_argument("--prompts", metavar="FILE", help="a .txt file with one prompt per line (or a .csv with a "
                         "'prompt' column): one image per prompt")
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show (default: none)")
@@ -122,7 +124,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the first image is slower while it compiles; default: off)")
 
 
-def _output_paths(output: str, count: int) -> list[str]:
+def _output_paths(output: str, count: int, video: bool = False) -> list[str]:
+    """The files ``-o`` names for ``count`` prompts: numbered when several; ``DIR/`` holds the default names."""
+    from asyncgen.cli.files import is_stdout, names_directory
+
+    if names_directory(output):
+        output = os.path.join(output, "asyncgen.mp4" if video else "asyncgen.png")
+    if is_stdout(output) and count > 1:
+        raise UsageError(f"-o -: standard output takes one image, and --prompts gives {count} prompts; give a file "
+                         "name (numbered per prompt) or a directory ending in /")
     if count == 1:
         return [output]
     path = Path(output)
@@ -214,12 +224,14 @@ def stages_for(devices: int, stages: int | None, stride: int, cfg_parallel: bool
 
 def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     """Check every option against the model's configs and this machine, before any worker starts."""
-    from asyncgen.cli.files import check_output_path, load_prompts
+    from asyncgen.cli.files import check_output_paths, load_prompts
 
     if args.prompt is None and args.prompts is None:
         raise UsageError("give a prompt, or --prompts FILE")
     if args.prompt is not None and args.prompts is not None:
         raise UsageError("give either a prompt or --prompts FILE, not both")
+    check_image_side("--height", args.height)
+    check_image_side("--width", args.width)
     try:
         prompts = [args.prompt] if args.prompts is None else load_prompts(args.prompts)
     except (OSError, ValueError) as exc:
@@ -250,10 +262,9 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     if not video and (args.frames is not None or args.fps is not None):
         given = " ".join(f"--{n}" for n in ("frames", "fps") if getattr(args, n) is not None)
         raise UsageError(f"{given}: {facts.pipeline_class} makes images, not videos; leave out {given}")
-    outputs = _output_paths(args.output or ("asyncgen.mp4" if video else "asyncgen.png"), len(prompts))
-    try:
-        for path in outputs[:1]:
-            check_output_path(path, video=video)
+    outputs = _output_paths(args.output or ("asyncgen.mp4" if video else "asyncgen.png"), len(prompts), video)
+    try:  # every file, not only the first: a numbered name can be too long, or already a directory
+        check_output_paths(outputs, video=video)
     except ValueError as exc:
         raise UsageError(f"-o {exc}") from None
     if video:
@@ -290,6 +301,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
             height, width = height or facts.native_height, width or facts.native_width
     _check_size("height", height, facts)
     _check_size("width", width, facts)
+    _say_if_large(height or facts.native_height, width or facts.native_width, facts, len(prompts))
     return GenerateJob(
         model=model, builtin_model=builtin, allow_pickle=args.allow_pickle, prompts=prompts, outputs=outputs,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=height,
@@ -299,6 +311,22 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
         video=video, frames=args.frames, fps=args.fps or 8,
     )
+
+
+# more pixels than this many times the model's native image: the run is said to be long before it starts
+LARGE_FACTOR = 16
+
+
+def _say_if_large(height: int, width: int, facts, images: int) -> None:
+    """One line before a run that will take long: an image far above the model's native size (the attention
+    cost grows with the square of the pixels); the progress bar then shows each step."""
+    from asyncgen.cli.files import say
+
+    factor = height * width / (facts.native_height * facts.native_width)
+    if factor > LARGE_FACTOR:
+        say(f"asyncgen generate: note: {width}x{height} is {factor:.0f} times the pixels of this model's native "
+            f"{facts.native_width}x{facts.native_height}; each step takes far longer than at the native size "
+            f"and needs far more memory ({images} image{'s' if images > 1 else ''}; progress below)")
 
 
 class _TidyDiffusersLog(logging.Filter):
@@ -367,7 +395,17 @@ def _strategy(job: GenerateJob, world: int) -> str:
 
 
 def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
-    """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary."""
+    """One rank's share of ``asyncgen generate``; rank 0 writes the files and returns the summary.
+
+    Standard output and error are guarded here too (a spawned worker has its own): a progress bar or a
+    message that cannot be written (``2>/dev/full``, a closed pipe) never stops the work or loses an image."""
+    from asyncgen.cli.files import StandardStreams
+
+    with StandardStreams():
+        return _generate(rank, world, job)
+
+
+def _generate(rank: int, world: int, job: GenerateJob) -> dict:
     import torch
 
     from asyncgen.cli.files import write_image, write_video
@@ -451,6 +489,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
 
 def summary_line(result: dict) -> str:
     where = result["outputs"][0] if result["images"] == 1 else f"{result['outputs'][0]} .. {result['outputs'][-1]}"
+    where = "standard output" if where == "-" else where
     w, h = result["size"]
     what = "video" if result.get("frames") else "image"
     shape = f"{result['frames']} frames of {w}x{h}" if result.get("frames") else f"{w}x{h}"
@@ -469,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a launcher refusal (e.g. --devices against torchrun's WORLD_SIZE)
         raise UsageError(str(exc)) from None
     if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
-        print(summary_line(result))
+        # with -o - the image is standard output: the summary goes to standard error
+        print(summary_line(result), file=sys.stderr if job.outputs == ["-"] else sys.stdout)
     return 0
 

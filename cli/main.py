@@ -80,38 +80,93 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", module=r"huggingface_hub(\.|$)")
 
 
+# a closed pipe ends a command quietly with the status of a process killed by SIGPIPE (128 + 13), what
+# ``yes | head -1`` reports for ``yes`` under ``set -o pipefail``
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    import importlib
+    """Run one command; return its exit code (argparse's ``--help`` and option errors raise SystemExit as usual).
+
+    Standard output and error are guarded (:class:`~asyncgen.cli.files.StandardStreams`): a closed pipe
+    (``| head``, ``| true``) ends the command quietly with :data:`EXIT_BROKEN_PIPE` once its files are written;
+    a full or failing standard output is one line on standard error and exit code 1; standard error that
+    cannot be written (``2>/dev/full``) changes nothing: progress and messages never decide the outcome."""
+    from .files import StandardStreams
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
+    exit_request = None
+    with StandardStreams() as streams:
+        prog = "asyncgen"
+        try:
+            prog, code = _run(argv)
+        except SystemExit as exc:  # argparse: --help, --version, a bad option
+            exit_request = exc
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        code = _standard_output_outcome(streams, prog, code)
+    if exit_request is not None:
+        raise SystemExit(code)
+    return code
+
+
+def _standard_output_outcome(streams, prog: str, code: int) -> int:
+    from .files import say
+
+    error = streams.stdout_error
+    if error is None:
+        return code
+    if isinstance(error, BrokenPipeError):
+        return code or EXIT_BROKEN_PIPE
+    from .errors import OutputError
+
+    say(f"{prog}: error: {OutputError('standard output', error) if isinstance(error, OSError) else error}")
+    return code or 1
+
+
+def _run(argv: list[str]) -> tuple[str, int]:
+    import importlib
+
+    from .errors import OutputError
+    from .files import say
+
     try:
         parser = build_parser(_chosen_command(argv))
     except UsageError as exc:
-        print(f"asyncgen: error: {exc}", file=sys.stderr)
-        return 2
+        say(f"asyncgen: error: {exc}")
+        return "asyncgen", 2
     args = parser.parse_args(argv)
     prog = f"asyncgen {args.command}"
     try:
-        return importlib.import_module(args.module).run(args) or 0
+        return prog, importlib.import_module(args.module).run(args) or 0
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        say(f"{prog}: error: {exc}")
+        return prog, 2
+    except OutputError as exc:  # the work is done, an output could not be written: nothing half-written is left
+        say(f"{prog}: error: {exc}")
+        return prog, 1
+    except BrokenPipeError:  # the image went to standard output (-o -) and its reader has gone
+        return prog, EXIT_BROKEN_PIPE
     except WorkerFailed as exc:
         if exc.exc_type == f"{UsageError.__module__}.{UsageError.__name__}":
             # bad input found by a worker (e.g. after loading the model): the message is enough
-            print(f"{prog}: error: {exc.message}", file=sys.stderr)
-            return 2
-        print(f"{prog}: {exc.details if args.verbose else exc.summary}", file=sys.stderr)
+            say(f"{prog}: error: {exc.message}")
+            return prog, 2
+        if exc.exc_type == f"{OutputError.__module__}.{OutputError.__name__}":
+            say(f"{prog}: error: {exc.message}")
+            return prog, 1
+        if exc.exc_type == "BrokenPipeError":
+            return prog, EXIT_BROKEN_PIPE
+        say(f"{prog}: {exc.details if args.verbose else exc.summary}")
         if not args.verbose:
-            print(f"{prog}: (run with --verbose for the worker's traceback)", file=sys.stderr)
-        return 1
+            say(f"{prog}: (run with --verbose for the worker's traceback)")
+        return prog, 1
     except Interrupted as exc:  # the launcher has stopped every worker before raising
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        say(f"{prog}: {exc}")
+        return prog, exc.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        say(f"{prog}: interrupted")
+        return prog, 130
 
 
 if __name__ == "__main__":

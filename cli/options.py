@@ -8,6 +8,12 @@ import math
 
 SEED_LIMIT = 2**64  # torch generators take seeds 0 .. 2**64 - 1
 DTYPES = ("float32", "float16", "bfloat16")
+# The largest image side, in pixels, any command accepts. 8192 is twice the largest sizes people run diffusers
+# pipelines and ASG at (4096, e.g. 4x an SDXL or Flux image per side), and about where one image stops being
+# practical: 8192 x 8192 is 67 megapixels, under Pillow's decompression-bomb guard (89 megapixels), so the file
+# can still be opened by `asyncgen eval` and other tools, and a SD-family VAE decoder's full-resolution feature
+# maps (128 channels) are already 17 GB each in float16 there; at 65536 they would be 1.1 TB each.
+MAX_IMAGE_SIDE = 8192
 
 
 def positive_int(text: str) -> int:
@@ -46,6 +52,15 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: need a number from 0 to 1")
     return value
+
+
+def check_image_side(option: str, value: int | None) -> None:
+    """Refuse an image side above :data:`MAX_IMAGE_SIDE` in one line naming the value and the ceiling."""
+    if value is not None and value > MAX_IMAGE_SIDE:
+        from .errors import UsageError
+
+        raise UsageError(f"{option} {value}: image sides go up to {MAX_IMAGE_SIDE} pixels (67 megapixels at "
+                         f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}); give at most {MAX_IMAGE_SIDE}")
 
 
 def _int(text: str) -> int:
