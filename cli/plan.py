@@ -16,7 +16,7 @@ import json
 import re
 
 from .errors import UsageError
-from .options import positive_int
+from .options import check_image_side, positive_int
 
 # the command's line in ``asyncgen --help``
 SUMMARY = ("what each rank would hold (stages, text encoders, VAE, bytes), from a model's configs alone: "
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from .generate import stages_for
 
     model = args.model or str(MINIATURE_SD_PATH)
+    check_image_side("--height", args.height)  # the estimate runs on fake tensors, but the plan is for real ones
+    check_image_side("--width", args.width)
     stages = stages_for(args.devices, args.stages, args.stride, args.cfg_parallel)
     if args.devices == 1 and stages > 1:
         raise UsageError(f"--stages {stages} on --devices 1: one device runs every stage (the serial simulator); "

@@ -37,7 +37,7 @@ from asyncgen.runtime.staged_denoiser import default_warmup
 from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
 
 from .fidelity import psnr, ssim
-from .reporting import markdown_table, write_atomic, write_json
+from .reporting import markdown_table
 
 # the command's line in ``asyncgen --help``
 SUMMARY = "time and grade the stock pipeline against AsyncDiff configurations; JSON, Markdown and a plot"
@@ -260,8 +260,10 @@ def compute_bound_speedup(stock_s: float, stock_denoiser_s: float, steps: int, e
 
 def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, device: str = "cpu",
                   timeout: float = 3600, pin_cpus: bool = True, prompts: list[str] | None = None,
-                  dtype: str = "float32", allow_pickle: bool = False) -> list[dict]:
+                  dtype: str = "float32", allow_pickle: bool = False, progress: bool = False) -> list[dict]:
     """One row per AsyncDiff configuration, each timed against its own interleaved stock runs.
+
+    ``progress`` says on standard error which configuration is running, and how much work it is (one line each).
 
     ``call`` holds the pipeline arguments (``seed`` included); ``prompts`` defaults to
     ``[call["prompt"]]``. Rows carry rank 0's images (``images``, ``stock_images``) for grading.
@@ -270,8 +272,14 @@ def run_benchmark(model: str, configs: list[dict], call: dict, repeats: int, dev
     prompts = prompts or [call.pop("prompt")]
     call.pop("prompt", None)
     rows = []
-    for wrap in configs:
+    for index, wrap in enumerate(configs):
         world = world_size_of(wrap)
+        if progress:
+            from asyncgen.cli.files import say
+
+            say(f"asyncgen bench: configuration {index + 1}/{len(configs)}: {config_name(wrap)} on {world} "
+                f"process{'es' if world > 1 else ''}, {repeats} x {len(prompts)} image(s) of "
+                f"{call.get('num_inference_steps', '?')} steps, each with the stock pipeline and with AsyncDiff")
         per_rank = launch(_worker, world, model, wrap, call, prompts, repeats, device, dtype, allow_pickle,
                           timeout=timeout, pin_cpus=pin_cpus)
         stock, stock_denoiser = per_rank[0]["stock"], per_rank[0]["stock_denoiser"]
@@ -361,7 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_asyncdiff_arguments(parser)
     parser.add_argument("--prompts", default=None, metavar="FILE", help="prompt file (.txt, one per line, or .csv)")
     parser.add_argument("--prompt", default=None, help="a single prompt instead of a prompt set")
-    parser.add_argument("--num-prompts", type=positive_int, default=4, help="without --prompts/--prompt: this many "
+    parser.add_argument("--num-prompts", type=positive_int, default=None, help="without --prompts/--prompt: this many "
                         "captions of the built-in shapes prompt set (default: %(default)s)")
     add_sampling_arguments(parser, steps_help="25 for miniature, 50 otherwise",
                            guidance_help="4.0 for miniature, 7.5 otherwise; > 1 doubles the batch",
@@ -411,14 +419,23 @@ def _prompts(args) -> list[str]:
 
     from .prompts import miniature_prompts
 
+    given = [f"--{n.replace('_', '-')}" for n in ("prompt", "prompts", "num_prompts") if getattr(args, n) is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)}: give one of --prompt TEXT, --prompts FILE or --num-prompts N "
+                         "(built-in captions), not several")
     try:
-        if args.prompts:
+        if args.prompts is not None:
             return load_prompts(args.prompts)
-        if args.prompt:
+        if args.prompt is not None:
             return [args.prompt]
-        return miniature_prompts(args.num_prompts, seed=args.seed)
     except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"--prompts {args.prompts}: {exc}") from exc
+    count = args.num_prompts or (2 if args.quick else 4)
+    available = len(miniature_prompts())
+    if count > available:
+        raise UsageError(f"--num-prompts {count}: the built-in prompt set has {available} captions; give at most "
+                         f"{available}, or --prompts FILE")
+    return miniature_prompts(count, seed=args.seed)
 
 
 def grade(rows: list[dict], prompts: list[str], clip: str, device: str = "cpu") -> dict:
@@ -477,15 +494,34 @@ def table_rows(stock_row: dict, rows: list[dict]) -> list[dict]:
     return out
 
 
+def check_against_model(model: str, configs: list[dict], args) -> None:
+    """The limits the model's configs set, before any worker is spawned: stages against the units its denoiser
+    splits into, and the image size against the step it needs (VAE factor x patch size)."""
+    from asyncgen.cli.errors import UsageError
+    from asyncgen.cli.generate import _check_size, _describe_model
+
+    facts = _describe_model(model, args.allow_pickle)
+    stages = max(c["stages"] for c in configs)
+    if stages > 1 and facts.splittable_units is None:
+        raise UsageError(f"--configs {args.configs}: asyncgen cannot split a {facts.denoiser_class} into {stages} "
+                         "stages (use n1s1 or cfg)")
+    if facts.splittable_units is not None and stages > facts.splittable_units:
+        raise UsageError(f"--configs {args.configs}: {stages} stages, but this {facts.denoiser_class} splits into at "
+                         f"most {facts.splittable_units} stages")
+    _check_size("height", args.height, facts)
+    _check_size("width", args.width, facts)
+
+
 def run(args: argparse.Namespace) -> int:
     from asyncgen.cli.errors import UsageError
+    from asyncgen.cli.files import check_output_paths, write_all
+    from asyncgen.cli.options import check_image_side
 
-    from .plots import plot_benchmark
+    from .plots import benchmark_plot_png
+    from .reporting import json_text
 
     if args.quick:
         args.steps, args.repeats = 8, 1
-        if not args.prompts and not args.prompt:
-            args.num_prompts = 2
     for name in ("steps", "repeats", "num_prompts"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -499,15 +535,20 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         args.height = args.height or {"sd3": 128, "wan": 192, "miniature": 32}.get(args.family, 64)
     args.width = args.width or args.height
+    check_image_side("--height", args.height)
+    check_image_side("--width", args.width)
     configs, prompts = _configs(args), _prompts(args)
+    out = Path(args.out)
+    outputs = [out / "results.json", out / "results.md", out / "results.png"]
+    try:  # before any work: an unwritable --out must not cost the whole run
+        check_output_paths(outputs, kind="file")
+    except ValueError as exc:
+        raise UsageError(f"--out {exc}") from None
     oversubscribed = [config_name(c) for c in configs if args.device == "cpu" and world_size_of(c) > available_cores()]
     if oversubscribed and not args.oversubscribe:
         raise UsageError(f"--configs {args.configs}: {', '.join(oversubscribed)} need more processes than the "
                          f"{available_cores()} cores here; pass --oversubscribe to run them anyway (their images and "
                          "quality are valid, their latency is not)")
-    if oversubscribed:
-        print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
-              "run (their images and quality are valid) but their latency and speedup are not meaningful")
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -521,6 +562,10 @@ def run(args: argparse.Namespace) -> int:
             build = {"sd3": random_models.save_bench_sd3_pipeline,
                      "wan": random_models.save_bench_wan_pipeline}.get(args.family, random_models.save_bench_pipeline)
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
+        check_against_model(model, configs, args)  # before any worker is spawned
+        if oversubscribed:
+            print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
+                  "run (their images and quality are valid) but their latency and speedup are not meaningful")
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                     width=args.width, output_type="np", seed=args.seed)
         if video:
@@ -528,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
         call = {k: v for k, v in call.items() if v is not None}
         start = time.perf_counter()
         rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin, prompts=prompts,
-                             dtype=args.dtype, allow_pickle=args.allow_pickle)
+                             dtype=args.dtype, allow_pickle=args.allow_pickle, progress=True)
         stock_row = grade(rows, prompts, args.clip)
     table = markdown_table(table_rows(stock_row, rows), [c for c in TABLE_COLUMNS if c != "clip_score" or
                                                         args.clip != "none"], TABLE_FORMATS)
@@ -543,16 +588,17 @@ def run(args: argparse.Namespace) -> int:
         for k, units in enumerate(row["stage_units"]):
             print(f"  stage {k}: {units[0]} .. {units[-1]} ({len(units)} units)")
         print(memory_lines(row["memory_per_rank"]))
-    out = Path(args.out)
     record = dict(benchmark="asyncdiff", model=args.model or f"built-in {args.family}", call=call, prompts=prompts,
                   device=args.device, dtype=args.dtype, repeats=args.repeats, clip=args.clip,
                   cores=available_cores(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                   stock=table_rows(stock_row, [])[0],
                   rows=[{k: v for k, v in r.items() if k not in ("images", "stock_images")} for r in rows],
                   wall_seconds=time.perf_counter() - start)
-    write_json(out / "results.json", record)
-    write_atomic(out / "results.md", f"# asyncgen bench: {record['model']}\n\n{table}\n\n{TABLE_NOTES}\n")
-    plot_benchmark(stock_row, rows, out / "results.png", title=f"{record['model']}, {args.steps} steps, {args.device}")
+    # the three files whole, or none of them (a full disk or a file-size limit leaves nothing half-written)
+    write_all({outputs[0]: json_text(record),
+               outputs[1]: f"# asyncgen bench: {record['model']}\n\n{table}\n\n{TABLE_NOTES}\n",
+               outputs[2]: benchmark_plot_png(stock_row, rows, title=f"{record['model']}, {args.steps} steps, "
+                                                                     f"{args.device}")})
     print(f"\nresults written to {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
     return 0
 

@@ -101,15 +101,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device for the CLIP model (default: %(default)s)")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the results as JSON here, and a "
-                        "Markdown table next to it (.md)")
+                        "Markdown table next to it (.md): r.json or r.md gives r.json and r.md; a folder (existing, or "
+                        "ending in /) gets results.json and results.md. Checked before any scoring")
+
+
+def output_files(out: str) -> tuple[Path, Path]:
+    """The JSON and Markdown files ``--out`` names. ``r.md`` and ``r.json`` both give ``r.json`` and ``r.md`` (the
+    table never overwrites the JSON); a folder (one that exists, or a name ending in /) holds ``results.json``
+    and ``results.md``; any other name is the JSON, with the table beside it (``.md``)."""
+    from asyncgen.cli.files import names_directory
+
+    path = Path(out)
+    if names_directory(out) or path.is_dir():
+        return path / "results.json", path / "results.md"
+    if path.suffix.lower() == ".md":
+        return path.with_suffix(".json"), path
+    return path, path.with_suffix(".md")
 
 
 def run(args: argparse.Namespace) -> int:
     from asyncgen.cli.errors import UsageError
 
-    from asyncgen.cli.files import load_prompts
-    from .reporting import markdown_table, write_atomic, write_json
+    from asyncgen.cli.files import check_output_paths, is_stdout, load_prompts, write_all
+    from .reporting import json_text, markdown_table
 
+    if args.out is not None:  # before any scoring: an unwritable --out must not cost the run
+        if is_stdout(args.out):
+            raise UsageError("--out -: give a file or folder name (the table is printed on standard output anyway)")
+        json_path, md_path = output_files(args.out)
+        try:
+            check_output_paths([json_path, md_path], kind="file")
+        except ValueError as exc:
+            raise UsageError(f"--out {exc}") from None
     try:
         prompts = load_prompts(args.prompts)
         scorer = None if args.clip == "none" else clip_scorer(args.clip, args.device)
@@ -124,16 +147,20 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         results.update(images_folder=str(args.images), prompts_file=str(args.prompts), clip=args.clip,
                        reference=args.reference)
-        path = write_json(args.out, results)
-        write_atomic(Path(args.out).with_suffix(".md"), table + "\n")
-        print(f"results written to {path}")
+        write_all({json_path: json_text(results), md_path: table + "\n"})  # both whole, or neither
+        print(f"results written to {json_path} and {md_path}")
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asyncgen.evaluation.evaluate_folder", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from asyncgen.cli.errors import UsageError
+
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

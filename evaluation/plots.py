@@ -11,7 +11,13 @@ from .reporting import write_atomic
 
 
 def plot_benchmark(stock_row: dict, rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Speedup (with the compute-bound ceiling) and quality (CLIP score, PSNR) per configuration."""
+    """Speedup (with the compute-bound ceiling) and quality (CLIP score, PSNR) per configuration, written to
+    ``path`` whole or not at all."""
+    return write_atomic(path, benchmark_plot_png(stock_row, rows, title))
+
+
+def benchmark_plot_png(stock_row: dict, rows: list[dict], title: str = "") -> bytes:
+    """The PNG bytes of :func:`plot_benchmark`'s figure (for writing together with other files)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: benchmarks run on servers
@@ -49,4 +55,4 @@ def plot_benchmark(stock_row: dict, rows: list[dict], path: str | os.PathLike, t
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -21,8 +21,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """``data`` as the JSON text :func:`write_json` writes (inf and nan as strings)."""
+    return json.dumps(_jsonable(data), indent=2) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_atomic(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    return write_atomic(path, json_text(data))
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], formats: dict[str, str] | None = None) -> str:

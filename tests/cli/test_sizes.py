@@ -1,0 +1,57 @@
+"""Sizes with a ceiling (issue 30, class 6): what a command knows is checked before it spawns or allocates, and
+``plan`` never allocates what it plans."""
+
+import resource
+
+import pytest
+
+from asyncgen.cli.main import main
+from asyncgen.cli.options import MAX_IMAGE_SIDE
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    def started(*args, **kwargs):
+        raise AssertionError("the work started before the sizes were checked")
+
+    monkeypatch.setattr("asyncgen.cli.generate.run_on_devices", started)
+
+
+@pytest.mark.parametrize("command", [["generate", "a red circle"], ["plan"]])
+@pytest.mark.parametrize("option", ["--height", "--width"])
+def test_a_side_above_the_ceiling_is_one_line(capsys, nothing_runs, command, option):
+    code, _, err = run(capsys, *command, option, 65536)
+    assert code == 2
+    assert err.strip() == (f"asyncgen {command[0]}: error: {option} 65536: image sides go up to {MAX_IMAGE_SIDE} "
+                           f"pixels (67 megapixels at 8192x8192); give at most {MAX_IMAGE_SIDE}")
+
+
+def test_plan_at_the_ceiling_estimates_without_allocating(capsys):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    code, out, err = run(capsys, "plan", "--height", MAX_IMAGE_SIDE, "--width", MAX_IMAGE_SIDE, "--json")
+    assert code == 0, err
+    import json
+
+    plan = json.loads(out)
+    planned = max(rank["activation_bytes"] for rank in plan["ranks"])
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    assert planned > 10 * 2**30  # the miniature model at 8192 x 8192: tens of GB of activations, estimated
+    assert grown < planned / 10, f"plan allocated {grown / 2**30:.1f} GiB for a {planned / 2**30:.1f} GiB plan"
+
+
+def test_a_size_far_above_the_native_one_says_so_before_the_run(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("asyncgen.cli.generate.run_on_devices", interrupted)
+    code, _, err = run(capsys, "generate", "a red circle", "--height", 256, "--width", 256)
+    assert code == 130
+    assert ("asyncgen generate: note: 256x256 is 64 times the pixels of this model's native 32x32; each step takes "
+            "far longer") in err
