@@ -75,3 +75,37 @@ def test_image_formats_and_output_checks(tmp_path):
         check_output_path(tmp_path / "file" / "x.png")
     with pytest.raises(ValueError, match="directory /proc is not writable"):  # not even root creates files there
         check_output_path("/proc/x.png")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_bytes("\ufeffa cat\na dog\n".encode())
+    assert load_prompts(text) == ["a cat", "a dog"]
+    table = tmp_path / "p.csv"
+    table.write_bytes("\ufeffprompt,id\na cat,1\n".encode())  # Excel's "CSV UTF-8"
+    assert load_prompts(table) == ["a cat"]
+
+
+def test_prompt_file_errors_speak_the_command_line(tmp_path):
+    other = tmp_path / "q.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError) as error:
+        load_prompts(other)
+    assert "column=" not in str(error.value)  # the command has no such option
+    assert str(error.value).endswith("has no column named prompt, caption or text (headers: a, b); name the column "
+                                     "of prompts 'prompt'")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"is not UTF-8 text \(byte 0xe9 at offset 6\); save it as UTF-8"):
+        load_prompts(latin)
+
+
+def test_a_fifo_of_prompts_is_read_as_text(tmp_path):
+    import threading
+
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a cat\na dog\n"))
+    writer.start()
+    assert load_prompts(fifo) == ["a cat", "a dog"]
+    writer.join(10)
