@@ -38,13 +38,26 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd_path(model_dir) -> Path:
-    return tiny_models.build_sd(model_dir)
+def family_path(model_dir):
+    """``family_path(family)``: the tiny pipeline of ``family`` (one of ``tiny_models.FAMILIES``), built on first use."""
+    built = {}
+
+    def path(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_models.build(model_dir, family)
+        return built[family]
+
+    return path
 
 
 @pytest.fixture(scope="session")
-def sdxl_path(model_dir) -> Path:
-    return tiny_models.build_sdxl(model_dir)
+def sd_path(family_path) -> Path:
+    return family_path("sd")
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(family_path) -> Path:
+    return family_path("sdxl")
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +76,9 @@ def sdxl_pipe(sdxl_path):
 
 
 @pytest.fixture(scope="session")
-def dit_paths(model_dir) -> dict:
-    return {family: tiny_models.build_dit(model_dir, family) for family in tiny_models.DIT_FAMILIES}
+def dit_paths(family_path) -> dict:
+    """The "dit" group's pipelines (SD3, PixArt, Flux), built together."""
+    return {family: family_path(family) for family in tiny_models.names("dit")}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,26 +103,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _built_on_first_use(build, folder: Path):
-    built = {}
-
-    def path(family: str) -> Path:
-        if family not in built:
-            built[family] = build(folder, family)
-        return built[family]
-
-    return path
-
-
-@pytest.fixture(scope="session")
-def video_path(model_dir):
-    """``video_path(family)``: the tiny video pipeline of ``family`` (tiny_models.VIDEO_FAMILIES), built on first use."""
-    return _built_on_first_use(tiny_models.build_video, model_dir / "video")
-
-
-@pytest.fixture(scope="session")
-def pipeline_path(model_dir):
-    """``pipeline_path(family)``: the tiny pipeline of ``family`` (tiny_models.TRANSFORMER_PIPELINES), built on first use."""
-    return _built_on_first_use(tiny_models.build_pipeline, model_dir / "pipelines")

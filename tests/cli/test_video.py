@@ -18,8 +18,8 @@ def _generate(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_gif_and_mp4_from_a_video_pipeline(video_path, tmp_path, capsys, one_thread):
-    model = video_path("animatediff")
+def test_gif_and_mp4_from_a_video_pipeline(family_path, tmp_path, capsys, one_thread):
+    model = family_path("animatediff")
     code, out, err = _generate(capsys, "--model", model, "-o", tmp_path / "clip.gif", "--frames", 4, "--fps", 5,
                                "--steps", 2, "--height", 16, "--width", 16)
     assert code == 0, err
@@ -54,8 +54,8 @@ def test_write_video_matches_the_frames(tmp_path):
      "--frames 8: this model's VAE compresses time by 4, so frames must be 4k + 1 (1, 5, 9, ...); nearest valid: 5 or 9"),
     (None, ["-o", "{tmp}/x.png", "--frames", "8"], "--frames: StableDiffusionPipeline makes images, not videos"),
 ])
-def test_bad_video_input_is_a_one_line_error(video_path, tmp_path, capsys, family, args, message):
-    model = ["--model", video_path(family)] if family else []
+def test_bad_video_input_is_a_one_line_error(family_path, tmp_path, capsys, family, args, message):
+    model = ["--model", family_path(family)] if family else []
     code, _, err = _generate(capsys, *model, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2, err
     assert f"asyncgen generate: error: {message.replace('{tmp}', str(tmp_path))}" in err

@@ -20,9 +20,9 @@ DIT_CONFIGS = {
 def _dit_configs(rank, world_size, paths):
     out = []
     for family, stages, stride, time_shift in DIT_CONFIGS[world_size]:
-        wrapped = AsyncDiffPipeline(tiny_models.load_dit(paths[family], family), stages=stages, stride=stride,
+        wrapped = AsyncDiffPipeline(tiny_models.load_family(paths[family], family), stages=stages, stride=stride,
                                     warmup=1, time_shift=time_shift)
-        out.append(wrapped(**tiny_models.dit_call_kwargs(family)).images)
+        out.append(wrapped(**tiny_models.family_call_kwargs(family)).images)
     return out
 
 
@@ -30,30 +30,30 @@ def _dit_configs(rank, world_size, paths):
 def test_transformers_distributed_equal_serial(dit_paths, world_size):
     per_rank = launch(_dit_configs, world_size, {k: str(v) for k, v in dit_paths.items()}, timeout=300)
     for i, (family, stages, stride, time_shift) in enumerate(DIT_CONFIGS[world_size]):
-        serial = AsyncDiffPipeline(tiny_models.load_dit(dit_paths[family], family), stages=stages, stride=stride,
+        serial = AsyncDiffPipeline(tiny_models.load_family(dit_paths[family], family), stages=stages, stride=stride,
                                    warmup=1, time_shift=time_shift)
-        expected = serial(**tiny_models.dit_call_kwargs(family)).images
+        expected = serial(**tiny_models.family_call_kwargs(family)).images
         for rank, images in enumerate(per_rank):
             # received states are views into one flat buffer; alignment may change SIMD rounding
             np.testing.assert_allclose(images[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
         if world_size == 2:
             support_matrix.record(type(serial.pipeline.transformer.denoiser).__name__,
-                                  pipeline=tiny_models.DIT_FAMILIES[family][1], distributed="yes (pipeline, ≤ 1e-5)")
+                                  pipeline=tiny_models.FAMILIES[family].pipeline, distributed="yes (pipeline, ≤ 1e-5)")
 
 
 def _cfg(rank, world_size, sd_path, sd3_path, stages):
     wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=stages, warmup=1, cfg_parallel=True)
     out = {"sd": wrapped(**tiny_models.call_kwargs()).images, "info": wrapped.stage_info()}
     if stages == 1:
-        wrapped = AsyncDiffPipeline(tiny_models.load_dit(sd3_path, "sd3"), stages=1, cfg_parallel=True)
-        out["sd3"] = wrapped(**tiny_models.dit_call_kwargs("sd3")).images
+        wrapped = AsyncDiffPipeline(tiny_models.load_family(sd3_path, "sd3"), stages=1, cfg_parallel=True)
+        out["sd3"] = wrapped(**tiny_models.family_call_kwargs("sd3")).images
     return out
 
 
 def test_cfg_parallel_one_stage_equals_stock(sd_path, dit_paths):
     per_rank = launch(_cfg, 2, str(sd_path), str(dit_paths["sd3"]), 1, timeout=300)
     stock = tiny_models.load(sd_path)(**tiny_models.call_kwargs()).images
-    stock_sd3 = tiny_models.load_dit(dit_paths["sd3"], "sd3")(**tiny_models.dit_call_kwargs("sd3")).images
+    stock_sd3 = tiny_models.load_family(dit_paths["sd3"], "sd3")(**tiny_models.family_call_kwargs("sd3")).images
     assert [r["info"]["cfg_part"] for r in per_rank] == [0, 1]
     for r in per_rank:
         # each half is computed at batch 1 rather than 2: same maths, possibly different rounding

@@ -70,7 +70,7 @@ def test_sdpa_replaces_the_classic_processor_through_the_proxy(sd_path):
 def test_sdpa_keeps_joint_attention():
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    model = tiny_models.dit_model("sd3")
+    model = tiny_models.FAMILIES["sd3"].denoiser()
     before = {type(p) for p in model.attn_processors.values()}
     enable_attention(model, "sdpa")  # already SDPA: nothing to change, and joint layers stay joint
     assert {type(p) for p in model.attn_processors.values()} == before

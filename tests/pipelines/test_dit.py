@@ -12,7 +12,7 @@ from asyncgen.split.units import make_stages
 from asyncgen.split.registry import split_denoiser
 from asyncgen.evaluation import support_matrix
 
-FAMILIES = list(tiny_models.DIT_FAMILIES)
+FAMILIES = tiny_models.names("dit")
 
 
 def _random_inputs(split):
@@ -29,7 +29,7 @@ def _random_inputs(split):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_stages", [1, 2, 3])
 def test_stage_composition_equals_full_forward(family, n_stages):
-    model = tiny_models.dit_model(family)
+    model = tiny_models.FAMILIES[family].denoiser()
     split = split_denoiser(model)
     inputs = _random_inputs(split)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_stage_composition_equals_full_forward(family, n_stages):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_units_follow_the_block_lists(family):
-    model = tiny_models.dit_model(family)
+    model = tiny_models.FAMILIES[family].denoiser()
     split = split_denoiser(model)
     names = [u.name for u in split.units]
     if family == "flux":
@@ -62,7 +62,7 @@ def test_units_follow_the_block_lists(family):
 @pytest.mark.parametrize("cuts", [[0, 3], [0, 1, 3], [0, 1, 2, 3], [0, 2, 3]])
 def test_sd3_controlnet_residuals_and_skip_layers(cuts):
     # the forward adds residuals between blocks and leaves skipped layers out: stages run that code too
-    model = tiny_models.dit_model("sd3")
+    model = tiny_models.FAMILIES["sd3"].denoiser()
     split = split_denoiser(model)
     inputs = _random_inputs(split)
     tokens = inputs["hidden_states"].shape[-2] * inputs["hidden_states"].shape[-1]  # patch size 1
@@ -82,30 +82,30 @@ def test_sd3_controlnet_residuals_and_skip_layers(cuts):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_stage_and_full_warmup_equal_stock(dit_paths, family):
     path = dit_paths[family]
-    reference = tiny_models.load_dit(path, family)(**tiny_models.dit_call_kwargs(family)).images
-    one = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=1)
-    assert np.array_equal(one(**tiny_models.dit_call_kwargs(family)).images, reference)
-    exact = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=3, stride=1, warmup=6)
-    np.testing.assert_allclose(exact(**tiny_models.dit_call_kwargs(family)).images, reference, atol=1e-6, rtol=0)
-    stale = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=2, stride=2, warmup=1)
-    images = stale(**tiny_models.dit_call_kwargs(family)).images
+    reference = tiny_models.load_family(path, family)(**tiny_models.family_call_kwargs(family)).images
+    one = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1)
+    assert np.array_equal(one(**tiny_models.family_call_kwargs(family)).images, reference)
+    exact = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=3, stride=1, warmup=6)
+    np.testing.assert_allclose(exact(**tiny_models.family_call_kwargs(family)).images, reference, atol=1e-6, rtol=0)
+    stale = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=2, stride=2, warmup=1)
+    images = stale(**tiny_models.family_call_kwargs(family)).images
     assert np.isfinite(images).all() and not np.array_equal(images, reference)
-    support_matrix.record(type(one.pipeline.transformer.denoiser).__name__, pipeline=tiny_models.DIT_FAMILIES[family][1],
+    support_matrix.record(type(one.pipeline.transformer.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                           one_stage="exact")
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart"])
 def test_cfg_parallel_serial_matches_stock(dit_paths, family):
     path = dit_paths[family]
-    reference = tiny_models.load_dit(path, family)(**tiny_models.dit_call_kwargs(family)).images
-    wrapped = AsyncDiffPipeline(tiny_models.load_dit(path, family), stages=1, cfg_parallel=True)
+    reference = tiny_models.load_family(path, family)(**tiny_models.family_call_kwargs(family)).images
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1, cfg_parallel=True)
     # each half runs at batch 1 instead of 2: same maths, kernels may round differently
-    np.testing.assert_allclose(wrapped(**tiny_models.dit_call_kwargs(family)).images, reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(wrapped(**tiny_models.family_call_kwargs(family)).images, reference, atol=1e-5, rtol=0)
 
 
 def test_cfg_parallel_refuses_guidance_distilled_flux(dit_paths):
     with pytest.raises(ValueError, match="guidance-distilled.*FluxPipeline makes no unconditional pass"):
-        AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=1, cfg_parallel=True)
+        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=1, cfg_parallel=True)
 
 
 def test_cfg_parallel_needs_an_even_batch(sd_path):
@@ -121,9 +121,9 @@ def test_cfg_parallel_needs_an_even_batch(sd_path):
 def test_flux_true_cfg_second_pass_runs_in_its_own_lane(dit_paths):
     # two denoiser passes per step ("cond", then "uncond"): each pass has its own schedule and stale states
     kwargs = dict(negative_prompt="blurry", true_cfg_scale=2.0)
-    reference = tiny_models.load_dit(dit_paths["flux"], "flux")(**tiny_models.dit_call_kwargs("flux", **kwargs)).images
-    exact = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=6)
-    assert np.array_equal(exact(**tiny_models.dit_call_kwargs("flux", **kwargs)).images, reference)
-    stale = AsyncDiffPipeline(tiny_models.load_dit(dit_paths["flux"], "flux"), stages=2, warmup=1)
-    images = stale(**tiny_models.dit_call_kwargs("flux", **kwargs)).images
+    reference = tiny_models.load_family(dit_paths["flux"], "flux")(**tiny_models.family_call_kwargs("flux", **kwargs)).images
+    exact = AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, warmup=6)
+    assert np.array_equal(exact(**tiny_models.family_call_kwargs("flux", **kwargs)).images, reference)
+    stale = AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, warmup=1)
+    images = stale(**tiny_models.family_call_kwargs("flux", **kwargs)).images
     assert np.isfinite(images).all() and not np.array_equal(images, reference)

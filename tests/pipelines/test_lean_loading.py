@@ -198,12 +198,12 @@ def _lean_equals_full(path, family, group, **load_kwargs):
     def call():  # a fresh seeded generator for each run
         if family == "sd":
             return tiny_models.call_kwargs(num_inference_steps=4)
-        return tiny_models.dit_call_kwargs(family, num_inference_steps=4)
+        return tiny_models.family_call_kwargs(family, num_inference_steps=4)
 
     lean = AsyncDiffPipeline.from_pretrained(path, stages=2, warmup=1, process_group=group, **load_kwargs)
     lean.set_progress_bar_config(disable=True)
     cuts = [0] + list(np.cumsum([len(s.units) for s in lean.stages]))
-    cls = "StableDiffusionPipeline" if family == "sd" else tiny_models.DIT_FAMILIES[family][1]
+    cls = "StableDiffusionPipeline" if family == "sd" else tiny_models.FAMILIES[family].pipeline
     dtype = load_kwargs.pop("dtype", None)
     full = AsyncDiffPipeline(tiny_models.load(path, cls, dtype=dtype, **load_kwargs), stages=2, warmup=1,
                              split=[int(c) for c in cuts], process_group=group)
@@ -230,7 +230,7 @@ def _rank_memory(big_path, group, dtype, rank):
     base = _reset_peak()
     pipe = AsyncDiffPipeline.from_pretrained(big_path, stages=2, warmup=1, process_group=group, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe(**tiny_models.dit_call_kwargs("flux", num_inference_steps=2, output_type="latent")).images
+    latents = pipe(**tiny_models.family_call_kwargs("flux", num_inference_steps=2, output_type="latent")).images
     growth = _status_kb("VmHWM") * 1024 - base
     # the planned tensors: shared modules and this rank's stage, on a fresh config-only model cut at the same place
     model = empty_component(big_path, "transformer", "FluxTransformer2DModel")

@@ -1,6 +1,6 @@
 """The wrapper around the stock pipeline of every transformer class in the support matrix.
 
-Per family (tiny_models.TRANSFORMER_PIPELINES): ``stages=1`` equals the stock pipeline
+Per family (tiny_models.names("transformer")): ``stages=1`` equals the stock pipeline
 exactly; CFG parallel in one process equals it where the pipeline batches CFG; on 2 gloo
 ranks (components placed on one rank each, as by default) the wrapper equals the serial
 simulator, which differs from the stock pipeline (one launch runs every family). Passing
@@ -16,8 +16,8 @@ from asyncgen.cli.launcher import launch
 from asyncgen.evaluation import support_matrix
 from asyncgen.pipelines import AsyncDiffPipeline
 
-FAMILIES = list(tiny_models.TRANSFORMER_PIPELINES)
-BATCHED_CFG = [family for family in FAMILIES if tiny_models.TRANSFORMER_PIPELINES[family][3]]
+FAMILIES = tiny_models.names("transformer")
+BATCHED_CFG = [family for family in FAMILIES if tiny_models.FAMILIES[family].batched_cfg]
 
 
 def _pixels(output) -> np.ndarray:
@@ -25,7 +25,7 @@ def _pixels(output) -> np.ndarray:
 
 
 def _run(pipe, family) -> np.ndarray:
-    return _pixels(pipe(**tiny_models.pipeline_call_kwargs(family)))
+    return _pixels(pipe(**tiny_models.family_call_kwargs(family)))
 
 
 def _class_name(wrapped) -> str:
@@ -37,22 +37,22 @@ _STOCK: dict = {}
 
 def _stock(path, family) -> np.ndarray:
     if family not in _STOCK:
-        _STOCK[family] = _run(tiny_models.load_pipeline(path, family), family)
+        _STOCK[family] = _run(tiny_models.load_family(path, family), family)
     return _STOCK[family]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_stage_equals_stock(pipeline_path, family, one_thread):
-    path = pipeline_path(family)
-    one = AsyncDiffPipeline(tiny_models.load_pipeline(path, family), stages=1)
+def test_one_stage_equals_stock(family_path, family, one_thread):
+    path = family_path(family)
+    one = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1)
     assert np.array_equal(_run(one, family), _stock(path, family))
-    support_matrix.record(_class_name(one), pipeline=tiny_models.TRANSFORMER_PIPELINES[family][1], one_stage="exact")
+    support_matrix.record(_class_name(one), pipeline=tiny_models.FAMILIES[family].pipeline, one_stage="exact")
 
 
 @pytest.mark.parametrize("family", BATCHED_CFG)
-def test_cfg_parallel_serial_matches_stock(pipeline_path, family, one_thread):
-    path = pipeline_path(family)
-    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, family), stages=1, cfg_parallel=True)
+def test_cfg_parallel_serial_matches_stock(family_path, family, one_thread):
+    path = family_path(family)
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1, cfg_parallel=True)
     # each half runs at batch 1 instead of 2: same maths, kernels may round differently
     np.testing.assert_allclose(_run(wrapped, family), _stock(path, family), atol=1e-5, rtol=0)
     support_matrix.record(_class_name(wrapped), cfg_parallel="yes (serial == stock, ≤ 1e-5)")
@@ -69,7 +69,7 @@ def _two_ranks(rank, world_size, paths):
     out = {}
     for family, path in paths.items():
         # components="planned" (the default in a group): text encoders and the VAE run on one rank each
-        wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, family), stages=2, warmup=1)
+        wrapped = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=2, warmup=1)
         out[family] = _run(wrapped, family)
     for family in FROM_PRETRAINED:
         out[f"{family} from_pretrained"] = _run(AsyncDiffPipeline.from_pretrained(paths[family], stages=2, warmup=1),
@@ -78,11 +78,11 @@ def _two_ranks(rank, world_size, paths):
 
 
 @pytest.mark.distributed
-def test_two_ranks_equal_the_serial_simulator(pipeline_path, one_thread):
-    paths = {family: str(pipeline_path(family)) for family in FAMILIES}
+def test_two_ranks_equal_the_serial_simulator(family_path, one_thread):
+    paths = {family: str(family_path(family)) for family in FAMILIES}
     per_rank = launch(_two_ranks, 2, paths, timeout=600)
     for family in FAMILIES:
-        serial = AsyncDiffPipeline(tiny_models.load_pipeline(paths[family], family), stages=2, warmup=1)
+        serial = AsyncDiffPipeline(tiny_models.load_family(paths[family], family), stages=2, warmup=1)
         expected = _run(serial, family)
         assert np.isfinite(expected).all() and not np.array_equal(expected, _stock(paths[family], family))  # stale inputs were used
         for rank, result in enumerate(per_rank):
@@ -91,5 +91,5 @@ def test_two_ranks_equal_the_serial_simulator(pipeline_path, one_thread):
             if family in FROM_PRETRAINED:
                 np.testing.assert_allclose(result[f"{family} from_pretrained"], expected, atol=1e-5, rtol=0,
                                            err_msg=f"{family} from_pretrained, rank {rank}")
-        support_matrix.record(_class_name(serial), pipeline=tiny_models.TRANSFORMER_PIPELINES[family][1],
+        support_matrix.record(_class_name(serial), pipeline=tiny_models.FAMILIES[family].pipeline,
                               distributed="yes (pipeline, ≤ 1e-5)")

@@ -1,6 +1,6 @@
 """Video pipelines: their denoisers split into stages, and the wrapper against the stock pipelines.
 
-Checks per family (tiny_models.VIDEO_FAMILIES): the chained stages equal the denoiser's
+Checks per family (tiny_models.names("video")): the chained stages equal the denoiser's
 forward bit for bit; ``stages=1`` and ``warmup >= steps`` equal the stock pipeline; CFG
 parallel in one process equals the stock pipeline; on 2 gloo ranks the wrapper equals
 the serial simulator (one launch runs every family).
@@ -21,7 +21,7 @@ from asyncgen.cost.cuts import balanced_cuts
 from asyncgen.cost.estimate import estimate_unit_costs
 from asyncgen.split.units import make_stages
 
-FAMILIES = list(tiny_models.VIDEO_FAMILIES)
+FAMILIES = tiny_models.names("video")
 UNET_FAMILIES = ["animatediff", "svd"]
 
 
@@ -31,7 +31,7 @@ def _denoiser(pipe):
 
 def _recorded_call(path, family):
     """The denoiser's keyword inputs of the stock pipeline's first step, and the denoiser."""
-    pipe = tiny_models.load_video(path, family)
+    pipe = tiny_models.load_family(path, family)
     denoiser, seen = _denoiser(pipe), {}
 
     signature = inspect.signature(denoiser.forward)
@@ -41,13 +41,13 @@ def _recorded_call(path, family):
             seen.update(signature.bind(*args, **kwargs).arguments)
 
     denoiser.register_forward_pre_hook(record, with_kwargs=True)
-    pipe(**tiny_models.video_call_kwargs(family, num_inference_steps=1))
+    pipe(**tiny_models.family_call_kwargs(family, num_inference_steps=1))
     return denoiser, seen
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stage_composition_equals_full_forward(video_path, family, one_thread):
-    denoiser, inputs = _recorded_call(video_path(family), family)
+def test_stage_composition_equals_full_forward(family_path, family, one_thread):
+    denoiser, inputs = _recorded_call(family_path(family), family)
     split = split_denoiser(denoiser)
     names = [u.name for u in split.units]
     if family == "animatediff":  # motion modules are units of their own, after each resnet/attention
@@ -71,29 +71,29 @@ def test_stage_composition_equals_full_forward(video_path, family, one_thread):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_stage_and_full_warmup_equal_stock(video_path, family, one_thread):
-    path = video_path(family)
-    reference = tiny_models.load_video(path, family)(**tiny_models.video_call_kwargs(family)).frames
-    one = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=1)
-    assert np.array_equal(one(**tiny_models.video_call_kwargs(family)).frames, reference)
-    exact = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=3, warmup=4)
-    assert np.array_equal(exact(**tiny_models.video_call_kwargs(family)).frames, reference)
-    stale = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=2, warmup=1)
-    frames = stale(**tiny_models.video_call_kwargs(family)).frames
+def test_one_stage_and_full_warmup_equal_stock(family_path, family, one_thread):
+    path = family_path(family)
+    reference = tiny_models.load_family(path, family)(**tiny_models.family_call_kwargs(family)).frames
+    one = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1)
+    assert np.array_equal(one(**tiny_models.family_call_kwargs(family)).frames, reference)
+    exact = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=3, warmup=4)
+    assert np.array_equal(exact(**tiny_models.family_call_kwargs(family)).frames, reference)
+    stale = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=2, warmup=1)
+    frames = stale(**tiny_models.family_call_kwargs(family)).frames
     assert np.isfinite(frames).all() and not np.array_equal(frames, reference)
-    support_matrix.record(type(one.denoiser.denoiser).__name__, pipeline=tiny_models.VIDEO_FAMILIES[family][1],
+    support_matrix.record(type(one.denoiser.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                           one_stage="exact")
 
 
 # Wan runs CFG as two denoiser passes per step ("cond", "uncond": two lanes, see asyncgen.runtime.staged_denoiser), each of batch 1:
 # there is no CFG batch to split, so CFG parallel applies to the batched-CFG pipelines only
 @pytest.mark.parametrize("family", UNET_FAMILIES)
-def test_cfg_parallel_serial_matches_stock(video_path, family, one_thread):
-    path = video_path(family)
-    reference = tiny_models.load_video(path, family)(**tiny_models.video_call_kwargs(family)).frames
-    wrapped = AsyncDiffPipeline(tiny_models.load_video(path, family), stages=1, cfg_parallel=True)
+def test_cfg_parallel_serial_matches_stock(family_path, family, one_thread):
+    path = family_path(family)
+    reference = tiny_models.load_family(path, family)(**tiny_models.family_call_kwargs(family)).frames
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1, cfg_parallel=True)
     # each half runs at batch 1 instead of 2: same maths, kernels may round differently
-    np.testing.assert_allclose(wrapped(**tiny_models.video_call_kwargs(family)).frames, reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(wrapped(**tiny_models.family_call_kwargs(family)).frames, reference, atol=1e-5, rtol=0)
     support_matrix.record(type(wrapped.denoiser.denoiser).__name__, cfg_parallel="yes (serial == stock, ≤ 1e-5)")
 
 
@@ -119,25 +119,25 @@ def _video_configs(rank, world_size, paths):
     out = []
     for family, stages, stride, cfg in DISTRIBUTED:
         # components="planned" (the default in a group): text encoders and the VAE run on one rank each
-        wrapped = AsyncDiffPipeline(tiny_models.load_video(paths[family], family), stages=stages, stride=stride,
+        wrapped = AsyncDiffPipeline(tiny_models.load_family(paths[family], family), stages=stages, stride=stride,
                                     warmup=1, cfg_parallel=cfg)
-        out.append(wrapped(**tiny_models.video_call_kwargs(family)).frames)
+        out.append(wrapped(**tiny_models.family_call_kwargs(family)).frames)
     return out
 
 
 @pytest.mark.distributed
-def test_distributed_equals_serial_on_two_ranks(video_path, one_thread):
-    paths = {family: str(video_path(family)) for family in FAMILIES}
+def test_distributed_equals_serial_on_two_ranks(family_path, one_thread):
+    paths = {family: str(family_path(family)) for family in FAMILIES}
     per_rank = launch(_video_configs, 2, paths, timeout=300)
     for i, (family, stages, stride, cfg) in enumerate(DISTRIBUTED):
-        serial = AsyncDiffPipeline(tiny_models.load_video(paths[family], family), stages=stages, stride=stride,
+        serial = AsyncDiffPipeline(tiny_models.load_family(paths[family], family), stages=stages, stride=stride,
                                    warmup=1, cfg_parallel=cfg)
-        expected = serial(**tiny_models.video_call_kwargs(family)).frames
+        expected = serial(**tiny_models.family_call_kwargs(family)).frames
         for rank, frames in enumerate(per_rank):
             # received states are views into one flat buffer; alignment may change SIMD rounding
             np.testing.assert_allclose(frames[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
         if stages == 2:
-            support_matrix.record(type(serial.denoiser.denoiser).__name__, pipeline=tiny_models.VIDEO_FAMILIES[family][1],
+            support_matrix.record(type(serial.denoiser.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                                   distributed="yes (pipeline, ≤ 1e-5)")
         if cfg:
             support_matrix.record(type(serial.denoiser.denoiser).__name__, cfg_parallel="yes (2 ranks == serial, ≤ 1e-5)")

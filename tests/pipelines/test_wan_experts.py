@@ -21,7 +21,7 @@ EXPERTS = ("transformer", "transformer_2")
 
 
 def _frames(pipe, **overrides) -> np.ndarray:
-    return pipe(**tiny_models.pipeline_call_kwargs(FAMILY, **overrides)).frames
+    return pipe(**tiny_models.family_call_kwargs(FAMILY, **overrides)).frames
 
 
 def _step_kinds(wrapped) -> tuple[np.ndarray, list[tuple[str, StepKind]]]:
@@ -39,15 +39,15 @@ def _step_kinds(wrapped) -> tuple[np.ndarray, list[tuple[str, StepKind]]]:
     return _frames(wrapped, callback_on_step_end=record), seen
 
 
-def test_each_expert_is_staged_and_starts_with_its_own_warmup(pipeline_path, one_thread):
-    path = pipeline_path(FAMILY)
-    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=2)
+def test_each_expert_is_staged_and_starts_with_its_own_warmup(family_path, one_thread):
+    path = family_path(FAMILY)
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=2)
     assert all(isinstance(getattr(wrapped.pipeline, name), StagedDenoiser) for name in EXPERTS)
     assert wrapped.experts["transformer_2"].denoiser is not wrapped.denoiser.denoiser
     frames, kinds = _step_kinds(wrapped)
     assert kinds == [("transformer", StepKind.EXACT)] * 2 + [("transformer_2", StepKind.EXACT)] * 2
     # two exact steps per expert reproduce the stock pipeline: transformer_2 took steps 2 and 3 at their timesteps
-    assert np.array_equal(frames, _frames(tiny_models.load_pipeline(path, FAMILY)))
+    assert np.array_equal(frames, _frames(tiny_models.load_family(path, FAMILY)))
 
 
 def _lean_two_ranks(rank, world_size, path):
@@ -66,16 +66,16 @@ def _lean_two_ranks(rank, world_size, path):
 
 
 @pytest.mark.distributed
-def test_two_ranks_lean_load_reads_their_stage_of_both_experts(pipeline_path, one_thread):
-    path = str(pipeline_path(FAMILY))
+def test_two_ranks_lean_load_reads_their_stage_of_both_experts(family_path, one_thread):
+    path = str(family_path(FAMILY))
     per_rank = launch(_lean_two_ranks, 2, path, timeout=600)
-    serial = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=1)
+    serial = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=1)
     expected, kinds = _step_kinds(serial)
     # each expert: one exact warm-up step, then one fed a stale state of its own (the switch restarts the schedule)
     assert kinds == [("transformer", StepKind.EXACT), ("transformer", StepKind.ROUND),
                      ("transformer_2", StepKind.EXACT), ("transformer_2", StepKind.ROUND)]
     assert _step_kinds(serial)[1] == kinds  # the next call starts both experts over
-    assert not np.array_equal(expected, _frames(tiny_models.load_pipeline(path, FAMILY)))  # stale inputs were used
+    assert not np.array_equal(expected, _frames(tiny_models.load_family(path, FAMILY)))  # stale inputs were used
     for rank, result in enumerate(per_rank):
         # received states are views into one flat buffer; alignment may change SIMD rounding
         np.testing.assert_allclose(result["frames"], expected, atol=1e-5, rtol=0, err_msg=f"rank {rank}")
@@ -93,11 +93,11 @@ def test_two_ranks_lean_load_reads_their_stage_of_both_experts(pipeline_path, on
         assert len(units) == 2 and info["stage"] == rank
 
 
-def test_memory_plan_counts_each_ranks_stage_of_both_experts(pipeline_path, one_thread):
+def test_memory_plan_counts_each_ranks_stage_of_both_experts(family_path, one_thread):
     from asyncgen.pipelines.loading import plan_from_configs
 
-    path = str(pipeline_path(FAMILY))
-    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, FAMILY), stages=2, warmup=1)
+    path = str(family_path(FAMILY))
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=1)
     from_configs = plan_from_configs(path, stages=2, estimate_activations=False)
     loaded = wrapped.memory_plan()
     pipe = wrapped.pipeline

@@ -10,7 +10,7 @@ from asyncgen.cli.launcher import launch
 from asyncgen.evaluation import random_models
 from asyncgen.placement.planner import Placement
 from asyncgen.pipelines import AsyncDiffPipeline
-from tiny_models import call_kwargs, dit_call_kwargs
+from tiny_models import call_kwargs, family_call_kwargs
 
 STEPS = 2
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -26,7 +26,7 @@ def test_bad_components_value(sd_path):
 
 def _deep_t5_pixart(path):
     """The tiny PixArt with a 3-block T5 (seeded: equal on every rank), so it splits into layer ranges."""
-    pipe = tiny_models.load_dit(path, "pixart")
+    pipe = tiny_models.load_family(path, "pixart")
     torch.manual_seed(1)
     object.__setattr__(pipe, "text_encoder", random_models.t5_text_encoder(32, layers=3))
     return pipe
@@ -41,18 +41,18 @@ def _configs(sd_path, sdxl_path, dit_paths):
          lambda: call_kwargs(num_inference_steps=2 * STEPS, image=image, strength=0.6)),
         ("sdxl", lambda: tiny_models.load(sdxl_path, "StableDiffusionXLPipeline"), {},
          lambda: call_kwargs(num_inference_steps=STEPS)),
-        ("flux", lambda: tiny_models.load_dit(dit_paths["flux"], "flux"), {},
-         lambda: dit_call_kwargs("flux", num_inference_steps=STEPS)),
+        ("flux", lambda: tiny_models.load_family(dit_paths["flux"], "flux"), {},
+         lambda: family_call_kwargs("flux", num_inference_steps=STEPS)),
         # layer ranges across ranks: SD3's first CLIP (2 blocks) over both ranks (the second
         # range on rank 0), a 3-block T5 of PixArt over both (with its attention mask)
-        ("sd3-split", lambda: tiny_models.load_dit(dit_paths["sd3"], "sd3"),
+        ("sd3-split", lambda: tiny_models.load_family(dit_paths["sd3"], "sd3"),
          {"components": [Placement("text_encoder", 1, (0, 1)), Placement("text_encoder", 0, (1, 2)),
                          Placement("text_encoder_2", 1), Placement("vae", 1)]},
-         lambda: dit_call_kwargs("sd3", num_inference_steps=STEPS)),
+         lambda: family_call_kwargs("sd3", num_inference_steps=STEPS)),
         ("pixart-split", lambda: _deep_t5_pixart(dit_paths["pixart"]),
          {"components": [Placement("text_encoder", 0, (0, 2)), Placement("text_encoder", 1, (2, 3)),
                          Placement("vae", 0)]},
-         lambda: dit_call_kwargs("pixart", num_inference_steps=STEPS)),
+         lambda: family_call_kwargs("pixart", num_inference_steps=STEPS)),
     ]
 
 

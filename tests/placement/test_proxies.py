@@ -4,6 +4,7 @@ buffers pipelines read on every rank."""
 import pytest
 import torch
 
+import tiny_models
 from asyncgen.placement.planner import Placement
 
 
@@ -26,14 +27,11 @@ def test_vae_proxy_keeps_signatures_and_own_buffers(one_process_group):
     buffers on every rank (LTX's latents_mean/latents_std): the proxy shows both, also where the VAE runs elsewhere."""
     import inspect
 
-    from diffusers import AutoencoderKLLTXVideo, AutoencoderKLTemporalDecoder
-
     from asyncgen.placement.proxies import make_proxy
     from asyncgen.placement.residency import release_weights
 
     torch.manual_seed(0)
-    svd_vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-                                           down_block_types=("DownEncoderBlock2D",) * 2).eval()
+    svd_vae = tiny_models.svd_vae()
     proxy = make_proxy("vae", svd_vae, [Placement("vae", 0)], one_process_group)
     for method in ("forward", "decode", "encode"):
         assert inspect.signature(getattr(proxy, method)) == inspect.signature(getattr(svd_vae, method)), method
@@ -42,11 +40,7 @@ def test_vae_proxy_keeps_signatures_and_own_buffers(one_process_group):
     with torch.no_grad():  # the owner's output, passed through unchanged
         assert torch.equal(proxy.decode(latents, num_frames=2).sample, svd_vae.decode(latents, num_frames=2).sample)
 
-    ltx_vae = AutoencoderKLLTXVideo(
-        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
-        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
-        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1).eval()
+    ltx_vae = tiny_models.ltx_vae()
     mean = ltx_vae.latents_mean.clone()
     # placed on a rank other than this one: nothing of it runs here
     elsewhere = make_proxy("vae", ltx_vae, [Placement("vae", 1)], one_process_group)

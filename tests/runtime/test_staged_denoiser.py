@@ -13,7 +13,7 @@ from tiny_models import call_kwargs
 # family -> (load the pipeline, call arguments, the denoiser kwargs dict that carries a LoRA scale)
 FAMILIES = {
     "sd": (lambda paths: tiny_models.load(paths["sd"]), lambda **kw: call_kwargs(**kw), "cross_attention_kwargs"),
-    "flux": (lambda paths: tiny_models.load_dit(paths["flux"], "flux"), lambda **kw: tiny_models.dit_call_kwargs("flux", **kw),
+    "flux": (lambda paths: tiny_models.load_family(paths["flux"], "flux"), lambda **kw: tiny_models.family_call_kwargs("flux", **kw),
              "joint_attention_kwargs"),
 }
 
@@ -128,8 +128,8 @@ def test_flux_look_ahead_uses_the_timestep_scale_the_pipeline_passes(dit_paths):
     # FluxPipeline passes t / 1000 to the transformer while its scheduler lists t; at stride 2
     # the proxy predicts step i + 1 at step i from the scheduler's list, rescaled
     path = dit_paths["flux"]
-    cuts = even_cuts(tiny_models.load_dit(path, "flux"), 2)
-    wrapped = AsyncDiffPipeline(tiny_models.load_dit(path, "flux"), stages=2, stride=2, warmup=1, split=cuts)
+    cuts = even_cuts(tiny_models.load_family(path, "flux"), 2)
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, stride=2, warmup=1, split=cuts)
     passed = []
     conditioning = wrapped.denoiser.split.conditioning
 
@@ -138,14 +138,14 @@ def test_flux_look_ahead_uses_the_timestep_scale_the_pipeline_passes(dit_paths):
         return conditioning(sample, timestep, **kwargs)
 
     wrapped.denoiser.split.conditioning = record
-    images = wrapped(**tiny_models.dit_call_kwargs("flux")).images
-    expected = follow_the_design(tiny_models.load_dit(path, "flux"), cuts, warmup=1, stride=2)(
-        **tiny_models.dit_call_kwargs("flux")).images
+    images = wrapped(**tiny_models.family_call_kwargs("flux")).images
+    expected = follow_the_design(tiny_models.load_family(path, "flux"), cuts, warmup=1, stride=2)(
+        **tiny_models.family_call_kwargs("flux")).images
     # the design computes each step from the timestep the pipeline passes when it gets
     # there; a look-ahead on the scheduler's scale (x1000) or off by a bit would differ
     assert np.array_equal(images, expected)
     assert max(passed) <= 1.0 and len(passed) == 6  # one conditioning per step, all on the pipeline's scale
-    assert not np.array_equal(expected, tiny_models.load_dit(path, "flux")(**tiny_models.dit_call_kwargs("flux")).images)
+    assert not np.array_equal(expected, tiny_models.load_family(path, "flux")(**tiny_models.family_call_kwargs("flux")).images)
 
 
 def _nudge_the_next_timestep(pipe, step, timestep, callback_kwargs):
@@ -192,9 +192,9 @@ def test_timesteps_the_scheduler_does_not_list(sd_path):
 # A pipeline that runs a second denoiser pass per step without naming it (Lumina2: cond, then
 # uncond, on the same latents, no ``cache_context``): the proxy must count steps, not calls, and
 # give the second pass a lane of its own, so the two passes' stale states never mix.
-def test_a_second_pass_on_the_same_latents_is_a_lane_of_its_own(pipeline_path, one_thread):
-    path = pipeline_path("lumina2")
-    wrapped = AsyncDiffPipeline(tiny_models.load_pipeline(path, "lumina2"), stages=2, warmup=1)
+def test_a_second_pass_on_the_same_latents_is_a_lane_of_its_own(family_path, one_thread):
+    path = family_path("lumina2")
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "lumina2"), stages=2, warmup=1)
     seen = []
 
     def count(pipe, i, t, kwargs):
@@ -202,7 +202,7 @@ def test_a_second_pass_on_the_same_latents_is_a_lane_of_its_own(pipeline_path, o
         seen.append((proxy._step, {name: lane._step for name, lane in proxy._lanes.items()}))
         return {}
 
-    kwargs = tiny_models.pipeline_call_kwargs("lumina2", callback_on_step_end=count)
+    kwargs = tiny_models.family_call_kwargs("lumina2", callback_on_step_end=count)
     images = wrapped(**kwargs).images
     steps = kwargs["num_inference_steps"]
     # after step i both the proxy and the uncond lane have run i + 1 steps (not 2 (i + 1) calls on one schedule)
