@@ -63,7 +63,8 @@ from asyncgen.schedules.asg_attention import AttentionMapStore, cross_attention_
 from asyncgen.comm.group import resolve_context, shared_randomness
 from asyncgen.comm.failure import publish_error
 
-from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
+from .wrapping import (PipelineWrapper, check_device, check_flag, check_not_wrapped, check_number,
+                       one_call_at_a_time, sibling_pipeline)
 
 # --------------------------------------------------------------------------- call state
 
@@ -81,6 +82,22 @@ class _Conditioning:
     time_ids: Callable[[tuple[int, int]], torch.Tensor] | None = None  # SDXL: crop offset (px) -> time ids
     timestep_cond: torch.Tensor | None = None
     cross_attention_kwargs: dict | None = None
+
+
+def _check_arguments(structure_fraction, structure_guidance, attention_layers, tiled_decoding, device, timeout) -> None:
+    """The constructor's plain arguments, each refused in one line naming the value and what is accepted."""
+    from asyncgen.comm.context import check_timeout
+
+    # the type here (True and "0.5" are not fractions); the ranges where the maths checks them
+    check_number(structure_fraction, "structure_fraction", "a number from 0 to 1")
+    check_number(structure_guidance, "structure_guidance", "a finite number >= 0")
+    if not isinstance(attention_layers, str) and not (
+            isinstance(attention_layers, (list, tuple)) and all(isinstance(n, str) for n in attention_layers)):
+        raise ValueError(f"attention_layers={attention_layers!r}: must be 'up', 'mid', 'down', 'all' or a list of "
+                         "module names in the UNet")
+    check_flag(tiled_decoding, "tiled_decoding")
+    check_device(device)
+    check_timeout(timeout)
 
 
 class ASGPipeline(PipelineWrapper):
@@ -129,6 +146,8 @@ class ASGPipeline(PipelineWrapper):
             Limit for each collective (default 600 s, or ``ASYNCGEN_TIMEOUT``).
     """
 
+    _bound_by = "it shares patches and windows among this process's rank and process group"
+
     def __init__(
         self,
         pipeline,
@@ -145,6 +164,7 @@ class ASGPipeline(PipelineWrapper):
         timeout: float | datetime.timedelta | None = None,
     ):
         check_not_wrapped(pipeline, type(self).__name__)
+        _check_arguments(structure_fraction, structure_guidance, attention_layers, tiled_decoding, device, timeout)
         unet = getattr(pipeline, "unet", None)
         if unet is None or not hasattr(pipeline, "vae") or not hasattr(pipeline, "encode_prompt"):
             raise TypeError(f"{type(pipeline).__name__} is not an SD-style pipeline: ASG needs pipe.unet, pipe.vae "
@@ -187,6 +207,12 @@ class ASGPipeline(PipelineWrapper):
         """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it."""
         from .loading import load_pipeline
 
+        # before minutes of loading
+        _check_arguments(structure_fraction, structure_guidance, attention_layers, tiled_decoding, device, timeout)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
+        asg_maths.structure_steps(1, structure_fraction)
+        asg_maths.guidance_weights(structure_guidance, 1, guidance_schedule)
         pipeline = load_pipeline(pretrained_model_name_or_path, **load_kwargs)
         return cls(pipeline, structure_fraction=structure_fraction, structure_guidance=structure_guidance,
                    guidance_schedule=guidance_schedule, mode=mode, attention_layers=attention_layers,
@@ -230,6 +256,7 @@ class ASGPipeline(PipelineWrapper):
 
     # ------------------------------------------------------------------- call
 
+    @one_call_at_a_time
     @torch.no_grad()
     def __call__(
         self,
@@ -281,6 +308,9 @@ class ASGPipeline(PipelineWrapper):
         Returns:
             The wrapped pipeline's output (``StableDiffusionPipelineOutput`` or
             ``StableDiffusionXLPipelineOutput``), or a tuple when ``return_dict=False``; the same on every rank.
+
+        One call at a time: calls from several threads wait for each other (a lock is held for the
+        whole call), each returning what it would return alone.
         """
         # 1. check inputs and lay out patches and windows. Every rank checks the same arguments
         # before any communication, so a bad argument fails every rank alike and leaves the

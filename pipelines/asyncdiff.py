@@ -28,7 +28,8 @@ from asyncgen.split.transformer.trace import NeedsRealWeights
 from asyncgen.split.registry import split_denoiser
 
 from .acceleration import compile_options, compile_stages, enable_attention
-from .wrapping import PipelineWrapper, check_not_wrapped, sibling_pipeline
+from .wrapping import (PipelineWrapper, check_device, check_flag, check_not_wrapped, one_call_at_a_time,
+                       sibling_pipeline)
 
 # a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
 logger = logging.get_logger(f"diffusers.{__name__}")
@@ -55,6 +56,24 @@ def _split_method(split, attribute: str):
     if attribute not in split:
         raise ValueError(f"split={split!r} names no cuts for pipe.{attribute}; give one entry per denoiser")
     return split[attribute]
+
+
+def _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components,
+                     free_unused_stages=True) -> None:
+    """The constructor's plain arguments, each refused in one line naming the value and what is accepted."""
+    from asyncgen.comm.context import check_timeout
+
+    for name, value in (("stages", stages), ("stride", stride)):
+        if isinstance(value, bool):  # an int to Python, never a count here
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
+    check_flag(time_shift, "time_shift")
+    check_flag(cfg_parallel, "cfg_parallel")
+    check_flag(free_unused_stages, "free_unused_stages")
+    check_device(device)
+    check_timeout(timeout)
+    _check_components(components)
 
 
 def _check_components(components) -> None:
@@ -236,6 +255,8 @@ class AsyncDiffPipeline(PipelineWrapper):
             not name stays replicated).
     """
 
+    _bound_by = "its denoiser is split into stages for this process's rank and process group"
+
     def __init__(
         self,
         pipeline,
@@ -255,8 +276,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         components: str | None = None,
     ):
         check_not_wrapped(pipeline, type(self).__name__)
-        if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
-            raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
+        _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components,
+                         free_unused_stages)
         topology = Topology(stages, stride)
         compile_kwargs = compile_options(compile)
         _check_components(components)
@@ -360,6 +381,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         elif load_kwargs.get("torch_dtype") is not None:
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
         compile_options(compile)  # a bad value fails before minutes of loading
+        _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components)
         topology = Topology(stages, stride)
         ctx = resolve_context(process_group, device, timeout)
         lean = ctx.distributed and not (isinstance(split, str) and split == "time")
@@ -391,8 +413,14 @@ class AsyncDiffPipeline(PipelineWrapper):
 
     # ------------------------------------------------------------------- call
 
+    @one_call_at_a_time
     def __call__(self, *args, **kwargs):
-        """Exactly the wrapped pipeline's ``__call__``; returns its output on every rank."""
+        """Exactly the wrapped pipeline's ``__call__``; returns its output on every rank.
+
+        One call at a time: calls from several threads wait for each other (a lock is held for
+        the whole call), each returning what it would return alone. In a process group every
+        rank must make the same calls in the same order, so call from one thread per rank there.
+        """
         try:
             steps = kwargs.get("num_inference_steps")
             if steps is not None and (not isinstance(steps, int) or steps < 1):
