@@ -330,8 +330,9 @@ def _probe(directory: Path, cache: dict | None = None) -> None:
             os.close(fd)
     except OSError as exc:
         code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-        error = ValueError(f"directory {directory} is not writable ({exc.strerror or exc}"
-                           + (f", {code})" if code else ")"))
+        reason = f"({exc.strerror or exc}" + (f", {code})" if code else ")")
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        error = ValueError(f"directory {directory} {'has no room for a file' if full else 'is not writable'} {reason}")
     finally:
         if probe is not None:
             with contextlib.suppress(OSError):
@@ -340,6 +341,21 @@ def _probe(directory: Path, cache: dict | None = None) -> None:
         cache[directory] = error
     if error is not None:
         raise error
+
+
+def _is_terminal(path: Path) -> bool:
+    """A terminal device (``/dev/stdout`` on a terminal, ``/dev/pts/N``, ``/dev/tty``), found without opening it:
+    one of this process's own terminals, or a Linux terminal major number (4, 5, 136-143)."""
+    mode = os.stat(path)
+    if not stat.S_ISCHR(mode.st_mode):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.fstat(fd).st_rdev == mode.st_rdev:
+                return True
+        except OSError:
+            pass
+    return sys.platform.startswith("linux") and os.major(mode.st_rdev) in (4, 5, *range(136, 144))
 
 
 def check_output_path(path: str | os.PathLike, video: bool = False, kind: str | None = None,
@@ -380,6 +396,8 @@ def check_output_path(path: str | os.PathLike, video: bool = False, kind: str | 
             raise ValueError(f"{path} is a socket; give a file, a device or a FIFO")
         if not os.access(path, os.W_OK):
             raise ValueError(f"{path} exists and is not writable")
+        if _is_terminal(path) and kind is None:
+            raise ValueError(f"{path} is a terminal; send the image to a file or a pipe")
         return path  # written through, never replaced
     target = _replaced_path(path)
     parent = target.parent if str(target.parent) else Path(".")

@@ -330,3 +330,59 @@ def test_the_command_as_a_process_with_closed_and_full_streams(tmp_path, stdout,
         lines = [line for line in done.stderr.decode().splitlines()
                  if line.strip() and "it/s]" not in line and "s/it]" not in line]  # not the progress bar
         assert lines == ([message] if message else []), done.stderr.decode()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a real file system that fills up (needs root; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_refused_before_the_work(small_disk, capsys):
+    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill it to the last block
+        while True:
+            os.write(filler, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(filler)
+    assert main(generate("-o", small_disk / "a.png")) == 2
+    assert capsys.readouterr().err.strip() == (f"asyncgen generate: error: -o {small_disk}/a.png: directory {small_disk} "
+                                               "has no room for a file (No space left on device, ENOSPC)")
+
+
+def test_a_disk_that_fills_during_the_write_is_one_line_and_leaves_nothing(small_disk, capsys):
+    # a 256 x 256 image of one step is noise: its PNG (about 190 KB) cannot fit in 64 KiB
+    assert main(generate("--height", 256, "--width", 256, "-o", small_disk / "a.png")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"asyncgen generate: error: {small_disk}/a.png: could not write it: No space left on device "
+                       "(ENOSPC)")
+    assert os.listdir(small_disk) == []
+
+
+def test_a_terminal_device_is_refused_before_the_work(capsys):
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    try:
+        assert main(generate("-o", name)) == 2
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert capsys.readouterr().err.strip() == (f"asyncgen generate: error: -o {name} is a terminal; send the image to "
+                                               "a file or a pipe")
+
+
+def test_a_write_that_fails_in_a_worker_is_the_same_one_line(tmp_path, capsys):
+    device = full_device(tmp_path / "full.png")
+    assert main(generate("--devices", 2, "--warmup", 1, "-o", device)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"asyncgen generate: error: {device}: could not write it: No space left on device (ENOSPC)"
+    assert is_char_device(device)
