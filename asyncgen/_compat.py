@@ -364,6 +364,15 @@ def set_pipeline_component(pipeline, name: str, module) -> None:
     object.__setattr__(pipeline, name, module)
 
 
+def record_name_or_path(configurable, path: str) -> None:
+    """Record ``path`` as where a diffusers model or pipeline came from, as ``from_pretrained`` does.
+
+    Writes the ``_name_or_path`` config key (``ConfigMixin``, diffusers 0.x to 0.42), which a
+    pipeline's public ``name_or_path`` property reads; no public setter.
+    """
+    configurable.register_to_config(_name_or_path=path)
+
+
 def keep_in_fp32_modules(model: nn.Module) -> list[str]:
     """The module names a model class asks ``from_pretrained`` to keep in float32 (T5's ``wo``).
 

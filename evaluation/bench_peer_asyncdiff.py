@@ -63,12 +63,13 @@ def _worker(rank: int, world_size: int, model: str, peer: str, call: dict, promp
     sys.path.insert(0, peer)  # this worker only: the peer is measured, never a dependency
     from asyncdiff.async_sd import AsyncDiff
 
+    from asyncgen._compat import record_name_or_path
     from asyncgen.pipelines import AsyncDiffPipeline
 
     call = dict(call)
     seed = call.pop("seed")
     peer_pipe = load_on_rank(model, rank)
-    peer_pipe.register_to_config(_name_or_path=PEER_TABLE)  # it refuses local folders
+    record_name_or_path(peer_pipe, PEER_TABLE)  # it refuses local folders
     # the peer initialises the default process group itself (gloo, from the launcher's environment) ...
     peer_wrapper = AsyncDiff(peer_pipe, model_n=2, stride=1, warm_up=warmup, time_shift=False)
     # ... and asyncgen runs on that same group

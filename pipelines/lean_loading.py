@@ -36,6 +36,7 @@ from asyncgen._compat import (
     keep_in_fp32_modules_strict,
     non_persistent_buffer_names,
     own_tensors,
+    record_name_or_path,
     replace_tensor,
     transformers_model_from_config,
 )
@@ -245,7 +246,7 @@ def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: 
         if issubclass(cls, ModelMixin):
             model = cls.from_config(cls.load_config(str(folder), subfolder=subfolder))
             # what ModelMixin.from_pretrained records when a pipeline loads the component
-            model.register_to_config(_name_or_path=os.path.join(str(folder), subfolder))
+            record_name_or_path(model, os.path.join(str(folder), subfolder))
         else:
             config = cls.config_class.from_pretrained(str(folder), subfolder=subfolder)
             # the saved config names a dtype (float32) that transformers would build in, not the one asked for

@@ -225,9 +225,13 @@ def _tiny_pipeline():
 
 
 def _tiny_model():
-    from diffusers import ModelMixin
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
 
-    class TinyModel(ModelMixin):
+    class TinyModel(ModelMixin, ConfigMixin):
+        config_name = "config.json"
+
+        @register_to_config
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(2, 2)
@@ -273,6 +277,15 @@ def test_from_deprecated_attention_block():
     assert _compat.from_deprecated_attention_block(Attention(8, heads=1, dim_head=8, _from_deprecated_attn_block=True))
     assert not _compat.from_deprecated_attention_block(Attention(8, heads=1, dim_head=8))
     assert not _compat.from_deprecated_attention_block(nn.Linear(2, 2))
+
+
+def test_record_name_or_path():
+    model = _tiny_model()
+    _compat.record_name_or_path(model, "/somewhere/unet")
+    assert model.config["_name_or_path"] == "/somewhere/unet"
+    pipe = _tiny_pipeline()
+    _compat.record_name_or_path(pipe, "/somewhere")
+    assert pipe.name_or_path == "/somewhere"
 
 
 def test_keep_in_fp32_modules():

@@ -163,6 +163,8 @@ KNOWN_PRIVATE_ATTRIBUTES = frozenset({
     "_exclude_from_cpu_offload", "_hf_hook", "_encode_prompt", "_get_t5_prompt_embeds", "_get_clip_prompt_embeds",
     # transformers
     "_attn_implementation", "_supports_sdpa", "_tied_weights_keys", "_init_weights",
+    # config keys written through the library's API (the keys of saved files, read as data, are a file format)
+    "_name_or_path",
 })
 PUBLIC_DESPITE_UNDERSCORE = {("os", "_exit")}
 COMPAT = ROOT / "asyncgen" / "_compat.py"
@@ -226,7 +228,11 @@ def private_api_uses(source: str, filename: str = "<source>") -> list[str]:
                 root, _ = _root_name(node.args[0])
                 if attr in KNOWN_PRIVATE_ATTRIBUTES or (_is_private(attr) and root in bound):
                     report(node, f'{name}(..., "{attr}")')
-        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) \
+        if isinstance(node, ast.Call):
+            for keyword in node.keywords:
+                if keyword.arg in KNOWN_PRIVATE_ATTRIBUTES:
+                    report(node, f"{keyword.arg}= (a known private keyword of a library)")
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) \
                 and node.slice.value in KNOWN_PRIVATE_ATTRIBUTES:
             report(node, f'[...]["{node.slice.value}"]')
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__setattr__" \
@@ -262,6 +268,7 @@ def test_the_private_api_check_catches_each_kind():
         'def f(m):\n    return m.__dict__["_parameters"]': '["_parameters"]',
         "def f(pipe, m):\n    object.__setattr__(pipe, 'unet', m)": "object.__setattr__",
         "from multiprocessing import resource_tracker\nresource_tracker._resource_tracker": "_resource_tracker",
+        "def f(model):\n    model.register_to_config(_name_or_path='x')": "_name_or_path=",
     }
     for source, expected in cases.items():
         found = private_api_uses(source)
