@@ -230,6 +230,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.steps < 1 or args.repeats < 1:
         parser.error(f"--steps={args.steps} and --repeats={args.repeats} must be at least 1")
+    from asyncgen.cli.errors import OutputError
+    from asyncgen.cli.files import check_output_paths
+
+    try:  # before the workers start: an unwritable --out must not cost the run
+        check_output_paths([Path(args.out) / "asg.json", Path(args.out) / "asg.md"], kind="file")
+    except ValueError as exc:
+        parser.error(f"--out {exc}")
+    try:
+        return _run(args, scales, captions)
+    except OutputError as exc:  # after the work: one line naming the file and the errno
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+
+
+def _run(args, scales, captions) -> int:
     options = {k: v for k, v in (("structure_fraction", args.structure_fraction),
                                  ("structure_guidance", args.structure_guidance),
                                  ("guidance_schedule", args.guidance_schedule),
