@@ -343,6 +343,18 @@ def _probe(directory: Path, cache: dict | None = None) -> None:
         raise error
 
 
+def is_standard_output(path) -> bool:
+    """True for ``-`` and for a path that leads to this process's standard output (``/dev/stdout``, a link to
+    ``/proc/self/fd/1``, the FIFO or file it is redirected to): what else the command prints must go elsewhere."""
+    if is_stdout(path):
+        return True
+    try:
+        target, out = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return (target.st_dev, target.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _is_terminal(path: Path) -> bool:
     """A terminal device (``/dev/stdout`` on a terminal, ``/dev/pts/N``, ``/dev/tty``), found without opening it:
     one of this process's own terminals, or a Linux terminal major number (4, 5, 136-143)."""

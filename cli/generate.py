@@ -508,7 +508,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a launcher refusal (e.g. --devices against torchrun's WORLD_SIZE)
         raise UsageError(str(exc)) from None
     if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
-        # with -o - the image is standard output: the summary goes to standard error
-        print(summary_line(result), file=sys.stderr if job.outputs == ["-"] else sys.stdout)
+        # with -o - (or /dev/stdout) the image is standard output: the summary goes to standard error
+        from asyncgen.cli.files import is_standard_output
+
+        into_stdout = any(is_standard_output(path) for path in job.outputs)
+        print(summary_line(result), file=sys.stderr if into_stdout else sys.stdout)
     return 0
 

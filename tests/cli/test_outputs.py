@@ -386,3 +386,12 @@ def test_a_write_that_fails_in_a_worker_is_the_same_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"asyncgen generate: error: {device}: could not write it: No space left on device (ENOSPC)"
     assert is_char_device(device)
+
+
+def test_dev_stdout_gets_the_image_alone():
+    """``-o /dev/stdout`` (a link to /proc/self/fd/1) into a pipe: written through, the summary on stderr."""
+    done = subprocess.run([sys.executable, "-m", "asyncgen.cli", *generate("-o", "/dev/stdout")], capture_output=True,
+                          env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.startswith(PNG) and b"asyncgen:" not in done.stdout
+    assert "-> /dev/stdout" in done.stderr.decode()
