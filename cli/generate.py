@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UsageError
 from .launcher import check_worker_count, launched_by_torchrun, run_on_devices
 from .options import (DTYPES, SEED_LIMIT, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
-                      check_image_side, finite_float, fraction, non_negative_int, positive_int)
+                      check_image_side, check_steps, finite_float, fraction, non_negative_int, positive_int)
 
 # the command's line in ``asyncgen --help``
 SUMMARY = "generate images from prompts, on one device or several (AsyncDiff)"
@@ -192,6 +192,33 @@ def _check_frames(frames: int | None, model: str) -> None:
                          f"{ratio}k + 1 (1, {ratio + 1}, {2 * ratio + 1}, ...); nearest valid: {valid}")
 
 
+# diffusers schedulers that refuse more inference steps than the model's training timesteps (set_timesteps)
+STEP_LIMITED_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "DDIMInverseScheduler", "DDPMScheduler",
+                           "DDPMParallelScheduler", "LCMScheduler", "TCDScheduler", "CogVideoXDDIMScheduler",
+                           "CogVideoXDPMScheduler", "CMStochasticIterativeScheduler", "SCMScheduler")
+
+
+def check_scheduler_steps(model: str, steps: int | None) -> None:
+    """``--steps`` against the pipeline's scheduler, from its config alone (before any worker starts)."""
+    if steps is None:
+        return
+    try:
+        from diffusers import DiffusionPipeline
+
+        entry = DiffusionPipeline.load_config(model).get("scheduler")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in STEP_LIMITED_SCHEDULERS):
+            return
+        import diffusers
+
+        config = getattr(diffusers, entry[1]).load_config(model, subfolder="scheduler")
+    except (OSError, ValueError, AttributeError):  # the load reports a broken folder better
+        return
+    limit = config.get("num_train_timesteps")
+    if isinstance(limit, int) and steps > limit:
+        raise UsageError(f"--steps {steps}: this model's {entry[1]} takes at most {limit} steps (its "
+                         "num_train_timesteps)")
+
+
 def _check_size(name: str, value: int | None, facts) -> None:
     if value is not None and value % facts.size_multiple:
         raise UsageError(f"--{name} {value} is not a multiple of {facts.size_multiple}, the size step of this model "
@@ -232,6 +259,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         raise UsageError("give either a prompt or --prompts FILE, not both")
     check_image_side("--height", args.height)
     check_image_side("--width", args.width)
+    check_steps(args.steps)
     try:
         prompts = [args.prompt] if args.prompts is None else load_prompts(args.prompts)
     except (OSError, ValueError) as exc:
@@ -301,6 +329,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
             height, width = height or facts.native_height, width or facts.native_width
     _check_size("height", height, facts)
     _check_size("width", width, facts)
+    check_scheduler_steps(model, args.steps)
     _say_if_large(height or facts.native_height, width or facts.native_width, facts, len(prompts))
     return GenerateJob(
         model=model, builtin_model=builtin, allow_pickle=args.allow_pickle, prompts=prompts, outputs=outputs,

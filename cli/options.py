@@ -14,6 +14,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # can still be opened by `asyncgen eval` and other tools, and a SD-family VAE decoder's full-resolution feature
 # maps (128 channels) are already 17 GB each in float16 there; at 65536 they would be 1.1 TB each.
 MAX_IMAGE_SIDE = 8192
+# The most denoising steps any command accepts: models are trained on 1000 timesteps, and samplers gain nothing
+# from more steps than that; 10x it still runs, a mistyped 10**9 would allocate gigabytes of timesteps first.
+MAX_STEPS = 10_000
 
 
 def positive_int(text: str) -> int:
@@ -61,6 +64,15 @@ def check_image_side(option: str, value: int | None) -> None:
 
         raise UsageError(f"{option} {value}: image sides go up to {MAX_IMAGE_SIDE} pixels (67 megapixels at "
                          f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}); give at most {MAX_IMAGE_SIDE}")
+
+
+def check_steps(value: int | None) -> None:
+    """Refuse a step count above :data:`MAX_STEPS` in one line."""
+    if value is not None and value > MAX_STEPS:
+        from .errors import UsageError
+
+        raise UsageError(f"--steps {value}: at most {MAX_STEPS} (models are trained on 1000 timesteps; samplers "
+                         "gain nothing beyond that)")
 
 
 def _int(text: str) -> int:

@@ -498,7 +498,7 @@ def check_against_model(model: str, configs: list[dict], args) -> None:
     """The limits the model's configs set, before any worker is spawned: stages against the units its denoiser
     splits into, and the image size against the step it needs (VAE factor x patch size)."""
     from asyncgen.cli.errors import UsageError
-    from asyncgen.cli.generate import _check_size, _describe_model
+    from asyncgen.cli.generate import _check_size, _describe_model, check_scheduler_steps
 
     facts = _describe_model(model, args.allow_pickle)
     stages = max(c["stages"] for c in configs)
@@ -510,12 +510,13 @@ def check_against_model(model: str, configs: list[dict], args) -> None:
                          f"most {facts.splittable_units} stages")
     _check_size("height", args.height, facts)
     _check_size("width", args.width, facts)
+    check_scheduler_steps(model, args.steps)
 
 
 def run(args: argparse.Namespace) -> int:
     from asyncgen.cli.errors import UsageError
     from asyncgen.cli.files import check_output_paths, write_all
-    from asyncgen.cli.options import check_image_side
+    from asyncgen.cli.options import check_image_side, check_steps
 
     from .plots import benchmark_plot_png
     from .reporting import json_text
@@ -537,6 +538,7 @@ def run(args: argparse.Namespace) -> int:
     args.width = args.width or args.height
     check_image_side("--height", args.height)
     check_image_side("--width", args.width)
+    check_steps(args.steps)
     configs, prompts = _configs(args), _prompts(args)
     out = Path(args.out)
     outputs = [out / "results.json", out / "results.md", out / "results.png"]

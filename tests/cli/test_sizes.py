@@ -55,3 +55,22 @@ def test_a_size_far_above_the_native_one_says_so_before_the_run(capsys, monkeypa
     assert code == 130
     assert ("asyncgen generate: note: 256x256 is 64 times the pixels of this model's native 32x32; each step takes "
             "far longer") in err
+
+
+@pytest.mark.parametrize("steps, message", [
+    (10**9, "--steps 1000000000: at most 10000 (models are trained on 1000 timesteps"),
+    (1001, "--steps 1001: this model's DDIMScheduler takes at most 1000 steps (its num_train_timesteps)"),
+])
+def test_steps_beyond_what_the_model_takes_are_refused_before_the_work(capsys, nothing_runs, steps, message):
+    code, _, err = run(capsys, "generate", "a red circle", "--steps", steps)
+    assert code == 2 and err.strip().startswith(f"asyncgen generate: error: {message}")
+
+
+def test_bench_refuses_steps_before_spawning(capsys, monkeypatch):
+    def spawned(*args, **kwargs):
+        raise AssertionError("workers were spawned before --steps was checked")
+
+    monkeypatch.setattr("asyncgen.evaluation.bench_asyncdiff.launch", spawned)
+    code, _, err = run(capsys, "bench", "--steps", 1001, "--num-prompts", 1)
+    assert code == 2 and err.strip() == ("asyncgen bench: error: --steps 1001: this model's DDIMScheduler takes at "
+                                         "most 1000 steps (its num_train_timesteps)")
