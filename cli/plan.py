@@ -81,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
     if args.devices == 1 and stages > 1:
         raise UsageError(f"--stages {stages} on --devices 1: one device runs every stage (the serial simulator); "
                          "plan for stages + stride - 1 devices")
+    if stages > 1:  # named by the options given, before anything is built
+        from .generate import _describe_model
+
+        facts = _describe_model(model, False)
+        if facts.splittable_units is not None and stages > facts.splittable_units:
+            given = f"--stages {stages}" if args.stages is not None else f"--devices {args.devices} ({stages} stages)"
+            raise UsageError(f"{given}: this {facts.denoiser_class} splits into at most {facts.splittable_units} "
+                             "stages")
     try:
         plan = plan_from_configs(model, stages, args.stride, args.cfg_parallel,
                                  getattr(torch, args.dtype) if args.dtype else None, args.height, args.width,

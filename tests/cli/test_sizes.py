@@ -74,3 +74,9 @@ def test_bench_refuses_steps_before_spawning(capsys, monkeypatch):
     code, _, err = run(capsys, "bench", "--steps", 1001, "--num-prompts", 1)
     assert code == 2 and err.strip() == ("asyncgen bench: error: --steps 1001: this model's DDIMScheduler takes at "
                                          "most 1000 steps (its num_train_timesteps)")
+
+
+def test_plan_names_the_option_that_asks_for_too_many_stages(capsys):
+    code, _, err = run(capsys, "plan", "--devices", 1000000)
+    assert code == 2 and err.strip() == ("asyncgen plan: error: --devices 1000000 (1000000 stages): this "
+                                         "UNet2DConditionModel splits into at most 22 stages")
