@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UsageError
 from .launcher import check_worker_count, launched_by_torchrun, run_on_devices
 from .options import (DTYPES, SEED_LIMIT, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
-                      check_image_side, check_steps, finite_float, fraction, non_negative_int, positive_int)
+                      check_frames, check_image_side, check_steps, finite_float, fraction, non_negative_int, positive_int)
 
 # the command's line in ``asyncgen --help``
 SUMMARY = "generate images from prompts, on one device or several (AsyncDiff)"
@@ -260,6 +260,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     check_image_side("--height", args.height)
     check_image_side("--width", args.width)
     check_steps(args.steps)
+    check_frames(args.frames)
     try:
         prompts = [args.prompt] if args.prompts is None else load_prompts(args.prompts)
     except (OSError, ValueError) as exc:

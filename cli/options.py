@@ -17,6 +17,9 @@ MAX_IMAGE_SIDE = 8192
 # The most denoising steps any command accepts: models are trained on 1000 timesteps, and samplers gain nothing
 # from more steps than that; 10x it still runs, a mistyped 10**9 would allocate gigabytes of timesteps first.
 MAX_STEPS = 10_000
+# The most video frames: the longest clips video pipelines make are 81 (Wan), 129 (HunyuanVideo) and 257 (LTX)
+# frames; four times the longest still runs, a mistyped 100000 would allocate its latents first.
+MAX_FRAMES = 1024
 
 
 def positive_int(text: str) -> int:
@@ -64,6 +67,15 @@ def check_image_side(option: str, value: int | None) -> None:
 
         raise UsageError(f"{option} {value}: image sides go up to {MAX_IMAGE_SIDE} pixels (67 megapixels at "
                          f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}); give at most {MAX_IMAGE_SIDE}")
+
+
+def check_frames(value: int | None) -> None:
+    """Refuse a frame count above :data:`MAX_FRAMES` in one line."""
+    if value is not None and value > MAX_FRAMES:
+        from .errors import UsageError
+
+        raise UsageError(f"--frames {value}: at most {MAX_FRAMES} (the longest clips video pipelines make are 81 to "
+                         "257 frames)")
 
 
 def check_steps(value: int | None) -> None:

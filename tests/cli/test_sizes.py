@@ -80,3 +80,9 @@ def test_plan_names_the_option_that_asks_for_too_many_stages(capsys):
     code, _, err = run(capsys, "plan", "--devices", 1000000)
     assert code == 2 and err.strip() == ("asyncgen plan: error: --devices 1000000 (1000000 stages): this "
                                          "UNet2DConditionModel splits into at most 22 stages")
+
+
+def test_frames_above_the_ceiling_are_one_line(capsys, nothing_runs):
+    code, _, err = run(capsys, "generate", "a red circle", "--frames", 100000)
+    assert code == 2 and err.strip() == ("asyncgen generate: error: --frames 100000: at most 1024 (the longest clips "
+                                         "video pipelines make are 81 to 257 frames)")
