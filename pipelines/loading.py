@@ -221,6 +221,16 @@ def check_pipeline_folder(model: str, weights: bool | str = True, allow_pickle: 
             _check_weights(where, library_kind, what, allow_pickle, required=weights is True)
 
 
+def _built(build, model: str, component: str, class_name: str):
+    """``build()``, a model made from a component's config; a config no model can be made from is one line naming it."""
+    try:
+        return build()
+    except (RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BrokenModelError(f"{model}: component {component}: cannot build a {class_name} from "
+                               f"{Path(model) / component / 'config.json'} ({type(exc).__name__}: {first})") from None
+
+
 def _dtype_argument() -> str:
     """The name ``from_pretrained`` takes a dtype by: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
     from asyncgen._compat import diffusers_dtype_keyword
@@ -256,6 +266,8 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: boo
         kwargs[_dtype_argument()] = dtype
     if not allow_pickle:
         kwargs.setdefault("use_safetensors", True)
+    import torch
+
     try:
         return (pipeline_class or DiffusionPipeline).from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
@@ -264,6 +276,12 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: boo
                 f"{model}: no safetensors weights found; it may hold only pickle (.bin) checkpoints, which can run "
                 "code when loaded. Pass allow_pickle=True (--allow-pickle) if you trust its source") from exc
         raise
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:  # a config the checks above let through that no model can be built from
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BrokenModelError(f"{model}: could not build the pipeline from its configs and weights "
+                               f"({type(exc).__name__}: {first})") from exc
 
 
 class PickleRefused(OSError):
@@ -312,7 +330,7 @@ def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
                          "has no such model class")
     config = model_class.load_config(model, subfolder=component)
     with torch.device("meta"):  # structure only: no memory, no weights read
-        denoiser = model_class.from_config(config)
+        denoiser = _built(lambda: model_class.from_config(config), model, component, class_name)
     from asyncgen.split.registry import split_denoiser
 
     try:
@@ -372,11 +390,12 @@ def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module
 
             config = AutoConfig.from_pretrained(model, subfolder=name)
             with torch.device("meta"):
-                modules[name] = transformers_model_from_config(model_class, config)
+                modules[name] = _built(lambda: transformers_model_from_config(model_class, config), model, name,
+                                       class_name)
         else:
             config = model_class.load_config(model, subfolder=name)
             with torch.device("meta"):
-                modules[name] = model_class.from_config(config)
+                modules[name] = _built(lambda: model_class.from_config(config), model, name, class_name)
     return index, modules
 
 

@@ -166,3 +166,20 @@ def test_generate_with_a_broken_model_is_one_line_and_exit_2(damaged, tmp_path, 
     expected = message.split(": ", 1)[1] if message.startswith("DIR: component") else message
     assert re.search(expected.replace("DIR", re.escape(str(folder))), err), err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_config_no_model_can_be_built_from_is_one_line(damaged, tmp_path, capsys):
+    """A damage the checks do not know by name (a negative kernel size): still one line, never a torch traceback."""
+    def negative_kernel(folder):
+        _edit_json(folder / "unet" / "config.json", conv_in_kernel=-3)
+
+    folder = damaged(negative_kernel)
+    describe = f"{folder}: component unet: cannot build a UNet2DConditionModel from {folder}/unet/config.json"
+    with pytest.raises(BrokenModelError, match="^" + re.escape(describe)):
+        describe_pipeline(str(folder))
+    with pytest.raises(BrokenModelError, match="^" + re.escape(f"{folder}: could not build the pipeline")):
+        load_pipeline(str(folder))
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(folder), "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "component unet: cannot build a UNet2DConditionModel" in err, err
