@@ -331,6 +331,9 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     _check_size("height", height, facts)
     _check_size("width", width, facts)
     check_scheduler_steps(model, args.steps)
+    if not args.highres and not video:  # ASG runs the denoiser on native-size windows
+        _check_memory(model, height or facts.native_height, width or facts.native_width, facts, stages, args.stride,
+                      args.cfg_parallel, dtype, device, devices)
     _say_if_large(height or facts.native_height, width or facts.native_width, facts, len(prompts))
     return GenerateJob(
         model=model, builtin_model=builtin, allow_pickle=args.allow_pickle, prompts=prompts, outputs=outputs,
@@ -345,6 +348,54 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
 
 # more pixels than this many times the model's native image: the run is said to be long before it starts
 LARGE_FACTOR = 16
+
+
+def available_memory(device: str, devices: int) -> int | None:
+    """Bytes the run can use: on CPU the host's available memory (all workers share it), on CUDA the least
+    free memory of the GPUs it will use (per device); None when unknown."""
+    if device == "cuda":
+        import torch
+
+        try:
+            return min(torch.cuda.mem_get_info(k)[0] for k in range(min(devices, torch.cuda.device_count())))
+        except (RuntimeError, ValueError):
+            return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(model: str, height: int, width: int, facts, stages: int, stride: int, cfg_parallel: bool,
+                  dtype: str, device: str, devices: int) -> None:
+    """Refuse, before any worker starts, an image size whose estimated memory (the planner's, on fake tensors:
+    nothing of that size is allocated) exceeds what the devices have. Only for sizes far above the native one."""
+    if height * width <= LARGE_FACTOR * facts.native_height * facts.native_width or launched_by_torchrun():
+        return
+    available = available_memory(device, devices)
+    if available is None:
+        return
+    try:
+        import torch
+
+        from asyncgen.pipelines.loading import plan_from_configs
+        from asyncgen.placement.planner import format_bytes
+
+        plan = plan_from_configs(model, stages, stride, cfg_parallel, getattr(torch, dtype), height, width)
+    except Exception:  # an estimate that cannot be made refuses nothing: the run reports what goes wrong
+        return
+    shared = device == "cpu"  # CPU workers share the host's memory; each GPU has its own
+    need = sum(r.total_bytes for r in plan.ranks) if shared else plan.largest.total_bytes
+    if need > available:
+        where = "on this host" if shared else "on the emptiest GPU"
+        raise UsageError(f"--height {height} --width {width}: the estimated peak memory at that size is "
+                         f"{format_bytes(need)}{'' if shared else ' per GPU'} (parameters and the denoiser's "
+                         f"activations; asyncgen plan shows it), more than the {format_bytes(available)} available "
+                         f"{where}; choose a smaller size" + ("" if shared else " or more devices"))
 
 
 def _say_if_large(height: int, width: int, facts, images: int) -> None:

@@ -86,3 +86,12 @@ def test_frames_above_the_ceiling_are_one_line(capsys, nothing_runs):
     code, _, err = run(capsys, "generate", "a red circle", "--frames", 100000)
     assert code == 2 and err.strip() == ("asyncgen generate: error: --frames 100000: at most 1024 (the longest clips "
                                          "video pipelines make are 81 to 257 frames)")
+
+
+def test_a_size_whose_estimate_exceeds_the_memory_is_refused_before_the_work(capsys, nothing_runs, monkeypatch):
+    monkeypatch.setattr("asyncgen.cli.generate.available_memory", lambda device, devices: 2**30)
+    code, _, err = run(capsys, "generate", "a red circle", "--height", MAX_IMAGE_SIDE, "--width", MAX_IMAGE_SIDE)
+    assert code == 2
+    assert err.strip().startswith("asyncgen generate: error: --height 8192 --width 8192: the estimated peak memory at "
+                                  "that size is 35.59 GB (parameters and the denoiser's activations; asyncgen plan "
+                                  "shows it), more than the 1.07 GB available on this host; choose a smaller size")
