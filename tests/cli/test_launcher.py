@@ -88,8 +88,12 @@ def test_the_grace_period_is_checked(monkeypatch):
     monkeypatch.setenv("ASYNCGEN_GRACE_SECONDS", "2.5")
     assert launcher.grace_seconds() == 2.5 and launcher.grace_seconds(1) == 1
     monkeypatch.setenv("ASYNCGEN_GRACE_SECONDS", "soon")
-    with pytest.raises(ValueError, match="ASYNCGEN_GRACE_SECONDS='soon' is not a number of seconds"):
+    with pytest.raises(ValueError, match="^ASYNCGEN_GRACE_SECONDS='soon': must be a finite number of seconds >= 0"):
         launcher.grace_seconds()
+    for text in ("-1", "nan", "inf"):  # refused by name too, not as "grace period nan s"
+        monkeypatch.setenv("ASYNCGEN_GRACE_SECONDS", text)
+        with pytest.raises(ValueError, match=f"^ASYNCGEN_GRACE_SECONDS='{text}': must be a finite number"):
+            launcher.grace_seconds()
     with pytest.raises(ValueError, match="grace period -1 s"):
         launcher.grace_seconds(-1)
 
