@@ -36,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a documented default (repeatable); an unknown key lists the valid ones")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune = actions.add_parser("tune", help="choose each arm's tuned hyperparameters on the tuning seeds",
+                              description="Run an experiment's tuning step: each arm's hyperparameters (e.g. the "
+                              "server step eta_g) from a grid of the same size for every arm, on tuning seeds >= 100 "
+                              "only; writes tuning.json and prints the values to commit as the defaults.")
+    tune.add_argument("name", help="experiment name (see 'asyncgen catalogue list')")
+    tune.add_argument("--quick", action="store_true", help="the --quick configuration and a smaller grid")
+    tune.add_argument("--out", default=None, help="folder for tuning.json (default: catalogue_results/NAME)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a documented default (repeatable)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
     render = actions.add_parser("render", help="rewrite results.md from results.json in each folder",
                                 description="Rewrite each folder's results.md from its results.json (the "
                                 "committed results are written only this way or by 'run').")
@@ -92,7 +102,25 @@ def _render(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.frame import CatalogueError, MissingExtra, run_tuning
+
+    try:
+        info = get_experiment(args.name)
+        out = args.out or f"catalogue_results/{info.name}"
+        report = run_tuning(info, quick=args.quick, overrides=args.overrides, out=out,
+                            progress=not args.no_progress and sys.stderr.isatty())
+    except (CatalogueError, MissingExtra) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{info.name}: tuned on seeds {report['tuning']['seeds']} in {report['cpu_seconds']:.0f} s of CPU; "
+          f"wrote {out}/tuning.json; the defaults to commit:")
+    for key, value in report["defaults"].items():
+        print(f"  {key}: {value!r}")
+    return 0
+
+
 def run(args) -> int:
     if args.action == "list":
         return _list()
-    return _render(args) if args.action == "render" else _run(args)
+    return {"render": _render, "tune": _tune, "run": _run}[args.action](args)

@@ -65,6 +65,7 @@ class ExperimentInfo:
     default_seeds: int = 3
     quick_seeds: int = 1
     processes_key: str = ""  # the config key holding the number of worker processes, if the run forks any
+    tune_entry: str = ""  # "module:function" (config, progress) -> {"tuning", "defaults"}, if the arms are tuned
     packages: Sequence[str] = ()  # distributions whose versions go into results.json
     plot_caption: str = ""
 
@@ -73,8 +74,17 @@ class ExperimentInfo:
         return max(1, int(config[self.processes_key])) if self.processes_key else 1
 
     def load(self) -> Callable[..., "ExperimentResult"]:
-        module, _, function = self.entry.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _load(self.entry)
+
+    def load_tuner(self) -> Callable[..., dict]:
+        if not self.tune_entry:
+            raise CatalogueError(f"{self.name} has no tuning step (its arms have no hyperparameters tuned here)")
+        return _load(self.tune_entry)
+
+
+def _load(entry: str):
+    module, _, function = entry.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @dataclass
@@ -123,6 +133,8 @@ class ExperimentResult:
     plot: Plot | None = None
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> extra JSON (e.g. curves)
     notes: list[str] = field(default_factory=list)  # lines for results.md (simulated clocks, reasons...)
+    # {arm: {param: value}, "grid": {arm: {param: [values]}}, "seeds": [tuning seeds], "criterion": str}
+    tuning: dict | None = None
 
 
 def seed_means(per_seed: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, dict[str, Any]]:
@@ -241,6 +253,12 @@ def committed_report(name: str) -> dict | None:
     return load_report(path) if path.is_file() else None
 
 
+def committed_tuning(name: str) -> dict | None:
+    """The committed tuning run of experiment ``name`` (its ``tuning.json``), or None where there is none."""
+    path = COMMITTED / name / "tuning.json"
+    return load_report(path) if path.is_file() else None
+
+
 def measured_seconds(name: str) -> tuple[float, float] | None:
     """(wall, CPU) seconds of the committed default run of ``name``, as that run measured them; None if none."""
     report = committed_report(name)
@@ -280,9 +298,34 @@ def results_markdown(report: dict) -> str:
         if not goal["passed"] and goal.get("reason"):
             line += f". Reason: {goal['reason']}"
         lines.append(line)
+    if report.get("tuning"):
+        lines += ["", "## Tuning", ""] + tuning_lines(report["tuning"])
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+TUNING_META = ("grid", "seeds", "criterion", "scores")
+
+
+def tuning_lines(tuning: dict) -> list[str]:
+    """results.md's tuning section: each arm's chosen values beside its grid, then the seeds and the criterion."""
+    lines = []
+    for arm, values in tuning.items():
+        if arm in TUNING_META:
+            continue
+        grid = tuning.get("grid", {}).get(arm, {})
+        lines.append(f"- {arm}: " + ", ".join(
+            f"{param} = {_format_plain(value)}"
+            + (f" (grid {', '.join(_format_plain(v) for v in grid[param])})" if param in grid else "")
+            for param, value in values.items()))
+    lines.append(f"- tuning seeds {tuning.get('seeds')} (evaluation seeds are never used); criterion: "
+                 f"{tuning.get('criterion', 'n/a')}")
+    return lines
+
+
+def _format_plain(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def plot_png(plot: Plot) -> bytes:
@@ -411,6 +454,8 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
                   for g in result.goals},
         "notes": list(result.notes),
     }
+    if result.tuning is not None:
+        report["tuning"] = result.tuning
     if out is not None:
         out = Path(out)
         path = write_json(out / "results.json", report)
@@ -427,3 +472,28 @@ def render_markdown(folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     return write_atomic(folder / "results.md", results_markdown(load_report(folder / "results.json")))
+
+
+def run_tuning(info: ExperimentInfo, *, quick: bool = False, overrides: Sequence[str] = (),
+               out: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Run ``info``'s tuning step (on its tuning seeds, >= 100) and write ``tuning.json`` into ``out`` (if given).
+
+    The report holds the chosen values per arm, the grids, the tuning seeds and each grid value's score, and
+    ``defaults``: the config keys to commit as the experiment's defaults.
+    """
+    from asyncgen.evaluation.reporting import write_json
+
+    config = resolve_config(info, quick, overrides)
+    tuner = info.load_tuner()
+    bar = Progress(desc=f"tune {info.name}", enabled=progress)
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    try:
+        result = tuner(dict(config), bar)
+    finally:
+        bar.close()
+    report = {"experiment": info.name, "config": config, "versions": _versions(info),
+              "wall_seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start,
+              "tuning": result["tuning"], "defaults": result["defaults"]}
+    if out is not None:
+        write_json(Path(out) / "tuning.json", report)
+    return report

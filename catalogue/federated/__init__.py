@@ -12,7 +12,12 @@ from __future__ import annotations
 from ..frame import ExperimentInfo
 
 PACKAGES = ("simpy", "scikit-learn", "flwr")
-_SHARED = {"lr": 0.05, "B": 8, "eta_g": 1.0}
+_SHARED = {"lr": 0.05, "B": 8}
+# η_g per arm (eta_g_ARM) comes from `asyncgen catalogue tune NAME` (committed in docs/catalogue/NAME/tuning.json);
+# every arm applies client i's update with a weight proportional to p_i (see experiments.py); tuning runs on
+# tune_seeds (>= 100) over tune_points values of η_g per arm
+_TUNING = {"tune_seeds": [100, 101], "tune_points": 5}
+_QUICK_TUNING = {"tune_seeds": [100], "tune_points": 3}
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -23,8 +28,12 @@ EXPERIMENTS = [
               "synchronous FedAvg with over-selection, with fewer transfers, and gains more at higher concurrency",
         entry="asyncgen.catalogue.federated.experiments:run_fedbuff",
         defaults={"N": 200, "concurrencies": [10, 100], "K": 10, "Q": 5, "alpha": 1.0, "profile": "lognormal",
-                  "rounds": 40, "o": 1.3, "a": 0.5, "server_momentum": 0.0, "fedasync_alpha": 0.6, **_SHARED},
-        quick={"rounds": 4},
+                  "rounds": 40, "o": 1.3, "a": 0.5, "server_momentum": 0.0, **_SHARED,
+                  # [at the small C, at the large C]
+                  "eta_g_fedavg": [3.0, 3.0], "eta_g_fedbuff": [60.0, 60.0], "eta_g_fedasync": [120.0, 120.0],
+                  **_TUNING},
+        quick={"rounds": 4, **_QUICK_TUNING},
+        tune_entry="asyncgen.catalogue.federated.experiments:tune_fedbuff",
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
@@ -36,8 +45,11 @@ EXPERIMENTS = [
               "expected progress, trains faster than FedAvg without the bias toward fast clients",
         entry="asyncgen.catalogue.federated.experiments:run_favano",
         defaults={"N": 50, "s": 10, "K": 10, "period": 2.0, "alpha": 0.3, "slow_fraction": 0.8, "rounds": 60,
-                  "fedbuff_K": 5, "a": 0.5, **_SHARED},
-        quick={"rounds": 6},
+                  "fedbuff_K": 5, "a": 0.5, **_SHARED,
+                  "eta_g_fedavg": 3.0, "eta_g_fedbuff": 30.0, "eta_g_favano": 0.3333, "eta_g_favano_noreweight": 3.0,
+                  "tune_seeds": [100], "tune_points": 5},
+        quick={"rounds": 6, **_QUICK_TUNING},
+        tune_entry="asyncgen.catalogue.federated.experiments:tune_favano",
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -49,8 +61,12 @@ EXPERIMENTS = [
               "more stably than per-arrival asynchronous updates",
         entry="asyncgen.catalogue.federated.experiments:run_fedfix",
         defaults={"M": 20, "Q": 10, "dt": 0.5, "other_dts": [0.2, 0.8], "alpha": 0.1, "rounds": 60,
-                  "fedbuff_K": 5, **_SHARED},
-        quick={"rounds": 6},
+                  "fedbuff_K": 5, **_SHARED,
+                  # eta_g_fedfix: one value per Δt, [dt, *other_dts]
+                  "eta_g_fedavg": 3.0, "eta_g_fedfix": [3.0, 1.0, 3.0], "eta_g_async": 3.0, "eta_g_fedbuff": 4.0,
+                  **_TUNING},
+        quick={"rounds": 6, **_QUICK_TUNING},
+        tune_entry="asyncgen.catalogue.federated.experiments:tune_fedfix",
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -62,8 +78,11 @@ EXPERIMENTS = [
               "arrive together, reaches a target faster than FedAvg, FedAsync and FedBuff with no accuracy loss",
         entry="asyncgen.catalogue.federated.experiments:run_fedcompass",
         defaults={"N": 16, "Qmax": 50, "Qmin_fraction": 0.2, "lambda": 1.5, "alpha": 0.1, "rounds": 30,
-                  "fedbuff_K": 3, "fedasync_alpha": 0.6, "a": 0.5, **_SHARED},
-        quick={"rounds": 3},
+                  "fedbuff_K": 3, "a": 0.5, **_SHARED,
+                  "eta_g_fedavg": 1.0, "eta_g_fedasync": 9.6, "eta_g_fedbuff": 5.333, "eta_g_fedcompass": 9.0,
+                  "tune_seeds": [100], "tune_points": 5},
+        quick={"rounds": 3, **_QUICK_TUNING},
+        tune_entry="asyncgen.catalogue.federated.experiments:tune_fedcompass",
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -77,7 +96,7 @@ EXPERIMENTS = [
         # Q, alpha and rounds (sync-st's budget) are left open by the issue: our choices, see
         # docs/catalogue/federated.md
         defaults={"M": 3, "N": 300, "R": 48, "g": 4, "Q": 5, "alpha": 1.0, "rounds": 30, "lr": 0.1, "B": 8,
-                  "eta_g": 0.5},
+                  "eta_g": 0.5, "near_target": 0.98},
         quick={"rounds": 3},
         packages=PACKAGES,
         plot_caption="test accuracy of each task against simulated time",

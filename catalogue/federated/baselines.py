@@ -4,7 +4,9 @@
   ceil(o·C) random clients, keeps the first C results and aborts the rest (their downloads
   count); w ← w + η_g·Σ_S p_iΔ_i / Σ_S p_i. o = 1 is the textbook algorithm.
 * :class:`FedAsync` (Xie et al., 2019): every result is mixed in at once,
-  w ← (1 − α·s(τ))·w + α·s(τ)·y.
+  w ← (1 − α·s(τ))·w + α·s(τ)·y; with ``client_weights`` p the mixing weight is
+  min(1, α·s(τ)·p_i), so a client's update Δ_i enters with the per-client weight the other
+  arms use (α then plays η_g's part and is tuned like it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..frame import CatalogueError
 from .fedbuff import SlotStrategy
-from .strategy import Actions, Strategy, Task
+from .strategy import Actions, Strategy, Task, check_client_weights
 
 
 class FedAvg(Strategy):
@@ -71,16 +73,24 @@ class FedAvg(Strategy):
 
 
 class FedAsync(SlotStrategy):
-    """Mix every result in at once: w ← (1 − α·s(τ))·w + α·s(τ)·(w_base + Δ)."""
+    """Mix every result in at once: w ← (1 − α_i)·w + α_i·(w_base + Δ), α_i = α·s(τ) (·p_i with client weights).
+
+    The update is w ← w + α_i·(w_base − w + Δ_i): client i's Δ_i enters with weight α_i, and the
+    model is also pulled back toward the stale base by the same amount. α_i is capped at 1 (the
+    client's model replaces the server's).
+    """
 
     name = "fedasync"
 
     def __init__(self, weights, num_clients: int, *, concurrency: int, steps: int, mixing: float = 0.6,
-                 staleness_exponent: float = 0.5, seed: int = 0):
+                 staleness_exponent: float = 0.5, client_weights: Sequence[float] | None = None, seed: int = 0):
         super().__init__(weights, num_clients, concurrency=concurrency, steps=steps,
                          staleness_exponent=staleness_exponent, seed=seed)
-        if not 0 < mixing <= 1:
+        self.p = check_client_weights(client_weights, num_clients)
+        if self.p is None and not 0 < mixing <= 1:
             raise CatalogueError(f"alpha={mixing}: the mixing weight must be in (0, 1]")
+        if not (math.isfinite(mixing) and mixing > 0):
+            raise CatalogueError(f"alpha={mixing}: the mixing weight must be > 0")
         self.mixing = mixing
         self.bases: dict[int, torch.Tensor] = {}
 
@@ -90,6 +100,6 @@ class FedAsync(SlotStrategy):
         return task
 
     def aggregate(self, client, delta, base_version, now) -> None:
-        alpha = self.mixing * self.staleness(base_version)
+        alpha = min(1.0, self.mixing * self.staleness(base_version) * (1.0 if self.p is None else self.p[client]))
         self.models[0] = (1 - alpha) * self.weights + alpha * (self.bases.pop(client) + delta)
         self.versions[0] += 1

@@ -6,7 +6,11 @@ weight grows with the number of ticks it needs; only F_n restart from the new w,
 keep training from their old base.
 
 Also here: :class:`WeightedAsync`, the paper's fully asynchronous comparison
-(w ← w + η_g d_iΔ_i at every arrival, d_i = (Σ_j 1/τ_j)·τ_i·p_i).
+(w ← w + η_g d_iΔ_i at every arrival, d_i = c·τ_i·p_i). Client i arrives every τ_i, so the
+total weight it applies per unit time is Σ_i d_i/τ_i = c·Σ p_i = c. With ``period`` Δt,
+c = 1/Δt: FedFix's own total (Σ_i ceil(τ_i/Δt)p_i / (ceil(τ_i/Δt)Δt) = 1/Δt), so d_i = (τ_i/Δt)·p_i
+is FedFix's weight without the rounding up. Without it, c = Σ_j 1/τ_j (the first statement of the
+catalogue issue), which for τ in [0.2, 1] is ~2M× FedAvg's total per unit time.
 """
 
 from __future__ import annotations
@@ -65,15 +69,21 @@ class FedFix(Strategy):
 
 
 class WeightedAsync(SlotStrategy):
-    """Every arrival: w ← w + η_g·d_iΔ_i with d_i = (Σ_j 1/τ_j)·τ_i·p_i; the client restarts at once."""
+    """Every arrival: w ← w + η_g·d_iΔ_i, d_i = (τ_i/Δt)·p_i with ``period`` Δt (else (Σ_j 1/τ_j)·τ_i·p_i)."""
 
     name = "async"
 
     def __init__(self, weights, num_clients: int, *, task_times: Sequence[float], steps: int,
-                 client_weights: Sequence[float], server_lr: float = 1.0, seed: int = 0):
+                 client_weights: Sequence[float], period: float | None = None, server_lr: float = 1.0,
+                 seed: int = 0):
         super().__init__(weights, num_clients, concurrency=num_clients, steps=steps, staleness_exponent=0.0,
                          server_lr=server_lr, seed=seed)
-        rate = sum(1.0 / t for t in task_times)
+        if len(task_times) != num_clients or len(client_weights) != num_clients:
+            raise CatalogueError(f"task_times and client_weights need N={num_clients} entries each")
+        check_positive(**{f"task_times[{i}]": t for i, t in enumerate(task_times)})
+        if period is not None:
+            check_positive(period=period)
+        rate = sum(1.0 / t for t in task_times) if period is None else 1.0 / period
         self.d = [rate * t * p for t, p in zip(task_times, client_weights)]
 
     def aggregate(self, client, delta, base_version, now) -> None:

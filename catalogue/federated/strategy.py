@@ -68,6 +68,18 @@ def check_positive(**values) -> None:
             raise CatalogueError(f"{name}={value}: must be > 0")
 
 
+def check_client_weights(client_weights, num_clients: int) -> list[float] | None:
+    """``client_weights`` as floats (None stays None): N non-negative values."""
+    if client_weights is None:
+        return None
+    p = [float(v) for v in client_weights]
+    if len(p) != num_clients:
+        raise CatalogueError(f"client_weights has {len(p)} entries for N={num_clients}")
+    if any(not (math.isfinite(v) and v >= 0) for v in p):
+        raise CatalogueError("client_weights: every weight must be a finite number >= 0")
+    return p
+
+
 class Strategy:
     """Base class: one or more global models, their versions, and the transfer counters."""
 

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from asyncgen.catalogue import experiments
-from asyncgen.catalogue.frame import (COMMITTED, committed_report, load_report, measured_seconds,
+from asyncgen.catalogue.frame import (COMMITTED, committed_report, committed_tuning, load_report, measured_seconds,
                                       render_markdown, resolve_config, results_markdown)
 
 RESULT_FOLDERS = sorted(p.parent for p in COMMITTED.rglob("results.md"))
@@ -49,6 +49,24 @@ def test_every_experiment_has_a_committed_default_run_within_budget(name):
     wall, cpu = measured_seconds(name)
     assert math.isfinite(wall) and 0 < cpu
     assert cpu / min(2, report["processes"]) <= 300, f"{name}: {cpu:.0f} s of CPU in {report['processes']} process(es)"
+
+
+@pytest.mark.parametrize("name", [name for name, info in experiments().items() if info.tune_entry])
+def test_tuned_defaults_come_from_the_committed_tuning_run(name):
+    info = experiments()[name]
+    tuning = committed_tuning(name)
+    assert tuning is not None, f"docs/catalogue/{name}/tuning.json: no committed tuning run ('asyncgen catalogue tune')"
+    assert tuning["tuning"]["seeds"] and all(s >= 100 for s in tuning["tuning"]["seeds"])
+    for key, value in tuning["defaults"].items():
+        assert info.defaults[key] == value, f"{name}: default {key}={info.defaults[key]!r}, tuned {value!r}"
+    # tuned with today's defaults for everything else
+    tuned = set(tuning["defaults"])
+    defaults = json.loads(json.dumps(resolve_config(info, quick=False)))
+    assert {k: v for k, v in tuning["config"].items() if k not in tuned} == \
+        {k: v for k, v in defaults.items() if k not in tuned}
+    report = committed_report(name)
+    assert report is not None and {a: v for a, v in report["tuning"].items() if a not in ("grid", "seeds", "criterion")} \
+        == {a: v for a, v in tuning["tuning"].items() if a not in ("grid", "seeds", "criterion", "scores")}
 
 
 def test_render_rewrites_results_md_from_json(tmp_path):

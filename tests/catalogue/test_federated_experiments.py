@@ -31,6 +31,51 @@ def test_run_writes_three_files(name, tmp_path):
         assert len(row["curves"]["accuracy"]) == 1
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Goals" in (tmp_path / "results.md").read_text()
+    if get_experiment(name).tune_entry:  # the η_g each arm ran with, beside its grid and the tuning seeds
+        tuning = saved["tuning"]
+        arms = [a for a in tuning if a not in ("grid", "seeds", "criterion")]
+        assert set(arms) <= set(saved["metrics"]) and all(s >= 100 for s in tuning["seeds"])
+        assert len({len(tuning["grid"][a]["eta_g"]) for a in arms}) == 1  # the same grid size for every arm
+        assert "## Tuning" in (tmp_path / "results.md").read_text()
+
+
+def test_tuning_sees_only_tuning_seeds_and_picks_each_grid_best(monkeypatch, tmp_path):
+    from asyncgen.catalogue.federated import experiments as fed
+    from asyncgen.catalogue.frame import run_tuning
+
+    seen, real = [], fed.federated_digits
+
+    def recording(seed, *args, **kwargs):
+        seen.append(seed)
+        return real(seed, *args, **kwargs)
+
+    monkeypatch.setattr(fed, "federated_digits", recording)
+    report = run_tuning(get_experiment("fedfix"), quick=True, overrides=["rounds=3"], out=tmp_path, progress=False)
+    assert seen and set(seen) == {100}  # --quick tunes on seed 100 only; never an evaluation seed (0..k-1)
+    tuning = report["tuning"]
+    arms = [a for a in tuning if a not in ("grid", "seeds", "scores", "criterion")]
+    assert arms == ["fedavg", "fedfix", "fedfix_dt0.2", "fedfix_dt0.8", "async", "fedbuff"]
+    references = {"fedavg": 1.0, "fedfix": 1.0, "fedfix_dt0.2": 1.0, "fedfix_dt0.8": 1.0, "async": 1.0,
+                  "fedbuff": 20 / 5}  # M / fedbuff_K
+    for arm in arms:
+        scores = tuning["scores"][arm]
+        # --quick: the same 3-value grid around every arm's reference, and 3 more (those not run yet) around a
+        # best value that sat at an edge of it
+        base = fed.eta_grid(references[arm], 3)
+        assert {float(e) for e in scores} >= set(base)
+        if len(scores) > 3:  # extended only where the base grid's best was at an edge, by at most 2 new values
+            best_base = max(base, key=lambda e: (scores[f"{e:g}"], -e))
+            assert best_base in (base[0], base[-1]) and len(scores) <= 5
+        assert tuning["grid"][arm]["eta_g"] == sorted(float(e) for e in scores)
+        best = max(scores.values())
+        # the chosen value is the grid's best on the tuning seeds (ties: the smaller eta_g)
+        assert tuning[arm]["eta_g"] == min(float(e) for e, v in scores.items() if v == best)
+    assert report["defaults"] == {"eta_g_fedavg": tuning["fedavg"]["eta_g"], "eta_g_async": tuning["async"]["eta_g"],
+                                  "eta_g_fedbuff": tuning["fedbuff"]["eta_g"],
+                                  "eta_g_fedfix": [tuning[a]["eta_g"] for a in arms[1:4]]}
+    assert json.loads((tmp_path / "tuning.json").read_text())["defaults"] == report["defaults"]
+    with pytest.raises(CatalogueError, match=r"tune_seeds=\[3\]: tuning runs only on seeds >= 100"):
+        run_tuning(get_experiment("fedfix"), quick=True, overrides=["rounds=3", "tune_seeds=3"], progress=False)
 
 
 def test_same_seed_same_metrics_other_seed_other_curves():

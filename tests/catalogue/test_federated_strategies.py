@@ -13,7 +13,7 @@ from asyncgen.catalogue.federated.engine import Simulation
 from asyncgen.catalogue.federated.favano import FAVANO
 from asyncgen.catalogue.federated.fedbuff import FedBuff
 from asyncgen.catalogue.federated.fedcompass import FedCompass
-from asyncgen.catalogue.federated.fedfix import FedFix, fedfix_weights
+from asyncgen.catalogue.federated.fedfix import FedFix, WeightedAsync, fedfix_weights
 from asyncgen.catalogue.federated.local import BatchedMLPSGD, Job, LocalSGD, flatten, mlp
 from asyncgen.catalogue.federated.profiles import SpeedProfile, make_profile
 from asyncgen.catalogue.federated.strategy import staleness_weight
@@ -101,6 +101,61 @@ def test_staleness_weight_and_buffer():
     delta = torch.tensor([1.0, 2.0, -4.0, 8.0])
     strategy.on_update(0, delta, 0, 1, 1.0)
     assert torch.equal(strategy.buffer, 0.5 * delta)
+
+
+def test_fedbuff_with_client_weights_applies_eta_s_p_per_client():
+    p = [0.1, 0.2, 0.3, 0.4]
+    strategy = FedBuff(torch.zeros(4), 4, buffer_size=2, concurrency=2, steps=1, server_lr=3.0, client_weights=p)
+    for client in (1, 3):
+        strategy.dispatch(client, 0.0)
+    delta = torch.tensor([1.0, 2.0, -4.0, 8.0])
+    strategy.on_update(1, delta, 0, 1, 1.0)  # fresh: s(0) = 1
+    assert torch.equal(strategy.buffer, 0.2 * delta)
+    strategy.on_update(3, 2 * delta, 0, 1, 2.0)  # full buffer: w <- w + eta_g * buf, no division by K
+    torch.testing.assert_close(strategy.weights, 3.0 * (0.2 * delta + 0.4 * 2 * delta), rtol=1e-6, atol=0)
+    assert strategy.version == 1
+
+
+def test_fedasync_with_client_weights_mixes_eta_s_p_capped_at_one():
+    strategy = FedAsync(torch.zeros(3), 4, concurrency=2, steps=1, mixing=8.0, client_weights=[0.25] * 4)
+    task = strategy.dispatch(0, 0.0)
+    strategy.versions[0] = 3  # s(3) = 0.5: alpha = 8 * 0.5 * 0.25 = 1, the cap
+    strategy.models[0] = torch.ones(3)
+    strategy.on_update(0, torch.full((3,), 2.0), task.base_version, 1, 1.0)
+    torch.testing.assert_close(strategy.weights, torch.full((3,), 2.0))  # the client's model replaces the server's
+    task = strategy.dispatch(1, 0.0)
+    strategy.versions[0] = task.base_version + 3  # s(3) again, now mixing = 2: alpha = 2 * 0.5 * 0.25 = 0.25
+    strategy.mixing = 2.0
+    base = strategy.weights.clone()
+    strategy.on_update(1, torch.full((3,), 4.0), task.base_version, 1, 2.0)
+    torch.testing.assert_close(strategy.weights, 0.75 * base + 0.25 * (base + 4.0))
+
+
+def test_one_weighting_fedbuff_buffer_of_all_clients_is_a_fedavg_round(data):
+    # equal speeds, no staleness discount, K = C = N: one FedBuff flush applies eta_g * sum p_i delta_i, exactly the
+    # FedAvg round's eta_g * sum p_i delta_i / sum p_i (sum p = 1) -- the per-client weighting every arm shares
+    w0 = flatten(mlp(SIZES, 0))
+    p = [float(v) for v in data.weights]
+    buff = FedBuff(w0, 6, buffer_size=6, concurrency=6, steps=3, staleness_exponent=0.0, server_lr=0.7,
+                   client_weights=p)
+    avg = FedAvg(w0, 6, cohort=6, steps=3, client_weights=p, server_lr=0.7, max_rounds=1)
+    simulate(buff, data, [1.0] * 6, until=3.5)
+    simulate(avg, data, [1.0] * 6, until=100.0)
+    assert buff.version == avg.version == 1
+    torch.testing.assert_close(buff.weights, avg.weights, rtol=0, atol=1e-6)  # float32 summation order only
+
+
+def test_weighted_async_normalised_to_fedfix_total_weight_per_unit_time():
+    taus = list(np.linspace(0.2, 1.0, 20))
+    p = [1 / 20] * 20
+    strategy = WeightedAsync(torch.zeros(3), 20, task_times=taus, steps=1, client_weights=p, period=0.5)
+    assert strategy.d == pytest.approx([t / 0.5 / 20 for t in taus], rel=1e-15)
+    # client i applies d_i every tau_i: the total per unit time is 1/dt, FedFix's sum ceil(tau/dt) p / (ceil * dt)
+    assert sum(d / t for d, t in zip(strategy.d, taus)) == pytest.approx(1 / 0.5, rel=1e-12)
+    fedfix_rate = sum(w / (math.ceil(t / 0.5 - 1e-9) * 0.5) for w, t in zip(fedfix_weights(taus, 0.5, p), taus))
+    assert fedfix_rate == pytest.approx(1 / 0.5, rel=1e-12)
+    original = WeightedAsync(torch.zeros(3), 20, task_times=taus, steps=1, client_weights=p)  # no period
+    assert sum(d / t for d, t in zip(original.d, taus)) == pytest.approx(sum(1 / t for t in taus), rel=1e-12)
 
 
 def test_fedfix_weights_and_equivalence_with_fedavg(data):
@@ -197,6 +252,9 @@ def test_fedasync_mixes_with_staleness():
     (lambda w: FedCompass(w, 2, client_weights=[.5, .5], max_steps=10, min_steps=20), "Qmin=20"),
     (lambda w: FedCompass(w, 2, client_weights=[.5, .5], max_steps=10, min_steps=0), "Qmin=0"),
     (lambda w: FedCompass(w, 2, client_weights=[.5, .5], max_steps=10, latest_factor=0.5), "lambda=0.5"),
+    (lambda w: FedBuff(w, 4, buffer_size=2, concurrency=2, client_weights=[.5, .5]), "client_weights has 2 entries"),
+    (lambda w: FedAsync(w, 2, concurrency=1, steps=1, mixing=1.5), "alpha=1.5"),
+    (lambda w: FedAsync(w, 2, concurrency=1, steps=1, mixing=0.0, client_weights=[.5, .5]), "alpha=0.0"),
 ])
 def test_bad_inputs_are_one_line_errors(make, message):
     with pytest.raises(CatalogueError, match=message) as info:
