@@ -238,7 +238,7 @@ def test_a_failing_worker_ends_the_run_with_its_message(tmp_path):
 
 def _start_two_workers(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "asyncgen.cli", "generate", PROMPT, "-o", str(tmp_path / "x.png"),
-                             "--devices", "2", "--steps", "100000"], env=ENV, stdout=subprocess.PIPE,
+                             "--devices", "2", "--steps", "1000"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     workers = []
