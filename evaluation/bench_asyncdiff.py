@@ -610,12 +610,14 @@ def main(argv=None) -> int:
                                      description="The stock pipeline on one device against AsyncDiff configurations "
                                      "(same as `asyncgen bench`).")
     add_arguments(parser)
-    from asyncgen.cli.errors import UsageError
+    from asyncgen.cli.errors import OutputError, UsageError
 
     try:
         return run(parser.parse_args(argv))
     except UsageError as exc:
         parser.error(str(exc))
+    except OutputError as exc:  # after the work: one line naming the file and the errno
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":
