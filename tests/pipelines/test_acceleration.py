@@ -10,7 +10,8 @@ import torch
 
 import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.pipelines.acceleration import compile_options, enable_attention, resolve_dtype
+from asyncgen.models import resolve_dtype
+from asyncgen.pipelines.acceleration import compile_options, enable_attention
 from tiny_models import call_kwargs
 
 # ------------------------------------------------------------------ dtypes

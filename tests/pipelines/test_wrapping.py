@@ -28,11 +28,16 @@ def records():
     diffusers_logging.set_verbosity(old_level)
 
 
-def test_from_asyncgen_import_the_wrappers():
+def test_the_engine_exports_itself_and_points_to_the_wrappers():
     import asyncgen
+    import asyncgen.pipelines
+    from asyncgen.split.registry import split_denoiser
 
-    assert asyncgen.AsyncDiffPipeline is AsyncDiffPipeline and asyncgen.ASGPipeline is ASGPipeline
-    assert "AsyncDiffPipeline" in dir(asyncgen)
+    assert asyncgen.pipelines.AsyncDiffPipeline is AsyncDiffPipeline and asyncgen.pipelines.ASGPipeline is ASGPipeline
+    assert asyncgen.split_denoiser is split_denoiser and "choose_cuts" in dir(asyncgen)
+    # the engine does not import the layer above it: asking it for a wrapper says where the wrapper lives
+    with pytest.raises(AttributeError, match=r"from asyncgen\.pipelines import AsyncDiffPipeline"):
+        asyncgen.AsyncDiffPipeline
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         asyncgen.Nope
 
