@@ -25,8 +25,8 @@ from typing import Any
 ENV = "ASYNCGEN_SUPPORT_MATRIX"
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "docs" / "support_matrix.jsonl"
-TEST_FILES = ("tests/test_transformer_matrix.py", "tests/test_transformer_pipelines.py", "tests/test_dit.py",
-              "tests/test_runtime_dit_cfg.py", "tests/test_video.py", "tests/test_video_distributed.py")
+TEST_FILES = ("tests/split/test_transformer.py", "tests/pipelines/test_transformer_pipelines.py",
+              "tests/pipelines/test_dit.py", "tests/distributed/test_dit_cfg.py", "tests/pipelines/test_video.py")
 MARK_BEGIN, MARK_END = "<!-- support-matrix -->", "<!-- /support-matrix -->"
 
 # column -> header; a record sets one column of one class
