@@ -240,7 +240,12 @@ def abort_process_group(group=None) -> None:
 
     try:
         dist.distributed_c10d._abort_process_group(group)
+        aborted = True
     except Exception:  # noqa: BLE001 - an older torch, or a group already gone
+        aborted = False
+    # torch 2.6 aborts the default group's work but leaves it registered (2.14 deregisters it): destroying it
+    # then waits for nothing; the same call is the fallback where the abort itself is missing or failed
+    if not aborted or (group is None and dist.is_initialized()):
         try:
             dist.destroy_process_group(group)
         except Exception:  # noqa: BLE001, S110 - nothing left to end
