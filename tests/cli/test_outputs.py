@@ -7,6 +7,7 @@ ever written through. Most cases call ``main`` in this process; what only a whol
 flush of a closed or full standard stream, a file-size limit) runs the command as users do.
 """
 
+import contextlib
 import io
 import os
 import stat
@@ -58,6 +59,19 @@ def hidden(folder) -> list[str]:
 
 def text_stream(fd: int) -> io.TextIOWrapper:
     return io.TextIOWrapper(os.fdopen(fd, "wb"), write_through=False)
+
+
+@contextlib.contextmanager
+def standard_output_on(monkeypatch, fd: int, other_end: int):
+    """``sys.stdout`` is a text stream over ``fd`` inside the block; after it, the stream (and ``fd``) and
+    ``other_end`` (the pipe's read end, the terminal's master) are closed."""
+    stream = text_stream(fd)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        yield stream
+    finally:
+        stream.close()
+        os.close(other_end)
 
 
 @pytest.fixture
@@ -151,15 +165,10 @@ def test_a_link_to_this_process_standard_output_writes_into_it(tmp_path):
 
 def test_dash_writes_the_image_to_standard_output(monkeypatch, capsys):
     read, write = os.pipe()
-    stream = text_stream(write)
-    monkeypatch.setattr(sys, "stdout", stream)
-    try:
+    with standard_output_on(monkeypatch, write, read) as stream:
         assert main(generate("-o", "-")) == 0
         stream.flush()
         data = os.read(read, 1 << 20)
-    finally:
-        stream.close()
-        os.close(read)
     assert data.startswith(PNG) and b"asyncgen:" not in data  # the image alone: the summary went to stderr
     assert "-> standard output" in capsys.readouterr().err
     assert not os.path.exists("-")
@@ -167,13 +176,8 @@ def test_dash_writes_the_image_to_standard_output(monkeypatch, capsys):
 
 def test_dash_refuses_a_terminal_before_the_work(monkeypatch, capsys):
     master, slave = os.openpty()
-    terminal = text_stream(slave)
-    monkeypatch.setattr(sys, "stdout", terminal)
-    try:
+    with standard_output_on(monkeypatch, slave, master):
         assert main(generate("-o", "-")) == 2
-    finally:
-        terminal.close()
-        os.close(master)
     err = capsys.readouterr().err.strip()
     assert err == ("asyncgen generate: error: -o -: standard output is a terminal; send the image to a file or a "
                    "pipe (asyncgen generate ... -o - > image.png)")
