@@ -459,7 +459,9 @@ def _load(job: GenerateJob, rank: int, loader=None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model {job.model}: could not load a diffusers pipeline: {first}") from None
     if job.device == "cuda" and loader is None:
-        pipe.to(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        from asyncgen.comm.group import local_cuda_device
+
+        pipe.to(local_cuda_device())  # this rank's GPU: LOCAL_RANK, not the global rank
     return pipe
 
 
