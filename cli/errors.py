@@ -1,4 +1,5 @@
-"""The error type for bad command-line input."""
+"""The errors a command reports in one line (bad input, an output that could not be written), and how a
+``python -m`` entry point reports them as ``asyncgen`` does."""
 
 
 class UsageError(ValueError):
@@ -23,3 +24,18 @@ class OutputError(OSError):
 
     def __reduce__(self):  # raised in a worker, re-raised nowhere: the launcher sends type and message
         return (OutputError, (self.filename, OSError(self.errno, self.strerror)))
+
+
+def run_module_command(parser, run, argv=None) -> int:
+    """``run(parser.parse_args(argv))`` for a ``python -m`` entry point, its errors reported as ``asyncgen`` would.
+
+    A :class:`UsageError` is ``parser.error``: the usage and ``PROG: error: MESSAGE`` on standard error, exit
+    code 2; an :class:`OutputError` (the work is done, a file could not be written) is one line,
+    ``PROG: error: PATH: REASON (ERRNO)``, exit code 1. Anything else propagates.
+    """
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as exc:
+        parser.error(str(exc))
+    except OutputError as exc:  # after the work: one line naming the file and the errno
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")

@@ -44,13 +44,15 @@ SUMMARY = "time and grade the stock pipeline against AsyncDiff configurations; J
 
 
 def load_on_rank(model: str, rank: int, device: str = "cpu", dtype: str = "float32", allow_pickle: bool = False):
-    """The pipeline at ``model``, progress bars off, on this rank's device (``cuda:rank`` for CUDA)."""
+    """The pipeline at ``model``, progress bars off, on rank ``rank``'s device (for CUDA this process's GPU,
+    :func:`asyncgen.comm.group.local_cuda_device`: ``LOCAL_RANK``, not the global rank)."""
     import torch
+    from asyncgen.comm.group import local_cuda_device
     from asyncgen.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(model, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(f"cuda:{rank}") if device == "cuda" else pipe
+    return pipe.to(local_cuda_device()) if device == "cuda" else pipe
 
 
 def time_images(pipe, prompts: list[str], call: dict, seed: int) -> tuple[float, np.ndarray]:
@@ -165,7 +167,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     """
     import torch
     import torch.distributed as dist
-    from asyncgen.comm.group import default_backend
+    from asyncgen.comm.group import default_backend, local_cuda_device
     from asyncgen.pipelines import AsyncDiffPipeline
 
     if not dist.is_initialized():  # also with one process: the wrapper then runs its distributed runtime
@@ -173,15 +175,16 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     call = dict(call)
     seed = call.pop("seed")
     cuda = device == "cuda"
+    gpu = local_cuda_device() if cuda else None  # this rank's GPU (LOCAL_RANK)
     host = HostMemory()
     if cuda:
-        torch.cuda.reset_peak_memory_stats(rank)
+        torch.cuda.reset_peak_memory_stats(gpu)
     host.start()
-    wrapped = AsyncDiffPipeline.from_pretrained(model, **wrap, device=f"cuda:{rank}" if cuda else None,
+    wrapped = AsyncDiffPipeline.from_pretrained(model, **wrap, device=gpu,
                                                 dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     wrapped.pipeline.set_progress_bar_config(disable=True)
     memory = dict(host_load_peak_bytes=host.peak_growth(), host_peak_reset=host.reset,
-                  cuda_load_peak_bytes=torch.cuda.max_memory_allocated(rank) if cuda else None,
+                  cuda_load_peak_bytes=torch.cuda.max_memory_allocated(gpu) if cuda else None,
                   resident_pipeline_bytes=resident_parameter_bytes(wrapped.pipeline))
     executor = wrapped.denoiser.executor
 
@@ -189,15 +192,15 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
         return time_images(pipe, prompts[:count], call, seed)
 
     if cuda:
-        torch.cuda.reset_peak_memory_stats(rank)
+        torch.cuda.reset_peak_memory_stats(gpu)
     host.start()
     timed(wrapped, 1)  # untimed warm-up calls: first-call allocations, lazy inits, caches
     memory.update(host_call_peak_bytes=host.peak_growth(),
-                  cuda_call_peak_bytes=torch.cuda.max_memory_allocated(rank) if cuda else None)
+                  cuda_call_peak_bytes=torch.cuda.max_memory_allocated(gpu) if cuda else None)
     stock = load_on_rank(model, rank, device, dtype, allow_pickle) if rank == 0 else None
     if stock is not None:
         timed(stock, 1)
-        clock = DenoiserClock(stock, f"cuda:{rank}" if cuda else "cpu")
+        clock = DenoiserClock(stock, gpu or "cpu")
     def compute_seconds():
         # pipelines with two denoiser passes per step (Wan's CFG) run the second in a lane of its own
         lanes = getattr(wrapped.denoiser, "_lanes", {}).values()
@@ -220,7 +223,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     result.update(stage=info["stage"], stage_units=info["stage_units"],
                   resident_parameter_bytes=info["resident_parameter_bytes"],
                   full_copy_bytes=sum(p.numel() * p.element_size() for p in full.parameters()),
-                  peak_cuda_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None, **memory,
+                  peak_cuda_bytes=torch.cuda.max_memory_allocated(gpu) if cuda else None, **memory,
                   # per step: every pass of the step (one call per lane) counted
                   compute_per_call_ms=1e3 * (compute_seconds() - seconds0) / max(executor.compute_calls - calls0, 1))
     if rank == 0:
@@ -610,14 +613,9 @@ def main(argv=None) -> int:
                                      description="The stock pipeline on one device against AsyncDiff configurations "
                                      "(same as `asyncgen bench`).")
     add_arguments(parser)
-    from asyncgen.cli.errors import OutputError, UsageError
+    from asyncgen.cli.errors import run_module_command
 
-    try:
-        return run(parser.parse_args(argv))
-    except UsageError as exc:
-        parser.error(str(exc))
-    except OutputError as exc:  # after the work: one line naming the file and the errno
-        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    return run_module_command(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -155,14 +155,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asyncgen.evaluation.evaluate_folder", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    from asyncgen.cli.errors import OutputError, UsageError
+    from asyncgen.cli.errors import run_module_command
 
-    try:
-        return run(parser.parse_args(argv))
-    except UsageError as exc:
-        parser.error(str(exc))
-    except OutputError as exc:  # after the work: one line naming the file and the errno
-        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    return run_module_command(parser, run, argv)
 
 
 if __name__ == "__main__":

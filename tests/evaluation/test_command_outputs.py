@@ -99,3 +99,62 @@ def test_bench_checks_before_spawning(tmp_path, capsys, no_workers, args, messag
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"asyncgen bench: error: {message.replace('{tmp}', str(tmp_path))}")
     assert "note:" not in out  # nothing said about a run that does not happen
+
+
+# --- the python -m entry points: one error handler (asyncgen.cli.errors.run_module_command) for both -------------
+
+@pytest.mark.parametrize("module, args, message", [
+    ("evaluate_folder", ["{images}", "--prompts", "{prompts}", "--clip", "none", "--out", "-"],
+     "--out -: give a file or folder name (the table is printed on standard output anyway)"),
+    ("bench_asyncdiff", ["--quick", "--prompt", "a cat", "--num-prompts", "3"],
+     "--prompt and --num-prompts: give one of --prompt TEXT, --prompts FILE or --num-prompts N (built-in captions), "
+     "not several"),
+])
+def test_python_m_reports_bad_input_as_argparse_does(folder, capsys, no_workers, module, args, message):
+    import importlib
+
+    images, prompts = folder
+    main_of = importlib.import_module(f"asyncgen.evaluation.{module}").main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main_of([a.format(images=images, prompts=prompts) for a in args])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith(f"usage: python -m asyncgen.evaluation.{module}")
+    assert lines[-1] == f"python -m asyncgen.evaluation.{module}: error: {message}"
+
+
+def test_python_m_reports_a_failed_write_after_the_work_in_one_line(folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from asyncgen.cli.errors import OutputError
+    from asyncgen.evaluation import evaluate_folder
+
+    def full_disk(files):
+        path = next(iter(files))
+        raise OutputError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr("asyncgen.cli.files.write_all", full_disk)
+    images, prompts = folder
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_folder.main([str(images), "--prompts", str(prompts), "--clip", "none", "--out", str(tmp_path / "r")])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (f"python -m asyncgen.evaluation.evaluate_folder: error: {tmp_path / 'r'}: "
+                                       "could not write it: No space left on device (ENOSPC)\n")
+
+
+def test_run_module_command_returns_the_code_and_lets_other_errors_through():
+    import argparse
+
+    from asyncgen.cli.errors import run_module_command
+
+    parser = argparse.ArgumentParser(prog="python -m example")
+    parser.add_argument("--n", type=int, default=3)
+    assert run_module_command(parser, lambda args: args.n, ["--n", "7"]) == 7
+
+    def broken(args):
+        raise RuntimeError("not an input error")
+
+    with pytest.raises(RuntimeError, match="not an input error"):
+        run_module_command(parser, broken, [])
