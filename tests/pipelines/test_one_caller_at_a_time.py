@@ -104,16 +104,6 @@ ASYNCDIFF_REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, message", ASYNCDIFF_REFUSED)
-def test_asyncdiff_arguments_are_refused_in_one_line(sd_pipe, kwargs, message):
-    with pytest.raises(ValueError) as caught:
-        AsyncDiffPipeline(sd_pipe, **kwargs)
-    assert message in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(ValueError) as caught:
-        AsyncDiffPipeline.from_pretrained("/no/such/folder", **kwargs)  # refused before anything is loaded
-    assert message in str(caught.value)
-
-
 ASG_REFUSED = [
     (dict(timeout=-5), "timeout=-5: the timeout must be a finite number of seconds > 0"),
     (dict(timeout=True), "timeout=True: not a duration"),
@@ -125,11 +115,14 @@ ASG_REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, message", ASG_REFUSED)
-def test_asg_arguments_are_refused_in_one_line(sd_pipe, kwargs, message):
+@pytest.mark.parametrize("cls, kwargs, message", [
+    pytest.param(cls, kwargs, message, id=f"{cls.__name__}-{i}")
+    for cls, refused in ((AsyncDiffPipeline, ASYNCDIFF_REFUSED), (ASGPipeline, ASG_REFUSED))
+    for i, (kwargs, message) in enumerate(refused)])
+def test_wrapper_arguments_are_refused_in_one_line(sd_pipe, cls, kwargs, message):
     with pytest.raises(ValueError) as caught:
-        ASGPipeline(sd_pipe, **kwargs)
+        cls(sd_pipe, **kwargs)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(ValueError) as caught:
-        ASGPipeline.from_pretrained("/no/such/folder", **kwargs)  # refused before anything is loaded
+        cls.from_pretrained("/no/such/folder", **kwargs)  # refused before anything is loaded
     assert message in str(caught.value)
