@@ -212,6 +212,30 @@ class StandardStreams:
         return self.out.error
 
 
+@contextlib.contextmanager
+def file_size_limit_lifted():
+    """The soft file-size limit (``ulimit -f``) raised to the hard one while the libraries load, then put back.
+
+    For importing libraries only, never around an output: torch 2.6 writes a generated module (3.4 kB, in a
+    temporary directory of its own) the first time ``torch._dynamo`` is imported, which diffusers does, and under
+    a smaller limit that import ends in a bare ``OSError: [Errno 27] File too large``. The limit is there for
+    the files the command writes, and it is back before any of them is written (a hard limit stays as it is)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (ImportError, OSError, ValueError):  # no resource limits here
+        soft = hard = None
+    if soft == hard:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` whole or not at all (temporary file in the same folder, then rename).
 

@@ -140,6 +140,16 @@ def _output_paths(output: str, count: int, video: bool = False) -> list[str]:
     return [str(path.with_name(f"{path.stem}-{i:04d}{suffix}")) for i in range(count)]
 
 
+def load_libraries() -> None:
+    """Import diffusers (and with it torch) with the soft file-size limit lifted: their imports may write scratch
+    files of their own (:func:`~asyncgen.cli.files.file_size_limit_lifted`), and a limit set for the outputs
+    must end the command at the output, in one line, not at an import."""
+    from asyncgen.cli.files import file_size_limit_lifted
+
+    with file_size_limit_lifted():
+        import diffusers  # noqa: F401
+
+
 def _describe_model(model: str, allow_pickle: bool):
     """The model's facts from its configs (no weights), or a one-line error naming ``--model``."""
     from asyncgen.pipelines.loading import describe_pipeline, looks_like_local_path
@@ -279,6 +289,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
             check_worker_count(devices, device, args.oversubscribe)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    load_libraries()
     builtin = args.model is None
     if builtin:
         from asyncgen.pipelines.miniature import miniature_sd_path
@@ -489,6 +500,7 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
 
 
 def _generate(rank: int, world: int, job: GenerateJob) -> dict:
+    load_libraries()  # a spawned worker imports them afresh
     import torch
 
     from asyncgen.cli.files import write_image, write_video
