@@ -33,7 +33,7 @@ _EXPORTS = {
     "resolve_context": "asyncgen.comm.group",
     "RemoteRankError": "asyncgen.comm.failure",
     "DistributedRuntime": "asyncgen.runtime.asyncdiff",
-    "StagedDenoiser": "asyncgen.runtime.staged_denoiser",
+    "AsyncDiffHook": "asyncgen.runtime.asyncdiff_hook",
     "MemoryPlan": "asyncgen.placement.planner",
     "Placement": "asyncgen.placement.planner",
     "plan_memory": "asyncgen.placement.planner",

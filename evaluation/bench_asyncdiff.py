@@ -33,7 +33,7 @@ import numpy as np
 from asyncgen.cli.launcher import launch
 from asyncgen.cli.options import (DTYPES, add_asyncdiff_arguments, add_model_arguments, add_sampling_arguments,
                                   positive_int)
-from asyncgen.runtime.staged_denoiser import default_warmup
+from asyncgen.runtime.asyncdiff_hook import default_warmup
 from asyncgen.schedules.asyncdiff import AsyncSchedule, Topology
 
 from .fidelity import psnr, ssim
@@ -186,7 +186,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
     memory = dict(host_load_peak_bytes=host.peak_growth(), host_peak_reset=host.reset,
                   cuda_load_peak_bytes=torch.cuda.max_memory_allocated(gpu) if cuda else None,
                   resident_pipeline_bytes=resident_parameter_bytes(wrapped.pipeline))
-    executor = wrapped.denoiser.executor
+    executor = wrapped.hook.executor
 
     def timed(pipe, count=len(prompts)):
         return time_images(pipe, prompts[:count], call, seed)
@@ -203,7 +203,7 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
         clock = DenoiserClock(stock, gpu or "cpu")
     def compute_seconds():
         # pipelines with two denoiser passes per step (Wan's CFG) run the second in a lane of its own
-        lanes = getattr(wrapped.denoiser, "_lanes", {}).values()
+        lanes = wrapped.hook.lanes.values()
         return executor.compute_seconds + sum(lane.executor.compute_seconds for lane in lanes)
 
     seconds0, calls0 = compute_seconds(), executor.compute_calls
@@ -219,10 +219,12 @@ def _worker(rank: int, world_size: int, model: str, wrap: dict, call: dict, prom
         seconds, images = timed(wrapped)
         result["async"].append(seconds)
     info = wrapped.stage_info()
-    full = wrapped.denoiser.denoiser  # the whole model object, other stages' weights released (on "meta")
+    # the whole model: every stage's parameters, other stages' released (on "meta", sizes intact)
+    whole = {id(p): p for m in wrapped.hook.split.shared_modules() + [m for s in wrapped.stages for m in s.modules()]
+             for p in m.parameters()}
     result.update(stage=info["stage"], stage_units=info["stage_units"],
                   resident_parameter_bytes=info["resident_parameter_bytes"],
-                  full_copy_bytes=sum(p.numel() * p.element_size() for p in full.parameters()),
+                  full_copy_bytes=sum(p.numel() * p.element_size() for p in whole.values()),
                   peak_cuda_bytes=torch.cuda.max_memory_allocated(gpu) if cuda else None, **memory,
                   # per step: every pass of the step (one call per lane) counted
                   compute_per_call_ms=1e3 * (compute_seconds() - seconds0) / max(executor.compute_calls - calls0, 1))

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from asyncgen.cli.launcher import launch
-from asyncgen.runtime.staged_denoiser import default_warmup
+from asyncgen.runtime.asyncdiff_hook import default_warmup
 
 from .bench_asyncdiff import available_cores, load_on_rank, time_images
 from .fidelity import psnr

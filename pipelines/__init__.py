@@ -1,6 +1,7 @@
-"""Drop-in wrappers around diffusers pipelines."""
+"""Drop-in wrappers around diffusers pipelines, and the hooks they attach."""
 
 from .asg_pipeline import ASGPipeline
 from .asyncdiff import AsyncDiffPipeline
+from .attach import AsyncDiffAttachment, AsyncDiffConfig, apply_asyncdiff
 
-__all__ = ["ASGPipeline", "AsyncDiffPipeline"]
+__all__ = ["ASGPipeline", "AsyncDiffAttachment", "AsyncDiffConfig", "AsyncDiffPipeline", "apply_asyncdiff"]

@@ -26,19 +26,13 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
 def _modules_of(target) -> list[nn.Module]:
-    """The models inside a pipeline, an AsyncDiffPipeline, a staged denoiser or a module."""
-    from asyncgen.runtime.staged_denoiser import StagedDenoiser
-
-    def whole(module: nn.Module) -> nn.Module:
-        # a staged denoiser registers only the resident modules: act on the whole model
-        return module.denoiser if isinstance(module, StagedDenoiser) else module
-
+    """The models inside a pipeline, an AsyncDiffPipeline or a module."""
     target = getattr(target, "pipeline", target)  # AsyncDiffPipeline -> the diffusers pipeline
     if isinstance(target, nn.Module):
-        return [whole(target)]
+        return [target]
     components = getattr(target, "components", None)
     if isinstance(components, Mapping):
-        return [whole(m) for m in components.values() if isinstance(m, nn.Module)]
+        return [m for m in components.values() if isinstance(m, nn.Module)]
     raise TypeError(f"enable_attention needs a pipeline or an nn.Module, got {type(target).__name__}")
 
 

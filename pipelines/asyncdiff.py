@@ -10,92 +10,25 @@ import torch.distributed as dist
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen._compat import set_pipeline_component
-from asyncgen.models import (DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, check_cfg_parallel,
-                             denoiser_batch, resolve_dtype)
-from asyncgen.placement.components import place_components
-from asyncgen.placement.planner import Placement
 from asyncgen.comm.context import DistContext
-from asyncgen.comm.group import resolve_context, shared_randomness
 from asyncgen.comm.failure import publish_error
-from asyncgen.runtime.staged_denoiser import StagedDenoiser
-from asyncgen.runtime.asyncdiff import DistributedRuntime
-from asyncgen.schedules.asyncdiff import Topology
-from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
-from asyncgen.split.units import DenoiserSplit, make_stages
+from asyncgen.comm.group import resolve_context, shared_randomness
 from asyncgen.cost.cuts import choose_cuts
-from asyncgen.split.transformer.trace import NeedsRealWeights
+from asyncgen.models import EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, denoiser_batch, resolve_dtype
+from asyncgen.placement.planner import Placement
+from asyncgen.runtime.asyncdiff_hook import AsyncDiffHook
+from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.split.registry import split_denoiser
+from asyncgen.split.transformer.trace import NeedsRealWeights
+from asyncgen.split.units import make_stages
 
-from .acceleration import compile_options, compile_stages, enable_attention
-from .wrapping import (PipelineWrapper, check_device, check_flag, check_not_wrapped, one_call_at_a_time,
-                       sibling_pipeline)
+from .acceleration import enable_attention
+from .attach import (AsyncDiffConfig, apply_asyncdiff, components_by_role, denoiser_attribute, plan_placements,
+                     split_method)
+from .wrapping import PipelineWrapper, check_not_wrapped, one_call_at_a_time, sibling_pipeline
 
 # a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
 logger = logging.get_logger(f"diffusers.{__name__}")
-
-def _denoiser_attribute(pipeline) -> str:
-    for name in DENOISER_COMPONENTS:
-        if isinstance(getattr(pipeline, name, None), nn.Module):
-            return name
-    raise TypeError(
-        f"{type(pipeline).__name__} has no denoiser to split (looked for a module in "
-        f"{', '.join('pipe.' + n for n in DENOISER_COMPONENTS)})"
-    )
-
-
-def _expert_attributes(pipeline) -> list[str]:
-    """The pipeline's second denoisers it switches to during a call (Wan 2.2's ``transformer_2``), if any."""
-    return [name for name in EXPERT_COMPONENTS if isinstance(getattr(pipeline, name, None), nn.Module)]
-
-
-def _split_method(split, attribute: str):
-    """The ``split`` argument for one denoiser: a dict gives each denoiser (``transformer``, ``transformer_2``) its own."""
-    if not isinstance(split, dict):
-        return split
-    if attribute not in split:
-        raise ValueError(f"split={split!r} names no cuts for pipe.{attribute}; give one entry per denoiser")
-    return split[attribute]
-
-
-def _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components,
-                     free_unused_stages=True) -> None:
-    """The constructor's plain arguments, each refused in one line naming the value and what is accepted."""
-    from asyncgen.comm.context import check_timeout
-
-    for name, value in (("stages", stages), ("stride", stride)):
-        if isinstance(value, bool):  # an int to Python, never a count here
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
-        raise ValueError(f"warmup must be None or an integer >= 0, got {warmup!r}")
-    check_flag(time_shift, "time_shift")
-    check_flag(cfg_parallel, "cfg_parallel")
-    check_flag(free_unused_stages, "free_unused_stages")
-    check_device(device)
-    check_timeout(timeout)
-    _check_components(components)
-
-
-def _check_components(components) -> None:
-    if isinstance(components, (list, tuple)) and all(isinstance(p, Placement) for p in components):
-        return
-    if components not in (None, "replicated", "planned"):
-        raise ValueError(f"components={components!r} is not one of 'replicated', 'planned' or a list of Placement")
-
-
-def _plan_placements(split: DenoiserSplit, cuts: Sequence[int], placed: dict[str, nn.Module], topology: Topology,
-                     cfg_parts: int, replicated: dict[str, nn.Module] | None = None,
-                     experts: Sequence[tuple[str, DenoiserSplit, Sequence[int]]] = ()) -> list[Placement]:
-    """Where ``components="planned"`` runs each text encoder and the VAE: the planner's placements.
-
-    A deterministic function of the configs and the cuts, so every rank computes the same;
-    ``experts`` (Wan 2.2's second denoiser: name, split, cuts) count with their stages.
-    """
-    from asyncgen.placement.pipeline_plan import plan_pipeline
-
-    plan = plan_pipeline(split, cuts, placed, topology, cfg_parts, None, None, denoiser_batch(split.denoiser), replicated,
-                         experts=experts)
-    return [p for rank in plan.ranks for p in rank.placements]
 
 
 def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, cfg_parts: int, components,
@@ -119,7 +52,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         # each denoiser (and Wan 2.2's second expert) with its own cuts; this rank reads its stage of each
         for name in [attribute] + [n for n in EXPERT_COMPONENTS if n in empty]:
             splits[name] = split_denoiser(empty[name])
-            chosen[name] = choose_cuts(splits[name], topology.stages, _split_method(split, name), ctx=ctx)
+            chosen[name] = choose_cuts(splits[name], topology.stages, split_method(split, name), ctx=ctx)
             mine = make_stages(splits[name], chosen[name])[topology.stage_of(ctx.rank % topology.world_size)]
             reads[name] = splits[name].shared_modules() + mine.modules()
         denoiser_split = splits[attribute]
@@ -128,7 +61,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         placed = {n: m for n, m in empty.items() if n in PLACEABLE_COMPONENTS}
         experts = [(name, splits[name], chosen[name]) for name in splits if name != attribute]
         placements.extend(components if isinstance(components, (list, tuple)) else
-                          _plan_placements(denoiser_split, chosen[attribute], placed, topology, cfg_parts,
+                          plan_placements(denoiser_split, chosen[attribute], placed, topology, cfg_parts,
                                            experts=experts))
         for name, module in placed.items():
             if not any(p.component == name for p in placements):
@@ -143,44 +76,6 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
                                                 allow_pickle=allow_pickle, **load_kwargs)
     cuts = chosen if len(chosen) > 1 else next(iter(chosen.values()))
     return pipeline, cuts, (placements if components != "replicated" else "replicated"), reports
-
-
-def _staged_denoiser(denoiser: nn.Module, method, topology: Topology, ctx: DistContext, cfg_parts: int,
-                     warmup: int | None, time_shift: bool, scheduler, compile_kwargs, free_unused_stages: bool):
-    """``denoiser`` split into ``topology.stages`` stages, and the proxy running this rank's part: (stages, proxy).
-
-    In a process group this rank keeps only its stage (the others' weights go to ``meta``
-    with ``free_unused_stages``); in one process the serial simulator runs every stage.
-    """
-    denoiser_split = split_denoiser(denoiser)
-    all_stages = make_stages(denoiser_split, choose_cuts(denoiser_split, topology.stages, method, ctx=ctx))
-    if compile_kwargs is not None:
-        # one function per stage (not the proxy, not the shared embeddings: those take a
-        # new timestep every step and are cheap, and the proxy's bookkeeping is Python)
-        all_stages = compile_stages(all_stages, compile_kwargs)
-    logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
-                "/".join(str(len(s.units)) for s in all_stages),
-                "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
-    if ctx.distributed:
-        mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
-        for stage in all_stages if free_unused_stages else ():
-            if stage is not mine:
-                for module in stage.modules():
-                    module.to("meta")  # frees the storage: this rank never runs that stage
-
-        def new_executor():
-            return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
-
-        resident = denoiser_split.shared_modules() + mine.modules()
-    else:
-        def new_executor():
-            simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
-            return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
-
-        resident = denoiser_split.shared_modules() + [m for s in all_stages for m in s.modules()]
-    proxy = StagedDenoiser(denoiser_split, resident, new_executor(), topology, warmup, time_shift, scheduler,
-                           cfg_parts, new_executor=new_executor)
-    return all_stages, proxy
 
 
 class AsyncDiffPipeline(PipelineWrapper):
@@ -274,68 +169,22 @@ class AsyncDiffPipeline(PipelineWrapper):
         compile: bool | dict = False,
         free_unused_stages: bool = True,
         components: str | None = None,
+        *,
+        _scoped: bool = False,
     ):
-        check_not_wrapped(pipeline, type(self).__name__)
-        _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components,
-                         free_unused_stages)
-        topology = Topology(stages, stride)
-        compile_kwargs = compile_options(compile)
-        _check_components(components)
-        attribute = _denoiser_attribute(pipeline)
+        check_not_wrapped(pipeline, type(self).__name__, every_call=not _scoped)
+        config = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
+                                 cfg_parallel=cfg_parallel, components=components, compile=compile,
+                                 free_unused_stages=free_unused_stages, scoped=_scoped, process_group=process_group,
+                                 device=device, timeout=timeout)
+        denoiser_attribute(pipeline)  # a pipeline without a denoiser is refused before it is converted
         if dtype is not None:
             pipeline.to(dtype=resolve_dtype(dtype))
         if attention is not None:
             enable_attention(pipeline, attention)
-        denoiser = getattr(pipeline, attribute)
-        experts = _expert_attributes(pipeline)
-        cfg_parts = 2 if cfg_parallel else 1
-        if cfg_parallel:
-            for name in [attribute] + experts:
-                check_cfg_parallel(getattr(pipeline, name), type(pipeline).__name__)
-        ctx = resolve_context(process_group, device, timeout)
-        world = cfg_parts * topology.world_size
-        if ctx.distributed:
-            topology.check_world_size(ctx.world_size, cfg_parts)
-
-        def staged(name: str):
-            return _staged_denoiser(getattr(pipeline, name), _split_method(split, name), topology, ctx, cfg_parts,
-                                    warmup, time_shift, lambda: pipeline.scheduler, compile_kwargs, free_unused_stages)
-
-        all_stages, self.denoiser = staged(attribute)
-        # Wan 2.2's second expert: split into as many stages (cuts of its own), this rank holds its stage of both
-        expert_stages, self.experts = {}, {}
-        for name in experts:
-            expert_stages[name], self.experts[name] = staged(name)
-        for proxy in self._proxies():
-            proxy.share_calls_with(self._proxies())
-        if ctx.distributed:
-            logger.info("rank %d of %d runs stage %d", ctx.rank, ctx.world_size,
-                        topology.stage_of(ctx.rank % topology.world_size))
-        elif topology.stages > 1 or topology.stride > 1 or cfg_parallel:
-            logger.warning("stages=%d stride=%d%s in one process: running the serial simulator (the images of %d "
-                           "processes, without their speedup); launch %d processes (torchrun, asyncgen generate "
-                           "--devices) for the speedup", stages, stride, " cfg_parallel" if cfg_parallel else "", world,
-                           world)
-
-        self.pipeline, self.ctx, self.topology = pipeline, ctx, topology
-        self.stages, self.attribute = all_stages, attribute
-        self.expert_stages = expert_stages
-        self.cfg_parts = cfg_parts
-        # past DiffusionPipeline.__setattr__: the pipeline's config still names the real denoiser class
-        set_pipeline_component(pipeline, attribute, self.denoiser)
-        for name, proxy in self.experts.items():
-            set_pipeline_component(pipeline, name, proxy)
-        self.components, self.component_placements = "replicated", {}
-        if ctx.distributed and components != "replicated":
-            # before pipeline.to(device): the components this rank does not run stay on meta
-            self.components = "planned"
-            self.component_placements = place_components(
-                pipeline, self._planned_placements() if isinstance(components, (str, type(None))) else components, ctx,
-                release=free_unused_stages)
-        if ctx.device is not None:
-            pipeline.to(ctx.device)
-        if ctx.rank != 0 and hasattr(pipeline, "set_progress_bar_config"):
-            pipeline.set_progress_bar_config(disable=True)
+        self.attachment = apply_asyncdiff(pipeline, config)
+        self.pipeline, self.ctx, self.topology = pipeline, self.attachment.ctx, config.topology
+        self.attribute, self.cfg_parts = self.attachment.attribute, config.cfg_parts
 
     # ----------------------------------------------------------- construction
 
@@ -349,7 +198,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         The constructor instead wraps in place and frees the other stages' weights.
         """
         check_not_wrapped(pipeline, cls.__name__)
-        return cls(sibling_pipeline(pipeline), free_unused_stages=False, **kwargs)
+        # the sibling shares ``pipeline``'s denoiser: its hook works only inside this wrapper's calls
+        return cls(sibling_pipeline(pipeline), free_unused_stages=False, _scoped=True, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
@@ -380,9 +230,10 @@ class AsyncDiffPipeline(PipelineWrapper):
                 raise ValueError(f"dtype={dtype} and torch_dtype={given} disagree; pass one of them")
         elif load_kwargs.get("torch_dtype") is not None:
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
-        compile_options(compile)  # a bad value fails before minutes of loading
-        _check_arguments(stages, stride, warmup, time_shift, cfg_parallel, device, timeout, components)
-        topology = Topology(stages, stride)
+        # bad values fail before minutes of loading
+        topology = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
+                                   cfg_parallel=cfg_parallel, components=components, compile=compile, device=device,
+                                   timeout=timeout).topology
         ctx = resolve_context(process_group, device, timeout)
         lean = ctx.distributed and not (isinstance(split, str) and split == "time")
         if ctx.distributed and not lean:
@@ -426,49 +277,55 @@ class AsyncDiffPipeline(PipelineWrapper):
             if steps is not None and (not isinstance(steps, int) or steps < 1):
                 raise ValueError(f"num_inference_steps={steps!r}: need a whole number of at least 1")
             kwargs = shared_randomness(self.ctx, kwargs)
-            for proxy in self._proxies():
-                proxy.reset()
-            output = self.pipeline(*args, **kwargs)
-            schedule = getattr(self.denoiser, "schedule", None)
-            if schedule is not None:
-                logger.info("%d exact warm-up step(s) before the asynchronous ones", schedule.warmup)
-            for proxy in self._proxies():
-                proxy.reset()  # settle this call's transfers now, not at the next call
+            with self.attachment.active():
+                self.attachment.reset()
+                output = self.pipeline(*args, **kwargs)
+                schedule = self.hook.schedule
+                if schedule is not None:
+                    logger.info("%d exact warm-up step(s) before the asynchronous ones", schedule.warmup)
+                self.attachment.reset()  # settle this call's transfers now, not at the next call
             return output
         except BaseException as exc:
             publish_error(self.ctx, exc)
             raise
 
-    def _proxies(self) -> list[StagedDenoiser]:
-        return [self.denoiser, *getattr(self, "experts", {}).values()]
+    # ------------------------------------------------------------- what it holds
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The pipeline's denoiser (``pipe.unet``, ``pipe.transformer``): its own module, holding this rank's stage."""
+        return getattr(self.pipeline, self.attribute)
+
+    @property
+    def hooks(self) -> dict[str, AsyncDiffHook]:
+        """The AsyncDiff hook on each denoiser (Wan 2.2: ``transformer`` and ``transformer_2``)."""
+        return self.attachment.hooks
+
+    @property
+    def hook(self) -> AsyncDiffHook:
+        """The AsyncDiff hook on the (first) denoiser: its split, executor and the schedule of the running call."""
+        return self.attachment.hook
+
+    @property
+    def stages(self) -> list:
+        """Every stage of the (first) denoiser; this rank holds one of them."""
+        return self.attachment.stages[self.attribute]
+
+    @property
+    def expert_stages(self) -> dict[str, list]:
+        """Every stage of each further denoiser (Wan 2.2's ``transformer_2``)."""
+        return {name: s for name, s in self.attachment.stages.items() if name != self.attribute}
+
+    @property
+    def components(self) -> str:
+        """``"planned"`` when the text encoders and the VAE were placed on ranks, else ``"replicated"``."""
+        return self.attachment.components
+
+    @property
+    def component_placements(self) -> dict[str, list[Placement]]:
+        return self.attachment.component_placements
 
     # ------------------------------------------------------------- reporting
-
-    def _planned_placements(self) -> list:
-        placed, replicated = self._components_by_role()
-        return _plan_placements(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, replicated,
-                                self._expert_cuts())
-
-    def _expert_cuts(self) -> list[tuple[str, DenoiserSplit, list[int]]]:
-        return [(name, self.experts[name].split, self._cuts(stages)) for name, stages in self.expert_stages.items()]
-
-    def _components_by_role(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-        """The pipeline's modules besides the denoiser: those a plan places (text encoders, the VAE) and the rest
-        (every rank keeps them whole); a component proxy stands for the module it wraps."""
-        placed, replicated = {}, {}
-        for name, module in getattr(self.pipeline, "components", {}).items():
-            module = getattr(self.pipeline, name, module)
-            if name == self.attribute or name in self.experts or not isinstance(module, nn.Module):
-                continue  # the denoisers are staged, not components
-            real = getattr(module, "component", module)
-            (placed if name in PLACEABLE_COMPONENTS else replicated)[name] = real
-        return placed, replicated
-
-    def _cuts(self, stages=None) -> list[int]:
-        cuts = [0]
-        for stage in self.stages if stages is None else stages:
-            cuts.append(cuts[-1] + len(stage.units))
-        return cuts
 
     def memory_plan(self, height: int | None = None, width: int | None = None, split_encoders: bool = True):
         """What each rank holds: its stage, the components it runs, parameter and activation bytes.
@@ -483,7 +340,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         """
         from asyncgen.placement.pipeline_plan import plan_pipeline
 
-        placed, replicated = self._components_by_role()
+        placed, replicated = components_by_role(self.pipeline, list(self.hooks))
         world = self.cfg_parts * self.topology.world_size
         placements = None
         if self.ctx.distributed and self.components == "planned":
@@ -494,9 +351,9 @@ class AsyncDiffPipeline(PipelineWrapper):
             placements = [Placement(n, r) for n in placed for r in range(world)]
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
-        return plan_pipeline(self.denoiser.split, self._cuts(), placed, self.topology, self.cfg_parts, None, latent,
-                             denoiser_batch(self.denoiser.split.denoiser), replicated, split_encoders, placements=placements,
-                             experts=self._expert_cuts())
+        return plan_pipeline(self.hook.split, self.attachment.cuts(), placed, self.topology, self.cfg_parts, None,
+                             latent, denoiser_batch(self.denoiser), replicated, split_encoders, placements=placements,
+                             experts=self.attachment.expert_cuts())
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time.
@@ -505,10 +362,10 @@ class AsyncDiffPipeline(PipelineWrapper):
         (Wan 2.2: both experts); ``expert_stage_units`` gives a second expert's own cuts.
         Compute time and calls are the first denoiser's first pass (lane).
         """
-        executor = self.denoiser.executor
+        executor = self.hook.executor
         local = self.ctx.rank % self.topology.world_size
         mine = self.topology.stage_of(local) if self.ctx.distributed else None
-        held = {id(p): p for proxy in self._proxies() for p in proxy.parameters()}  # a shared tensor once
+        held = {id(p): p for hook in self.hooks.values() for p in hook.resident_parameters()}  # shared once
         return {
             "rank": self.ctx.rank,
             "world_size": self.ctx.world_size,

@@ -9,18 +9,25 @@ import threading
 from typing import Any
 
 
-def check_not_wrapped(pipeline, wrapper_name: str) -> None:
-    """Refuse a wrapper or an already wrapped pipeline with a message that says so."""
-    from asyncgen.runtime.staged_denoiser import StagedDenoiser
+def check_not_wrapped(pipeline, wrapper_name: str, every_call: bool = False) -> None:
+    """Refuse a wrapper or a pipeline wrapped in place with a message that says so.
 
+    A denoiser shared with a ``from_pipe`` sibling carries that sibling's scoped hook, which
+    works only inside the sibling's calls; ``every_call``: the new wrapper's hook would work
+    in every call, the sibling's included, so that is refused too.
+    """
     from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS
+    from asyncgen.runtime.asyncdiff_hook import asyncdiff_hooks
 
     if isinstance(pipeline, PipelineWrapper):
         raise TypeError(f"{wrapper_name} was given an {type(pipeline).__name__}, which is already a wrapper; wrap the "
                         f"diffusers pipeline itself (its .pipeline)")
-    if any(isinstance(getattr(pipeline, name, None), StagedDenoiser) for name in DENOISER_COMPONENTS + EXPERT_COMPONENTS):
-        raise TypeError(f"this {type(pipeline).__name__} is already wrapped by AsyncDiffPipeline (its denoiser is a "
-                        f"StagedDenoiser); {wrapper_name} needs the original pipeline, so wrap a fresh one")
+    for name in DENOISER_COMPONENTS + EXPERT_COMPONENTS:
+        hooks = asyncdiff_hooks(getattr(pipeline, name, None))
+        if any(not hook.scoped for hook in hooks) or (every_call and hooks):
+            raise TypeError(f"this {type(pipeline).__name__} is already wrapped by AsyncDiffPipeline (pipe.{name} "
+                            f"runs AsyncDiff through a hook); {wrapper_name} needs the original pipeline, so wrap a "
+                            "fresh one")
 
 
 def check_flag(value, name: str) -> None:

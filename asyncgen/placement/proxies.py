@@ -3,7 +3,7 @@
 The stock pipeline ``__call__`` runs on every rank and calls ``self.text_encoder(...)``,
 ``self.vae.decode(...)`` and ``self.vae.encode(...)`` the same number of times, in the
 same order, on every rank. A :class:`ComponentProxy` stands in for such a component
-(the same idea as the denoiser proxy, :mod:`asyncgen.runtime.staged_denoiser`): on the rank the plan
+(a proxy, because a pipeline calls the VAE's ``decode``/``encode``, which no forward hook sees): on the rank the plan
 gives the component it calls the real module; that rank then broadcasts the output,
 its structure first (which fields, shapes, dtypes: the others cannot know them) and
 then its tensors, and every rank returns an equal object of the stock output type

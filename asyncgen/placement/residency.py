@@ -73,3 +73,49 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
                 replaced[id(tensor)] = meta
             replace_tensor(module, name, replaced[id(tensor)])
     return freed
+
+
+class ReleasedModule(nn.Module):
+    """Stands in a denoiser's module tree for a submodule whose weights this rank released (another rank runs it).
+
+    The denoiser stays the pipeline's own module (the AsyncDiff hook works on it), so
+    ``pipe.to(device)`` walks its tree; a module left there with parameters on ``meta``
+    would stop that walk ("cannot copy out of meta tensor"). The stand-in has no tensors,
+    and a call on it is the released module's (with any hook on it: a block split's stage
+    hook passes a block of another stage through without computing it). The released
+    module is held in a tuple so ``nn.Module`` does not register it as a child.
+    """
+
+    def __init__(self, released: nn.Module):
+        super().__init__()
+        self.released = (released,)
+
+    def forward(self, *args, **kwargs):
+        return self.released[0](*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"released {type(self.released[0]).__name__}: another rank runs it"
+
+
+def release_modules(model: nn.Module, modules: Sequence[nn.Module], keep: Sequence[nn.Module]) -> list[nn.Module]:
+    """Release ``modules`` of ``model`` (but not those in ``keep``): weights to ``meta``, a :class:`ReleasedModule`
+    in their place in ``model``'s tree. Returns the modules released. Tied tensors stay tied; a module that
+    shares a tensor with a kept one keeps that tensor (a kept module is never touched)."""
+    kept = {id(m) for m in keep}
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n}
+    released: list[nn.Module] = []
+    replaced: list[str] = []
+    # outer modules first: a module inside one already released is released with it
+    for module in sorted(modules, key=lambda m: names.get(id(m), "").count(".")):
+        if id(module) in kept or any(module is r for r in released):
+            continue
+        release_weights(module, keep)
+        released.append(module)
+        name = names.get(id(module))
+        if name is None or any(name.startswith(r + ".") for r in replaced):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        # nn.Module.__setattr__ replaces the registered child of that name (a ModuleList's "3" too)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ReleasedModule(module))
+        replaced.append(name)
+    return released

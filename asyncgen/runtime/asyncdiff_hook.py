@@ -1,31 +1,36 @@
-"""A module that stands in for a pipeline's denoiser and runs the asynchronous schedule.
+"""The AsyncDiff schedule attached to a pipeline's own denoiser, as a ``diffusers.hooks`` hook.
 
-The stock pipeline keeps calling ``self.unet(latents, t, ...)`` once per step; the proxy
-counts those calls, turns each into the schedule's work for this rank (an exact step, a
-round, or a prediction cached from the round) and returns what the denoiser would
-return. It registers only the modules this rank keeps, so ``parameters()`` is exactly
-the rank's resident weights; any other attribute (``config``, ``add_embedding``,
-attention-processor setters, ...) is looked up on the wrapped denoiser.
+The stock pipeline keeps calling ``self.unet(latents, t, ...)`` once per step. An
+:class:`AsyncDiffHook` registered on that denoiser (``HookRegistry``, like diffusers' caches)
+replaces its forward: each call becomes the schedule's work for this rank (an exact step,
+a round, or a prediction cached from the round) and returns what the denoiser would
+return. The denoiser stays ``pipe.unet``: its config, attention setters and LoRA methods
+are its own. The progress of one call lives in an :class:`AsyncDiffLane` (a
+``diffusers.hooks`` state with ``reset()``); a pipeline that runs several denoiser passes
+per step (named with ``cache_context``, or unnamed on the same latents) gets a lane per pass.
+This module must not load, split, place or wrap anything: it runs what it is given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager  # not re-exported by diffusers.hooks (0.40-0.42)
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+from asyncgen._compat import hook_original_forward
 from asyncgen.schedules.cfg_parallel import batch_part
 from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology
 from asyncgen.split.units import DenoiserSplit
 
-try:  # LoRA scaling moved around between diffusers releases; absent means no PEFT backend
-    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
-except ImportError:  # pragma: no cover
-    USE_PEFT_BACKEND = False
+#: the name the hook is registered under in a denoiser's ``HookRegistry`` (a from_pipe sibling adds its number)
+HOOK_NAME = "asyncgen_asyncdiff"
 
 
 def default_warmup(total_steps: int | None) -> int:
@@ -50,119 +55,49 @@ def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.to(device)
 
 
-class StagedDenoiser(nn.Module):
-    def __init__(
-        self,
-        split: DenoiserSplit,
-        resident: list[nn.Module],
-        executor,
-        topology: Topology,
-        warmup: int | None,
-        time_shift: bool,
-        scheduler: Callable[[], Any],
-        cfg_parts: int = 1,
-        new_executor: Callable[[], Any] | None = None,
-    ):
-        super().__init__()
-        # not registered as a submodule: its other stages' weights are gone on this rank
-        object.__setattr__(self, "_denoiser", split.denoiser)
-        unique: list[nn.Module] = []
-        for module in resident:
-            if all(module is not m for m in unique):
-                unique.append(module)
-        self.resident = nn.ModuleList(unique)
-        self.split, self.executor, self.topology = split, executor, topology
-        self.warmup, self.time_shift, self._scheduler = warmup, time_shift, scheduler
-        self.cfg_parts = cfg_parts
-        self._signature = inspect.signature(split.denoiser.forward)
-        # Pipelines that call the denoiser more than once per step (Wan, HunyuanVideo and Flux true CFG: "cond" then
-        # "uncond") name each pass with cache_context. Each further pass is a lane of its own: a proxy with its own
-        # executor and schedule, so the passes' stale boundary states never mix.
-        self._new_executor = new_executor
-        self._lanes: dict[str, StagedDenoiser] = {}
-        self._pass: str | None = None
-        self._primary: str | None = None
-        # Proxies of the pipeline's other denoisers (Wan 2.2's two experts) that take turns within one call: see
-        # share_calls_with
-        self._takes_turns_with: list[StagedDenoiser] = []
+class PassName(StateManager):
+    """Learns the name a pipeline gives the current denoiser pass with ``denoiser.cache_context(name)``.
+
+    diffusers hands the context to every ``StateManager`` of a stateful hook (a name up to
+    0.41, a ``CacheContext`` from 0.42 on) and clears it when the pass ends; ``name`` is
+    ``None`` outside a named pass (SD and SDXL pipelines name none).
+    """
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = getattr(context, "name", context)
+
+    def reset(self, *args, **kwargs) -> None:
+        super().reset(*args, **kwargs)
+        self.name = None
+
+
+class AsyncDiffLane(BaseState):
+    """One denoiser pass's progress through one pipeline call: its schedule, step, predictions made ahead.
+
+    The lane owns an executor (the serial simulator, or this rank's distributed runtime),
+    so two passes' stale boundary states never mix. ``reset()`` settles the call's
+    transfers and forgets its steps.
+    """
+
+    def __init__(self, hook: "AsyncDiffHook", executor):
+        self.hook, self.executor = hook, executor
+        self.split, self.topology, self.cfg_parts = hook.split, hook.topology, hook.cfg_parts
         self.reset()
 
-    def share_calls_with(self, others: list["StagedDenoiser"]) -> None:
-        """``others`` are denoisers the pipeline switches to and from during a call (Wan 2.2's experts).
-
-        The switch is treated like the start of a call: when this proxy takes its first step,
-        every other one that has started is reset (its transfers settled, its steps
-        forgotten), and this one starts its own schedule with its own warm-up. A stale
-        boundary state of one expert is never an input of the other (they are different
-        networks), and an expert's first step has no earlier state of its own to use.
-        """
-        self._takes_turns_with = [o for o in others if o is not self]
-
-    # -------------------------------------------------------------- attributes
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            denoiser = self.__dict__.get("_denoiser")
-            if denoiser is None:
-                raise
-            return getattr(denoiser, name)
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str, **kwargs):
-        """Pipelines mark each denoiser pass (``"cond"``, ``"uncond"``, ``"cond_uncond"``) for diffusers' caches.
-
-        The first pass name of a call runs on this proxy; any other name gets its own lane
-        (see ``__init__``). Without an executor factory a second pass is refused: the
-        schedule counts one call per step and would take it for the next step.
-        """
-        if self._primary is None:
-            self._primary = name
-        if name != self._primary and self._new_executor is None:
-            raise NotImplementedError(
-                f"the pipeline runs a second denoiser pass per step ({name!r}, e.g. Flux true CFG with "
-                "true_cfg_scale > 1 and a negative prompt); this proxy schedules one pass per step"
-            )
-        previous, self._pass = self._pass, name
-        try:
-            with self._denoiser.cache_context(name, **kwargs):
-                yield
-        finally:
-            self._pass = previous
-
-    def _lane(self, name: str) -> "StagedDenoiser":
-        if name not in self._lanes:
-            lane = StagedDenoiser(self.split, [], self._new_executor(), self.topology, self.warmup, self.time_shift,
-                                  self._scheduler, self.cfg_parts)
-            self._lanes[name] = lane
-        return self._lanes[name]
-
     @property
-    def denoiser(self) -> nn.Module:
-        return self._denoiser
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
-    # -------------------------------------------------------------- call state
+    def started(self) -> bool:
+        return self._started
 
     def reset(self) -> None:
         """Start a new pipeline call: settle the previous call's transfers, forget its steps."""
         if getattr(self, "_started", False):
             self.executor.end_call()
             self._check_timesteps()
-        for lane in getattr(self, "_lanes", {}).values():
-            lane.reset()
-        self._primary = None
         self._last_sample: torch.Tensor | None = None  # held, so its id cannot be reused by a later latent
         self._last_timestep: Any = None
         self._unnamed_pass = 0
@@ -184,10 +119,10 @@ class StagedDenoiser(nn.Module):
                 f"cfg_parallel=True splits the denoiser's batch in two, but this call's batch is {sample.shape[0]}; "
                 "use classifier-free guidance (guidance_scale > 1) or an even num_images_per_prompt"
             )
-        for other in self._takes_turns_with:
-            if other._started:
-                other.reset()
-        scheduler = self._scheduler()
+        for other in self.hook.takes_turns_with:
+            if other.started:
+                other.reset_lanes()
+        scheduler = self.hook.scheduler()
         timesteps = getattr(scheduler, "timesteps", None)
         # One stage at stride 1 computes every step whole from the pipeline's own arguments:
         # it needs no step count and no timestep ahead, so it skips the lookup, which
@@ -208,8 +143,8 @@ class StagedDenoiser(nn.Module):
                 ratio = scheduled / passed if scheduled != 0 and passed != 0 else 1.0
                 self._upcoming = timesteps[begin:] / ratio if ratio != 1.0 else timesteps[begin:]
                 self._total = len(self._upcoming)
-        warmup = self.warmup if self.warmup is not None else default_warmup(self._total)
-        self.schedule = AsyncSchedule(self.topology, warmup, self.time_shift)
+        warmup = self.hook.warmup if self.hook.warmup is not None else default_warmup(self._total)
+        self.schedule = AsyncSchedule(self.topology, warmup, self.hook.time_shift)
         self.executor.begin_call(self.schedule)
         self._started = True
 
@@ -269,20 +204,18 @@ class StagedDenoiser(nn.Module):
             scale = kwargs.pop("scale")
             arguments[name] = kwargs
         if USE_PEFT_BACKEND:
-            scale_lora_layers(self._denoiser, scale)
+            scale_lora_layers(self.split.denoiser, scale)
         try:
             yield
         finally:
             if USE_PEFT_BACKEND:
-                unscale_lora_layers(self._denoiser, scale)
+                unscale_lora_layers(self.split.denoiser, scale)
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, *args, **kwargs):
-        if self._pass is not None and self._pass != self._primary:
-            return self._lane(self._pass).forward(*args, **kwargs)
-        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
-        if self._pass is None:
+    def forward(self, arguments: dict, unnamed_pass: Callable[[str], "AsyncDiffLane"] | None = None):
+        """One denoiser call of the pipeline, its arguments bound by name; returns what the denoiser would."""
+        if unnamed_pass is not None:
             # A pipeline may run a further pass per step without naming it (Lumina2: cond, then uncond, on the
             # same latents, no cache_context): a call on the very latent tensor of the call before, at the same
             # timestep, is that step's next pass (a step's scheduler update makes a new tensor), a lane of its own.
@@ -290,10 +223,7 @@ class StagedDenoiser(nn.Module):
             if sample is self._last_sample and (timestep is self._last_timestep or
                                                 _timestep_value(timestep) == _timestep_value(self._last_timestep)):
                 self._unnamed_pass += 1
-                if self._new_executor is None:
-                    raise NotImplementedError("the pipeline runs a second denoiser pass per step on the same latents; "
-                                              "this proxy schedules one pass per step")
-                return self._lane(f"pass {self._unnamed_pass}").forward(*args, **kwargs)
+                return unnamed_pass(f"pass {self._unnamed_pass}").forward(arguments)
             self._last_sample, self._last_timestep, self._unnamed_pass = sample, timestep, 0
         return_dict = arguments.pop("return_dict", True)
         sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop("timestep")
@@ -330,3 +260,124 @@ class StagedDenoiser(nn.Module):
             predictions = self.executor.run_step(step, self._total, sample, cond_at)
         self._predictions.update(predictions)
         return self.split.wrap_output(self._predictions.pop(step), return_dict)
+
+
+class AsyncDiffHook(ModelHook):
+    """Runs a denoiser's calls through the AsyncDiff schedule (see the module docstring).
+
+    Registered by :func:`asyncgen.pipelines.apply_asyncdiff`. ``split`` is the denoiser's
+    split, ``new_executor`` makes the executor of one lane (this rank's stage, or the serial
+    simulator of every stage), ``scheduler`` returns the pipeline's current scheduler (for
+    the timesteps a stride or a round needs ahead). With ``scoped=True`` the hook works only
+    inside :meth:`active` and passes every other call to the denoiser's own forward: a
+    ``from_pipe`` sibling shares its denoiser with a pipeline that must stay stock.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, split: DenoiserSplit, new_executor: Callable[[], Any], topology: Topology,
+                 warmup: int | None, time_shift: bool, scheduler: Callable[[], Any], cfg_parts: int = 1,
+                 scoped: bool = False, resident: list[torch.nn.Module] | None = None):
+        super().__init__()
+        # the modules this rank computes with (its stage and the shared ones; every stage in the simulator)
+        self.resident = resident if resident is not None else [split.denoiser]
+        self.split, self.topology, self.cfg_parts = split, topology, cfg_parts
+        self.warmup, self.time_shift, self.scheduler = warmup, time_shift, scheduler
+        self.new_executor = new_executor
+        self.passes = PassName()  # diffusers sets the pipeline's cache_context on it
+        self._signature = inspect.signature(split.denoiser.forward)
+        # The first pass of a call runs on the main lane; each further pass name its own (Wan, HunyuanVideo and
+        # Flux true CFG run "cond" then "uncond" every step)
+        self.main = AsyncDiffLane(self, new_executor())
+        self.lanes: dict[str, AsyncDiffLane] = {}
+        self._main_pass: str | None = None
+        # Hooks of the pipeline's other denoisers (Wan 2.2's two experts) that take turns within one call
+        self.takes_turns_with: list[AsyncDiffHook] = []
+        self.scoped = scoped
+        self._scope = contextvars.ContextVar(f"asyncdiff scope {id(self)}", default=not scoped)
+        self._running = False
+
+    # ------------------------------------------------------------ the hook's life
+
+    def share_calls_with(self, others: list["AsyncDiffHook"]) -> None:
+        """``others`` are hooks of denoisers the pipeline switches to and from during a call (Wan 2.2's experts).
+
+        The switch is treated like the start of a call: when this denoiser takes its first step,
+        every other one that has started is reset (its transfers settled, its steps
+        forgotten), and this one starts its own schedule with its own warm-up. A stale
+        boundary state of one expert is never an input of the other (they are different
+        networks), and an expert's first step has no earlier state of its own to use.
+        """
+        self.takes_turns_with = [o for o in others if o is not self]
+
+    @property
+    def started(self) -> bool:
+        return self.main.started or any(lane.started for lane in self.lanes.values())
+
+    def reset_lanes(self) -> None:
+        """Start a new call: every lane settles its transfers and forgets its steps."""
+        self.main.reset()
+        for lane in self.lanes.values():
+            lane.reset()
+        self._main_pass = None
+
+    def reset_state(self, module):
+        # diffusers calls this at the end of every pipeline call (maybe_free_model_hooks), for models with caches
+        self.reset_lanes()
+        return module
+
+    @contextlib.contextmanager
+    def active(self):
+        """A context in which a ``scoped`` hook works (the calls of the wrapper that owns it)."""
+        token = self._scope.set(True)
+        try:
+            yield
+        finally:
+            self._scope.reset(token)
+
+    # ------------------------------------------------------------- what it shows
+
+    @property
+    def executor(self):
+        """The main lane's executor: the first pass of every call runs on it."""
+        return self.main.executor
+
+    def resident_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters this rank computes with, each once (a from_pipe sibling's denoiser keeps the others)."""
+        return list({id(p): p for m in self.resident for p in m.parameters()}.values())
+
+    @property
+    def schedule(self) -> AsyncSchedule | None:
+        """The main lane's schedule in the call that runs now (``None`` between calls)."""
+        return self.main.schedule
+
+    # ------------------------------------------------------------------ forward
+
+    def _lane(self, name: str) -> AsyncDiffLane:
+        if name not in self.lanes:
+            self.lanes[name] = AsyncDiffLane(self, self.new_executor())
+        return self.lanes[name]
+
+    def new_forward(self, module, *args, **kwargs):
+        if self._running or not self._scope.get():
+            # a stage runs the model's own forward inside this one (block splits), or a scoped hook outside its scope
+            return hook_original_forward(self)(*args, **kwargs)
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        name = self.passes.name
+        if name is not None and self._main_pass is None:
+            self._main_pass = name
+        self._running = True
+        try:
+            if name is not None and name != self._main_pass:
+                return self._lane(name).forward(arguments)
+            return self.main.forward(arguments, unnamed_pass=self._lane if name is None else None)
+        finally:
+            self._running = False
+
+
+def asyncdiff_hooks(module) -> list[AsyncDiffHook]:
+    """The AsyncDiff hooks registered on ``module`` (none for a stock denoiser)."""
+    if not isinstance(module, torch.nn.Module):
+        return []
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    return [hook for name in list(registry.hooks) if isinstance(hook := registry.get_hook(name), AsyncDiffHook)]
