@@ -198,9 +198,8 @@ def _t5_begin(model, call: dict) -> EncoderCarry:
 
 def _t5_block(model, index: int, carry: EncoderCarry) -> EncoderCarry:
     block = encoder_blocks(model)[index]
-    if type(model).__name__ == "UMT5EncoderModel":
-        out = block(carry.hidden, carry.mask)
-        hidden, bias = (out[0] if isinstance(out, tuple) else out), None
+    if type(model).__name__ == "UMT5EncoderModel":  # UMT5Block returns the hidden state alone; no position bias
+        hidden, bias = block(carry.hidden, carry.mask), None
     else:
         hidden, bias = t5_block_forward(block, carry.hidden, carry.mask, carry.position_bias)
     _record(carry, hidden)

@@ -25,16 +25,12 @@ from diffusers.models.unets.unet_2d_blocks import (
     UpBlock2D,
 )
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
 
 from asyncgen._compat import unet_mask_bias
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.units import DenoiserSplit, Unit
-
-try:  # FreeU lives in torch_utils since diffusers 0.22
-    from diffusers.utils.torch_utils import apply_freeu
-except ImportError:  # pragma: no cover
-    apply_freeu = None
 
 
 @dataclass

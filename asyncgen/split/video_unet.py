@@ -37,20 +37,13 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
     UNetSpatioTemporalConditionModel,
     UNetSpatioTemporalConditionOutput,
 )
+from diffusers.utils.torch_utils import apply_freeu, maybe_adjust_dtype_for_device
 from torch import nn
 
 from asyncgen._compat import unet_mask_bias
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.schedules.cfg_parallel import batch_part
 from asyncgen.split.units import DenoiserSplit, Unit
-
-try:  # both live in torch_utils in the diffusers releases that ship these UNets
-    from diffusers.utils.torch_utils import apply_freeu, maybe_adjust_dtype_for_device
-except ImportError:  # pragma: no cover
-    from diffusers.utils.torch_utils import apply_freeu
-
-    def maybe_adjust_dtype_for_device(dtype, device):
-        return dtype
 
 
 @dataclass

@@ -140,10 +140,8 @@ class BlockSplit(DenoiserSplit):
     def wrap_output(self, prediction: torch.Tensor, return_dict: bool):
         if not return_dict:
             return (prediction,)
-        try:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        except ImportError:  # pragma: no cover - moved between releases
-            from diffusers.models.transformers.transformer_2d import Transformer2DModelOutput
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
         return Transformer2DModelOutput(sample=prediction)
 
     def example_inputs(self, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
