@@ -231,13 +231,6 @@ def _built(build, model: str, component: str, class_name: str):
                                f"{Path(model) / component / 'config.json'} ({type(exc).__name__}: {first})") from None
 
 
-def _dtype_argument() -> str:
-    """The name ``from_pretrained`` takes a dtype by: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
-    from asyncgen._compat import diffusers_dtype_keyword
-
-    return diffusers_dtype_keyword()
-
-
 def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: bool = False, **kwargs):
     """``DiffusionPipeline.from_pretrained`` that also loads folders saved with optional components left out.
 
@@ -246,7 +239,7 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: boo
     it; this passes ``None`` for such components unless the caller gives them.
     ``pipeline_class`` (default ``DiffusionPipeline``, which picks the saved class) loads
     the same folder as another pipeline, e.g. ``StableDiffusionImg2ImgPipeline``.
-    ``dtype`` (a ``torch.dtype``) is passed under the name this diffusers release expects.
+    ``dtype`` (a ``torch.dtype``) is passed as ``dtype=`` (every diffusers from 0.40 takes it; ``torch_dtype`` is deprecated).
     Weights load from safetensors only: a pickle checkpoint (``.bin``) can run code
     when it is read, so it loads only with ``allow_pickle=True``.
     """
@@ -263,7 +256,7 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: boo
             if not name.startswith("_") and isinstance(value, list) and value == [None, None]:
                 kwargs.setdefault(name, None)
     if dtype is not None:
-        kwargs[_dtype_argument()] = dtype
+        kwargs["dtype"] = dtype
     if not allow_pickle:
         kwargs.setdefault("use_safetensors", True)
     import torch
