@@ -17,7 +17,6 @@ tensor being read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -36,13 +35,11 @@ from asyncgen._compat import (
     keep_in_fp32_modules_strict,
     non_persistent_buffer_names,
     own_tensors,
-    record_name_or_path,
     replace_tensor,
-    transformers_model_from_config,
 )
 from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, SAFETENSORS_DTYPES
 
-from .loading import PickleRefused, check_pipeline_location, load_pipeline
+from .loading import PickleRefused, check_pipeline_location, empty_model, load_pipeline
 
 logger = logging.get_logger(f"diffusers.{__name__}")
 
@@ -217,45 +214,15 @@ def _model_class(class_name: str):
                      f"{diffusers.__version__}, transformers {transformers.__version__})")
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype | None):
-    # what from_pretrained does: the model is created in the dtype it loads in (buffers computed at init too)
-    if dtype is None:
-        yield
-        return
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: torch.dtype | None = None) -> nn.Module:
     """The component ``class_name`` built from its config in ``folder/subfolder``, parameters on ``meta``.
 
     Non-persistent buffers (CLIP's ``position_ids``, rotary tables) are real: they are
     computed at construction and appear in no checkpoint. ``dtype`` is the dtype the
-    model is created in, as ``from_pretrained(..., torch_dtype=dtype)`` creates it.
+    model is created in, as ``from_pretrained(..., dtype=dtype)`` creates it
+    (:func:`~asyncgen.pipelines.loading.empty_model` builds it).
     """
-    from accelerate import init_empty_weights
-    from diffusers import ModelMixin
-
-    cls = _model_class(class_name)
-    with init_empty_weights(include_buffers=False), _default_dtype(dtype):
-        if issubclass(cls, ModelMixin):
-            model = cls.from_config(cls.load_config(str(folder), subfolder=subfolder))
-            # what ModelMixin.from_pretrained records when a pipeline loads the component
-            record_name_or_path(model, os.path.join(str(folder), subfolder))
-        else:
-            config = cls.config_class.from_pretrained(str(folder), subfolder=subfolder)
-            # the saved config names a dtype (float32) that transformers would build in, not the one asked for
-            model = transformers_model_from_config(cls, config, dtype)
-    if not issubclass(cls, ModelMixin):
-        # as from_pretrained ties them (T5's encoder.embed_tokens is shared): one tensor, read once; outside
-        # init_empty_weights, whose register_parameter would make the tied parameter a new one again
-        model.tie_weights()
-    return model.eval()
+    return empty_model(folder, subfolder, _model_class(class_name), dtype)
 
 
 def _fp32_module_names(model: nn.Module, dtype: torch.dtype | None) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -239,7 +240,8 @@ def load_pipeline(model: str, pipeline_class=None, dtype=None, allow_pickle: boo
     it; this passes ``None`` for such components unless the caller gives them.
     ``pipeline_class`` (default ``DiffusionPipeline``, which picks the saved class) loads
     the same folder as another pipeline, e.g. ``StableDiffusionImg2ImgPipeline``.
-    ``dtype`` (a ``torch.dtype``) is passed as ``dtype=`` (every diffusers from 0.40 takes it; ``torch_dtype`` is deprecated).
+    ``dtype`` (a ``torch.dtype``) is passed as ``dtype=`` (every diffusers from 0.40 takes it;
+    ``torch_dtype`` is its deprecated name).
     Weights load from safetensors only: a pickle checkpoint (``.bin``) can run code
     when it is read, so it loads only with ``allow_pickle=True``.
     """
@@ -349,13 +351,62 @@ def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
                          native_width=sample_w * vae_factor, size_multiple=multiple)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    # what from_pretrained does: the model is created in the dtype it loads in (buffers computed at init too)
+    if dtype is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def empty_model(model: str | os.PathLike, subfolder: str, model_class: type, dtype=None) -> "torch.nn.Module":
+    """``model_class`` (a diffusers or transformers model) built from its config in ``model``'s ``subfolder``
+    (a local folder or a cached hub id), its parameters on ``meta``: no memory, no weights read.
+
+    One implementation for both weightless builds of a component (:func:`empty_pipeline_modules` for plans,
+    :func:`~asyncgen.pipelines.lean_loading.empty_component` for loading only some of its tensors), built as
+    ``from_pretrained(..., dtype=dtype)`` would build it: created in ``dtype`` (None: torch's default), buffers
+    computed at construction real (CLIP's ``position_ids``, rotary tables: in no checkpoint), a transformers
+    model's tied weights tied (T5's ``shared``/``encoder.embed_tokens``: one tensor), a diffusers model's
+    ``name_or_path`` recorded, in eval mode.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import ModelMixin
+
+    from asyncgen._compat import record_name_or_path, transformers_model_from_config
+
+    where = str(model)
+    with init_empty_weights(include_buffers=False), _default_dtype(dtype):
+        if issubclass(model_class, ModelMixin):
+            built = model_class.from_config(model_class.load_config(where, subfolder=subfolder))
+            # what ModelMixin.from_pretrained records when a pipeline loads the component
+            record_name_or_path(built, os.path.join(where, subfolder))
+        else:
+            config = model_class.config_class.from_pretrained(where, subfolder=subfolder)
+            # the saved config names a dtype (float32) that transformers would build in, not the one asked for
+            built = transformers_model_from_config(model_class, config, dtype)
+    if not issubclass(model_class, ModelMixin):
+        # as from_pretrained ties them: one tensor, read once; outside init_empty_weights, whose
+        # register_parameter would make the tied parameter a new one again
+        built.tie_weights()
+    return built.eval()
+
+
 def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module"]]:
     """Every model component of ``model`` built from its config on the meta device (no weights read).
 
     Returns the pipeline's ``model_index.json`` and ``{attribute: module}`` for each
-    component that is a ``torch.nn.Module`` (denoiser, text encoders, VAE, ...); tokenizers,
-    schedulers and components saved as ``null`` are left out. Only config files are read,
-    so a hub id needs no weight download.
+    component that is a ``torch.nn.Module`` (denoiser, text encoders, VAE, ...), each built by
+    :func:`empty_model`; tokenizers, schedulers and components saved as ``null`` are left out.
+    Only config files are read, so a hub id needs no weight download.
     """
     import importlib
 
@@ -376,19 +427,7 @@ def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module
                              "does not have") from None
         if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
             continue  # tokenizer, scheduler, feature extractor
-        if library == "transformers":
-            from transformers import AutoConfig
-
-            from asyncgen._compat import transformers_model_from_config
-
-            config = AutoConfig.from_pretrained(model, subfolder=name)
-            with torch.device("meta"):
-                modules[name] = _built(lambda: transformers_model_from_config(model_class, config), model, name,
-                                       class_name)
-        else:
-            config = model_class.load_config(model, subfolder=name)
-            with torch.device("meta"):
-                modules[name] = _built(lambda: model_class.from_config(config), model, name, class_name)
+        modules[name] = _built(lambda: empty_model(model, name, model_class), model, name, class_name)
     return index, modules
 
 
