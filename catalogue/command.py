@@ -1,10 +1,20 @@
 """``asyncgen catalogue``: list the asynchronous-learning catalogue, or run one miniature experiment.
 
 ``list`` prints a table (name, family, paper, claim, and the CPU and wall seconds the committed
-default run measured); ``run NAME`` runs the experiment on seeds ``--seed .. --seed+--seeds-1``
-and writes ``results.json``, ``results.md`` and ``results.png`` into ``--out`` (each whole or
-not at all); ``render DIR...`` rewrites each folder's ``results.md`` from its ``results.json``.
-The exit code is 0 when the run completed, whether or not its goals passed.
+default run measured); ``show NAME`` describes one experiment, with every ``--set`` key's type,
+accepted range, default and meaning; ``run NAME`` runs the experiment on seeds ``--seed ..
+--seed+--seeds-1`` and writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``
+(together: all whole, or none); ``render DIR...`` rewrites each folder's ``results.md`` from its
+``results.json``.
+
+Everything a run needs is checked before it starts, each in one line (exit code 2): every
+``--set`` value against its key's range, the seeds, and every file the run will write (``--out``
+a file or inside one, a folder that is not writable or has no room). A run expected to take more
+than 30 s says so first and shows its progress on standard error (a bar on a terminal, a line
+every 30 s otherwise); progress output never decides the outcome. A write that fails after the
+work (a full disk, a file-size limit) is one line naming the path and the errno (exit code 1),
+with none of the files changed. The exit code is 0 when the run completed, whether or not its
+goals passed.
 """
 
 from __future__ import annotations
@@ -22,20 +32,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="the methods with their papers, claims and run times",
                        description="List every catalogue experiment: name, family, paper, claim, default run time.")
+    show = actions.add_parser("show", help="one experiment: paper, claim, every --set key with its range",
+                              description="Describe one catalogue experiment: its paper and claim, every --set key "
+                              "with its type, accepted range, default, --quick value and meaning, the committed "
+                              "run's time, tuned values and goals.")
+    show.add_argument("name", help="experiment name (see 'asyncgen catalogue list')")
     run = actions.add_parser("run", help="run one experiment and write results.json/.md/.png",
                              description="Run one catalogue experiment (its paper's headline comparison in miniature) "
-                             "and write results.json, results.md and results.png.")
+                             "and write results.json, results.md and results.png.",
+                             epilog="Every --set key has a type and an accepted range, checked before the run: "
+                             "'asyncgen catalogue show NAME' lists them with their defaults and meanings. Each "
+                             "range keeps a run, with the other keys at their defaults, within a few hours on 2 "
+                             "cores; a run expected to take more than 30 s says how long first and shows progress.")
     run.add_argument("name", help="experiment name (see 'asyncgen catalogue list')")
     run.add_argument("--quick", action="store_true", help="a reduced run (one seed, about a tenth of the work; "
                      "at most ~30 s on 2 cores) for smoke tests (default: the full run, at most ~5 min)")
-    run.add_argument("--seeds", type=int, default=None, help="number of evaluation seeds (default: the "
+    run.add_argument("--seeds", type=int, default=None, help="number of evaluation seeds, 1..1000 (default: the "
                      "experiment's own, usually 3; 1 with --quick)")
-    run.add_argument("--seed", type=int, default=0, help="first seed; seeds are SEED .. SEED+SEEDS-1 "
+    run.add_argument("--seed", type=int, default=0, help="first seed, 0..1e9; seeds are SEED .. SEED+SEEDS-1 "
                      "(default: %(default)s; tuning used seeds from 100)")
     run.add_argument("--out", default=None, help="folder for the result files (default: catalogue_results/NAME)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a documented default (repeatable); an unknown key lists the valid ones")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+                     help="override a documented default (repeatable; keys, types and ranges: 'asyncgen catalogue "
+                     "show NAME'); an unknown key lists the valid ones")
+    run.add_argument("--no-progress", action="store_true", help="no progress output")
     tune = actions.add_parser("tune", help="choose each arm's tuned hyperparameters on the tuning seeds",
                               description="Run an experiment's tuning step: each arm's hyperparameters (e.g. the "
                               "server step eta_g) from a grid of the same size for every arm, on tuning seeds >= 100 "
@@ -69,15 +89,30 @@ def _list() -> int:
     return 0
 
 
+def _progress_mode(args, long: bool) -> str:
+    """A bar on a terminal; on a file or pipe, a line every 30 s for a long run only; nothing with --no-progress."""
+    if args.no_progress:
+        return "off"
+    try:
+        terminal = sys.stderr.isatty()
+    except (OSError, ValueError, AttributeError):  # closed standard error
+        terminal = False
+    return "bar" if terminal else "lines" if long else "off"
+
+
 def _run(args) -> int:
     from asyncgen.catalogue import get_experiment
-    from asyncgen.catalogue.frame import CatalogueError, MissingExtra, run_experiment
+    from asyncgen.catalogue.frame import CatalogueError, MissingExtra, plan_run, run_experiment
+    from asyncgen.cli.files import say
 
     try:
         info = get_experiment(args.name)
         out = args.out or f"catalogue_results/{info.name}"
-        report = run_experiment(info, quick=args.quick, seeds=args.seeds, seed=args.seed, overrides=args.overrides,
-                                out=out, progress=not args.no_progress and sys.stderr.isatty())
+        plan = plan_run(info, quick=args.quick, seeds=args.seeds, seed=args.seed, overrides=args.overrides, out=out)
+        info.load()  # a missing extra is one line before the run, too
+        if plan.long:
+            say(plan.announcement())
+        report = run_experiment(info, plan=plan, progress=_progress_mode(args, plan.long))
     except (CatalogueError, MissingExtra) as exc:
         raise UsageError(str(exc)) from None
     passed = sum(g["passed"] for g in report["goals"].values())
@@ -94,9 +129,15 @@ def _render(args) -> int:
 
     from asyncgen.catalogue.frame import render_markdown
 
+    from asyncgen.cli.files import check_output_paths
+
     for folder in args.folders:
         if not (Path(folder) / "results.json").is_file():
             raise UsageError(f"{folder}: no results.json there")
+    try:
+        check_output_paths([Path(folder) / "results.md" for folder in args.folders], kind="file")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for folder in args.folders:
         print(f"wrote {render_markdown(folder)}")
     return 0
@@ -110,7 +151,7 @@ def _tune(args) -> int:
         info = get_experiment(args.name)
         out = args.out or f"catalogue_results/{info.name}"
         report = run_tuning(info, quick=args.quick, overrides=args.overrides, out=out,
-                            progress=not args.no_progress and sys.stderr.isatty())
+                            progress=_progress_mode(args, True))
     except (CatalogueError, MissingExtra) as exc:
         raise UsageError(str(exc)) from None
     print(f"{info.name}: tuned on seeds {report['tuning']['seeds']} in {report['cpu_seconds']:.0f} s of CPU; "
@@ -120,7 +161,19 @@ def _tune(args) -> int:
     return 0
 
 
+def _show(args) -> int:
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.frame import CatalogueError, describe
+
+    try:
+        info = get_experiment(args.name)
+    except CatalogueError as exc:
+        raise UsageError(str(exc)) from None
+    print(describe(info))
+    return 0
+
+
 def run(args) -> int:
     if args.action == "list":
         return _list()
-    return {"render": _render, "tune": _tune, "run": _run}[args.action](args)
+    return {"render": _render, "tune": _tune, "run": _run, "show": _show}[args.action](args)

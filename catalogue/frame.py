@@ -45,14 +45,166 @@ def require_extra(family: str, *modules: str) -> None:
             ) from None
 
 
+#: the most seeds one run takes (``--seeds``), and the largest first seed (``--seed``)
+MAX_SEEDS = 1000
+MAX_SEED = 10**9
+
+
+@dataclass(frozen=True)
+class Key:
+    """A documented ``--set`` key: its type, the range ``--set`` accepts, its meaning, and how it drives the cost.
+
+    ``type`` is ``int``, ``float``, ``bool`` or ``str`` (one of ``choices``), or a list of one of them
+    (``items`` > 0: between ``min_items`` and ``items`` values). ``low`` and ``high`` are inclusive and
+    apply to each number. ``cost``: the run's work grows as ``(value / committed value) ** cost`` (for a
+    list, as its length), which scales the committed run's measured seconds into an estimate.
+    """
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    meaning: str = ""
+    choices: tuple = ()
+    items: int = 0
+    min_items: int = 1
+    cost: float = 0.0
+    multiple_of: int = 0  # ints: only multiples of this
+
+    def describe(self) -> str:
+        """The accepted values in words: ``int in 1..1e+09``, ``list of 1-8 float in 0..200``, ``one of a, b``."""
+        if self.type == "bool":
+            one = "true or false"
+        elif self.type == "str":
+            one = f"one of {', '.join(self.choices)}"
+        else:
+            one = f"{self.type} in {_bound(self.low)}..{_bound(self.high)}"
+            if self.multiple_of:
+                one += f", a multiple of {self.multiple_of}"
+        if not self.items:
+            return one
+        count = f"{self.min_items}-{self.items}" if self.items != self.min_items else f"{self.items}"
+        return f"list of {count} values, each {one}"
+
+    def check(self, name: str, value: Any, given: str | None = None, default: Any = None) -> Any:
+        """``value`` as this key's type if it is in range; else a one-line CatalogueError naming key, value, range."""
+        shown = f"--set {name}={given}" if given is not None else f"{name}={value!r}"
+        accepted = f"{name} takes {_article(self.describe())}" + (
+            f" (default {_plain(default)})" if default is not None else "")
+        if self.items:
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not self.min_items <= len(values) <= self.items:
+                raise CatalogueError(f"{shown}: {len(values)} value(s); {accepted}")
+            try:
+                return [self._one(v) for v in values]
+            except (TypeError, ValueError):
+                raise CatalogueError(f"{shown}: not accepted; {accepted}") from None
+        try:
+            return self._one(value)
+        except (TypeError, ValueError):
+            raise CatalogueError(f"{shown}: not accepted; {accepted}") from None
+
+    def parse(self, name: str, text: str, default: Any = None) -> Any:
+        """``--set name=text``: the value, checked (lists: comma-separated, or a Python list literal)."""
+        if not self.items:
+            return self.check(name, text.strip(), text, default)
+        stripped = text.strip()
+        if stripped.startswith(("[", "(")):
+            try:
+                values = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                raise CatalogueError(f"--set {name}={text}: not a list; {name} takes "
+                                     f"{_article(self.describe())}") from None
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+        else:
+            values = [v.strip() for v in stripped.split(",")] if stripped else []
+        return self.check(name, values, text, default)
+
+    def _one(self, value: Any) -> Any:
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if self.type == "str":
+            if str(value) not in self.choices:
+                raise ValueError(value)
+            return str(value)
+        if isinstance(value, bool):
+            raise TypeError(value)
+        number = float(value) if isinstance(value, str) else value
+        if not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(value)
+        if self.type == "int":
+            if number != int(number):
+                raise ValueError(value)
+            number = int(number)
+            if self.multiple_of and number % self.multiple_of:
+                raise ValueError(value)
+        else:
+            number = float(number)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            raise ValueError(value)
+        return number
+
+
+def _bound(value) -> str:
+    if value is None:
+        return "any"
+    if float(value) == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_plain(v) for v in value) if value else "(none)"
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _article(text: str) -> str:
+    return text if text.startswith(("one of", "true")) else f"an {text}" if text[0] in "aeiou" else f"a {text}"
+
+
+def Int(low, high, meaning="", cost=0.0, multiple_of=0) -> Key:  # noqa: N802 (reads as a type in the tables)
+    return Key("int", low, high, meaning, cost=cost, multiple_of=multiple_of)
+
+
+def Float(low, high, meaning="", cost=0.0) -> Key:  # noqa: N802
+    return Key("float", low, high, meaning, cost=cost)
+
+
+def Bool(meaning="") -> Key:  # noqa: N802
+    return Key("bool", meaning=meaning)
+
+
+def Choice(choices, meaning="") -> Key:  # noqa: N802
+    return Key("str", meaning=meaning, choices=tuple(choices))
+
+
+def Ints(low, high, meaning="", items=8, min_items=1, cost=0.0, multiple_of=0) -> Key:  # noqa: N802
+    return Key("int", low, high, meaning, items=items, min_items=min_items, cost=cost, multiple_of=multiple_of)
+
+
+def Floats(low, high, meaning="", items=8, min_items=1, cost=0.0) -> Key:  # noqa: N802
+    return Key("float", low, high, meaning, items=items, min_items=min_items, cost=cost)
+
+
+def Choices(choices, meaning="", min_items=1, cost=0.0) -> Key:  # noqa: N802
+    return Key("str", meaning=meaning, choices=tuple(choices), items=len(choices), min_items=min_items, cost=cost)
+
+
 @dataclass(frozen=True)
 class ExperimentInfo:
     """One runnable miniature experiment.
 
-    ``defaults`` are the documented knobs (``--set key=value`` may override each; the
-    value's type is the default's type); ``quick`` overrides some of them for
-    ``--quick`` (≤ 30 s on 2 cores). ``entry`` is ``"module:function"``, imported only
-    when the experiment runs.
+    ``defaults`` are the documented knobs (``--set key=value`` may override each); ``keys``
+    gives each one its :class:`Key` (type, accepted range, meaning, cost), checked before a
+    run; ``quick`` overrides some of them for ``--quick`` (≤ 30 s on 2 cores). ``entry`` is
+    ``"module:function"``, imported only when the experiment runs.
     """
 
     name: str
@@ -68,6 +220,16 @@ class ExperimentInfo:
     tune_entry: str = ""  # "module:function" (config, progress) -> {"tuning", "defaults"}, if the arms are tuned
     packages: Sequence[str] = ()  # distributions whose versions go into results.json
     plot_caption: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+
+    def __post_init__(self):
+        missing, extra = set(self.defaults) - set(self.keys), set(self.keys) - set(self.defaults)
+        if missing or extra:
+            raise ValueError(f"catalogue experiment {self.name}: keys without a documented range "
+                             f"{sorted(missing)}, ranges without a key {sorted(extra)}")
+        for source in (self.defaults, self.quick):
+            for key, value in source.items():
+                self.keys[key].check(key, value)  # a default outside its own range is the author's error
 
     def processes(self, config: Mapping[str, Any]) -> int:
         """How many processes a run with ``config`` computes in at once (1 unless it forks workers)."""
@@ -150,39 +312,10 @@ def seed_means(per_seed: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[st
     return metrics
 
 
-def _parse_value(key: str, text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise CatalogueError(f"--set {key}={text}: expected true or false")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise CatalogueError(f"--set {key}={text}: expected an integer") from None
-    if isinstance(default, float):
-        try:
-            value = float(text)
-        except ValueError:
-            raise CatalogueError(f"--set {key}={text}: expected a number") from None
-        if not math.isfinite(value):
-            raise CatalogueError(f"--set {key}={text}: expected a finite number")
-        return value
-    if isinstance(default, (list, tuple)):
-        try:
-            value = ast.literal_eval(text) if text.strip().startswith(("[", "(")) else [
-                ast.literal_eval(p) if p.strip() else p for p in text.split(",")]
-        except (ValueError, SyntaxError):
-            value = [p.strip() for p in text.split(",")]
-        return type(default)(value if isinstance(value, (list, tuple)) else [value])
-    return text
-
-
 def resolve_config(info: ExperimentInfo, quick: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults, then ``quick`` overrides, then ``key=value`` overrides (typed like the default)."""
+    """Defaults, then ``quick`` overrides, then ``key=value`` overrides, each checked against its :class:`Key`
+    (type and range) before anything runs: a bad one is a one-line CatalogueError naming the key, the value
+    and the accepted range."""
     config = dict(info.defaults)
     if quick:
         config.update(info.quick)
@@ -194,8 +327,28 @@ def resolve_config(info: ExperimentInfo, quick: bool, overrides: Sequence[str] =
         if key not in info.defaults:
             raise CatalogueError(
                 f"--set {key}: unknown key for {info.name}; valid keys: {', '.join(sorted(info.defaults))}")
-        config[key] = _parse_value(key, text, info.defaults[key])
+        config[key] = info.keys[key].parse(key, text, info.defaults[key])
     return config
+
+
+def check_seeds(seeds: int, seed: int) -> list[int]:
+    """The evaluation seeds ``seed .. seed+seeds-1``, or a one-line CatalogueError for a count or start out of range."""
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise CatalogueError(f"--seeds {seeds}: takes 1..{MAX_SEEDS}")
+    if not 0 <= seed <= MAX_SEED:
+        raise CatalogueError(f"--seed {seed}: takes 0..{MAX_SEED}")
+    return list(range(seed, seed + seeds))
+
+
+def key_table(info: ExperimentInfo) -> list[dict[str, str]]:
+    """Each ``--set`` key of ``info``: name, default, --quick value, accepted values, meaning (for help and show)."""
+    rows = []
+    for name, default in info.defaults.items():
+        spec = info.keys[name]
+        rows.append({"key": name, "default": _plain(default),
+                     "quick": _plain(info.quick[name]) if name in info.quick else "",
+                     "accepted": spec.describe(), "meaning": spec.meaning})
+    return rows
 
 
 def _versions(info: ExperimentInfo) -> dict[str, str]:
@@ -305,6 +458,42 @@ def results_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(info: ExperimentInfo, width: int = 100) -> str:
+    """``asyncgen catalogue show NAME``: paper, claim, seeds, every ``--set`` key (default, --quick value, accepted
+    values, meaning), the committed default run's time, tuned values and goals; lines of at most ``width``."""
+    import textwrap
+
+    def wrapped(text: str, indent: str = "", first: str = "") -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=first or indent, subsequent_indent=indent) or [first]
+
+    lines = [f"{info.name} ({info.family})"]
+    lines += wrapped(info.paper, "  ", "paper: ") + wrapped(info.claim, "  ", "claim: ")
+    lines += wrapped(f"{info.default_seeds} by default, {info.quick_seeds} with --quick; evaluation seeds start at "
+                     f"--seed (0), tuning seeds are >= 100", "  ", "seeds: ")
+    report = committed_report(info.name)
+    measured = measured_seconds(info.name)
+    if measured is not None:
+        lines += wrapped(f"{measured[0]:.1f} s wall, {measured[1]:.1f} s CPU in {report.get('processes', 1)} "
+                         f"process(es) on seeds {report.get('seeds')}", "  ", "committed default run: ")
+    lines += ["", "keys (--set KEY=VALUE, checked before the run; a list is comma-separated):"]
+    for row in key_table(info):
+        quick = f"  (--quick: {row['quick']})" if row["quick"] else ""
+        lines += wrapped(f"{row['key']} = {row['default']}{quick}", "      ", "  ")
+        lines += wrapped(f"{row['accepted']}" + (f"; {row['meaning']}" if row["meaning"] else ""), "      ")
+    tuning = (report or {}).get("tuning") or (committed_tuning(info.name) or {}).get("tuning")
+    if tuning:
+        lines += ["", "tuned values (asyncgen catalogue tune):"]
+        for line in tuning_lines(tuning):
+            lines += wrapped(line[2:], "    ", "  - ")
+    if report is not None and report.get("goals"):
+        goals = report["goals"]
+        lines += ["", f"goals of the committed run ({sum(g['passed'] for g in goals.values())}/{len(goals)} met):"]
+        for name, goal in goals.items():
+            lines += wrapped(f"{'PASS  ' if goal['passed'] else 'MISSED'} {name}: {_format(goal['value'])} "
+                             f"{goal['direction']} {_format(goal['threshold'])}", "           ", "  ")
+    return "\n".join(lines)
+
+
 TUNING_META = ("grid", "seeds", "criterion", "scores")
 
 
@@ -368,21 +557,102 @@ def plot_png(plot: Plot) -> bytes:
 
 
 class Progress:
-    """A tqdm bar over the experiment's units of work, shown only when the run takes more than a few seconds."""
+    """Progress over the experiment's units of work, on standard error: a tqdm bar (``mode="bar"``, for a
+    terminal; shown once the run has taken a few seconds), a line every ``interval`` seconds (``"lines"``,
+    for a long run whose standard error is a file or a pipe), or nothing (``"off"``; ``True``/``False`` mean
+    ``"bar"``/``"off"``). Writing it can never fail the run: a closed or full standard error only stops it."""
 
-    def __init__(self, total: int = 0, desc: str = "", enabled: bool = True):
+    def __init__(self, total: int = 0, desc: str = "", enabled: bool | str = True, interval: float = 30.0):
+        mode = {True: "bar", False: "off"}.get(enabled, enabled) if isinstance(enabled, bool) else enabled
+        if mode not in ("bar", "lines", "off"):
+            raise ValueError(f"progress mode {enabled!r}: expected bar, lines or off")
+        self.mode, self.desc, self.total, self.done, self.interval = mode, desc, total, 0, interval
+        self._start = self._last = time.monotonic()
+        self._bar = None
+        if mode == "bar":
+            self._guard(self._open_bar)
+
+    def _open_bar(self):
+        import sys
+
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, disable=not enabled, delay=3.0, leave=False, dynamic_ncols=True)
+        self._bar = tqdm(total=self.total, desc=self.desc, delay=3.0, leave=False, dynamic_ncols=True,
+                         file=sys.stderr)
+
+    def _guard(self, action) -> None:
+        try:
+            action()
+        except (OSError, ValueError, AttributeError):  # closed (ValueError, or None) or failing standard error
+            self.mode, self._bar = "off", None
 
     def set_total(self, total: int) -> None:
-        self._bar.reset(total=total)
+        self.total = total
+        if self._bar is not None:
+            self._guard(lambda: self._bar.reset(total=total))
 
     def update(self, n: int = 1) -> None:
-        self._bar.update(n)
+        self.done += n
+        if self._bar is not None:
+            self._guard(lambda: self._bar.update(n))
+        elif self.mode == "lines":
+            now = time.monotonic()
+            if now - self._last >= self.interval or (self.total and self.done >= self.total):
+                self._last = now
+                self._guard(lambda: self._line(now))
+
+    def _line(self, now: float) -> None:
+        import sys
+
+        elapsed = now - self._start
+        share = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f} %)" if self.total else f"{self.done}"
+        left = ""
+        if self.total and 0 < self.done < self.total:
+            left = f", about {duration(elapsed * (self.total - self.done) / self.done)} left"
+        print(f"{self.desc}: {share} done after {duration(elapsed)}{left}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._guard(self._bar.close)
+            self._bar = None
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+#: a run expected to take longer than this (wall seconds) says so before it starts and shows its progress
+LONG_SECONDS = 30.0
+
+
+def expected_seconds(info: ExperimentInfo, config: Mapping[str, Any], seeds: int) -> tuple[float, float] | None:
+    """(wall, CPU) seconds a run of ``info`` with ``config`` on ``seeds`` seeds is expected to take: the committed
+    default run's measured CPU seconds scaled by the seeds and by each key's ``cost`` (value against the committed
+    run's), wall time as CPU over the processes that compute at once. None where no run was measured."""
+    report = committed_report(info.name)
+    if report is None or "cpu_seconds" not in report:
+        return None
+    base = report.get("config", {})
+    factor = seeds / max(1, len(report.get("seeds", ())) or 1)
+    for key, spec in info.keys.items():
+        if not spec.cost or key not in config:
+            continue
+        was, now = base.get(key, info.defaults[key]), config[key]
+        if spec.items:
+            was, now = len(was), len(now)
+        try:
+            ratio = float(now) / float(was)
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if ratio >= 0:
+            factor *= ratio ** spec.cost
+    cpu = float(report["cpu_seconds"]) * factor
+    return cpu / max(1, min(info.processes(config), os.cpu_count() or 1)), cpu
 
 
 def map_in_processes(function, tasks, processes: int, progress: Progress):
@@ -412,19 +682,67 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
-                   overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
-                   progress: bool = True) -> dict:
-    """Run ``info`` on seeds ``seed .. seed+seeds-1``; write the three files into ``out`` (if given); the report."""
-    from asyncgen.evaluation.reporting import write_atomic, write_json
+RESULT_FILES = ("results.json", "results.md", "results.png")
 
+
+def check_out(out: str | os.PathLike, files: Sequence[str]) -> list[Path]:
+    """Fail before any work, in one line (``--out ...``), if ``out`` cannot receive ``files``: ``out`` or a parent
+    is a file, a name is too long, the folder is not writable or has no room, a file is a folder."""
+    from asyncgen.cli.files import check_output_paths
+
+    paths = [Path(out) / name for name in files]
+    try:
+        return check_output_paths(paths, kind="file")
+    except ValueError as exc:
+        raise CatalogueError(f"--out {exc}") from None
+
+
+@dataclass
+class RunPlan:
+    """A run checked before it starts: its configuration, seeds, output files and expected seconds."""
+
+    info: ExperimentInfo
+    config: dict[str, Any]
+    seeds: list[int]
+    out: Path | None
+    expected: tuple[float, float] | None  # (wall, CPU) seconds; None if no run was measured
+
+    @property
+    def long(self) -> bool:
+        return self.expected is not None and self.expected[0] > LONG_SECONDS
+
+    def announcement(self) -> str:
+        wall, cpu = self.expected
+        return (f"{self.info.name}: this run is expected to take about {duration(wall)} ({duration(cpu)} of CPU; "
+                f"the committed default run's measured time scaled by --seeds and --set); progress follows on "
+                f"standard error")
+
+
+def plan_run(info: ExperimentInfo, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
+             overrides: Sequence[str] = (), out: str | os.PathLike | None = None) -> RunPlan:
+    """Everything a run checks before it starts (configuration and ranges, seeds, output paths): one-line
+    CatalogueErrors, nothing written."""
     config = resolve_config(info, quick, overrides)
     count = seeds if seeds is not None else (info.quick_seeds if quick else info.default_seeds)
-    if count < 1:
-        raise CatalogueError(f"--seeds {count}: need at least 1")
-    if seed < 0:
-        raise CatalogueError(f"--seed {seed}: need a seed >= 0")
-    seed_list = list(range(seed, seed + count))
+    seed_list = check_seeds(count, seed)
+    if out is not None:
+        check_out(out, RESULT_FILES)
+    return RunPlan(info, config, seed_list, None if out is None else Path(out),
+                   expected_seconds(info, config, len(seed_list)))
+
+
+def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
+                   overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
+                   progress: bool | str = True, plan: RunPlan | None = None) -> dict:
+    """Run ``info`` on seeds ``seed .. seed+seeds-1``; write the three files into ``out`` (if given); the report.
+
+    The configuration, the seeds and ``out`` are checked before the run (:func:`plan_run`); the three files are
+    written together after it, whole or none (an OutputError, one line with the path and the errno, if that fails).
+    ``progress``: ``"bar"``/True, ``"lines"`` or ``"off"``/False (see :class:`Progress`).
+    """
+    if plan is None:
+        plan = plan_run(info, quick=quick, seeds=seeds, seed=seed, overrides=overrides, out=out)
+    config, seed_list = plan.config, plan.seeds
     run = info.load()
     bar = Progress(desc=info.name, enabled=progress)
     cpu_start = _cpu_seconds()
@@ -456,35 +774,49 @@ def run_experiment(info: ExperimentInfo, *, quick: bool = False, seeds: int | No
     }
     if result.tuning is not None:
         report["tuning"] = result.tuning
-    if out is not None:
-        out = Path(out)
-        path = write_json(out / "results.json", report)
-        # results.md is rendered from what results.json holds, so it can be re-rendered from the file alone
-        write_atomic(out / "results.md", results_markdown(load_report(path)))
-        if result.plot is not None:
-            write_atomic(out / "results.png", plot_png(result.plot))
+    if plan.out is not None:
+        write_results(plan.out, report, result.plot)
     return report
+
+
+def write_results(out: str | os.PathLike, report: dict, plot: Plot | None) -> list[Path]:
+    """``results.json``, ``results.md`` (rendered from what results.json holds, so it can be re-rendered from the
+    file alone) and ``results.png`` (if there is a plot), written together: all whole, or none changed."""
+    from asyncgen.cli.files import write_all
+    from asyncgen.evaluation.reporting import json_text
+
+    out = Path(out)
+    text = json_text(report)
+    files = {out / "results.json": text, out / "results.md": results_markdown(report_from_json(text))}
+    if plot is not None:
+        files[out / "results.png"] = plot_png(plot)
+    return write_all(files)
 
 
 def render_markdown(folder: str | os.PathLike) -> Path:
     """Rewrite ``folder/results.md`` from ``folder/results.json`` (after a change to the results.md layout)."""
-    from asyncgen.evaluation.reporting import write_atomic
+    from asyncgen.cli.files import write_all
 
     folder = Path(folder)
-    return write_atomic(folder / "results.md", results_markdown(load_report(folder / "results.json")))
+    text = results_markdown(load_report(folder / "results.json"))
+    return write_all({folder / "results.md": text})[0]
 
 
 def run_tuning(info: ExperimentInfo, *, quick: bool = False, overrides: Sequence[str] = (),
-               out: str | os.PathLike | None = None, progress: bool = True) -> dict:
+               out: str | os.PathLike | None = None, progress: bool | str = True) -> dict:
     """Run ``info``'s tuning step (on its tuning seeds, >= 100) and write ``tuning.json`` into ``out`` (if given).
 
     The report holds the chosen values per arm, the grids, the tuning seeds and each grid value's score, and
-    ``defaults``: the config keys to commit as the experiment's defaults.
+    ``defaults``: the config keys to commit as the experiment's defaults. The configuration and ``out`` are
+    checked before the tuning runs.
     """
-    from asyncgen.evaluation.reporting import write_json
+    from asyncgen.cli.files import write_all
+    from asyncgen.evaluation.reporting import json_text
 
     config = resolve_config(info, quick, overrides)
     tuner = info.load_tuner()
+    if out is not None:
+        check_out(out, ["tuning.json"])
     bar = Progress(desc=f"tune {info.name}", enabled=progress)
     cpu_start, start = _cpu_seconds(), time.perf_counter()
     try:
@@ -495,5 +827,5 @@ def run_tuning(info: ExperimentInfo, *, quick: bool = False, overrides: Sequence
               "wall_seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start,
               "tuning": result["tuning"], "defaults": result["defaults"]}
     if out is not None:
-        write_json(Path(out) / "tuning.json", report)
+        write_all({Path(out) / "tuning.json": json_text(report)})
     return report

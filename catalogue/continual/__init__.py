@@ -8,7 +8,7 @@ This ``__init__`` only describes the experiment; the methods live in
 
 from __future__ import annotations
 
-from asyncgen.catalogue.frame import ExperimentInfo
+from asyncgen.catalogue.frame import Choices, ExperimentInfo, Float, Int
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -36,6 +36,21 @@ EXPERIMENTS = [
         quick={"epochs": 3, "permuted_epochs": 1, "tasks": 2},
         default_seeds=1,
         quick_seeds=1,
+        keys={
+            "tasks": Int(1, 5, "tasks learnt one after another (split digits has 5)", cost=1.0),
+            "epochs": Int(1, 1000, "epochs per task on split digits", cost=1.0),
+            "permuted_epochs": Int(1, 1000, "epochs per task on permuted digits"),
+            "batch_size": Int(1, 1024, "mini-batch size"),
+            "lr": Float(1e-6, 1.0, "learning rate (Adam)"),
+            "embedding_dim": Int(1, 1024, "task-embedding dimension"),
+            "gamma": Float(0.0, 100.0, "HyperInterval's interval radius γ"),
+            "kappa_min": Float(0.0, 1.0, "HyperInterval's smallest weight κ of the worst-case loss"),
+            "beta_reg": Float(0.0, 100.0, "hypernetwork output regulariser β"),
+            "ewc_lambda": Float(0.0, 1e7, "EWC's penalty λ"),
+            "hyper_input_scale": Float(1e-6, 10.0, "scale of the embeddings fed to the hypernetwork"),
+            "test_fraction": Float(0.05, 0.9, "share of each task held out for testing"),
+            "benchmarks": Choices(("split", "permuted"), "benchmarks run", cost=1.0),
+        },
         packages=("scikit-learn",),
         plot_caption="accuracy on each task's test set after the last task",
     ),

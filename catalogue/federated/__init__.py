@@ -9,7 +9,10 @@ optional: it only describes the experiments for ``asyncgen catalogue``.
 
 from __future__ import annotations
 
-from ..frame import ExperimentInfo
+from ..frame import Choice, ExperimentInfo, Float, Floats, Int, Ints
+
+# Each key's range keeps a run, with the other keys at their defaults, within a few hours on 2 cores:
+# the keys with a cost (rounds, local steps, batch) may grow about 100x over the committed default.
 
 PACKAGES = ("simpy", "scikit-learn", "flwr")
 _SHARED = {"lr": 0.05, "B": 8}
@@ -18,6 +21,23 @@ _SHARED = {"lr": 0.05, "B": 8}
 # tune_seeds (>= 100) over tune_points values of η_g per arm
 _TUNING = {"tune_seeds": [100, 101], "tune_points": 5}
 _QUICK_TUNING = {"tune_seeds": [100], "tune_points": 3}
+PROFILES = ("lognormal", "two-class", "linear", "exponential", "shifted-exp")
+ETA = Float(1e-4, 1e4, "server step size η_g of this arm (from `asyncgen catalogue tune`)")
+_SHARED_KEYS = {"lr": Float(1e-5, 10.0, "client learning rate"),
+                "B": Int(1, 512, "client mini-batch size", cost=1.0)}
+_TUNING_KEYS = {"tune_seeds": Ints(100, 10**6, "tuning seeds (>= 100: never an evaluation seed)", items=16),
+                "tune_points": Int(1, 25, "grid values of η_g tried per arm when tuning")}
+ALPHA = Float(0.01, 100.0, "Dirichlet concentration of the clients' label split (smaller: less alike)")
+STALENESS = Float(0.0, 5.0, "staleness exponent a of s(τ) = (1 + τ)^-a")
+
+
+def _rounds(high: int) -> Int:
+    return Int(1, high, "server rounds (or the synchronous baseline's, which sets the time budget); work grows "
+                        "with it", cost=1.0)
+
+
+def _local_steps(high: int = 500) -> Int:
+    return Int(1, high, "local SGD steps per client update", cost=1.0)
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -34,6 +54,18 @@ EXPERIMENTS = [
                   **_TUNING},
         quick={"rounds": 4, **_QUICK_TUNING},
         tune_entry="asyncgen.catalogue.federated.experiments:tune_fedbuff",
+        keys={"N": Int(1, 1000, "clients"),
+              "concurrencies": Ints(1, 1000, "the two concurrencies C compared, small then large (<= N)", items=2,
+                                    min_items=2),
+              "K": Int(1, 1000, "FedBuff's buffer size (updates per server step)", cost=1.0),
+              "Q": _local_steps(), "alpha": ALPHA, "profile": Choice(PROFILES, "client speed profile"),
+              "rounds": _rounds(4000), "o": Float(1.0, 10.0, "FedAvg's over-selection factor"),
+              "a": STALENESS, "server_momentum": Float(0.0, 0.999, "FedBuff's server momentum"), **_SHARED_KEYS,
+              "eta_g_fedavg": Floats(1e-4, 1e4, "FedAvg's η_g at the small and the large C", items=2, min_items=2),
+              "eta_g_fedbuff": Floats(1e-4, 1e4, "FedBuff's η_g at the small and the large C", items=2, min_items=2),
+              "eta_g_fedasync": Floats(1e-4, 1e4, "FedAsync's η_g at the small and the large C", items=2,
+                                       min_items=2),
+              **_TUNING_KEYS},
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time, C=100 and C=10",
     ),
@@ -50,6 +82,12 @@ EXPERIMENTS = [
                   "tune_seeds": [100], "tune_points": 5},
         quick={"rounds": 6, **_QUICK_TUNING},
         tune_entry="asyncgen.catalogue.federated.experiments:tune_favano",
+        keys={"N": Int(1, 1000, "clients"), "s": Int(1, 1000, "clients sampled per server period (<= N)"),
+              "K": _local_steps(), "period": Float(0.01, 100.0, "FAVANO's server period in simulated time"),
+              "alpha": ALPHA, "slow_fraction": Float(0.0, 1.0, "share of the late classes held by slow clients"),
+              "rounds": _rounds(6000), "fedbuff_K": Int(1, 1000, "FedBuff's buffer size"), "a": STALENESS,
+              **_SHARED_KEYS, "eta_g_fedavg": ETA, "eta_g_fedbuff": ETA, "eta_g_favano": ETA,
+              "eta_g_favano_noreweight": ETA, **_TUNING_KEYS},
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -67,6 +105,13 @@ EXPERIMENTS = [
                   **_TUNING},
         quick={"rounds": 6, **_QUICK_TUNING},
         tune_entry="asyncgen.catalogue.federated.experiments:tune_fedfix",
+        keys={"M": Int(1, 1000, "clients"), "Q": _local_steps(), "dt": Float(0.01, 100.0, "FedFix's clock period Δt"),
+              "other_dts": Floats(0.01, 100.0, "more periods Δt run as extra FedFix arms", items=4, min_items=0,
+                                  cost=0.25),
+              "alpha": ALPHA, "rounds": _rounds(6000), "fedbuff_K": Int(1, 1000, "FedBuff's buffer size"),
+              **_SHARED_KEYS, "eta_g_fedavg": ETA,
+              "eta_g_fedfix": Floats(1e-4, 1e4, "FedFix's η_g, one per Δt in [dt, *other_dts]", items=5),
+              "eta_g_async": ETA, "eta_g_fedbuff": ETA, **_TUNING_KEYS},
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -83,6 +128,12 @@ EXPERIMENTS = [
                   "tune_seeds": [100], "tune_points": 5},
         quick={"rounds": 3, **_QUICK_TUNING},
         tune_entry="asyncgen.catalogue.federated.experiments:tune_fedcompass",
+        keys={"N": Int(1, 1000, "clients"), "Qmax": Int(1, 1000, "most local steps a client is given", cost=1.0),
+              "Qmin_fraction": Float(0.01, 1.0, "fewest local steps, as a share of Qmax"),
+              "lambda": Float(1.0, 10.0, "FedCompass's latest-arrival factor λ"), "alpha": ALPHA,
+              "rounds": _rounds(3000), "fedbuff_K": Int(1, 1000, "FedBuff's buffer size"), "a": STALENESS,
+              **_SHARED_KEYS, "eta_g_fedavg": ETA, "eta_g_fedasync": ETA, "eta_g_fedbuff": ETA,
+              "eta_g_fedcompass": ETA, **_TUNING_KEYS},
         packages=PACKAGES,
         plot_caption="test accuracy against simulated time",
     ),
@@ -98,6 +149,13 @@ EXPERIMENTS = [
         defaults={"M": 3, "N": 300, "R": 48, "g": 4, "Q": 5, "alpha": 1.0, "rounds": 30, "lr": 0.1, "B": 8,
                   "eta_g": 0.5, "near_target": 0.98},
         quick={"rounds": 3},
+        keys={"M": Int(1, 3, "tasks trained at once (of the experiment's 3)"), "N": Int(1, 1000, "clients"),
+              "R": Int(1, 1000, "client updates in flight (>= g·M)"),
+              "g": Int(1, 1000, "FedAST's buffer granularity (updates per server step per task)"),
+              "Q": _local_steps(), "alpha": ALPHA, "rounds": _rounds(3000),
+              "lr": Float(1e-5, 10.0, "client learning rate"),
+              "B": Int(1, 512, "client mini-batch size", cost=1.0), "eta_g": Float(1e-4, 1e4, "server step η_g"),
+              "near_target": Float(0.5, 1.0, "the near-converged target, as a share of sync-st's final accuracy")},
         packages=PACKAGES,
         plot_caption="test accuracy of each task against simulated time",
     ),

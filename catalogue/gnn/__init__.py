@@ -14,7 +14,7 @@ bounded-delay) inference runner.
 This module imports nothing optional (``pip install 'asyncgen[gnn]'`` for the rest).
 """
 
-from asyncgen.catalogue.frame import ExperimentInfo
+from asyncgen.catalogue.frame import Choices, ExperimentInfo, Float, Int
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -47,6 +47,24 @@ EXPERIMENTS = [
                "hogwild_graphs": 1},
         default_seeds=3,
         quick_seeds=1,
+        keys={
+            "arms": Choices(("gcn", "gin", "ignn", "energy-gnn"), "models compared", cost=1.0),
+            "train_graphs": Int(1, 1600, "training graphs per task", cost=1.0),
+            "test_graphs": Int(1, 1600, "test graphs per task"),
+            "epochs": Int(1, 150, "training epochs", cost=1.0),
+            "batch_graphs": Int(1, 1024, "graphs per mini-batch"),
+            "lr": Float(1e-6, 1.0, "learning rate (Adam)"),
+            "hidden": Int(1, 256, "hidden width of GCN and GIN", cost=0.5),
+            "state_dim": Int(1, 128, "node state dimension of IGNN and the energy GNN"),
+            "width": Int(1, 256, "width of the energy GNN's convex network", cost=0.5),
+            "beta": Float(1e-6, 1e3, "energy GNN's β"),
+            "step": Float(1e-6, 10.0, "energy GNN's gradient step"),
+            "tol": Float(1e-12, 1e-1, "fixed-point tolerance"),
+            "p": Float(0.01, 1.0, "probability a node updates in a hogwild step"),
+            "max_delay": Int(0, 1000, "largest delay (steps) of a neighbour's state in hogwild inference"),
+            "schedules": Int(1, 250, "random hogwild schedules per graph", cost=1.0),
+            "hogwild_graphs": Int(1, 64, "test graphs run under hogwild inference (<= test_graphs)", cost=1.0),
+        },
         packages=("torch-geometric", "scikit-learn"),
         plot_caption="relative error of hogwild outputs per graph (quantiles) and task metrics sync vs hogwild",
     )

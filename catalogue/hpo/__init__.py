@@ -2,7 +2,7 @@
 optimisation, an optuna sampler) and Iterative Deepening Hyperband (an ask/tell scheduler
 with an optuna-storage adapter). Light: describes the experiments only (no optional imports)."""
 
-from ..frame import ExperimentInfo
+from ..frame import Bool, Choices, ExperimentInfo, Float, Int
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -23,6 +23,16 @@ EXPERIMENTS = [
         default_seeds=3,
         quick_seeds=1,
         processes_key="processes",
+        keys={"arms": Choices(("aegis", "random", "kb-ei", "local-penalisation", "thompson", "gp-sampler"),
+                              "methods compared", cost=1.0),
+              "workers": Int(1, 64, "asynchronous workers (points evaluated at once)"),
+              "evaluations_branin": Int(5, 300, "evaluations per run on Branin", cost=2.0),
+              "evaluations_hartmann6": Int(13, 300, "evaluations per run on Hartmann6", cost=2.0),
+              "refit_every": Int(1, 100, "evaluations between GP hyperparameter refits"),
+              "num_restarts": Int(1, 64, "acquisition optimiser restarts", cost=1.0),
+              "raw_samples": Int(16, 8192, "raw samples seeding the acquisition optimiser", cost=0.5),
+              "one_worker_check": Bool("also run AEGiS with one worker (the sequential check)"),
+              "processes": Int(1, 64, "processes the runs are spread over")},
         packages=("optuna", "botorch", "gpytorch", "torch"),
         plot_caption="median log10 simple regret against completed evaluations",
     ),
@@ -37,6 +47,11 @@ EXPERIMENTS = [
         quick={},
         default_seeds=20,
         quick_seeds=2,
+        keys={"eta": Int(2, 9, "Hyperband's reduction factor η"),
+              "r_min": Float(0.01, 100.0, "smallest budget"),
+              "first_max_budget": Float(1.0, 6561.0, "max budget of the first run (the second is η times it)",
+                                        cost=1.0),
+              "noise": Float(0.0, 1.0, "observation noise of the learning curves")},
         packages=("numpy",),
         plot_caption="true final loss of the incumbent against cumulative budget",
     ),

@@ -1,7 +1,7 @@
 """Network simulation: real-time video over sparse LEO constellations with an adaptive pacer
 queue limit around handovers (simpy). Light: describes the experiment only (no optional imports)."""
 
-from ..frame import ExperimentInfo
+from ..frame import ExperimentInfo, Float, Int
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -18,6 +18,15 @@ EXPERIMENTS = [
         default_seeds=10,
         quick_seeds=1,
         processes_key="workers",
+        keys={"dynamic_seconds": Float(10.0, 7200.0, "length of each dynamic (handover-heavy) trace, s", cost=1.0),
+              "stable_seconds": Float(10.0, 7200.0, "length of each stable trace, s", cost=1.0),
+              "tune_seeds": Int(1, 200, "traces (seeds 100..) the handover predictor is trained on", cost=0.5),
+              "stable_limit_ms": Float(10.0, 10000.0, "adaptive pacer's queue limit away from handovers, ms"),
+              "handover_limit_ms": Float(10.0, 60000.0, "adaptive pacer's queue limit around handovers, ms"),
+              "lead_s": Float(0.0, 30.0, "how long before a predicted handover the limit is raised, s"),
+              "schedule_jitter_s": Float(0.0, 30.0, "jitter of the published handover schedule, s"),
+              "schedule_miss": Float(0.0, 1.0, "share of handovers missing from the schedule"),
+              "workers": Int(1, 64, "worker processes")},
         packages=("simpy", "scikit-learn", "numpy"),
         plot_caption="GCC target bitrate against time on dynamic and stable traces",
     ),

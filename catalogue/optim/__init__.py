@@ -11,7 +11,7 @@ This module imports nothing optional; the method modules need only torch, the
 experiment needs scikit-learn (``pip install 'asyncgen[optim]'``).
 """
 
-from asyncgen.catalogue.frame import ExperimentInfo
+from asyncgen.catalogue.frame import Choice, ExperimentInfo, Float, Floats, Int, Ints
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -43,6 +43,24 @@ EXPERIMENTS = [
                "lr_grid": [0.1], "rhos": [2.0], "quad_probe_lr": 0.0},
         default_seeds=3,
         quick_seeds=1,
+        keys={
+            "momentum": Float(0.0, 0.999, "SGD momentum"),
+            "rhos": Floats(0.01, 100.0, "Adaptive Braking's ρ values compared (must include 2)", items=8, cost=0.5),
+            "granularity": Choice(("tensor", "global"), "one braking cosine per tensor or one for the model"),
+            "quad_dims": Int(2, 10000, "dimension of the quadratic"),
+            "quad_steps": Int(10, 200000, "steps on the quadratic", cost=0.2),
+            "quad_lr": Float(1e-6, 10.0, "learning rate on the quadratic"),
+            "quad_noise": Float(0.0, 10.0, "gradient noise on the quadratic"),
+            "quad_delays": Ints(0, 1024, "gradient delays D on the quadratic (must include 0)", items=16),
+            "quad_probe_lr": Float(0.0, 10.0, "a second quadratic learning rate reported at the largest D (0: none)"),
+            "digits_epochs": Int(1, 2000, "epochs of the digits MLP", cost=0.8),
+            "digits_batch": Int(1, 1024, "digits mini-batch size"),
+            "digits_hidden": Int(1, 2048, "digits MLP hidden width", cost=1.0),
+            "digits_delays": Ints(0, 1024, "gradient delays D on digits (must include 0)", items=16, cost=1.0),
+            "lr_grid": Floats(1e-6, 10.0, "learning rates tried per arm on the tuning seeds", items=16),
+            "tune_seed": Int(100, 10**6, "first tuning seed (>= 100: never an evaluation seed)"),
+            "tune_seeds": Int(1, 20, "tuning seeds"),
+        },
         packages=("scikit-learn",),
         plot_caption="test accuracy vs gradient delay (digits MLP) and f/f0 vs step on the quadratic at D=32",
     )

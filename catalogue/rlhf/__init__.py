@@ -9,7 +9,7 @@ This ``__init__`` imports nothing optional; the trainers live in :mod:`.async_on
 
 from __future__ import annotations
 
-from asyncgen.catalogue.frame import ExperimentInfo
+from asyncgen.catalogue.frame import ExperimentInfo, Float, Int, Ints
 
 EXPERIMENTS = [
     ExperimentInfo(
@@ -26,6 +26,19 @@ EXPERIMENTS = [
                "reward_pairs": 200, "reward_epochs": 1, "eval_prompts": 32},
         default_seeds=1,
         quick_seeds=1,
+        keys={"off_policy_steps": Ints(1, 256, "off-policyness N values compared", items=8, cost=1.0),
+              "updates": Int(1, 4800, "policy updates per run", cost=1.0),
+              "prompts_per_update": Int(1, 256, "prompts per update"),
+              "lr": Float(1e-7, 1.0, "policy learning rate"), "beta": Float(1e-4, 100.0, "DPO's β"),
+              "temperature": Float(0.01, 10.0, "sampling temperature"),
+              "n_embd": Int(8, 512, "policy width (GPT-2, 2 heads)", multiple_of=2, cost=1.5),
+              "size_embds": Ints(8, 512, "other policy widths reported at the largest N", items=8, min_items=0,
+                                 multiple_of=2),
+              "sft_steps": Int(1, 30000, "supervised steps of the SFT policy", cost=0.3),
+              "sft_lr": Float(1e-7, 1.0, "SFT learning rate"),
+              "reward_pairs": Int(10, 200000, "preference pairs the reward model is trained on"),
+              "reward_epochs": Int(1, 100, "reward model epochs"),
+              "eval_prompts": Int(1, 25600, "evaluation prompts")},
         packages=("trl", "transformers", "datasets"),
         plot_caption="gold win-rate against SFT samples and KL to the SFT policy, against off-policyness N",
     ),

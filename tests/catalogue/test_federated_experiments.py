@@ -74,7 +74,8 @@ def test_tuning_sees_only_tuning_seeds_and_picks_each_grid_best(monkeypatch, tmp
                                   "eta_g_fedbuff": tuning["fedbuff"]["eta_g"],
                                   "eta_g_fedfix": [tuning[a]["eta_g"] for a in arms[1:4]]}
     assert json.loads((tmp_path / "tuning.json").read_text())["defaults"] == report["defaults"]
-    with pytest.raises(CatalogueError, match=r"tune_seeds=\[3\]: tuning runs only on seeds >= 100"):
+    with pytest.raises(CatalogueError, match=r"^--set tune_seeds=3: not accepted; tune_seeds takes a list of 1-16 "
+                                             r"values, each int in 100..1e6 \(default 100,101\)$"):
         run_tuning(get_experiment("fedfix"), quick=True, overrides=["rounds=3", "tune_seeds=3"], progress=False)
 
 
@@ -95,7 +96,7 @@ def test_bad_set_keys_and_values():
                        progress=False)
     with pytest.raises(CatalogueError, match="s=60"):
         run_experiment(get_experiment("favano"), quick=True, overrides=["s=60"], progress=False)
-    with pytest.raises(CatalogueError, match="M=0: need at least one task"):
+    with pytest.raises(CatalogueError, match=r"M=0: not accepted; M takes an int in 1..3"):
         run_experiment(get_experiment("fedast"), quick=True, overrides=["M=0"], progress=False)
     with pytest.raises(CatalogueError, match="R=8: must be >= g·M"):
         run_experiment(get_experiment("fedast"), quick=True, overrides=["R=8"], progress=False)

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from asyncgen.catalogue import experiments
-from asyncgen.catalogue.frame import (CatalogueError, ExperimentInfo, ExperimentResult, Goal, MissingExtra, Plot,
-                                      Series, load_report, require_extra, resolve_config, results_markdown,
-                                      run_experiment, seed_means)
+from asyncgen.catalogue.frame import (Bool, CatalogueError, Choice, ExperimentInfo, ExperimentResult, Float, Goal,
+                                      Ints, MissingExtra, Plot, Series, load_report, require_extra, resolve_config,
+                                      results_markdown, run_experiment, seed_means)
 
 
 def toy_experiment(config, seeds, progress):
@@ -30,7 +30,9 @@ def toy_experiment(config, seeds, progress):
 TOY = ExperimentInfo(name="toy", family="test", paper="Nobody, Nowhere 2026", claim="a is small",
                      entry=f"{__name__}:toy_experiment", defaults={"scale": 1.0, "label": "x", "flag": False,
                                                                    "sizes": [1, 2]},
-                     quick={"scale": 0.5})
+                     quick={"scale": 0.5},
+                     keys={"scale": Float(0.0, 10.0, "a's factor"), "label": Choice(("x", "y"), "a label"),
+                           "flag": Bool("a flag"), "sizes": Ints(1, 9, "sizes", items=3)})
 
 
 def test_config_defaults_quick_and_overrides():
@@ -40,7 +42,8 @@ def test_config_defaults_quick_and_overrides():
     assert config == {"scale": 3.0, "label": "y", "flag": True, "sizes": [4, 5]}
     with pytest.raises(CatalogueError, match=r"unknown key for toy; valid keys: flag, label, scale, sizes"):
         resolve_config(TOY, quick=False, overrides=["scal=1"])
-    with pytest.raises(CatalogueError, match="expected a finite number"):
+    with pytest.raises(CatalogueError, match=r"^--set scale=nan: not accepted; scale takes a float in 0..10 "
+                                             r"\(default 1\)$"):
         resolve_config(TOY, quick=False, overrides=["scale=nan"])
     with pytest.raises(CatalogueError, match="expected key=value"):
         resolve_config(TOY, quick=False, overrides=["scale"])
