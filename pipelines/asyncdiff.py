@@ -351,9 +351,10 @@ class AsyncDiffPipeline(PipelineWrapper):
             placements = [Placement(n, r) for n in placed for r in range(world)]
         scale = getattr(self.pipeline, "vae_scale_factor", 8)
         latent = (height // scale if height else None, width // scale if width else None)
-        return plan_pipeline(self.hook.split, self.attachment.cuts(), placed, self.topology, self.cfg_parts, None,
-                             latent, denoiser_batch(self.denoiser), replicated, split_encoders, placements=placements,
-                             experts=self.attachment.expert_cuts())
+        with self.attachment.whole_models():
+            return plan_pipeline(self.hook.split, self.attachment.cuts(), placed, self.topology, self.cfg_parts, None,
+                                 latent, denoiser_batch(self.denoiser), replicated, split_encoders,
+                                 placements=placements, experts=self.attachment.expert_cuts())
 
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time.

@@ -36,7 +36,7 @@ from asyncgen.models import (DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_C
                              denoiser_batch)
 from asyncgen.placement.components import place_components
 from asyncgen.placement.planner import Placement
-from asyncgen.placement.residency import release_modules
+from asyncgen.placement.residency import release_modules, released_restored
 from asyncgen.runtime.asyncdiff import DistributedRuntime
 from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, AsyncDiffHook
 from asyncgen.schedules.asyncdiff import Topology
@@ -157,6 +157,15 @@ class AsyncDiffAttachment:
         with contextlib.ExitStack() as stack:
             for hook in self.hooks.values():
                 stack.enter_context(hook.active())
+            yield
+
+    @contextlib.contextmanager
+    def whole_models(self):
+        """Each denoiser as the whole model, running its own forward: for what measures it (a memory plan)."""
+        with contextlib.ExitStack() as stack:
+            for hook in self.hooks.values():
+                stack.enter_context(hook.stock_forward())
+                stack.enter_context(released_restored(hook.split.denoiser))
             yield
 
     def cuts(self, name: str | None = None) -> list[int]:
@@ -315,8 +324,9 @@ def apply_asyncdiff(pipeline, config: AsyncDiffConfig | None = None) -> AsyncDif
         placements = config.components
         if not isinstance(placements, (list, tuple)):
             placed, replicated = components_by_role(pipeline, names)
-            placements = plan_placements(hooks[attribute].split, attachment.cuts(), placed, topology,
-                                         config.cfg_parts, replicated, attachment.expert_cuts())
+            with attachment.whole_models():  # the denoisers' stages are counted whole, released or not
+                placements = plan_placements(hooks[attribute].split, attachment.cuts(), placed, topology,
+                                             config.cfg_parts, replicated, attachment.expert_cuts())
         attachment.components = "planned"
         attachment.component_placements = place_components(pipeline, placements, ctx,
                                                             release=config.free_unused_stages)

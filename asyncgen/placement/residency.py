@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -82,8 +83,9 @@ class ReleasedModule(nn.Module):
     ``pipe.to(device)`` walks its tree; a module left there with parameters on ``meta``
     would stop that walk ("cannot copy out of meta tensor"). The stand-in has no tensors,
     and a call on it is the released module's (with any hook on it: a block split's stage
-    hook passes a block of another stage through without computing it). The released
-    module is held in a tuple so ``nn.Module`` does not register it as a child.
+    hook passes a block of another stage through without computing it), as is a read of
+    an attribute it lacks. The released module is held in a tuple so ``nn.Module`` does
+    not register it as a child.
     """
 
     def __init__(self, released: nn.Module):
@@ -92,6 +94,17 @@ class ReleasedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.released[0](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # the splits read shapes and dtypes of modules they do not run (the output's channel count and dtype
+        # from ``conv_out`` on every rank): those answer as the released module's (its tensors are on meta)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            released = self.__dict__.get("released")
+            if released is None:
+                raise
+            return getattr(released[0], name)
 
     def extra_repr(self) -> str:
         return f"released {type(self.released[0]).__name__}: another rank runs it"
@@ -119,3 +132,18 @@ def release_modules(model: nn.Module, modules: Sequence[nn.Module], keep: Sequen
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ReleasedModule(module))
         replaced.append(name)
     return released
+
+
+@contextlib.contextmanager
+def released_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its released modules back in place of their stand-ins, for what reads the whole model's
+    shapes (sizes, the activation estimate on fake tensors); the stand-ins return on leaving."""
+    swapped = [(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2], m)
+               for name, m in model.named_modules() if isinstance(m, ReleasedModule)]
+    for parent, child, stand_in in swapped:
+        setattr(parent, child, stand_in.released[0])
+    try:
+        yield model
+    finally:
+        for parent, child, stand_in in swapped:
+            setattr(parent, child, stand_in)

@@ -327,6 +327,15 @@ class AsyncDiffHook(ModelHook):
         return module
 
     @contextlib.contextmanager
+    def stock_forward(self):
+        """A context in which the denoiser's calls run its own forward (what measures the model runs it)."""
+        running, self._running = self._running, True
+        try:
+            yield
+        finally:
+            self._running = running
+
+    @contextlib.contextmanager
     def active(self):
         """A context in which a ``scoped`` hook works (the calls of the wrapper that owns it)."""
         token = self._scope.set(True)

@@ -63,11 +63,12 @@ def test_distributed_equals_serial_simulator(sd_path, sdxl_path, world_size):
 
 def _resident(rank, world_size, sd_path):
     wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=world_size, warmup=1)
-    unet = wrapped.denoiser.denoiser
-    shared = sum(p.numel() for m in wrapped.denoiser.split.shared_modules() for p in m.parameters())
-    resident = sum(p.numel() for p in wrapped.denoiser.parameters())
+    unet = wrapped.denoiser  # other ranks' stages are parameterless stand-ins in its tree
+    shared = sum(p.numel() for m in wrapped.hook.split.shared_modules() for p in m.parameters())
+    resident = sum(p.numel() for p in wrapped.hook.resident_parameters())
     on_device = sum(p.numel() for p in unet.parameters() if p.device.type != "meta")
-    total = sum(p.numel() for p in unet.parameters())
+    modules = wrapped.hook.split.shared_modules() + [m for s in wrapped.stages for m in s.modules()]
+    total = sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
     images = wrapped(**call_kwargs(num_inference_steps=3)).images  # still runs after the release
     return dict(shared=shared, resident=resident, on_device=on_device, total=total, finite=bool(np.isfinite(images).all()))
 

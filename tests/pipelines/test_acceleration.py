@@ -148,7 +148,7 @@ def test_one_stage_needs_no_timestep_lookup(sd_path):
     seen = []
 
     def probe(pipe, step, timestep, callback_kwargs):
-        seen.append((wrapped.denoiser._upcoming is None, len(wrapped.denoiser._timesteps)))
+        seen.append((wrapped.hook.main._upcoming is None, len(wrapped.hook.main._timesteps)))
         return callback_kwargs
 
     wrapped(**call_kwargs(num_inference_steps=5), callback_on_step_end=probe)

@@ -16,7 +16,8 @@ from torch import nn
 import tiny_models
 from asyncgen.split.registry import split_denoiser
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.runtime.staged_denoiser import default_warmup
+from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, default_warmup
+from diffusers.hooks import HookRegistry
 from tiny_models import call_kwargs
 
 
@@ -131,12 +132,12 @@ def test_default_warmup_is_five_percent(sd_path):
     used = []
 
     def record(pipe, step, timestep, callback_kwargs):
-        used.append(wrapped.denoiser.schedule.exact_steps)
+        used.append(wrapped.hook.schedule.exact_steps)
         return callback_kwargs
 
     images = _images(wrapped, callback_on_step_end=record, **small)
     assert used == [2] * steps
-    assert wrapped.denoiser.schedule is None  # reset after the call
+    assert wrapped.hook.schedule is None  # reset after the call
     explicit = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=2)
     assert np.array_equal(images, _images(explicit, **small))
     assert default_warmup(None) == 1 and default_warmup(6) == 1 and default_warmup(40) == 2 and default_warmup(50) == 3
@@ -203,15 +204,16 @@ def test_sdxl_stride_2(sdxl_path):
     assert not np.array_equal(expected, reference)
 
 
-def test_proxy_keeps_the_denoiser_interface(sd_path):
+def test_the_denoiser_stays_the_pipelines_own_module(sd_path):
     pipe = tiny_models.load(sd_path)
     unet = pipe.unet
+    parameters = {id(p) for p in unet.parameters()}
     wrapped = AsyncDiffPipeline(pipe, stages=2)
-    assert pipe.unet is wrapped.denoiser
-    assert pipe.unet.config is unet.config and pipe.unet.dtype == torch.float32
-    assert pipe.config["unet"][1] == "UNet2DConditionModel"  # the pipeline's config still names the model
-    # serial mode keeps every stage: the proxy's parameters are the UNet's
-    assert {id(p) for p in pipe.unet.parameters()} == {id(p) for p in unet.parameters()}
+    assert pipe.unet is unet and wrapped.denoiser is unet and type(unet).__name__ == "UNet2DConditionModel"
+    assert wrapped.hook is HookRegistry.check_if_exists_or_initialize(unet).get_hook(HOOK_NAME)
+    assert pipe.config["unet"][1] == "UNet2DConditionModel"
+    # serial mode keeps every stage: nothing is released
+    assert {id(p) for p in pipe.unet.parameters()} == parameters
     assert wrapped.scheduler is pipe.scheduler  # other attributes reach the pipeline
 
 

@@ -90,7 +90,7 @@ def test_one_stage_and_full_warmup_equal_stock(dit_paths, family):
     stale = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=2, stride=2, warmup=1)
     images = stale(**tiny_models.family_call_kwargs(family)).images
     assert np.isfinite(images).all() and not np.array_equal(images, reference)
-    support_matrix.record(type(one.pipeline.transformer.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
+    support_matrix.record(type(one.pipeline.transformer).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                           one_stage="exact")
 
 

@@ -203,7 +203,7 @@ def _reset_peak() -> int:
 
 
 def _resident_bytes(pipe) -> int:
-    """Bytes of every real (non-meta) parameter this rank holds, the denoiser's through its proxy."""
+    """Bytes of every real (non-meta) parameter this rank holds."""
     seen, total = set(), 0
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -232,13 +232,17 @@ def _lean_equals_full(path, family, group, **load_kwargs):
                              split=[int(c) for c in cuts], process_group=group)
     same_weights = all(torch.equal(a, b) and a.dtype == b.dtype
                        for a, b in zip(lean.denoiser.state_dict().values(), full.denoiser.state_dict().values()))
-    denoiser = lean.denoiser.denoiser
-    on_meta = sum(p.is_meta for p in denoiser.parameters())
-    resident = {id(p) for p in lean.denoiser.parameters()}
-    others_meta = all(p.is_meta for p in denoiser.parameters() if id(p) not in resident)
+    denoiser = lean.denoiser  # other ranks' stages are parameterless stand-ins in its tree
+    # the whole model: the shared modules and every stage's (the stages hold the released modules)
+    modules = lean.hook.split.shared_modules() + [m for s in lean.stages for m in s.modules()]
+    whole = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    on_meta = sum(t.is_meta for t in whole.values())
+    resident = {id(p) for p in denoiser.parameters()}
+    others_meta = (all(t.is_meta for i, t in whole.items() if i not in resident)
+                   and not any(p.is_meta for p in denoiser.parameters()))
     result = dict(lean=lean(**call()).images, full=full(**call()).images, same_weights=same_weights, on_meta=on_meta,
                   others_meta=others_meta, tensors=len(lean.load_report.tensors),
-                  total=len(denoiser.state_dict()), config_same=dict(lean.pipeline.config) == dict(full.pipeline.config))
+                  total=len(whole), config_same=dict(lean.pipeline.config) == dict(full.pipeline.config))
     del lean, full
     gc.collect()
     return result

@@ -5,7 +5,7 @@ so that it changes the picture) is saved with ``StableDiffusionPipeline.save_lor
 and loaded with ``load_lora_weights`` into pipelines loaded with ``from_pretrained``, the
 way a user applies a LoRA downloaded from the hub. The stages then run PEFT's own LoRA
 layers, not a stand-in (the proxy's scale handling against a recorded PEFT backend is in
-tests/runtime/test_staged_denoiser.py).
+tests/runtime/test_asyncdiff_hook.py).
 """
 
 from pathlib import Path

@@ -29,7 +29,7 @@ def _run(pipe, family) -> np.ndarray:
 
 
 def _class_name(wrapped) -> str:
-    return type(wrapped.denoiser.denoiser).__name__
+    return type(wrapped.denoiser).__name__
 
 
 _STOCK: dict = {}

@@ -81,7 +81,7 @@ def test_one_stage_and_full_warmup_equal_stock(family_path, family, one_thread):
     stale = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=2, warmup=1)
     frames = stale(**tiny_models.family_call_kwargs(family)).frames
     assert np.isfinite(frames).all() and not np.array_equal(frames, reference)
-    support_matrix.record(type(one.denoiser.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
+    support_matrix.record(type(one.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                           one_stage="exact")
 
 
@@ -94,7 +94,7 @@ def test_cfg_parallel_serial_matches_stock(family_path, family, one_thread):
     wrapped = AsyncDiffPipeline(tiny_models.load_family(path, family), stages=1, cfg_parallel=True)
     # each half runs at batch 1 instead of 2: same maths, kernels may round differently
     np.testing.assert_allclose(wrapped(**tiny_models.family_call_kwargs(family)).frames, reference, atol=1e-5, rtol=0)
-    support_matrix.record(type(wrapped.denoiser.denoiser).__name__, cfg_parallel="yes (serial == stock, ≤ 1e-5)")
+    support_matrix.record(type(wrapped.denoiser).__name__, cfg_parallel="yes (serial == stock, ≤ 1e-5)")
 
 
 def test_non_stock_motion_block_is_refused():
@@ -137,7 +137,7 @@ def test_distributed_equals_serial_on_two_ranks(family_path, one_thread):
             # received states are views into one flat buffer; alignment may change SIMD rounding
             np.testing.assert_allclose(frames[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
         if stages == 2:
-            support_matrix.record(type(serial.denoiser.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
+            support_matrix.record(type(serial.denoiser).__name__, pipeline=tiny_models.FAMILIES[family].pipeline,
                                   distributed="yes (pipeline, ≤ 1e-5)")
         if cfg:
-            support_matrix.record(type(serial.denoiser.denoiser).__name__, cfg_parallel="yes (2 ranks == serial, ≤ 1e-5)")
+            support_matrix.record(type(serial.denoiser).__name__, cfg_parallel="yes (2 ranks == serial, ≤ 1e-5)")

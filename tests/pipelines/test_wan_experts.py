@@ -13,7 +13,6 @@ import torch
 import tiny_models
 from asyncgen.cli.launcher import launch
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.runtime.staged_denoiser import StagedDenoiser
 from asyncgen.schedules.asyncdiff import StepKind
 
 FAMILY = "wan22"
@@ -30,10 +29,10 @@ def _step_kinds(wrapped) -> tuple[np.ndarray, list[tuple[str, StepKind]]]:
 
     def record(pipe, i, t, tensors):
         # one expert has started at a time: the other has not yet, or was reset at the switch
-        running = [name for name in EXPERTS if getattr(pipe, name)._started]
+        running = [name for name in EXPERTS if wrapped.hooks[name].started]
         assert len(running) == 1, running
-        proxy = getattr(pipe, running[0])
-        seen.append((running[0], proxy.schedule.kind(proxy._step - 1)))
+        lane = wrapped.hooks[running[0]].main
+        seen.append((running[0], lane.schedule.kind(lane._step - 1)))
         return {}
 
     return _frames(wrapped, callback_on_step_end=record), seen
@@ -42,8 +41,9 @@ def _step_kinds(wrapped) -> tuple[np.ndarray, list[tuple[str, StepKind]]]:
 def test_each_expert_is_staged_and_starts_with_its_own_warmup(family_path, one_thread):
     path = family_path(FAMILY)
     wrapped = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=2)
-    assert all(isinstance(getattr(wrapped.pipeline, name), StagedDenoiser) for name in EXPERTS)
-    assert wrapped.experts["transformer_2"].denoiser is not wrapped.denoiser.denoiser
+    assert set(wrapped.hooks) == set(EXPERTS)  # a hook on each expert, each the pipeline's own module
+    assert all(wrapped.hooks[name].split.denoiser is getattr(wrapped.pipeline, name) for name in EXPERTS)
+    assert wrapped.pipeline.transformer_2 is not wrapped.denoiser
     frames, kinds = _step_kinds(wrapped)
     assert kinds == [("transformer", StepKind.EXACT)] * 2 + [("transformer_2", StepKind.EXACT)] * 2
     # two exact steps per expert reproduce the stock pipeline: transformer_2 took steps 2 and 3 at their timesteps
@@ -55,13 +55,14 @@ def _lean_two_ranks(rank, world_size, path):
     wrapped = AsyncDiffPipeline.from_pretrained(path, stages=2, warmup=1)
     wrapped.set_progress_bar_config(disable=True)
     out = {"frames": _frames(wrapped), "info": wrapped.stage_info()}
+    whole = tiny_models.load_family(path, FAMILY)  # the expert's every tensor name
     for name in EXPERTS:
-        proxy = getattr(wrapped.pipeline, name)
-        held = {k for k, v in proxy.denoiser.state_dict().items() if not v.is_meta}
+        expert = getattr(wrapped.pipeline, name)  # other ranks' blocks are parameterless stand-ins here
+        held = {k for k, v in expert.state_dict().items() if not v.is_meta}
+        assert held == set(expert.state_dict())  # nothing left on meta in the module tree
         out[name] = dict(read=set(wrapped.load_reports[name].tensors), held=held,
-                         all=set(proxy.denoiser.state_dict()),
-                         held_bytes=sum(p.numel() * p.element_size() for p in proxy.denoiser.parameters()
-                                        if not p.is_meta))
+                         all=set(getattr(whole, name).state_dict()),
+                         held_bytes=sum(p.numel() * p.element_size() for p in expert.parameters()))
     return out
 
 
@@ -106,13 +107,13 @@ def test_memory_plan_counts_each_ranks_stage_of_both_experts(family_path, one_th
         for rank, stages in zip(plan.ranks, zip(wrapped.stages, wrapped.expert_stages["transformer_2"])):
             # the shared modules (embeddings, output) on every rank, and this rank's blocks of each expert
             for name, stage in zip(EXPERTS, stages):
-                split = getattr(pipe, name).split
+                split = wrapped.hooks[name].split
                 expected = sum(p.numel() * p.element_size() for m in split.shared_modules() + stage.modules()
                                for p in dict.fromkeys(m.parameters()))
                 key = "denoiser" if name == "transformer" else name
                 assert rank.parameter_bytes[key] == expected, (name, rank.rank)
         every = {id(p): p for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()}
-        every.update({id(p): p for name in EXPERTS for p in getattr(pipe, name).denoiser.parameters()})
+        every.update({id(p): p for name in EXPERTS for p in getattr(pipe, name).parameters()})
         assert plan.full_pipeline_bytes == sum(p.numel() * p.element_size() for p in every.values())
     assert [r.parameter_bytes for r in from_configs.ranks] == [r.parameter_bytes for r in loaded.ranks]
-    assert from_configs.notes["transformer_2_cuts"] == wrapped._cuts(wrapped.expert_stages["transformer_2"])
+    assert from_configs.notes["transformer_2_cuts"] == wrapped.attachment.cuts("transformer_2")

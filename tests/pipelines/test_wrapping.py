@@ -10,7 +10,7 @@ import tiny_models
 from diffusers.utils import logging as diffusers_logging
 
 from asyncgen.pipelines import ASGPipeline, AsyncDiffPipeline
-from asyncgen.runtime.staged_denoiser import StagedDenoiser
+from asyncgen.runtime.asyncdiff_hook import asyncdiff_hooks
 
 
 @pytest.fixture
@@ -56,8 +56,8 @@ def test_from_pipe_leaves_the_original_usable(sd_path):
     pipe = tiny_models.load(sd_path)
     before = pipe(**tiny_models.call_kwargs(num_inference_steps=3)).images
     wrapped = AsyncDiffPipeline.from_pipe(pipe, stages=2, warmup=1)
-    assert isinstance(wrapped.unet, StagedDenoiser) and not isinstance(pipe.unet, StagedDenoiser)
-    assert wrapped.pipeline is not pipe and wrapped.pipeline.unet is not pipe.unet
+    # one denoiser module shared by both: its hook is scoped to the wrapper's calls
+    assert wrapped.pipeline is not pipe and wrapped.pipeline.unet is pipe.unet and wrapped.hook.scoped
     wrapped(**tiny_models.call_kwargs(num_inference_steps=3))
     after = pipe(**tiny_models.call_kwargs(num_inference_steps=3)).images
     assert np.array_equal(before, after)  # the original still runs the stock denoiser, with its weights
@@ -68,7 +68,7 @@ def test_from_pipe_leaves_the_original_usable(sd_path):
 def test_the_constructor_wraps_in_place(sd_path):
     pipe = tiny_models.load(sd_path)
     wrapped = AsyncDiffPipeline(pipe, stages=2)
-    assert wrapped.pipeline is pipe and isinstance(pipe.unet, StagedDenoiser)
+    assert wrapped.pipeline is pipe and asyncdiff_hooks(pipe.unet) == [wrapped.hook] and not wrapped.hook.scoped
 
 
 def test_wrapping_twice_says_so(sd_path):

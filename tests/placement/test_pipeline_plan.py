@@ -88,7 +88,7 @@ def test_memory_plan_of_a_wrapper_equals_the_plan_from_its_configs(sd_path):
     from_configs = plan_from_configs(str(sd_path), 2)
     assert from_wrapper.to_dict()["ranks"] == from_configs.to_dict()["ranks"]
     assert from_wrapper.full_pipeline_bytes == from_configs.full_pipeline_bytes == sum(
-        p.numel() * 4 for m in (wrapper.pipeline.text_encoder, wrapper.pipeline.vae, wrapper.denoiser.split.denoiser)
+        p.numel() * 4 for m in (wrapper.pipeline.text_encoder, wrapper.pipeline.vae, wrapper.denoiser)
         for p in m.parameters())
     # compute-balanced cuts leave the first stage heavier: both components go to rank 1
     heavy, light = from_wrapper.ranks

@@ -1,4 +1,4 @@
-"""The proxy (asyncgen/runtime/staged_denoiser.py): its own duties (LoRA scale, timesteps looked up ahead,
+"""The AsyncDiff hook (asyncgen/runtime/asyncdiff_hook.py): its own duties (LoRA scale, timesteps looked up ahead,
 the guards around them) and a second, unnamed pass per step as a lane of its own."""
 
 import numpy as np
@@ -44,7 +44,7 @@ def lora_backend(monkeypatch):
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion
     from diffusers.utils import peft_utils
 
-    import asyncgen.runtime.staged_denoiser as proxy
+    import asyncgen.runtime.asyncdiff_hook as proxy
 
     events, in_force = [], {}
 
@@ -102,7 +102,7 @@ def test_lora_scale_is_applied_around_the_stages_like_the_stock_denoiser(model_p
 
     wrapped = AsyncDiffPipeline(load(model_paths), stages=2, warmup=1, split=cuts)
     events[:] = []  # the wrapper's own split-time forwards are not the call's
-    record_attention(wrapped.denoiser.denoiser, events, in_force)
+    record_attention(wrapped.denoiser, events, in_force)
     wrapped(**kwargs_of(**{lora_kwargs: given}))
 
     # per step: scale(0.5) on the denoiser, every attention call with 0.5 in force and no
@@ -116,7 +116,7 @@ def test_lora_scale_is_applied_around_the_stages_like_the_stock_denoiser(model_p
 def test_lora_scale_is_undone_when_a_stage_fails(sd_path, lora_backend):
     events, in_force = lora_backend
     wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=1, split=[0, 10, 20])
-    record_attention(wrapped.denoiser.denoiser, events, in_force, fail_at=3)
+    record_attention(wrapped.denoiser, events, in_force, fail_at=3)
     with pytest.raises(RuntimeError, match="injected failure inside a stage"):
         wrapped(**call_kwargs(cross_attention_kwargs={"scale": 0.5}))
     unet = [e for e in events if e[1] == "UNet2DConditionModel"]
@@ -131,13 +131,13 @@ def test_flux_look_ahead_uses_the_timestep_scale_the_pipeline_passes(dit_paths):
     cuts = even_cuts(tiny_models.load_family(path, "flux"), 2)
     wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, stride=2, warmup=1, split=cuts)
     passed = []
-    conditioning = wrapped.denoiser.split.conditioning
+    conditioning = wrapped.hook.split.conditioning
 
     def record(sample, timestep, **kwargs):
         passed.append(float(timestep.reshape(-1)[0]))
         return conditioning(sample, timestep, **kwargs)
 
-    wrapped.denoiser.split.conditioning = record
+    wrapped.hook.split.conditioning = record
     images = wrapped(**tiny_models.family_call_kwargs("flux")).images
     expected = follow_the_design(tiny_models.load_family(path, "flux"), cuts, warmup=1, stride=2)(
         **tiny_models.family_call_kwargs("flux")).images
@@ -198,13 +198,13 @@ def test_a_second_pass_on_the_same_latents_is_a_lane_of_its_own(family_path, one
     seen = []
 
     def count(pipe, i, t, kwargs):
-        proxy = pipe.transformer
-        seen.append((proxy._step, {name: lane._step for name, lane in proxy._lanes.items()}))
+        hook = wrapped.hook
+        seen.append((hook.main._step, {name: lane._step for name, lane in hook.lanes.items()}))
         return {}
 
     kwargs = tiny_models.family_call_kwargs("lumina2", callback_on_step_end=count)
     images = wrapped(**kwargs).images
     steps = kwargs["num_inference_steps"]
-    # after step i both the proxy and the uncond lane have run i + 1 steps (not 2 (i + 1) calls on one schedule)
+    # after step i both the main lane and the uncond lane have run i + 1 steps (not 2 (i + 1) calls on one schedule)
     assert seen == [(i + 1, {"pass 1": i + 1}) for i in range(steps)]
     assert np.isfinite(images).all()

@@ -159,7 +159,7 @@ def _ranks_worker(rank, world_size, sd_path, dtype_name, backend):
     wrapped = AsyncDiffPipeline(tiny_models.load(sd_path, torch_dtype=dtype), stages=world_size, warmup=2)
     images = wrapped(**call_kwargs(num_inference_steps=STEPS)).images
     return images, dict(wrapped.stage_info(), device=str(wrapped.ctx.device), wire=sorted(wire),
-                        staged=wrapped.denoiser.executor._staged)
+                        staged=wrapped.hook.executor._staged)
 
 
 @pytest.mark.distributed
@@ -237,14 +237,15 @@ def test_time_split_measures_on_the_rank_device(sd_path, monkeypatch):
 def test_upcoming_timesteps_go_to_the_gpu_once_per_call(sd_path, monkeypatch):
     """stride 2 looks timesteps up ahead: one copy to the GPU per call, and the check of the
     pipeline's CUDA timesteps deferred to the call's end (no per-step .item())."""
-    from asyncgen.runtime import staged_denoiser as proxy
+    from asyncgen.runtime import asyncdiff_hook
 
-    copies, on_device = [], proxy._on_device
-    monkeypatch.setattr(proxy, "_on_device", lambda values, device: copies.append(device.type) or on_device(values, device))
+    copies, on_device = [], asyncdiff_hook._on_device
+    monkeypatch.setattr(asyncdiff_hook, "_on_device",
+                        lambda values, device: copies.append(device.type) or on_device(values, device))
     serial = AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, stride=2, device="cuda")
-    checked = []
-    monkeypatch.setattr(serial.denoiser, "_check_timesteps",
-                        lambda: checked.append(len(serial.denoiser._unchecked)) or proxy.StagedDenoiser._check_timesteps(serial.denoiser))
+    checked, lane = [], serial.hook.main
+    monkeypatch.setattr(lane, "_check_timesteps",
+                        lambda: checked.append(len(lane._unchecked)) or asyncdiff_hook.AsyncDiffLane._check_timesteps(lane))
     serial(**call_kwargs(num_inference_steps=STEPS))
     assert copies == ["cuda"]
     assert checked and max(checked) == STEPS // 2  # every looked-up step, checked at once at the end
