@@ -1,11 +1,12 @@
-"""``asyncgen catalogue``: list the asynchronous-learning catalogue, or run one miniature experiment.
+"""``asyncgen catalogue``: list and show the asynchronous-learning catalogue, run and compare miniature experiments.
 
-``list`` prints a table (name, family, paper, claim, and the CPU and wall seconds the committed
-default run measured); ``show NAME`` describes one experiment, with every ``--set`` key's type,
-accepted range, default and meaning; ``run NAME`` runs the experiment on seeds ``--seed ..
---seed+--seeds-1`` and writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``
-(together: all whole, or none); ``render DIR...`` rewrites each folder's ``results.md`` from its
-``results.json``.
+``list`` prints a table (name, family, goals met and CPU seconds of the committed default run,
+claim) that fits the terminal (``--json``: everything, for scripts); ``show NAME`` describes one
+experiment, with every ``--set`` key's type, accepted range, default and meaning; ``run NAME``
+runs the experiment on seeds ``--seed .. --seed+--seeds-1`` and writes ``results.json``,
+``results.md`` and ``results.png`` into ``--out`` (together: all whole, or none); ``render
+DIR...`` rewrites each folder's ``results.md`` from its ``results.json``; ``compare DIR...``
+puts several runs of one experiment side by side.
 
 Everything a run needs is checked before it starts, each in one line (exit code 2): every
 ``--set`` value against its key's range, the seeds, and every file the run will write (``--out``
@@ -25,13 +26,17 @@ import sys
 from asyncgen.cli.errors import UsageError
 
 # the command's line in ``asyncgen --help``
-SUMMARY = "the asynchronous-learning catalogue: list the methods, run a miniature experiment"
+SUMMARY = "the asynchronous-learning catalogue: list and show the methods, run and compare miniature experiments"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="the methods with their papers, claims and run times",
-                       description="List every catalogue experiment: name, family, paper, claim, default run time.")
+    listing = actions.add_parser("list", help="the methods with their claims, goals met and run times",
+                                 description="List every catalogue experiment: name, family, the committed default "
+                                 "run's goals met and CPU time, and its claim (cut to the terminal's width, 100 "
+                                 "columns when not a terminal). --json: everything, for scripts.")
+    listing.add_argument("--json", action="store_true", help="a JSON array: each experiment's paper, claim, keys "
+                         "(type, range, default, --quick value, meaning), seeds and committed run")
     show = actions.add_parser("show", help="one experiment: paper, claim, every --set key with its range",
                               description="Describe one catalogue experiment: its paper and claim, every --set key "
                               "with its type, accepted range, default, --quick value and meaning, the committed "
@@ -66,26 +71,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a documented default (repeatable)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = actions.add_parser("compare", help="several runs of one experiment side by side",
+                                 description="Compare several runs of one experiment (different --set values, seeds "
+                                 "or code): the settings that differ, every goal and metric with one column per "
+                                 "run, and a plot of the goals against their thresholds. Prints the tables; with "
+                                 "--out, writes compare.json, compare.md and compare.png there.")
+    compare.add_argument("folders", nargs="+", metavar="DIR", help="folders holding a results.json (or the files)")
+    compare.add_argument("--out", default=None, help="folder for compare.json/.md/.png (default: print only)")
     render = actions.add_parser("render", help="rewrite results.md from results.json in each folder",
                                 description="Rewrite each folder's results.md from its results.json (the "
                                 "committed results are written only this way or by 'run').")
     render.add_argument("folders", nargs="+", metavar="DIR", help="folders holding a results.json")
 
 
-def _list() -> int:
+def _list(args) -> int:
+    import json
+    import shutil
+
     from asyncgen.catalogue import experiments
+    from asyncgen.catalogue.frame import catalogue_entry
 
-    from asyncgen.catalogue.frame import measured_seconds
-
-    def seconds(name):
-        measured = measured_seconds(name)
-        return "not measured" if measured is None else f"{measured[1]:.0f} s CPU, {measured[0]:.0f} s wall"
-
-    rows = [(i.name, i.family, i.paper, i.claim, seconds(i.name)) for i in experiments().values()]
-    header = ("name", "family", "paper", "claim", "default run (committed)")
-    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(4)]
+    entries = [catalogue_entry(info) for info in experiments().values()]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    try:
+        width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100
+    except (OSError, ValueError, AttributeError):
+        width = 100
+    width = max(width, 60)
+    header = ("name", "family", "goals", "CPU s", "claim")
+    rows = []
+    for entry in entries:
+        run = entry["committed"]
+        goals = f"{run['goals_met']}/{run['goals_total']}" if run else "-"
+        cpu = f"{run['cpu_seconds']:.0f}" if run and run.get("cpu_seconds") is not None else "-"
+        rows.append((entry["name"], entry["family"], goals, cpu, entry["claim"]))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
+    room = max(10, width - sum(widths) - 2 * 4)
     for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
+        claim = row[4] if len(row[4]) <= room else row[4][:room - 1].rstrip() + "…"
+        print("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]),
+                         row[3].rjust(widths[3]), claim]))
+    print("goals met and CPU seconds of the committed default run; more: asyncgen catalogue show NAME"[:width])
     return 0
 
 
@@ -173,7 +201,21 @@ def _show(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from asyncgen.catalogue.compare import compare
+    from asyncgen.catalogue.frame import CatalogueError
+
+    try:
+        _, text = compare(args.folders, out=args.out)
+    except CatalogueError as exc:
+        raise UsageError(str(exc)) from None
+    print(text, end="")
+    if args.out:
+        print(f"wrote {args.out}/compare.json, compare.md, compare.png")
+    return 0
+
+
 def run(args) -> int:
     if args.action == "list":
-        return _list()
-    return {"render": _render, "tune": _tune, "run": _run, "show": _show}[args.action](args)
+        return _list(args)
+    return {"render": _render, "tune": _tune, "run": _run, "show": _show, "compare": _compare}[args.action](args)

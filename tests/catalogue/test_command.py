@@ -246,3 +246,39 @@ def test_tune_and_render_check_their_outputs_first(tmp_path, capsys, monkeypatch
     (folder / "results.md").mkdir()
     assert main(["catalogue", "render", str(folder)]) == 2
     assert "results.md is a directory" in one_error_line(capsys)
+
+
+def test_list_json_has_every_key_range_and_the_committed_goals(capsys):
+    assert main(["catalogue", "list", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["name"] for e in entries] == list(experiments())
+    quantum = next(e for e in entries if e["name"] == "mdi-qkd-memory")
+    assert quantum["keys"]["mc_cycles"] == {
+        "type": "int", "low": 1, "high": 10**9, "choices": None, "min_items": None, "max_items": None,
+        "multiple_of": None, "accepted": "int in 1..1e9", "default": 1000000, "quick": 200000,
+        "meaning": "Monte Carlo cycles per (seed, loss)"}
+    assert quantum["keys"]["mc_loss_db"]["type"] == "list of float" and quantum["keys"]["mc_loss_db"]["max_items"] == 16
+    for entry in entries:
+        info = get_experiment(entry["name"])
+        assert set(entry["keys"]) == set(info.defaults) and entry["paper"] == info.paper
+        run = entry["committed"]
+        assert run["goals_total"] == len(run["goals"]) and 0 <= run["goals_met"] <= run["goals_total"]
+
+
+def test_compare_refuses_in_one_line(tmp_path, capsys):
+    for name, experiment in (("a", "idhb"), ("b", "aegis")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"experiment": experiment, "config": {}, "goals": {}, "metrics": {}}))
+    (tmp_path / "afile").write_text("")
+    cases = [([str(tmp_path / "a")], "compare needs at least two folders"),
+             ([str(tmp_path / "a"), str(tmp_path / "nothing")], "nothing: no results.json there"),
+             ([str(tmp_path / "a"), str(tmp_path / "b")],
+              "compare takes runs of one experiment; these are of aegis, idhb"),
+             ([str(tmp_path / "a"), str(tmp_path / "a")], "the same folder is given twice"),
+             ([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "afile" / "x")],
+              f"--out {tmp_path}/afile/x/compare.json: {tmp_path}/afile is a file")]
+    for args, message in cases:
+        assert main(["catalogue", "compare", *args]) == 2
+        assert message in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a", "afile", "b"]

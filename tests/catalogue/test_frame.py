@@ -97,6 +97,9 @@ def test_command_list_and_errors(capsys):
     from asyncgen.cli.main import main
 
     assert main(["catalogue", "list"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].split()[:4] == ["name", "family", "paper", "claim"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "family", "goals", "CPU", "s", "claim"]
+    assert len(lines) == len(experiments()) + 2 and max(len(line) for line in lines) <= 100  # fits 100 columns
+    assert any(line.startswith("idhb ") and " 10/10 " in line for line in lines)  # goals met, committed run
     assert main(["catalogue", "run", "no-such-experiment"]) == 2
     assert "unknown experiment 'no-such-experiment'; known:" in capsys.readouterr().err

@@ -1,12 +1,8 @@
 """LEO real-time video: traces, packet conservation, clean links, determinism, policies, bad inputs."""
 
-import json
-
 import numpy as np
 import pytest
 
-from asyncgen.catalogue import get_experiment
-from asyncgen.catalogue.frame import run_experiment
 from asyncgen.catalogue.netsim.gcc import MIN_RATE, MAX_RATE
 from asyncgen.catalogue.netsim.pacing import OracleQueueLimit, PredictedQueueLimit, near_handover, noisy_schedule
 from asyncgen.catalogue.netsim.rtc import FixedQueueLimit, simulate_call
@@ -88,15 +84,3 @@ def test_bad_inputs():
         LinkTrace.build(np.zeros(n), np.full(n, 30.0), np.zeros(n), np.zeros(n, bool), [])
     with pytest.raises(ValueError, match="kind"):
         generate_trace("sparse", 20, np.random.default_rng(0))
-
-
-def test_quick_experiment(tmp_path):
-    info = get_experiment("leo-pacing")
-    report = run_experiment(info, quick=True, out=tmp_path, progress=False, overrides=["workers=1"])
-    for name in ("results.json", "results.md", "results.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
-    assert set(metrics) == {"fixed-200", "fixed-2000", "fixed-4000", "adaptive-oracle", "adaptive-predicted"}
-    assert {"bitrate", "freezes_per_min", "p95_delay_ms", "bitrate_stable", "freezes_per_min_stable",
-            "p95_delay_ms_stable"} <= set(metrics["adaptive-predicted"])
-    assert len(report["goals"]) == 7
