@@ -494,6 +494,32 @@ def describe(info: ExperimentInfo, width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def catalogue_entry(info: ExperimentInfo) -> dict[str, Any]:
+    """What ``asyncgen catalogue list --json`` says of ``info``: its description, every key (type, range, default,
+    --quick value, meaning), its seeds, and the committed default run (times, goals met, each goal), or None."""
+    keys = {}
+    for name, default in info.defaults.items():
+        spec = info.keys[name]
+        keys[name] = {"type": f"list of {spec.type}" if spec.items else spec.type, "low": spec.low, "high": spec.high,
+                      "choices": list(spec.choices) or None, "min_items": spec.min_items if spec.items else None,
+                      "max_items": spec.items or None, "multiple_of": spec.multiple_of or None,
+                      "accepted": spec.describe(), "default": default, "quick": info.quick.get(name),
+                      "meaning": spec.meaning}
+    report = committed_report(info.name)
+    committed = None
+    if report is not None:
+        goals = report.get("goals", {})
+        committed = {"wall_seconds": report.get("wall_seconds"), "cpu_seconds": report.get("cpu_seconds"),
+                     "processes": report.get("processes", 1), "seeds": report.get("seeds"),
+                     "goals_met": sum(bool(g["passed"]) for g in goals.values()), "goals_total": len(goals),
+                     "goals": goals, "tuning": report.get("tuning")}
+    from asyncgen.evaluation.reporting import _jsonable
+
+    return _jsonable({"name": info.name, "family": info.family, "paper": info.paper, "claim": info.claim,
+                      "default_seeds": info.default_seeds, "quick_seeds": info.quick_seeds, "keys": keys,
+                      "committed": committed})
+
+
 TUNING_META = ("grid", "seeds", "criterion", "scores")
 
 
