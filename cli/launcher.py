@@ -477,19 +477,28 @@ def run_on_devices(fn: Callable, devices: int | None, *args, device_type: str = 
     limits; ``oversubscribe`` allows more CPU workers than cores): one thread each on CPU
     (pinned to its own core when there are enough), one GPU each on CUDA
     (``cuda:LOCAL_RANK``). ``kwargs`` go to :func:`launch` (``timeout``, ``grace``, ...).
+
+    A rank whose peers never arrive at the rendezvous of a hand-set environment (no torchrun agent) ends
+    after ``ASYNCGEN_TIMEOUT`` with a one-line ``UsageError`` naming them
+    (:class:`asyncgen.comm.group.RendezvousError`).
     """
+    from .errors import UsageError
+
     try:
         check_environment()
     except ValueError as exc:
-        from .errors import UsageError
-
         raise UsageError(str(exc)) from None
     if launched_by_torchrun():
+        from asyncgen.comm.group import RendezvousError
+
         world = int(os.environ["WORLD_SIZE"])
         if devices is not None and devices != world:
             raise ValueError(f"--devices {devices} does not match the launcher's WORLD_SIZE={world}; "
                              "under torchrun leave --devices out (or give the same number)")
-        return fn(int(os.environ["RANK"]), world, *args)
+        try:
+            return fn(int(os.environ["RANK"]), world, *args)
+        except RendezvousError as exc:  # the launcher's environment named ranks that never came: one line
+            raise UsageError(str(exc)) from None
     devices = 1 if devices is None else devices
     check_worker_count(devices, device_type, oversubscribe)
     if devices == 1:

@@ -3,19 +3,24 @@
 The group comes, in this order, from: an explicit ``process_group`` argument; an
 already-initialised default group; the launcher's environment (``torchrun`` sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); or nothing, in which case
-everything runs in this process (serial mode).
+everything runs in this process (serial mode). Where no torchrun agent has met the ranks already
+(the variables set by hand or by a scheduler), they meet here (:func:`rendezvous`): each says on
+standard error that it waits, and after ``ASYNCGEN_TIMEOUT`` one line names the ranks that never came.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from asyncgen.comm.context import DistContext, check_timeout, environment_timeout
+from asyncgen.comm.context import TIMEOUT_VARIABLE, DistContext, check_timeout, environment_timeout
 from asyncgen.comm.failure import NETWORK_HINT, RemoteRankError
 from asyncgen.comm.p2p import control_device
 
@@ -23,6 +28,11 @@ from asyncgen.comm.p2p import control_device
 class LauncherEnvironmentError(ValueError):
     """The launcher's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) disagree
     or are malformed; the message is one line naming the variable, its value and what is accepted."""
+
+
+class RendezvousError(RuntimeError):
+    """The ranks of a launcher's environment did not all meet: one line naming this rank, the rendezvous address,
+    what did not arrive (the missing ranks, or rank 0's rendezvous) and the timeout that passed."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,151 @@ def local_cuda_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _agent_store() -> bool:
+    """True where a launcher's agent hosts the rendezvous store (torchrun, asyncgen's own launcher): the ranks
+    have met already. torch reads the same variable the same way."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+
+
+# the rendezvous' keys: a counter of the ranks that arrived (and one key each, to name the missing ones), rank 0's
+# verdict once its time is up ("" when every rank came after all, else the missing ranks), and how many ranks read it
+ARRIVED_KEY = "asyncgen/rendezvous/arrived"
+VERDICT_KEY = "asyncgen/rendezvous/verdict"
+TOLD_KEY = "asyncgen/rendezvous/told"
+_POLL_SECONDS = 0.05
+VERDICT_GRACE_SECONDS = 10.0  # how much longer than its own timeout a rank waits for rank 0's verdict
+_TELL_SECONDS = 2.0  # how long rank 0 keeps its store open for the ranks that came to read the verdict
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """``rank 1``, ``ranks 1 and 3``, ``ranks 1-7 and 9``: consecutive ranks as ranges."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    text = ", ".join(parts)
+    if ", " in text:
+        head, _, tail = text.rpartition(", ")
+        text = f"{head} and {tail}"
+    return ("rank " if len(ranks) == 1 else "ranks ") + text
+
+
+def _say(line: str) -> None:
+    """One line on standard error; a standard error that cannot be written changes nothing."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _meet(store, rank: int, world: int, deadline: float, me: str, where: str, seconds: float, source: str) -> None:
+    """Count this rank in, then wait until every rank is in or rank 0, at ``deadline``, says who is missing.
+
+    Rank 0 alone decides, atomically: it adds ``2 * world`` to the counter (a count above ``world`` means
+    "closed"), so no rank goes on while another gives up; the ranks that came read its verdict (the missing
+    ranks and how long rank 0 waited) before its store closes.
+    """
+    def missing_text(missing: list[int], within: str = f"within {seconds:g} s ({source})") -> str:
+        return (f"{me}: {_ranks_text(missing)} did not arrive at {where} {within}; start all {world} ranks with the "
+                "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or unset RANK and WORLD_SIZE to run in one process")
+
+    def missing_now() -> list[int]:
+        return [r for r in range(world) if not store.check([f"{ARRIVED_KEY}/{r}"])]
+
+    store.set(f"{ARRIVED_KEY}/{rank}", "1")
+    count = store.add(ARRIVED_KEY, 1)
+    closed = 2 * world
+    if rank == 0:
+        while count < world and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS)
+            count = store.add(ARRIVED_KEY, 0)
+        if count == world:
+            return
+        missing = [] if store.add(ARRIVED_KEY, closed) - closed == world else missing_now()
+        store.set(VERDICT_KEY, ",".join(map(str, missing)) + f"|{seconds:g}")
+        if not missing:  # the last one came just in time
+            return
+        told_by = time.monotonic() + _TELL_SECONDS
+        while store.add(TOLD_KEY, 0) < world - 1 - len(missing) and time.monotonic() < told_by:
+            time.sleep(_POLL_SECONDS)
+        raise RendezvousError(missing_text(missing))
+    give_up = deadline + VERDICT_GRACE_SECONDS
+    while count != world:
+        if count > world and store.check([VERDICT_KEY]):
+            verdict, _, waited = store.get(VERDICT_KEY).decode().partition("|")
+            store.add(TOLD_KEY, 1)
+            if not verdict:
+                return
+            missing = [int(r) for r in verdict.split(",")]
+            if rank in missing:
+                raise RendezvousError(f"{me}: came to {where} after rank 0 had stopped waiting; start all {world} "
+                                      f"ranks within {TIMEOUT_VARIABLE} of each other")
+            raise RendezvousError(missing_text(missing, f"within the {waited} s rank 0 waited"))
+        if time.monotonic() >= give_up:  # rank 0 came but never decided: it hangs, or its clock does
+            raise RendezvousError(missing_text(missing_now()))
+        time.sleep(_POLL_SECONDS)
+        count = store.add(ARRIVED_KEY, 0)
+
+
+def rendezvous(launcher: LauncherEnvironment, timeout: datetime.timedelta, source: str = TIMEOUT_VARIABLE):
+    """Meet the other ranks of ``launcher`` at ``MASTER_ADDR:MASTER_PORT``; the store they share.
+
+    For a process that meets its peers itself (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+    set by hand or by a scheduler, no torchrun agent): rank 0 hosts the store, every rank says it has
+    arrived and waits until all have, at most ``timeout`` (``source`` names where it came from). Before
+    waiting it says so in one line on standard error; when the time has passed it raises
+    :class:`RendezvousError` naming the ranks that did not arrive (or, on the other ranks, that rank 0's
+    rendezvous never opened). Nothing from torch's own connection retries reaches standard error: a rank
+    probes the address itself before its store connects.
+    """
+    rank, world, addr, port = launcher.rank, launcher.world_size, launcher.master_addr, launcher.master_port
+    seconds = timeout.total_seconds()
+    where = f"{addr}:{port}"
+    me = f"rank {rank} of {world}"
+    within = f"within {seconds:g} s ({source})"
+    deadline = time.monotonic() + seconds
+    _say(f"{me}: waiting up to {seconds:g} s for the other ranks at {where} ({source})")
+    if rank == 0:
+        try:
+            store = dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False, multi_tenant=True)
+        except Exception as exc:
+            raise RendezvousError(f"{me}: could not open the rendezvous on port {port} (MASTER_PORT) for "
+                                  f"{where}: {_first_line(exc)}; give a free port") from None
+    else:
+        while True:  # torch's client retries print C++ stacks: connect only once rank 0 listens
+            try:
+                with socket.create_connection((addr, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                    break
+            except socket.gaierror as exc:
+                raise RendezvousError(f"{me}: MASTER_ADDR={addr!r} cannot be resolved ({exc.strerror}); set it to "
+                                      "rank 0's host") from None
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise RendezvousError(f"{me}: rank 0 did not open the rendezvous at {where} {within}; start "
+                                          "rank 0 with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE") from None
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        try:
+            store = dist.TCPStore(addr, port, world, False, timeout=timeout)
+        except Exception as exc:
+            raise RendezvousError(f"{me}: could not join the rendezvous at {where}: {_first_line(exc)}") from None
+    try:
+        _meet(store, rank, world, deadline, me, where, seconds, source)
+    except RendezvousError:
+        raise
+    except Exception as exc:  # rank 0 ended while this rank waited: its store is gone
+        raise RendezvousError(f"{me}: the rendezvous at {where} closed before every rank arrived "
+                              f"({_first_line(exc)})") from None
+    return store
+
+
 def resolve_context(
     process_group: dist.ProcessGroup | None = None,
     device: str | torch.device | None = None,
@@ -137,9 +292,12 @@ def resolve_context(
 
     ``timeout`` (seconds or a ``timedelta``, finite and > 0) defaults to ``ASYNCGEN_TIMEOUT``,
     else 600 s. The launcher's variables are checked (:func:`launcher_environment`) before any
-    rendezvous: an inconsistent set raises :class:`LauncherEnvironmentError` at once.
+    rendezvous: an inconsistent set raises :class:`LauncherEnvironmentError` at once. Without a
+    torchrun agent the ranks meet through :func:`rendezvous`, which raises :class:`RendezvousError`
+    naming the ranks that did not come within the timeout.
     """
-    timeout = check_timeout(timeout) or environment_timeout()
+    given = check_timeout(timeout)
+    timeout = given or environment_timeout()
     owns = False
     group = process_group
     if group is None and dist.is_available() and dist.is_initialized():
@@ -148,8 +306,15 @@ def resolve_context(
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
             # before the group exists, so NCCL binds its communicators to this rank's GPU
             torch.cuda.set_device(local_cuda_device(device))
+        if _agent_store():  # torchrun (or asyncgen's launcher) met the ranks and hosts the store
+            meeting = {}
+        else:
+            source = ("the timeout argument" if given is not None else TIMEOUT_VARIABLE
+                      if TIMEOUT_VARIABLE in os.environ else f"the default; {TIMEOUT_VARIABLE} sets it")
+            meeting = dict(store=rendezvous(launcher, timeout, source), rank=launcher.rank,
+                           world_size=launcher.world_size)
         try:
-            dist.init_process_group(backend=default_backend(), timeout=timeout)
+            dist.init_process_group(backend=default_backend(), timeout=timeout, **meeting)
         except Exception as exc:
             raise RuntimeError(f"could not create the process group ({exc}); {NETWORK_HINT}") from exc
         group, owns = dist.group.WORLD, True

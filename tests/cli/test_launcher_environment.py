@@ -76,3 +76,23 @@ def test_the_command_refuses_a_torchrun_environment_without_rendezvous_at_once(t
     assert done.stderr.strip().splitlines() == [
         "asyncgen generate: error: MASTER_ADDR is not set, but WORLD_SIZE=2 needs it: the address of rank 0's machine "
         "for the rendezvous (torchrun sets it; or unset RANK and WORLD_SIZE to run in one process)"]
+
+
+def test_generate_without_its_peers_says_it_waits_then_names_them(tmp_path):
+    """RANK=0 of WORLD_SIZE=2, no rank 1 (issue 30, class 5): it used to wait ASYNCGEN_TIMEOUT in silence, then
+    print torch's error with a hint about network interfaces."""
+    from asyncgen.cli.launcher import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES + ("TORCHELASTIC_USE_AGENT_STORE",)}
+    env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ASYNCGEN_TIMEOUT="3",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "asyncgen.cli", "generate", PROMPT, "-o", str(tmp_path / "x.png"),
+                           "--steps", "1"], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"rank 0 of 2: waiting up to 3 s for the other ranks at 127.0.0.1:{port} (ASYNCGEN_TIMEOUT)",
+        f"asyncgen generate: error: rank 0 of 2: rank 1 did not arrive at 127.0.0.1:{port} within 3 s "
+        "(ASYNCGEN_TIMEOUT); start all 2 ranks with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or unset RANK "
+        "and WORLD_SIZE to run in one process"]
+    assert not (tmp_path / "x.png").exists()

@@ -22,7 +22,8 @@ TORCHRUN = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1
 
 
 def _env(**overrides) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES + ("ASYNCGEN_TIMEOUT",)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES + ("ASYNCGEN_TIMEOUT", "TORCHELASTIC_USE_AGENT_STORE")}
     env.update({k: v for k, v in overrides.items() if v is not None})
     return env
 
@@ -135,3 +136,96 @@ def test_resolve_context_refuses_them_before_any_rendezvous():
         seconds, text = line.split(" ", 1)
         assert float(seconds) < 1.0, line
         assert __import__("re").search(message, text), line
+
+
+# --- a hand-set environment whose peers never come (issue 30, class 5) --------------------------------------------
+
+_MEET = """
+import sys
+import torch, torch.distributed as dist
+from asyncgen.comm.group import RendezvousError, resolve_context
+try:
+    ctx = resolve_context()
+except RendezvousError as exc:
+    print("REFUSED", exc)
+    sys.exit(3)
+total = torch.tensor([ctx.rank + 1.0])
+dist.all_reduce(total)
+print("MET", ctx.rank, ctx.world_size, total.item())
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, timeout: str) -> subprocess.Popen:
+    """One rank of a hand-set environment (no torchrun agent: the ranks meet by themselves)."""
+    env = _env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               ASYNCGEN_TIMEOUT=timeout, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", _MEET], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _first_line(process: subprocess.Popen, seconds: float = 120) -> str:
+    import select
+
+    ready, _, _ = select.select([process.stderr], [], [], seconds)
+    assert ready, f"no line on standard error within {seconds} s"
+    return process.stderr.readline().rstrip("\n")
+
+
+def test_ranks_that_never_come_are_named_after_the_timeout():
+    """Ranks 0 and 1 of 3, no rank 2: each says it waits; rank 0 gives up after its 3 s and both end with one line
+    naming rank 2 (rank 1, started first with a longer timeout, ends on rank 0's word)."""
+    port = _free_port()
+    first = _rank(1, 3, port, "60")
+    assert _first_line(first) == (f"rank 1 of 3: waiting up to 60 s for the other ranks at 127.0.0.1:{port} "
+                                  "(ASYNCGEN_TIMEOUT)")
+    zero = _rank(0, 3, port, "3")
+    for rank, within in ((zero, "within 3 s (ASYNCGEN_TIMEOUT)"), (first, "within the 3 s rank 0 waited")):
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 3, err
+        r = 1 if rank is first else 0
+        lines = err.strip().splitlines()
+        assert lines == ([] if rank is first else [
+            f"rank 0 of 3: waiting up to 3 s for the other ranks at 127.0.0.1:{port} (ASYNCGEN_TIMEOUT)"]), err
+        assert out.strip() == (
+            f"REFUSED rank {r} of 3: rank 2 did not arrive at 127.0.0.1:{port} {within}; start all 3 ranks with the "
+            "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or unset RANK and WORLD_SIZE to run in one process")
+
+
+def test_a_rank_without_rank_0_says_so_without_torchs_retries():
+    port = _free_port()
+    rank = _rank(1, 2, port, "2")
+    out, err = rank.communicate(timeout=120)
+    assert rank.returncode == 3, err
+    assert err.strip().splitlines() == [
+        f"rank 1 of 2: waiting up to 2 s for the other ranks at 127.0.0.1:{port} (ASYNCGEN_TIMEOUT)"]  # no C++ log
+    assert out.strip() == (f"REFUSED rank 1 of 2: rank 0 did not open the rendezvous at 127.0.0.1:{port} within 2 s "
+                           "(ASYNCGEN_TIMEOUT); start rank 0 with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE")
+
+
+def test_ranks_that_come_late_still_meet():
+    """Rank 1 starts first and waits for rank 0; the group they make works."""
+    port = _free_port()
+    first = _rank(1, 2, port, "60")
+    second = _rank(0, 2, port, "60")
+    for r, rank in ((1, first), (0, second)):
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err
+        assert out.strip() == f"MET {r} 2 3.0"
+
+
+def test_missing_ranks_are_named_in_runs():
+    from asyncgen.comm.group import _ranks_text
+
+    assert _ranks_text([1]) == "rank 1"
+    assert _ranks_text([1, 3]) == "ranks 1 and 3"
+    assert _ranks_text([1, 2, 3, 4, 7]) == "ranks 1-4 and 7"
+    assert _ranks_text([1, 2, 3, 5, 6]) == "ranks 1-3, 5 and 6"
