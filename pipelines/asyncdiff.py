@@ -81,8 +81,9 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
 class AsyncDiffPipeline(PipelineWrapper):
     r"""Run a diffusers pipeline with AsyncDiff: its denoiser split into stages on several ranks.
 
-    The wrapped pipeline's ``__call__`` runs unchanged on every rank, with its denoiser
-    (``pipe.unet``) replaced by a proxy that has the same call signature. Stage ``k`` lives
+    The wrapped pipeline's ``__call__`` runs unchanged on every rank; an AsyncDiff hook on its
+    denoiser (``pipe.unet``, see :func:`~asyncgen.pipelines.apply_asyncdiff`) turns each call
+    into this rank's work. Stage ``k`` lives
     only on rank ``k`` (the last stage on ``stride`` ranks); after ``warmup`` exact steps
     each stage works on its predecessor's output from the previous step, so all stages
     compute at the same time. Every rank returns the same output.
@@ -91,7 +92,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         pipeline (`DiffusionPipeline`):
             A loaded pipeline whose denoiser asyncgen can split (``StableDiffusionPipeline``,
             ``StableDiffusionXLPipeline``, their img2img and ControlNet variants, ...).
-            It is modified in place: its denoiser is replaced and, on each rank, the
+            It is modified in place: its denoiser gets a hook and, on each rank, the
             weights of other ranks' stages are released.
         stages (`int`, defaults to 2):
             Number of stages N the denoiser is split into.
@@ -133,7 +134,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             ``scaled_dot_product_attention``) or ``"xformers"`` (CUDA only, needs
             ``pip install 'asyncgen[xformers]'``). Defaults to leaving the pipeline's choice.
         compile (`bool` or `dict`, defaults to `False`):
-            ``torch.compile`` this rank's stage modules (not the proxy, not the shared
+            ``torch.compile`` this rank's stage modules (not the hook, not the shared
             embeddings): ``True`` for the defaults, or a dict of ``torch.compile`` arguments,
             e.g. ``{"mode": "max-autotune"}``. The schedule and the units do not change, so
             results equal the uncompiled wrapper's up to the compiled kernels' rounding

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import threading
+import weakref
 from typing import Any
 
 
@@ -66,6 +67,23 @@ def check_device(device) -> None:
                          "torch.device") from None
 
 
+# one lock per denoiser module: wrappers over the same components (from_pipe siblings) share the scheduler and
+# the denoiser, so their calls must not interleave either
+_CALL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+def call_lock_of(pipeline) -> threading.Lock:
+    """The lock every wrapper over ``pipeline``'s denoiser holds for a call (a fresh one for a pipeline without)."""
+    from asyncgen.models import DENOISER_COMPONENTS
+
+    key = next((getattr(pipeline, n) for n in DENOISER_COMPONENTS if getattr(pipeline, n, None) is not None), None)
+    if key is None:
+        return threading.Lock()
+    with _CALL_LOCKS_GUARD:
+        return _CALL_LOCKS.setdefault(key, threading.Lock())
+
+
 def one_call_at_a_time(method):
     """Decorate a wrapper's ``__call__``: the whole call holds the wrapper's call lock (:class:`PipelineWrapper`)."""
     @functools.wraps(method)
@@ -89,8 +107,9 @@ class PipelineWrapper:
     so ``pipe = Wrapper(...).to(device)`` keeps the wrapper (and its shared randomness and error handling).
 
     One call at a time: a wrapper's ``__call__`` holds a lock for the whole call, so calls from
-    several threads run one after the other, each with its own result (the staged denoiser,
-    the scheduler and the schedule's state belong to the call that runs). A call made from
+    several threads run one after the other, each with its own result (the denoiser's hook,
+    the scheduler and the schedule's state belong to the call that runs). Wrappers over the
+    same components (``from_pipe`` siblings) hold the same lock. A call made from
     inside a call on the same thread (from a step callback) is refused. A wrapper cannot be
     pickled: see :meth:`__reduce_ex__`.
     """
@@ -103,7 +122,7 @@ class PipelineWrapper:
     def _one_call(self):
         """Hold this wrapper's call lock for the duration of one ``__call__`` (see the class docstring)."""
         state = self.__dict__  # past __getattr__: these are the wrapper's own, never the pipeline's
-        lock = state.get("_call_lock") or state.setdefault("_call_lock", threading.Lock())
+        lock = state.get("_call_lock") or state.setdefault("_call_lock", call_lock_of(state.get("pipeline")))
         me = threading.get_ident()
         if state.get("_call_owner") == me:
             raise RuntimeError(f"{type(self).__name__} was called from inside one of its own calls (a step callback?); "
@@ -125,7 +144,7 @@ class PipelineWrapper:
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         # a shallow copy shares the pipeline and the staged denoiser, so it shares their lock too
-        new.__dict__["_call_lock"] = self.__dict__.setdefault("_call_lock", threading.Lock())
+        new.__dict__["_call_lock"] = self.__dict__.setdefault("_call_lock", call_lock_of(self.__dict__.get("pipeline")))
         return new
 
     def __deepcopy__(self, memo):
