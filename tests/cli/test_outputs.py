@@ -275,6 +275,28 @@ def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # nothing half-written, no temporary file, not even small.md
 
 
+
+def test_the_file_size_limit_is_lifted_only_while_the_libraries_load():
+    """torch 2.6 writes a 3.4 kB module of its own when diffusers first imports torch._dynamo: the soft limit is
+    raised to the hard one for the import only, and is back for the outputs."""
+    import resource
+
+    from asyncgen.cli.files import file_size_limit_lifted
+
+    saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+    hard = saved[1]
+    soft = 1 << 30 if hard == resource.RLIM_INFINITY else hard // 2
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    try:
+        with file_size_limit_lifted():
+            assert resource.getrlimit(resource.RLIMIT_FSIZE) == (hard, hard)
+        assert resource.getrlimit(resource.RLIMIT_FSIZE) == (soft, hard)
+        with pytest.raises(RuntimeError), file_size_limit_lifted():
+            raise RuntimeError("an import that fails")
+        assert resource.getrlimit(resource.RLIMIT_FSIZE) == (soft, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved)
+
 # --- class 3: closed and full standard streams ----------------------------------------------------------------
 
 def test_progress_that_cannot_be_written_does_not_stop_the_work(tmp_path, monkeypatch):
