@@ -299,6 +299,18 @@ class AsyncDiffHook(ModelHook):
 
     # ------------------------------------------------------------ the hook's life
 
+    def __getstate__(self):
+        # a ContextVar cannot be copied: a deep copy of the pipeline gets a scope of its own, closed (or, unscoped,
+        # open) as this one's default
+        state = dict(self.__dict__)
+        state["_scope"] = not self.scoped
+        return state
+
+    def __setstate__(self, state):
+        default = state.pop("_scope")
+        self.__dict__.update(state)
+        self._scope = contextvars.ContextVar(f"asyncdiff scope {id(self)}", default=default)
+
     def share_calls_with(self, others: list["AsyncDiffHook"]) -> None:
         """``others`` are hooks of denoisers the pipeline switches to and from during a call (Wan 2.2's experts).
 

@@ -133,3 +133,13 @@ def test_two_ranks_release_other_stages_into_stand_ins(sd_path, one_thread):
         assert r["resident"] == r["in_tree"], rank  # the module tree holds exactly what the rank runs
         # received states are views into one flat buffer; alignment may change SIMD rounding
         np.testing.assert_allclose(r["images"], expected, atol=1e-5, rtol=0, err_msg=f"rank {rank}")
+
+
+def test_a_deep_copy_runs_on_hooks_of_its_own(sd_path):
+    import copy
+
+    wrapped = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=1)
+    twin = copy.deepcopy(wrapped)
+    assert twin.hook is not wrapped.hook and twin.denoiser is not wrapped.denoiser
+    assert twin.hook.split.denoiser is twin.denoiser  # the copy's hook runs the copy's modules
+    assert np.array_equal(_images(twin), _images(wrapped))
