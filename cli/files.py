@@ -164,6 +164,8 @@ class TolerantStream:
         self.error: BaseException | None = None
 
     def _guard(self, action, default):
+        if self.stream is None:  # started with the stream closed (``2>&-``): Python gives None, nothing to write to
+            return default
         if self.error is None:
             try:
                 return action()
