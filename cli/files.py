@@ -178,7 +178,7 @@ class TolerantStream:
         return self._guard(lambda: self.stream.write(text), len(text))
 
     def flush(self):
-        return self._guard(self.stream.flush, None)
+        return self._guard(lambda: self.stream.flush(), None)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)

@@ -310,6 +310,21 @@ def test_progress_that_cannot_be_written_does_not_stop_the_work(tmp_path, monkey
     assert (tmp_path / "a.png").read_bytes().startswith(PNG)
 
 
+def test_a_standard_stream_started_closed_takes_writes_quietly():
+    """``2>&-``: Python gives None for the stream; progress and messages to it are dropped, nothing raises."""
+    from asyncgen.cli.files import StandardStreams, TolerantStream
+
+    stream = TolerantStream(None)
+    assert stream.write("progress") == len("progress") and stream.flush() is None and stream.error is None
+    saved = sys.stderr
+    try:
+        sys.stderr = None
+        with StandardStreams():
+            print("a message", file=sys.stderr)
+    finally:
+        sys.stderr = saved
+
+
 def test_a_full_standard_output_is_one_line_and_the_image_is_kept(tmp_path, monkeypatch, capsys):
     full = open("/dev/full", "w")  # >/dev/full
     monkeypatch.setattr(sys, "stdout", full)
