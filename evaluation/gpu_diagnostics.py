@@ -7,6 +7,7 @@ within a time budget and renders the report.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.util
 import re
@@ -163,7 +164,9 @@ def time_overhead(unet, inputs: dict, steps: int, repeats: int, warmup_loops: in
     from .random_models import ddim_scheduler
 
     scheduler = ddim_scheduler()
-    wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=1).denoiser
+    twin = copy.deepcopy(unet)  # the wrapper's hook goes on ``unet`` itself: the stock loop runs a twin
+    attachment = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=1).attachment
+    wrapped = unet
     inputs = dict(inputs)
     sample = inputs.pop("sample")[:1]
     inputs.pop("timestep")
@@ -173,18 +176,18 @@ def time_overhead(unet, inputs: dict, steps: int, repeats: int, warmup_loops: in
     def run(name, model):
         def loop():
             if model is wrapped:
-                wrapped.reset()  # what AsyncDiffPipeline.__call__ does around the pipeline
+                attachment.reset()  # what AsyncDiffPipeline.__call__ does around the pipeline
             outputs[name] = _denoise(model, sample, inputs, scheduler, steps)
         device_s, host_s = clock(loop)
         return device_s / steps, host_s / steps
 
     with torch.no_grad():
         for _ in range(warmup_loops):
-            run("stock", unet), run("wrapped", wrapped)
+            run("stock", twin), run("wrapped", wrapped)
         stock, wrapper, stock_host, wrapper_host = [], [], [], []
         for r in range(repeats):
             # alternate which goes first so slow drifts (clocks, other tenants) cancel
-            order = [("stock", unet, stock, stock_host), ("wrapped", wrapped, wrapper, wrapper_host)]
+            order = [("stock", twin, stock, stock_host), ("wrapped", wrapped, wrapper, wrapper_host)]
             for name, model, times, host in order if r % 2 == 0 else order[::-1]:
                 device_s, host_s = run(name, model)
                 times.append(device_s)
@@ -332,12 +335,12 @@ def _staged_denoise(config: dict, device: torch.device, stages: int, stride: int
     sample = inputs.pop("sample")[:1]
     inputs.pop("timestep")
     scheduler = ddim_scheduler()
-    wrapped = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=stages, stride=stride, warmup=1,
-                                process_group=process_group, device=device).denoiser
+    wrapper = AsyncDiffPipeline(DenoiserOnly(unet, scheduler), stages=stages, stride=stride, warmup=1,
+                                process_group=process_group, device=device)
     with torch.no_grad():
-        wrapped.reset()
-        latents = _denoise(wrapped, sample, inputs, scheduler, steps)
-        wrapped.reset()  # settles the call's transfers, as AsyncDiffPipeline.__call__ does
+        wrapper.attachment.reset()
+        latents = _denoise(wrapper.denoiser, sample, inputs, scheduler, steps)
+        wrapper.attachment.reset()  # settles the call's transfers, as AsyncDiffPipeline.__call__ does
     return latents.cpu()
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from diffusers.utils import logging
 
 from asyncgen.comm.context import TIMEOUT_VARIABLE, DistContext, check_timeout, environment_timeout
 from asyncgen.comm.failure import NETWORK_HINT, RemoteRankError
 from asyncgen.comm.p2p import control_device
+
+# a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
+logger = logging.get_logger(f"diffusers.{__name__}")
 
 
 class LauncherEnvironmentError(ValueError):
@@ -171,11 +174,8 @@ def _ranks_text(ranks: list[int]) -> str:
 
 
 def _say(line: str) -> None:
-    """One line on standard error; a standard error that cannot be written changes nothing."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
+    """One line for the user, through diffusers' logger (shown at its default level, warning)."""
+    logger.warning(line)
 
 
 def _first_line(exc: BaseException) -> str:
