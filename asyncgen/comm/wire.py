@@ -1,8 +1,16 @@
-"""The wire format of component outputs: a nested output's structure first, then its tensors.
+"""asyncgen's one wire format: tensors packed into one flat buffer per dtype, at aligned offsets.
 
-A text encoder's or VAE's output (dataclasses, tuples, dicts of tensors) is flattened to
-a skeleton and a list of tensors with their shapes, dtypes and strides; receivers rebuild
-the very structure.
+Whatever crosses ranks travels as a *description* and a *buffer*. The buffer holds the
+tensors one after the other in memory order, each starting at a multiple of
+``ALIGN_BYTES`` (:func:`pack_flat`); the receiver allocates it from the description and
+takes each tensor as a view (:func:`unpack_flat`). Two descriptions use it:
+
+- a boundary state (:mod:`asyncgen.split.boundary`): one dtype, a small int64 header that
+  travels only when the layout may have changed; it is the per-step hot path, so the
+  header is a tensor (no host synchronisation on NCCL);
+- a component output (a text encoder's or the VAE's, :class:`Wire`): any nesting of
+  outputs, tuples and dicts, flattened to a skeleton of :class:`Slot` s (shape, dtype,
+  strides) that travels as an object once per call, then one buffer per dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +28,55 @@ from asyncgen.comm.p2p import control_device, p2p_device, wait_for
 
 if TYPE_CHECKING:  # the context imports this module
     from asyncgen.comm.context import DistContext
+
+
+#: each tensor of a flat buffer starts at a multiple of this many bytes, as a fresh allocation would: a received
+#: tensor (a view of the buffer) then takes the same vectorised kernels as the sender's own
+ALIGN_BYTES = 64
+
+
+def flat_offsets(numels: Sequence[int], element_size: int) -> tuple[list[int], int]:
+    """Where each of tensors of ``numels`` elements starts in a flat buffer, and the buffer's length (elements)."""
+    step = max(1, ALIGN_BYTES // element_size)
+    offsets, end = [], 0
+    for n in numels:
+        start = -(-end // step) * step
+        offsets.append(start)
+        end = start + n
+    return offsets, end
+
+
+def _memory_order(tensor: torch.Tensor, keep_strides: bool) -> torch.Tensor:
+    # a tensor whose elements fill a block of memory travels as that block; anything else as its contiguous copy
+    if keep_strides and dense_strides(tensor) is not None:
+        return tensor.as_strided((tensor.numel(),), (1,))
+    return tensor.reshape(-1)
+
+
+def pack_flat(tensors: Sequence[torch.Tensor], keep_strides: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensors`` (one dtype, one device) in one contiguous 1-D buffer at :func:`flat_offsets` (one ``cat``).
+
+    ``keep_strides``: a dense tensor goes in its own memory order (its strides travel in the description).
+    """
+    offsets, total = flat_offsets([t.numel() for t in tensors], tensors[0].element_size())
+    pieces, end = [], 0
+    for tensor, start in zip(tensors, offsets):
+        if start > end:
+            pieces.append(tensor.new_empty(start - end))  # padding: never read
+        pieces.append(_memory_order(tensor, keep_strides))
+        end = start + tensor.numel()
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
+
+
+def unpack_flat(buffer: torch.Tensor, shapes: Sequence[tuple[int, ...]],
+                strides: Sequence[tuple[int, ...] | None] | None = None) -> list[torch.Tensor]:
+    """The tensors :func:`pack_flat` put in ``buffer``, as views of it (with their strides, where given)."""
+    numels = [math.prod(shape) for shape in shapes]
+    offsets, _ = flat_offsets(numels, buffer.element_size())
+    strides = strides or [None] * len(shapes)
+    return [buffer[start:start + n].as_strided(shape, stride) if stride is not None else
+            buffer[start:start + n].view(shape) for shape, start, n, stride in zip(shapes, offsets, numels, strides)]
 
 
 _OUTPUT_KIND, _SEQUENCE_KIND, _DICT_KIND, _GAUSSIAN_KIND = "output", "sequence", "dict", "gaussian"
@@ -125,24 +182,36 @@ class Wire:
         except Exception as exc:
             raise remote_error(self.ctx, exc) from exc
 
-    def _outgoing(self, tensor: torch.Tensor, slot: Slot) -> torch.Tensor:
-        tensor = tensor.detach()
-        if slot.stride is not None:  # its block of memory as it is, in memory order
-            tensor = tensor.as_strided((tensor.numel(),), (1,))
-        if tensor.dtype == torch.bool:  # not every backend copies bool: send the bytes
-            tensor = tensor.to(torch.uint8)
-        return tensor.to(self.wire).contiguous()
+    @staticmethod
+    def _by_dtype(slots: Sequence[Slot]) -> list[tuple[torch.dtype, list[Slot]]]:
+        """The slots grouped by the dtype they travel in (a bool as bytes: not every backend copies bool), in an
+        order both ends derive from the skeleton alone."""
+        groups: dict[torch.dtype, list[Slot]] = {}
+        for slot in slots:
+            groups.setdefault(torch.uint8 if slot.dtype == torch.bool else slot.dtype, []).append(slot)
+        return sorted(groups.items(), key=lambda item: str(item[0]))
 
-    def _empty(self, slot: Slot) -> torch.Tensor:
-        dtype = torch.uint8 if slot.dtype == torch.bool else slot.dtype
-        shape = (math.prod(slot.shape),) if slot.stride is not None else slot.shape
-        return torch.empty(shape, dtype=dtype, device=self.wire)
+    def _outgoing(self, tensors: Sequence[torch.Tensor], slots: Sequence[Slot]) -> list[torch.Tensor]:
+        """One flat buffer per dtype group, on the wire's device."""
+        buffers = []
+        for dtype, group in self._by_dtype(slots):
+            parts = [tensors[slot.index].detach() for slot in group]
+            parts = [t.to(torch.uint8) if t.dtype == torch.bool else t for t in parts]
+            buffers.append(pack_flat([t.to(self.wire) for t in parts], keep_strides=True))
+        return buffers
 
-    def _arrived(self, buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
-        buffer = buffer.to(self.device)
-        if slot.dtype == torch.bool:
-            buffer = buffer.to(torch.bool)
-        return buffer.as_strided(slot.shape, slot.stride) if slot.stride is not None else buffer
+    def _empty(self, slots: Sequence[Slot]) -> list[torch.Tensor]:
+        return [torch.empty(flat_offsets([math.prod(s.shape) for s in group], dtype.itemsize)[1], dtype=dtype,
+                            device=self.wire) for dtype, group in self._by_dtype(slots)]
+
+    def _arrived(self, buffers: Sequence[torch.Tensor], slots: Sequence[Slot]) -> list[torch.Tensor]:
+        """The received tensors in slot order: views of their buffer (on this rank's device), bools rebuilt."""
+        received: dict[int, torch.Tensor] = {}
+        for buffer, (_, group) in zip(buffers, self._by_dtype(slots)):
+            views = unpack_flat(buffer.to(self.device), [s.shape for s in group], [s.stride for s in group])
+            for slot, view in zip(group, views):
+                received[slot.index] = view.to(torch.bool) if slot.dtype == torch.bool else view
+        return [received[slot.index] for slot in slots]
 
     def broadcast(self, value, src: int):
         """``value`` from group rank ``src``; every other rank passes ``None`` and gets an equal object."""
@@ -152,31 +221,28 @@ class Wire:
         self._comm(dist.broadcast_object_list, header, src=source, group=self.ctx.group, device=self.control)
         slots = slots_of(header[0])
         if self.ctx.rank == src:
-            for tensor, slot in zip(tensors, slots):
-                self._comm(dist.broadcast, self._outgoing(tensor, slot), source, group=self.ctx.group, async_op=True)
+            for buffer in self._outgoing(tensors, slots):
+                self._comm(dist.broadcast, buffer, source, group=self.ctx.group, async_op=True)
             return value
-        received = []
-        for slot in slots:
-            buffer = self._empty(slot)
+        buffers = self._empty(slots)
+        for buffer in buffers:
             self._comm(dist.broadcast, buffer, source, group=self.ctx.group, async_op=True)
-            received.append(self._arrived(buffer, slot))
-        return rebuild(header[0], received)
+        return rebuild(header[0], self._arrived(buffers, slots))
 
     def send(self, value, dst: int) -> None:
         peer = self.ctx.global_rank(dst)
         tensors: list[torch.Tensor] = []
         header = [skeleton_of(value, tensors)]
         self._comm(dist.send_object_list, header, peer, group=self.ctx.group, device=self.control)
-        for tensor, slot in zip(tensors, slots_of(header[0])):
-            self._comm(dist.isend, self._outgoing(tensor, slot), peer, group=self.ctx.group)
+        for buffer in self._outgoing(tensors, slots_of(header[0])):
+            self._comm(dist.isend, buffer, peer, group=self.ctx.group)
 
     def recv(self, src: int):
         peer = self.ctx.global_rank(src)
         header = [None]
         self._comm(dist.recv_object_list, header, peer, group=self.ctx.group, device=self.control)
-        received = []
-        for slot in slots_of(header[0]):
-            buffer = self._empty(slot)
+        slots = slots_of(header[0])
+        buffers = self._empty(slots)
+        for buffer in buffers:
             self._comm(dist.irecv, buffer, peer, group=self.ctx.group)
-            received.append(self._arrived(buffer, slot))
-        return rebuild(header[0], received)
+        return rebuild(header[0], self._arrived(buffers, slots))

@@ -6,17 +6,20 @@ than one stream (DiT-style joint blocks), further named streams. Embeddings are 
 part of it: every rank recomputes them from the step's conditioning, which is cheaper
 than shipping them and lets a stale stage use another timestep (``time_shift``).
 
-On the wire a state is one contiguous buffer (one message per hop) plus a small int64
-header describing the layout. The header only travels when the layout may have changed
-(exact warm-up steps); asynchronous steps reuse the layout already known.
+On the wire a state is one flat buffer in asyncgen's wire format
+(:mod:`asyncgen.comm.wire`: one message per hop, each tensor at an aligned offset) plus a
+small int64 header describing the layout. The header only travels when the layout may have
+changed (exact warm-up steps); asynchronous steps reuse the layout already known.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from asyncgen.comm.wire import flat_offsets, pack_flat, unpack_flat
 from asyncgen.models import WIRE_DTYPES
 
 # header: [version, stream mask, n_skips, dtype_code, (ndim, *shape) per tensor ...]
@@ -65,13 +68,8 @@ class BoundaryLayout:
 
     @property
     def numel(self) -> int:
-        total = 0
-        for shape in self.shapes:
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        """Elements of the flat buffer the state travels in (its tensors and the alignment between them)."""
+        return flat_offsets([math.prod(shape) for shape in self.shapes], self.dtype.itemsize)[1]
 
     def encode(self, known_streams: tuple[str, ...] = ()) -> torch.Tensor:
         # stream names are fixed by the model family and known to both ends; only which
@@ -105,23 +103,13 @@ class BoundaryLayout:
 
 
 def pack(state: BoundaryState, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Flatten a state into one contiguous 1-D buffer (one message on the wire)."""
-    tensors = state.tensors()
-    if out is None:
-        return torch.cat([t.reshape(-1) for t in tensors])
-    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+    """A state as one contiguous 1-D buffer (one message on the wire)."""
+    return pack_flat(state.tensors(), out=out)
 
 
 def unpack(buffer: torch.Tensor, layout: BoundaryLayout) -> BoundaryState:
     """Inverse of :func:`pack`; the returned tensors are views of ``buffer``."""
-    tensors, offset = [], 0
-    for shape in layout.shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        tensors.append(buffer[offset : offset + n].view(shape))
-        offset += n
-    hidden, rest = tensors[0], tensors[1:]
+    hidden, *rest = unpack_flat(buffer, layout.shapes)
     skips = tuple(rest[: layout.n_skips])
     streams = dict(zip(layout.stream_names, rest[layout.n_skips :]))
     return BoundaryState(hidden, skips, streams)

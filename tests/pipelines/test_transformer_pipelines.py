@@ -86,10 +86,13 @@ def test_two_ranks_equal_the_serial_simulator(family_path, one_thread):
         expected = _run(serial, family)
         assert np.isfinite(expected).all() and not np.array_equal(expected, _stock(paths[family], family))  # stale inputs were used
         for rank, result in enumerate(per_rank):
-            # received states are views into one flat buffer; alignment may change SIMD rounding
-            np.testing.assert_allclose(result[family], expected, atol=1e-5, rtol=0, err_msg=f"{family} rank {rank}")
+            # received states sit at aligned offsets of one flat buffer (comm/wire.py): bit-identical
+            np.testing.assert_array_equal(result[family], expected, err_msg=f"{family} rank {rank}")
             if family in FROM_PRETRAINED:
+                # stage-only loaded, Ovis-Image differs from the whole-loaded simulator in the last float32 bit
+                # (7e-7 at most here); not the wire, which is exact for every pipeline loaded whole; cause not
+                # pinned down, so this one comparison keeps a tolerance far above that
                 np.testing.assert_allclose(result[f"{family} from_pretrained"], expected, atol=1e-5, rtol=0,
                                            err_msg=f"{family} from_pretrained, rank {rank}")
         support_matrix.record(_class_name(serial), pipeline=tiny_models.FAMILIES[family].pipeline,
-                              distributed="yes (pipeline, ≤ 1e-5)")
+                              distributed="yes (pipeline, exact)")
