@@ -5,7 +5,8 @@ claim) that fits the terminal (``--json``: everything, for scripts); ``show NAME
 experiment, with every ``--set`` key's type, accepted range, default and meaning; ``run NAME``
 runs the experiment on seeds ``--seed .. --seed+--seeds-1`` and writes ``results.json``,
 ``results.md`` and ``results.png`` into ``--out`` (together: all whole, or none); ``render
-DIR...`` rewrites each folder's ``results.md`` from its ``results.json``; ``compare DIR...``
+DIR...`` rewrites each folder's ``results.md`` from its ``results.json`` (``--readme``: README.md's catalogue table
+from every committed ``results.json``, see :mod:`asyncgen.catalogue.table`); ``compare DIR...``
 puts several runs of one experiment side by side.
 
 Everything a run needs is checked before it starts, each in one line (exit code 2): every
@@ -78,10 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "--out, writes compare.json, compare.md and compare.png there.")
     compare.add_argument("folders", nargs="+", metavar="DIR", help="folders holding a results.json (or the files)")
     compare.add_argument("--out", default=None, help="folder for compare.json/.md/.png (default: print only)")
-    render = actions.add_parser("render", help="rewrite results.md from results.json in each folder",
+    render = actions.add_parser("render", help="rewrite results.md from results.json in each folder; --readme: "
+                                "the README's catalogue table",
                                 description="Rewrite each folder's results.md from its results.json (the "
-                                "committed results are written only this way or by 'run').")
-    render.add_argument("folders", nargs="+", metavar="DIR", help="folders holding a results.json")
+                                "committed results are written only this way or by 'run'). --readme: rewrite the "
+                                "catalogue table between README.md's <!-- catalogue-table --> markers from every "
+                                "committed docs/catalogue/NAME/results.json.")
+    render.add_argument("folders", nargs="*", metavar="DIR", help="folders holding a results.json")
+    render.add_argument("--readme", action="store_true", help="rewrite README.md's catalogue table from the "
+                        "committed docs/catalogue/*/results.json (after the folders given)")
 
 
 def _list(args) -> int:
@@ -155,19 +161,26 @@ def _run(args) -> int:
 def _render(args) -> int:
     from pathlib import Path
 
-    from asyncgen.catalogue.frame import render_markdown
-
+    from asyncgen.catalogue.frame import CatalogueError, render_markdown
+    from asyncgen.catalogue.table import README, check_readme, write_readme
     from asyncgen.cli.files import check_output_paths
 
+    if not args.folders and not args.readme:
+        raise UsageError("render: give folders holding a results.json, or --readme")
     for folder in args.folders:
         if not (Path(folder) / "results.json").is_file():
             raise UsageError(f"{folder}: no results.json there")
     try:
-        check_output_paths([Path(folder) / "results.md" for folder in args.folders], kind="file")
-    except ValueError as exc:
+        check_output_paths([Path(folder) / "results.md" for folder in args.folders]
+                           + ([README] if args.readme else []), kind="file")
+        if args.readme:
+            check_readme(README)
+    except (ValueError, CatalogueError) as exc:
         raise UsageError(str(exc)) from None
     for folder in args.folders:
         print(f"wrote {render_markdown(folder)}")
+    if args.readme:  # after the folders: the table reads the committed results.json files
+        print(f"wrote {write_readme(README)} (the catalogue table)")
     return 0
 
 
