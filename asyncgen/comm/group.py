@@ -11,6 +11,7 @@ standard error that it waits, and after ``ASYNCGEN_TIMEOUT`` one line names the 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import time
@@ -18,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from diffusers.utils import logging
 
 from asyncgen.comm.context import TIMEOUT_VARIABLE, DistContext, check_timeout, environment_timeout
 from asyncgen.comm.failure import NETWORK_HINT, RemoteRankError
 from asyncgen.comm.p2p import control_device
 
-# a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us
-logger = logging.get_logger(f"diffusers.{__name__}")
+# a child of diffusers' library logger, so diffusers.utils.logging.set_verbosity_* (and its handler) apply to us;
+# named with the standard library, not diffusers.utils: the CLI imports this module before it imports diffusers
+# (whose first import may write files, which must wait for the CLI's file-size-limit guard)
+logger = logging.getLogger(f"diffusers.{__name__}")
 
 
 class LauncherEnvironmentError(ValueError):
