@@ -65,7 +65,7 @@ def test_stage_composition_equals_full_forward(family_path, family, one_thread):
             for stage in make_stages(split, balanced_cuts(costs, n_stages)):
                 state = stage(split, state, cond)
             assert torch.equal(split.output(state), reference), n_stages
-    path_kind = "generic" if family not in UNET_FAMILIES else "per-class UNet split (asyncgen/video_unet.py)"
+    path_kind = "generic" if family not in UNET_FAMILIES else "per-class UNet split (asyncgen/split/video_unet.py)"
     support_matrix.record(type(denoiser).__name__, kind="video", split=path_kind,
                           composition=f"exact ({len(split.units)} units, 1-3 stages, pipeline inputs)")
 
