@@ -83,6 +83,8 @@ def test_from_pipe_siblings_take_turns(sd_path):
     """Siblings share the scheduler and the denoiser: their calls from two threads run one after the other."""
     pipe = tiny_models.load(sd_path)
     siblings = [AsyncDiffPipeline.from_pipe(pipe, stages=2, warmup=1) for _ in range(2)]
+    for sibling in siblings:  # a from_pipe pipeline starts with progress bars on; tqdm's locks are not under test
+        sibling.set_progress_bar_config(disable=True)
     owner, interleaved = [None], []
 
     def step(p, i, t, tensors):
@@ -98,11 +100,12 @@ def test_from_pipe_siblings_take_turns(sd_path):
     def run(k):
         results[k] = _images(siblings[k], callback_on_step_end=step)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a sibling's call never returned"
     assert not interleaved
     assert siblings[0].__dict__["_call_lock"] is siblings[1].__dict__["_call_lock"]
     expected = _images(AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=1))
