@@ -361,7 +361,7 @@ def set_pipeline_component(pipeline, name: str, module) -> None:
     """Make ``pipeline.<name>`` be ``module`` without rewriting the pipeline's config.
 
     ``DiffusionPipeline.__setattr__`` (diffusers 0.x to 0.42) records a new component's
-    class in the config (``register_to_config``); a stand-in (a staged denoiser, a proxy)
+    class in the config (``register_to_config``); a stand-in (a component proxy)
     must leave the real class there, so ``save_pretrained`` and ``pipe.components`` keep
     naming it. Writing past that ``__setattr__`` is the private step; a
     ``diffusers.hooks`` hook on the real module would need no replacement at all.

@@ -360,7 +360,7 @@ class AsyncDiffPipeline(PipelineWrapper):
     def stage_info(self) -> dict[str, Any]:
         """What this rank holds and has computed: stage, units, parameter bytes, compute time.
 
-        ``resident_parameter_bytes`` counts every staged denoiser this rank holds a stage of
+        ``resident_parameter_bytes`` counts every denoiser this rank holds a stage of
         (Wan 2.2: both experts); ``expert_stage_units`` gives a second expert's own cuts.
         Compute time and calls are the first denoiser's first pass (lane).
         """

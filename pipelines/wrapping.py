@@ -143,7 +143,7 @@ class PipelineWrapper:
     def __copy__(self):
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
-        # a shallow copy shares the pipeline and the staged denoiser, so it shares their lock too
+        # a shallow copy shares the pipeline and its hooks, so it shares their lock too
         new.__dict__["_call_lock"] = self.__dict__.setdefault("_call_lock", call_lock_of(self.__dict__.get("pipeline")))
         return new
 

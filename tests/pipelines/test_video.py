@@ -85,7 +85,7 @@ def test_one_stage_and_full_warmup_equal_stock(family_path, family, one_thread):
                           one_stage="exact")
 
 
-# Wan runs CFG as two denoiser passes per step ("cond", "uncond": two lanes, see asyncgen.runtime.staged_denoiser), each of batch 1:
+# Wan runs CFG as two denoiser passes per step ("cond", "uncond": two lanes, see asyncgen.runtime.asyncdiff_hook), each of batch 1:
 # there is no CFG batch to split, so CFG parallel applies to the batched-CFG pipelines only
 @pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_cfg_parallel_serial_matches_stock(family_path, family, one_thread):
