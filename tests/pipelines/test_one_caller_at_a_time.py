@@ -26,7 +26,8 @@ def _overlapping_calls(wrapper, calls: list[dict]) -> tuple[list, list]:
         except Exception as exc:  # noqa: BLE001  (the test reports every failure)
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"caller-{i}") for i in range(len(calls))]
+    # daemons: a call that never returns fails the test below instead of keeping the worker process alive
+    threads = [threading.Thread(target=run, args=(i,), name=f"caller-{i}", daemon=True) for i in range(len(calls))]
     for thread in threads:
         thread.start()
     for thread in threads:
