@@ -594,7 +594,7 @@ class Progress:
             raise ValueError(f"progress mode {enabled!r}: expected bar, lines or off")
         self.mode, self.desc, self.total, self.done, self.interval = mode, desc, total, 0, interval
         self._start = self._last = time.monotonic()
-        self._bar = None
+        self._bar = self._stream = None
         if mode == "bar":
             self._guard(self._open_bar)
 
@@ -603,13 +603,20 @@ class Progress:
 
         from tqdm.auto import tqdm
 
+        from asyncgen.cli.files import TolerantStream
+
+        # tqdm must never see a failed write: it takes its process-wide lock around a write without a finally, so an
+        # exception there leaves the lock held and every other thread's progress bar waits for it forever
+        self._stream = sys.stderr if isinstance(sys.stderr, TolerantStream) else TolerantStream(sys.stderr)
         self._bar = tqdm(total=self.total, desc=self.desc, delay=3.0, leave=False, dynamic_ncols=True,
-                         file=sys.stderr)
+                         file=self._stream)
 
     def _guard(self, action) -> None:
         try:
             action()
         except (OSError, ValueError, AttributeError):  # closed (ValueError, or None) or failing standard error
+            self.mode, self._bar = "off", None
+        if self._bar is not None and self._stream.error is not None:  # the bar's writes failed (and were dropped)
             self.mode, self._bar = "off", None
 
     def set_total(self, total: int) -> None:

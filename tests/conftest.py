@@ -19,17 +19,6 @@ from asyncgen.cli import launcher  # noqa: E402
 # tests that run the `asyncgen` command in a subprocess keep its default, spawn, the users' path.
 launcher.START_METHOD = "forkserver"
 
-# tqdm's default write lock is a multiprocessing semaphore, shared with every child forked from this process (the
-# catalogue forks its workers), plus a monitor thread that takes it every few seconds. In a full run one xdist worker
-# found it held by no thread of its own, and every later progress bar there waited forever (twice, in the two-thread
-# tests). A test session needs neither: one lock of this process, no monitor thread.
-import threading  # noqa: E402
-
-import tqdm  # noqa: E402
-
-tqdm.tqdm.set_lock(threading.RLock())
-tqdm.tqdm.monitor_interval = 0
-
 
 def pytest_configure(config):
     # Start the fork server now: its imports then overlap collection instead of counting against the

@@ -11,8 +11,10 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import pytest
+import tqdm
 
 from asyncgen.catalogue import experiments, get_experiment
 from asyncgen.catalogue.frame import (CatalogueError, ExperimentInfo, Key, Progress, expected_seconds, plan_run,
@@ -210,6 +212,17 @@ def test_progress_never_raises_on_a_failing_stream(monkeypatch, mode):
             bar.update()
         bar.close()
         assert bar.done == 3
+        # tqdm's process-wide lock is free again: another thread's progress bar would not wait for it forever
+        took = []
+
+        def take():
+            with tqdm.tqdm.get_lock():
+                took.append(True)
+
+        other = threading.Thread(target=take, daemon=True)  # a daemon: if it waits forever, the test fails
+        other.start()
+        other.join(timeout=10)
+        assert took == [True], stream
 
 
 def test_show_lists_every_key_with_its_range_and_default(capsys):
