@@ -252,14 +252,13 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
                 "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
     if ctx.distributed:
         mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
+        resident = denoiser_split.shared_modules() + mine.modules()
         if config.free_unused_stages:
             others = [m for stage in all_stages if stage is not mine for m in stage.modules()]
-            release_modules(denoiser, others, keep=denoiser_split.shared_modules() + mine.modules())
+            release_modules(denoiser, others, keep=resident)
 
         def new_executor():
             return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
-
-        resident = denoiser_split.shared_modules() + mine.modules()
     else:
         def new_executor():
             simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]

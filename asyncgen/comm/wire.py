@@ -60,10 +60,11 @@ def pack_flat(tensors: Sequence[torch.Tensor], keep_strides: bool = False,
     ``keep_strides``: a dense tensor goes in its own memory order (its strides travel in the description).
     """
     offsets, total = flat_offsets([t.numel() for t in tensors], tensors[0].element_size())
+    padding = tensors[0].new_empty(max(1, ALIGN_BYTES // tensors[0].element_size()))  # never read; one allocation
     pieces, end = [], 0
     for tensor, start in zip(tensors, offsets):
         if start > end:
-            pieces.append(tensor.new_empty(start - end))  # padding: never read
+            pieces.append(padding[: start - end])
         pieces.append(_memory_order(tensor, keep_strides))
         end = start + tensor.numel()
     return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)

@@ -36,7 +36,7 @@ from asyncgen.comm.context import DistContext
 from asyncgen.comm.wire import Wire
 from asyncgen.models import PLACEABLE_COMPONENTS
 from asyncgen.placement.planner import Placement
-from asyncgen.placement.residency import kept_buffers, resident_modules
+from asyncgen.placement.residency import StandIn, kept_buffers, resident_modules
 from asyncgen.split.text_encoder import run_layers, split_call_arguments
 
 
@@ -59,18 +59,16 @@ class _Mirrored:
         return self.method(*args, **kwargs)
 
 
-class ComponentProxy(nn.Module):
+class ComponentProxy(StandIn):
     """Stands in for a pipeline component that runs on some ranks only (see the module docstring)."""
 
     # the methods whose signatures the proxy reports as the component's
     mirrored_methods: tuple[str, ...] = ("forward",)
 
     def __init__(self, name: str, component: nn.Module, placements: Sequence[Placement], ctx: DistContext):
-        super().__init__()
         if not placements:
             raise ValueError(f"{name}: a placed component needs at least one placement")
-        # not registered as a submodule: on most ranks its weights are on the meta device
-        object.__setattr__(self, "_component", component)
+        super().__init__(component)  # held, not registered: on most ranks its weights are on the meta device
         object.__setattr__(self, "_wire", Wire(ctx))
         self.name, self.placements, self.ctx = name, list(placements), ctx
         self.resident = nn.ModuleList(resident_modules(component, placements, ctx.rank))
@@ -83,20 +81,12 @@ class ComponentProxy(nn.Module):
 
     @property
     def component(self) -> nn.Module:
-        return self._component
+        return self._held
 
     @property
     def runs_here(self) -> bool:
         return any(p.rank == self.ctx.rank for p in self.placements)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            component = self.__dict__.get("_component")
-            if component is None:
-                raise
-            return getattr(component, name)
 
     @property
     def device(self) -> torch.device:
@@ -113,12 +103,12 @@ class ComponentProxy(nn.Module):
         # the kept buffers (its own, its submodules' persistent ones) stay on every rank (see release_weights):
         # move them here when the resident modules do not hold them
         held = {id(t) for t in self.resident.buffers()}
-        for _, module, name, tensor in kept_buffers(self._component):
+        for _, module, name, tensor in kept_buffers(self._held):
             if id(tensor) not in held and tensor.device.type != "meta":
                 to_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
                 replace_tensor(module, name, tensor.to(device=device, dtype=to_dtype))
         if dtype is not None:
-            for module in self._component.modules():
+            for module in self._held.modules():
                 for name, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
                     if tensor.device.type == "meta" and tensor.is_floating_point():
                         tensor.data = tensor.data.to(dtype)
@@ -142,16 +132,16 @@ class TextEncoderProxy(ComponentProxy):
     def forward(self, *args, **kwargs):
         # a decoder-only encoder (Gemma2 for Sana, GLM for CogView4) returns the prompt's KV cache by default: no
         # pipeline reads it and a Cache object cannot travel, so every rank gets past_key_values=None instead
-        if "use_cache" not in kwargs and "use_cache" in inspect.signature(self._component.forward).parameters:
+        if "use_cache" not in kwargs and "use_cache" in inspect.signature(self._held.forward).parameters:
             kwargs["use_cache"] = False
         if len(self.placements) == 1 and self.placements[0].layers is None:
-            return self._owner_run(self.placements[0].rank, self._component, *args, **kwargs)
+            return self._owner_run(self.placements[0].rank, self._held, *args, **kwargs)
         return self._run_ranges(args, kwargs)
 
     def _run_ranges(self, args, kwargs):
         ranges = sorted(self.placements, key=lambda p: p.layers)
         # every rank checks the arguments (they are the same everywhere): a refusal happens on all of them
-        call = split_call_arguments(self._component, args, kwargs)
+        call = split_call_arguments(self._held, args, kwargs)
         carry, rank = None, self.ctx.rank
         for i, p in enumerate(ranges):
             if p.rank != rank:
@@ -159,7 +149,7 @@ class TextEncoderProxy(ComponentProxy):
             if i > 0 and ranges[i - 1].rank != rank:
                 carry = self._wire.recv(ranges[i - 1].rank)
                 carry = _carry_from(carry)
-            carry = run_layers(self._component, p.layers[0], p.layers[1], call, carry)
+            carry = run_layers(self._held, p.layers[0], p.layers[1], call, carry)
             if i + 1 < len(ranges) and ranges[i + 1].rank != rank:
                 self._wire.send(carry.tensors(), ranges[i + 1].rank)
         if ranges[-1].rank == rank:
@@ -186,13 +176,13 @@ class VaeProxy(ComponentProxy):
         return self.placements[0].rank
 
     def decode(self, *args, **kwargs):
-        return self._owner_run(self._owner(), self._component.decode, *args, **kwargs)
+        return self._owner_run(self._owner(), self._held.decode, *args, **kwargs)
 
     def encode(self, *args, **kwargs):
-        return self._owner_run(self._owner(), self._component.encode, *args, **kwargs)
+        return self._owner_run(self._owner(), self._held.encode, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        return self._owner_run(self._owner(), self._component, *args, **kwargs)
+        return self._owner_run(self._owner(), self._held, *args, **kwargs)
 
 
 def make_proxy(name: str, component: nn.Module, placements: Sequence[Placement], ctx: DistContext) -> ComponentProxy:

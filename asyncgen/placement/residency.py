@@ -76,7 +76,25 @@ def release_weights(component: nn.Module, keep: Sequence[nn.Module]) -> int:
     return freed
 
 
-class ReleasedModule(nn.Module):
+class StandIn(nn.Module):
+    """A module standing in for another that it holds without registering (so its tensors stay out of
+    ``parameters()`` and ``to()``): an attribute the stand-in lacks is the held module's."""
+
+    def __init__(self, held: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_held", held)  # past nn.Module.__setattr__: not a child
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            held = self.__dict__.get("_held")
+            if held is None:
+                raise
+            return getattr(held, name)
+
+
+class ReleasedModule(StandIn):
     """Stands in a denoiser's module tree for a submodule whose weights this rank released (another rank runs it).
 
     The denoiser stays the pipeline's own module (the AsyncDiff hook works on it), so
@@ -84,30 +102,19 @@ class ReleasedModule(nn.Module):
     would stop that walk ("cannot copy out of meta tensor"). The stand-in has no tensors,
     and a call on it is the released module's (with any hook on it: a block split's stage
     hook passes a block of another stage through without computing it), as is a read of
-    an attribute it lacks. The released module is held in a tuple so ``nn.Module`` does
-    not register it as a child.
+    an attribute it lacks: the splits read shapes and dtypes of modules they do not run
+    (the output's channel count and dtype from ``conv_out`` on every rank).
     """
 
-    def __init__(self, released: nn.Module):
-        super().__init__()
-        self.released = (released,)
+    @property
+    def released(self) -> nn.Module:
+        return self._held
 
     def forward(self, *args, **kwargs):
-        return self.released[0](*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        # the splits read shapes and dtypes of modules they do not run (the output's channel count and dtype
-        # from ``conv_out`` on every rank): those answer as the released module's (its tensors are on meta)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            released = self.__dict__.get("released")
-            if released is None:
-                raise
-            return getattr(released[0], name)
+        return self._held(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"released {type(self.released[0]).__name__}: another rank runs it"
+        return f"released {type(self._held).__name__}: another rank runs it"
 
 
 def release_modules(model: nn.Module, modules: Sequence[nn.Module], keep: Sequence[nn.Module]) -> list[nn.Module]:
@@ -141,7 +148,7 @@ def released_restored(model: nn.Module) -> Iterator[nn.Module]:
     swapped = [(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2], m)
                for name, m in model.named_modules() if isinstance(m, ReleasedModule)]
     for parent, child, stand_in in swapped:
-        setattr(parent, child, stand_in.released[0])
+        setattr(parent, child, stand_in.released)
     try:
         yield model
     finally:

@@ -71,10 +71,6 @@ class PassName(StateManager):
         super().set_context(context)
         self.name = getattr(context, "name", context)
 
-    def reset(self, *args, **kwargs) -> None:
-        super().reset(*args, **kwargs)
-        self.name = None
-
 
 class AsyncDiffLane(BaseState):
     """One denoiser pass's progress through one pipeline call: its schedule, step, predictions made ahead.
