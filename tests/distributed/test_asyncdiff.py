@@ -44,7 +44,7 @@ def _serial(path, cls="StableDiffusionPipeline", **kwargs):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_distributed_equals_serial_simulator(sd_path, sdxl_path, world_size):
+def test_distributed_equals_serial_simulator(sd_path, sdxl_path, world_size, one_thread):
     per_rank = launch(_run_configs, world_size, str(sd_path), str(sdxl_path), timeout=300)
     expected = [_serial(sd_path, stages=n, stride=s, warmup=2, time_shift=ts) for n, s, ts in CONFIGS[world_size]]
     if world_size == 2:

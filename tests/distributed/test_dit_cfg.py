@@ -27,7 +27,7 @@ def _dit_configs(rank, world_size, paths):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_transformers_distributed_equal_serial(dit_paths, world_size):
+def test_transformers_distributed_equal_serial(dit_paths, world_size, one_thread):
     per_rank = launch(_dit_configs, world_size, {k: str(v) for k, v in dit_paths.items()}, timeout=300)
     for i, (family, stages, stride, time_shift) in enumerate(DIT_CONFIGS[world_size]):
         serial = AsyncDiffPipeline(tiny_models.load_family(dit_paths[family], family), stages=stages, stride=stride,
@@ -62,7 +62,7 @@ def test_cfg_parallel_one_stage_equals_stock(sd_path, dit_paths):
     support_matrix.record("SD3Transformer2DModel", cfg_parallel="yes (2 ranks == stock)")
 
 
-def test_cfg_parallel_times_asyncdiff_on_four_ranks_equals_serial(sd_path):
+def test_cfg_parallel_times_asyncdiff_on_four_ranks_equals_serial(sd_path, one_thread):
     per_rank = launch(_cfg, 4, str(sd_path), None, 2, timeout=400)
     serial = AsyncDiffPipeline(tiny_models.load(sd_path), stages=2, warmup=1, cfg_parallel=True)
     expected = serial(**tiny_models.call_kwargs()).images

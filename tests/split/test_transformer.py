@@ -97,7 +97,7 @@ def _distributed(rank, world_size, folder, names):
     return out
 
 
-def test_two_ranks_equal_the_serial_simulator(transformer_dir):
+def test_two_ranks_equal_the_serial_simulator(transformer_dir, one_thread):
     # one launch for every class: each spawned worker pays seconds importing torch and diffusers
     per_rank = launch(_distributed, 2, str(transformer_dir), CLASSES, timeout=900)
     for name in CLASSES:
