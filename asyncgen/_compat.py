@@ -296,32 +296,6 @@ def hook_original_forward(hook) -> Callable:
     return original
 
 
-def execution_device(pipeline) -> torch.device:
-    """The device a ``DiffusionPipeline`` runs its models on (that of the offload hooks when offloading).
-
-    ``DiffusionPipeline._execution_device`` (diffusers 0.x to 0.42); ``pipeline.device`` is
-    public but reports the CPU under model offloading.
-    """
-    if not hasattr(type(pipeline), "_execution_device"):
-        raise _missing("diffusers", "DiffusionPipeline._execution_device")
-    return pipeline._execution_device
-
-
-def sdxl_add_time_ids(pipeline, original_size, crop_top_left, target_size, dtype: torch.dtype,
-                      text_encoder_projection_dim: int | None) -> torch.Tensor:
-    """SDXL's micro-conditioning ids ``(1, 6)`` for these sizes, as the pipeline computes them.
-
-    ``StableDiffusionXLPipeline._get_add_time_ids`` (diffusers 0.19 to 0.42, positional
-    ``original_size, crops_coords_top_left, target_size, dtype`` then the projection dim);
-    it also checks the ids against the UNet's embedding size. No public equivalent.
-    """
-    method = getattr(pipeline, "_get_add_time_ids", None)
-    if method is None:
-        raise _missing("diffusers", f"{type(pipeline).__name__}._get_add_time_ids")
-    return method(original_size, crop_top_left, target_size, dtype=dtype,
-                  text_encoder_projection_dim=text_encoder_projection_dim)
-
-
 def from_deprecated_attention_block(module: nn.Module) -> bool:
     """Whether diffusers built ``module`` (an ``Attention``) for an old VAE checkpoint whose
     attention weights are named ``query``/``key``/``value``/``proj_attn`` and renamed on load.
@@ -329,21 +303,6 @@ def from_deprecated_attention_block(module: nn.Module) -> bool:
     ``Attention._from_deprecated_attn_block`` (diffusers 0.15 to 0.42); False when absent.
     """
     return bool(getattr(module, "_from_deprecated_attn_block", False))
-
-
-def diffusers_dtype_keyword() -> str:
-    """The keyword ``DiffusionPipeline.from_pretrained`` takes a dtype by: ``dtype`` in the diffusers releases
-    that deprecate ``torch_dtype`` (0.42 checked), ``torch_dtype`` before.
-
-    Detected by the presence of ``diffusers.utils.deprecation_utils._resolve_dtype``, the helper
-    that accepts ``dtype``; ``from_pretrained`` takes ``**kwargs``, so its signature cannot say.
-    """
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-
-        return "dtype"
-    except ImportError:
-        return "torch_dtype"
 
 
 def unet_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -397,25 +356,17 @@ def keep_in_fp32_modules_strict(model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------------------- transformers
 
-def transformers_dtype_keyword() -> str:
-    """The keyword transformers takes a model dtype by: ``dtype`` from 4.56, ``torch_dtype`` before."""
-    version = library_version("transformers")
-    from packaging.version import Version
-
-    return "dtype" if version is None or version >= Version("4.56") else "torch_dtype"
-
-
 def transformers_model_from_config(model_class, config, dtype: torch.dtype | None = None) -> nn.Module:
     """A transformers model of ``model_class`` built from ``config`` (weights initialised, not loaded), in ``dtype``.
 
     ``PreTrainedModel._from_config`` (transformers 4.x to 5.x), which ``AutoModel.from_config``
     calls after resolving the class; it sets the attention implementation and the dtype as
-    ``from_pretrained`` would. The dtype keyword follows :func:`transformers_dtype_keyword`.
+    ``from_pretrained`` would (the keyword is ``dtype``: transformers 4.56 on, and the floor is 5).
     """
     build = getattr(model_class, "_from_config", None)
     if build is None:
         raise _missing("transformers", f"{model_class.__name__}._from_config")
-    return build(config, **({transformers_dtype_keyword(): dtype} if dtype is not None else {}))
+    return build(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def t5_attention_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -464,13 +415,11 @@ def _takes_cache(block_class: type) -> bool:
 def clip_layer_forward(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
     """One ``CLIPEncoderLayer`` of a text encoder, causal: the new hidden state.
 
-    Written against transformers 5.x's ``CLIPEncoderLayer.forward(hidden_states,
-    attention_mask, **kwargs)`` with ``is_causal`` among the attention kwargs, returning a
-    tensor; 4.x took a separate ``causal_attention_mask`` and returned a tuple (the tuple's
-    first field is taken if one comes back).
+    transformers 5.x's ``CLIPEncoderLayer.forward(hidden_states, attention_mask, **kwargs)``
+    with ``is_causal`` among the attention kwargs, returning a tensor (4.x took a separate
+    ``causal_attention_mask`` and returned a tuple; the floor is 5).
     """
-    out = layer(hidden, mask, is_causal=True)
-    return out[0] if isinstance(out, tuple) else out
+    return layer(hidden, mask, is_causal=True)
 
 
 # ---------------------------------------------------------------------------- Python's multiprocessing

@@ -18,17 +18,20 @@ def check_not_wrapped(pipeline, wrapper_name: str, every_call: bool = False) -> 
     in every call, the sibling's included, so that is refused too.
     """
     from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS
+    from asyncgen.runtime.asg_hook import ASGHook
     from asyncgen.runtime.asyncdiff_hook import asyncdiff_hooks
+    from asyncgen.runtime.scoped_hook import hooks_of
 
     if isinstance(pipeline, PipelineWrapper):
         raise TypeError(f"{wrapper_name} was given an {type(pipeline).__name__}, which is already a wrapper; wrap the "
                         f"diffusers pipeline itself (its .pipeline)")
     for name in DENOISER_COMPONENTS + EXPERT_COMPONENTS:
-        hooks = asyncdiff_hooks(getattr(pipeline, name, None))
-        if any(not hook.scoped for hook in hooks) or (every_call and hooks):
-            raise TypeError(f"this {type(pipeline).__name__} is already wrapped by AsyncDiffPipeline (pipe.{name} "
-                            f"runs AsyncDiff through a hook); {wrapper_name} needs the original pipeline, so wrap a "
-                            "fresh one")
+        module = getattr(pipeline, name, None)
+        for strategy, hooks in (("AsyncDiff", asyncdiff_hooks(module)), ("ASG", hooks_of(module, ASGHook))):
+            if any(not hook.scoped for hook in hooks) or (every_call and hooks):
+                raise TypeError(f"this {type(pipeline).__name__} is already wrapped by {strategy}Pipeline (or "
+                                f"apply_{strategy.lower()}: pipe.{name} runs {strategy} through a hook); "
+                                f"{wrapper_name} needs the original pipeline, so wrap a fresh one")
 
 
 def check_flag(value, name: str) -> None:

@@ -3,7 +3,6 @@ and a guarded one fails with a clear error (naming the library's version) where 
 
 import functools
 import sys
-import types
 
 import pytest
 import torch
@@ -239,14 +238,6 @@ def _tiny_model():
     return TinyModel()
 
 
-def test_execution_device():
-    pipe = _tiny_pipeline()
-    assert _compat.execution_device(pipe) == torch.device("cpu")
-    with pytest.raises(_compat.PrivateAPIMissing) as excinfo:
-        _compat.execution_device(object())
-    _missing_message(excinfo, "diffusers")
-
-
 def test_set_pipeline_component_leaves_the_config_alone():
     pipe = _tiny_pipeline()
     recorded = tuple(pipe.config.unet)
@@ -255,20 +246,6 @@ def test_set_pipeline_component_leaves_the_config_alone():
     assert pipe.unet is stand_in and tuple(pipe.config.unet) == recorded
     pipe.unet = nn.Linear(1, 1)  # what the stock __setattr__ does instead
     assert tuple(pipe.config.unet) != recorded
-
-
-def test_sdxl_add_time_ids():
-    from diffusers import StableDiffusionXLPipeline
-
-    unet = types.SimpleNamespace(config=types.SimpleNamespace(addition_time_embed_dim=4),
-                                 add_embedding=types.SimpleNamespace(linear_1=nn.Linear(4 * 6 + 8, 1)))
-    pipe = types.SimpleNamespace(unet=unet)
-    pipe._get_add_time_ids = functools.partial(StableDiffusionXLPipeline._get_add_time_ids, pipe)
-    ids = _compat.sdxl_add_time_ids(pipe, (64, 96), (8, 0), (64, 96), torch.float32, 8)
-    assert ids.tolist() == [[64, 96, 8, 0, 64, 96]]
-    with pytest.raises(_compat.PrivateAPIMissing) as excinfo:
-        _compat.sdxl_add_time_ids(object(), (64, 64), (0, 0), (64, 64), torch.float32, 8)
-    _missing_message(excinfo, "diffusers")
 
 
 def test_from_deprecated_attention_block():
@@ -298,15 +275,6 @@ def test_keep_in_fp32_modules():
     assert _compat.keep_in_fp32_modules_strict(nn.Linear(2, 2)) == []
 
 
-def test_diffusers_dtype_keyword(monkeypatch):
-    from packaging.version import Version
-
-    expected = "dtype" if _compat.library_version("diffusers") >= Version("0.42") else None
-    assert _compat.diffusers_dtype_keyword() in ({expected} if expected else {"dtype", "torch_dtype"})
-    monkeypatch.setitem(sys.modules, "diffusers.utils.deprecation_utils", None)  # an older diffusers
-    assert _compat.diffusers_dtype_keyword() == "torch_dtype"
-
-
 def test_unet_mask_bias():
     bias = _compat.unet_mask_bias(torch.tensor([[1, 1, 0]]), torch.float16)
     assert bias.shape == (1, 1, 3) and bias.dtype == torch.float16
@@ -314,17 +282,6 @@ def test_unet_mask_bias():
 
 
 # ---------------------------------------------------------------------------- transformers
-
-def test_transformers_dtype_keyword(monkeypatch):
-    from packaging.version import Version
-
-    installed = _compat.transformers_dtype_keyword()
-    assert installed == ("dtype" if _compat.library_version("transformers") >= Version("4.56") else "torch_dtype")
-    monkeypatch.setattr(_compat, "library_version", lambda name: Version("4.50.0"))
-    assert _compat.transformers_dtype_keyword() == "torch_dtype"
-    monkeypatch.setattr(_compat, "library_version", lambda name: Version("4.56.0"))
-    assert _compat.transformers_dtype_keyword() == "dtype"
-
 
 def _clip_config():
     from transformers import CLIPTextConfig

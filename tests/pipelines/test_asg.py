@@ -78,14 +78,13 @@ def test_from_pretrained_loads_and_wraps(sd_path, sd_pipe):
 def test_sdxl_windows_get_their_crop_offsets(sdxl_pipe):
     wrapped = ASGPipeline(sdxl_pipe)
     seen = []
-    real = sdxl_pipe.unet.forward
-
-    def spy(*args, added_cond_kwargs=None, **kwargs):
-        seen.append(tuple(added_cond_kwargs["time_ids"][0].tolist()))
-        return real(*args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    sdxl_pipe.unet.forward = spy
-    images = wrapped(**call_kwargs(height=NATIVE, width=2 * NATIVE, num_inference_steps=2)).images
+    # the UNet embeds its time ids flattened (6 per row): the first row's, per native-size UNet call
+    spy = sdxl_pipe.unet.add_time_proj.register_forward_pre_hook(
+        lambda module, inputs: seen.append(tuple(inputs[0][:6].tolist())))
+    try:
+        images = wrapped(**call_kwargs(height=NATIVE, width=2 * NATIVE, num_inference_steps=2)).images
+    finally:
+        spy.remove()
     assert images.shape == (1, NATIVE, 2 * NATIVE, 3) and np.isfinite(images).all()
     n = float(NATIVE)
     # step 1: the two patches (uncropped), step 2: three windows, 8 pixels apart

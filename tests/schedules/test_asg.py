@@ -36,11 +36,40 @@ def test_the_detail_phase_averages_overlapping_windows():
     latents = torch.randint(-8, 8, (1, 4, 8, 8)).float()
     seen = []
 
-    def predict(latent, t, crop, store):
+    def denoise(part, crop):
         seen.append(crop)
-        return latent.clone()
+        return part.clone()
 
-    out = ASGSimulator(0.0, "constant", "sync", {}, 8).detail_phase(
-        latents, [999], layout, predict, step=lambda prediction, t, latent: prediction)
-    assert torch.equal(out, latents)
+    simulator = ASGSimulator(0.0, "constant", "sync", {}, 8)
+    simulator.begin_call(layout, 0, torch.ones(1, 3), cfg=False, shuffle=None, out_channels=4)  # no structure step
+    assert torch.equal(simulator.step(latents, 0, denoise), latents)
     assert seen == [(w.top * 8, w.left * 8) for w in layout.windows]
+
+
+def _structure_call(mode, guidance, steps=3, rows=2):
+    """Every structure step of a 2x2 layout with a denoiser whose output is its input plus one; what it returns."""
+    layout = plan_layout(64, 64, (32, 32), 8)
+    simulator = ASGSimulator(guidance, "constant", mode, {}, 8)
+    simulator.begin_call(layout, steps, torch.ones(rows, 3), cfg=False, shuffle=torch.Generator().manual_seed(0),
+                         out_channels=4)
+    sample = torch.randint(-8, 8, (rows, 4, 8, 8)).float()
+    crops = []
+
+    def denoise(part, crop):
+        crops.append(crop)
+        return part + 1
+
+    return sample, [simulator.step(sample, index, denoise) for index in range(steps)], crops
+
+
+def test_pixel_interaction_alone_gives_each_position_back_its_own_prediction():
+    # without guidance, permuting the patches before an elementwise denoiser and un-permuting after is the
+    # identity: every latent position gets exactly its own prediction (pure indexing, so equal to the bit)
+    sample, outputs, crops = _structure_call("sync", guidance=0.0)
+    assert all(torch.equal(out, sample + 1) for out in outputs)
+    assert crops == [(0, 0)] * 12  # 4 patches a step, each the whole picture (uncropped)
+
+
+def test_an_unknown_step_before_begin_call_is_refused():
+    with pytest.raises(RuntimeError, match="step before begin_call"):
+        ASGSimulator(1.0, "cosine", "sync", {}, 8).step(torch.zeros(1, 4, 8, 8), 0, lambda part, crop: part)
