@@ -69,16 +69,20 @@ class _ClientSampler:
 
 
 class LocalSGD:
-    """Reference local trainer for any module: ``torch.optim.SGD`` on the cross-entropy loss.
+    """Reference local trainer for any module: ``torch.optim.SGD`` on ``loss(model(x), y)``.
 
-    ``model_fn()`` builds the module whose flattened parameters are the vectors the server holds.
+    ``model_fn()`` builds the module whose flattened parameters are the vectors the server holds;
+    ``loss`` is any callable of (output, target) returning a scalar tensor, cross-entropy by default.
     """
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], data: FederatedData, lr: float = 0.05,
-                 batch: int = 8, seed: int = 0):
+                 batch: int = 8, seed: int = 0,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy):
         _check_lr_batch(lr, batch)
+        if not callable(loss):
+            raise ValueError(f"loss={loss!r}: expected a callable (output, target) -> scalar tensor")
         self.model = model_fn()
-        self.lr, self.data = lr, data
+        self.lr, self.data, self.loss = lr, data, loss
         self.sampler = _ClientSampler(data, batch, seed)
         self.x = torch.from_numpy(data.x_train)
         self.y = torch.from_numpy(data.y_train)
@@ -92,16 +96,22 @@ class LocalSGD:
             for step in range(job.steps):
                 optimizer.zero_grad()
                 batch = indices[step]
-                loss = torch.nn.functional.cross_entropy(self.model(self.x[batch]), self.y[batch])
-                loss.backward()
+                self.loss(self.model(self.x[batch]), self.y[batch]).backward()
                 optimizer.step()
             deltas.append(flatten(self.model) - job.base)
         return deltas
 
     @torch.no_grad()
     def accuracy(self, weights: torch.Tensor, x: np.ndarray, y: np.ndarray) -> float:
+        """Fraction of ``x`` whose arg-max output is its label (class labels only)."""
         torch.nn.utils.vector_to_parameters(weights.clone(), self.model.parameters())
         return float((self.model(torch.from_numpy(x)).argmax(1) == torch.from_numpy(y)).float().mean())
+
+    @torch.no_grad()
+    def evaluate_loss(self, weights: torch.Tensor, x: np.ndarray, y: np.ndarray) -> float:
+        """The training loss on (x, y) at ``weights``: the score for targets that are not class labels."""
+        torch.nn.utils.vector_to_parameters(weights.clone(), self.model.parameters())
+        return float(self.loss(self.model(torch.from_numpy(x)), torch.from_numpy(y)))
 
 
 class BatchedMLPSGD:
