@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", metavar="FILE", help="a .txt file with one prompt per line (or a .csv with a "
                         "'prompt' column): one image per prompt")
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show (default: none)")
-    add_model_arguments(parser, "the built-in miniature shapes model, 32x32")
+    add_model_arguments(parser, "miniature, the built-in shapes model (a UNet), 32x32")
     parser.add_argument("--devices", type=positive_int, default=None, help="worker processes to start on this "
                         "machine, one CPU core or one GPU each; under torchrun leave it out (default: 1, or "
                         "torchrun's WORLD_SIZE)")
@@ -153,16 +153,20 @@ def load_libraries() -> None:
 def _describe_model(model: str, allow_pickle: bool):
     """The model's facts from its configs (no weights), or a one-line error naming ``--model``."""
     from asyncgen.pipelines.loading import describe_pipeline, looks_like_local_path
+    from asyncgen.pipelines.miniature import builtin_model_names
 
     try:
         return describe_pipeline(model)
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        # a name that is not a folder may have been meant as a built-in one
+        names = "" if looks_like_local_path(model) else f"; the built-in models are {builtin_model_names()}"
         if offline and not looks_like_local_path(model):
             raise UsageError(f"--model {model}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
-                             "downloading it (download it once with network access, or give a local folder)") from None
+                             f"downloading it (download it once with network access, or give a local folder){names}"
+                             ) from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--model {model}: {text.removeprefix(f'{model}: ')}") from None
+        raise UsageError(f"--model {model}: {text.removeprefix(f'{model}: ')}{names}") from None
 
 
 def _is_video_pipeline(pipeline_class: str) -> bool:
@@ -290,13 +294,9 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     load_libraries()
-    builtin = args.model is None
-    if builtin:
-        from asyncgen.pipelines.miniature import miniature_sd_path
+    from asyncgen.pipelines.miniature import resolve_model
 
-        model = str(miniature_sd_path())
-    else:
-        model = args.model
+    model, builtin = resolve_model(args.model)
     facts = _describe_model(model, args.allow_pickle)
     video = _is_video_pipeline(facts.pipeline_class)
     if not video and (args.frames is not None or args.fps is not None):

@@ -95,7 +95,8 @@ def _int(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-    parser.add_argument("--model", default=None, help="diffusers pipeline: hub id (e.g. "
+    parser.add_argument("--model", default=None, help="a built-in model: miniature (the shapes model, a UNet) or "
+                        "miniature-dit (the shapes model as an SD3 transformer); or a diffusers pipeline: hub id (e.g. "
                         "stabilityai/stable-diffusion-2-1) or local folder; SD, SDXL, SD3, PixArt and Flux pipelines "
                         f"are recognised from the folder (default: {default_help})")
     parser.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights, which can run "

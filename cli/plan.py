@@ -44,8 +44,9 @@ def dtype_name(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="diffusers pipeline: hub id or local folder; only its configs "
-                        "are read (default: the built-in miniature model)")
+    parser.add_argument("--model", default=None, help="a built-in model (miniature, the shapes UNet model; "
+                        "miniature-dit, the shapes SD3 transformer) or a diffusers pipeline: hub id or local folder; "
+                        "only its configs are read (default: miniature)")
     parser.add_argument("--devices", type=positive_int, default=1, help="GPUs (ranks) to plan for "
                         "(default: %(default)s)")
     parser.add_argument("--stages", type=positive_int, default=None, help="AsyncDiff stages (default: as many as the "
@@ -70,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from asyncgen.placement.planner import PlanDoesNotFit, check_fits
     from asyncgen.pipelines.loading import plan_from_configs
-    from asyncgen.pipelines.miniature import MINIATURE_SD_PATH
+    from asyncgen.pipelines.miniature import resolve_model
 
     from .generate import stages_for
 
-    model = args.model or str(MINIATURE_SD_PATH)
+    model, _ = resolve_model(args.model)
     check_image_side("--height", args.height)  # the estimate runs on fake tensors, but the plan is for real ones
     check_image_side("--width", args.width)
     stages = stages_for(args.devices, args.stages, args.stride, args.cfg_parallel)

@@ -376,8 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="a single prompt instead of a prompt set")
     parser.add_argument("--num-prompts", type=positive_int, default=None, help="without --prompts/--prompt: this many "
                         "captions of the built-in shapes prompt set (default: %(default)s)")
-    add_sampling_arguments(parser, steps_help="25 for miniature, 50 otherwise",
-                           guidance_help="4.0 for miniature, 7.5 otherwise; > 1 doubles the batch",
+    add_sampling_arguments(parser, steps_help="25 for the miniature models (--family miniature, --model miniature or miniature-dit), 50 otherwise",
+                           guidance_help="4.0 for the miniature models, 7.5 otherwise; > 1 doubles the batch",
                            size_help="32 for miniature, 64 for unet, 128 for sd3, 192 for wan, the pipeline's own for --model")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the prompts per configuration, "
                         "median reported (default: %(default)s)")
@@ -532,7 +532,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: need at least 1")
-    miniature = args.model is None and args.family == "miniature"
+    from asyncgen.pipelines.miniature import BUILTIN_MODELS, resolve_model
+
+    # the built-in shapes models (either by name or as the default family) sample with their own settings
+    miniature = args.model in BUILTIN_MODELS or (args.model is None and args.family == "miniature")
     args.steps = args.steps or (25 if miniature else 50)
     args.guidance = args.guidance if args.guidance is not None else (4.0 if miniature else 7.5)
     video = args.model is None and args.family == "wan"
@@ -559,10 +562,8 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None and args.family == "miniature":
-            from asyncgen.pipelines.miniature import miniature_sd_path
-
-            model = str(miniature_sd_path())
+        if miniature:
+            model, _ = resolve_model(model)
         elif model is None:
             from . import random_models
 

@@ -6,6 +6,7 @@ background colour, the shape (and its size) what the prompt asked for? The model
 itself lives on the product path, in ``asyncgen.pipelines.miniature``.
 
     python -m asyncgen.evaluation.miniature_quality --out eval_results
+    python -m asyncgen.evaluation.miniature_quality --model miniature-dit --out eval_results/dit
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from asyncgen.cli.files import load_prompts
-from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_miniature
+from asyncgen.pipelines.miniature import (DEFAULT_GUIDANCE, DEFAULT_STEPS, builtin_model_names, load_miniature,
+                                          resolve_model)
 
 from . import pixel_checker, prompts as prompt_sets, reporting
 
@@ -125,10 +127,12 @@ def save_grid(images: Sequence[np.ndarray], path: str | os.PathLike, columns: in
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m asyncgen.evaluation.miniature_quality",
-        description="Generate one picture per shapes caption with the stock StableDiffusionPipeline and grade it "
+        description="Generate one picture per shapes caption with a shapes model's stock pipeline and grade it "
                     "with the pixel checker; writes quality.json, quality.md and quality.png.",
     )
-    parser.add_argument("--model", default=None, help="diffusers folder of a shapes model (default: the shipped miniature)")
+    parser.add_argument("--model", default=None,
+                        help=f"a built-in shapes model ({builtin_model_names()}) or the diffusers folder of another "
+                             "one, e.g. from train_miniature (default: miniature)")
     parser.add_argument("--prompts", default=None,
                         help="a .txt or .csv file of shapes captions (default: all 180 combinations)")
     parser.add_argument("--out", default="eval_results", help="output folder (default eval_results)")
@@ -144,9 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model is None:
         pipe = load_miniature(args.device)
     else:
-        from diffusers import StableDiffusionPipeline
+        from asyncgen.pipelines.loading import load_pipeline, looks_like_local_path
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model).to(args.device)
+        model, builtin = resolve_model(args.model)
+        if not builtin and not looks_like_local_path(model):
+            parser.error(f"--model {model}: not a built-in model ({builtin_model_names()}) nor an existing folder")
+        pipe = load_pipeline(model).to(args.device)  # the class model_index.json names (SD or SD3)
         pipe.set_progress_bar_config(disable=True)
     prompts = load_prompts(args.prompts) if args.prompts else None
     scorer = None

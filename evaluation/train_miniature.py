@@ -1,6 +1,10 @@
-"""Train the miniature text-to-image model on the shapes data set, on CPU.
+"""Train the miniature text-to-image models on the shapes data set, on CPU.
 
-    python -m asyncgen.evaluation.train_miniature --out DIR [--quick] [--seed N] [--threads N]
+    python -m asyncgen.evaluation.train_miniature --out DIR [--arch sd|dit] [--quick] [--seed N] [--threads N]
+
+``--arch sd`` (the default) trains the miniature Stable Diffusion from scratch (below);
+``--arch dit`` trains only a diffusion transformer on top of an existing miniature's
+frozen text tower, tokenizer and VAE (see "The miniature transformer" further down).
 
 Three stages, each on its own seeded stream of freshly drawn shapes images:
 
@@ -26,6 +30,43 @@ the VAE, the UNet, a DDIM scheduler), ``clip/`` (the ``CLIPModel`` and its
 ``CLIPProcessor``) and ``training_log.json`` (configuration, time and losses per stage).
 Both model folders are safetensors and load offline with ``from_pretrained``.
 The same seed and thread count give the same weights.
+
+The miniature transformer (``--arch dit``)
+-------------------------------------------
+A ``StableDiffusion3Pipeline`` whose ``SD3Transformer2DModel`` is trained here, and whose
+other components are the miniature's, unchanged: the CLIP text tower (``sd/text_encoder``
+plus the contrastively trained ``text_projection`` of ``clip/``, as the
+``CLIPTextModelWithProjection`` SD3 loads) in both CLIP slots, the tokenizer, and the
+VAE (the same weights; its config gains ``shift_factor: 0.0``, which SD3's pipeline adds
+when decoding and the SD VAE leaves unset). There is no T5 (``text_encoder_3=None``):
+the pipeline then appends as many all-zero tokens as the prompt has, which carry no
+information. The output is ``dit/`` beside ``sd/`` and a ``"dit"`` entry in
+``training_log.json`` (the other entries are kept).
+
+SD3 rather than PixArt-α, because SD3's stock ``__call__`` runs these components with
+its default arguments. ``PixArtAlphaPipeline`` does not: it pads prompts to
+``max_sequence_length=120`` tokens, past the 16 positions of the miniature's CLIP (every
+call would have to pass ``max_sequence_length=16``); its resolution binning (on by
+default) raises "Invalid sample size" for any transformer sample size but 32, 64 or 128
+latents (the miniature's is 8, so every call would need ``use_resolution_binning=False``);
+and its ``clean_caption`` wants bs4 and ftfy, which asyncgen does not install. SD3's
+pipeline takes two CLIP towers and an optional T5, and it is the architecture the
+transformer benchmarks already run (``random_models.save_bench_sd3_pipeline``). The
+two CLIP slots hold the same tower (the pipeline requires both): the transformer sees
+its penultimate hidden states twice over, concatenated, which adds no information and
+costs about 1 MB of weights.
+
+Training is rectified flow, the objective of SD3 and of ``FlowMatchEulerDiscreteScheduler``:
+``x_s = (1 - s) x_0 + s noise`` and the transformer predicts ``noise - x_0`` at timestep
+``1000 s``. Half the noise levels are drawn logit-normal (SD3's choice: most work at
+middle noise, where shape is decided), half uniform, so that the ends are learnt too: the
+sampler starts at ``s = 1`` exactly, pure noise, where the mean colour is decided, and
+finishes at low noise, where edges are. The scheduler's ``shift`` is 1: SD3's shift
+spends more steps at high noise to make up for the redundancy of high-resolution images,
+and an 8x8 latent has none. Text conditioning is computed by the pipeline's own
+``encode_prompt``, so training sees exactly what sampling does; a tenth of the captions
+are dropped to ``""``, the pipeline's negative prompt, for classifier-free guidance; the
+saved weights are an exponential moving average.
 """
 
 from __future__ import annotations
@@ -94,6 +135,29 @@ QUICK = TrainConfig(
 )
 
 START, END = "<|startoftext|>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class DitConfig:
+    """Size and schedule of the miniature transformer (defaults: the shipped model)."""
+
+    patch_size: int = 1  # 8x8 latents are 64 tokens at patch 1; patch 2 would leave 16, too coarse for the shapes
+    layers: int = 5
+    heads: int = 4
+    head_dim: int = 24
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 5e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995  # averages about the last 200 steps: 0.999 would still hold the early weights at 1500
+    warmup_steps: int = 100
+    shift: float = 1.0  # FlowMatchEulerDiscreteScheduler's shift, at inference (training draws its own levels)
+
+
+DIT_FULL = DitConfig()
+DIT_QUICK = DitConfig(layers=2, heads=2, head_dim=8, steps=20, batch=8, warmup_steps=5, ema_decay=0.9)
+ARCHITECTURES = ("sd", "dit")
+
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -384,6 +448,164 @@ def train_unet(cfg: TrainConfig, text_encoder, tokenizer, vae, seed: int, verbos
     return ema, stage.summary()
 
 
+# ---------------------------------------------------------------- the miniature transformer
+
+
+def dit_components(base: str | os.PathLike) -> dict:
+    """The frozen components of a miniature (``base/sd`` and ``base/clip``) as a ``StableDiffusion3Pipeline`` takes them.
+
+    Both CLIP slots get the text tower of ``base/sd/text_encoder`` with the text projection of
+    ``base/clip`` (a ``CLIPTextModelWithProjection``); the VAE is ``base/sd/vae`` with
+    ``shift_factor`` 0 (the SD config leaves it unset, and SD3's pipeline adds it when decoding).
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = Path(base)
+    missing = [str(base / m) for m in ("sd/model_index.json", "clip/config.json") if not (base / m).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{base} is not a trained miniature (missing {', '.join(missing)}); train one with "
+                                f"`python -m asyncgen.evaluation.train_miniature --out {base}` or pass the shipped "
+                                f"one's folder")
+    tower = CLIPTextModel.from_pretrained(base / "sd" / "text_encoder")
+    clip = CLIPModel.from_pretrained(base / "clip")
+    encoder = CLIPTextModelWithProjection(tower.config)
+    # transformers 5: both text_model attributes are CLIPTextModel-shaped (no wrapper); 4.x wraps one level
+    encoder.text_model.load_state_dict(getattr(tower, "text_model", tower).state_dict())
+    encoder.text_projection.load_state_dict(clip.text_projection.state_dict())
+    vae = AutoencoderKL.from_pretrained(base / "sd" / "vae")
+    if vae.config.shift_factor is None:
+        vae.register_to_config(shift_factor=0.0)
+    return {"text_encoder": encoder.eval().requires_grad_(False),
+            "tokenizer": CLIPTokenizer.from_pretrained(base / "sd" / "tokenizer"),
+            "vae": vae.eval().requires_grad_(False)}
+
+
+def dit_model(cfg: DitConfig, latent_size: int, latent_channels: int, text_hidden: int):
+    """An ``SD3Transformer2DModel`` for two CLIP towers of width ``text_hidden`` and no T5."""
+    from diffusers import SD3Transformer2DModel
+
+    if latent_size % cfg.patch_size:
+        raise ValueError(f"patch_size={cfg.patch_size} must divide the latent size {latent_size}")
+    width = cfg.heads * cfg.head_dim
+    return SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=cfg.patch_size, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=cfg.layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
+        # the pipeline concatenates the two CLIP towers' features (and pools), and T5's zeros match that width
+        joint_attention_dim=2 * text_hidden, pooled_projection_dim=2 * text_hidden, caption_projection_dim=width,
+        # the position table covers the latent exactly: the default (96 patches a side) would ship 96x96 unused rows
+        pos_embed_max_size=latent_size // cfg.patch_size,
+    )
+
+
+def flow_scheduler(cfg: DitConfig = DIT_FULL):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+
+
+def _dit_pipeline(components: dict, transformer, cfg: DitConfig):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=flow_scheduler(cfg), vae=components["vae"],
+        text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        text_encoder_2=components["text_encoder"], tokenizer_2=components["tokenizer"],
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def _noise_levels(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` noise levels in (0, 1): the first half logit-normal(0, 1), the rest uniform."""
+    logit_normal = torch.sigmoid(torch.randn(n, generator=generator))
+    uniform = torch.rand(n, generator=generator)
+    return torch.where(torch.arange(n) < n // 2, logit_normal, uniform)
+
+
+def train_dit(cfg: DitConfig, components: dict, image_size: int, seed: int, verbose: bool = True):
+    """Train an ``SD3Transformer2DModel`` against frozen ``components``; returns (EMA transformer, log)."""
+    torch.manual_seed(seed)
+    data = shapes.ShapesDataset(seed=seed, image_size=image_size)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vae, encoder = components["vae"], components["text_encoder"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = dit_model(cfg, image_size // factor, vae.config.latent_channels, encoder.config.hidden_size).train()
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    pipe = _dit_pipeline(components, ema, cfg)  # for its encode_prompt: the conditioning sampling will see
+    stage = _Stage("dit", transformer.parameters(), cfg.steps, cfg.lr, cfg.warmup_steps, verbose)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # frozen text towers: each caption once
+
+    def embed(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({c for c in captions if c not in embeddings})
+        if missing:
+            with torch.no_grad():
+                tokens, _, pooled, _ = pipe.encode_prompt(prompt=missing, prompt_2=None, prompt_3=None,
+                                                          device=torch.device("cpu"),
+                                                          do_classifier_free_guidance=False)
+            embeddings.update(zip(missing, zip(tokens, pooled)))
+        pairs = [embeddings[c] for c in captions]
+        return torch.stack([t for t, _ in pairs]), torch.stack([p for _, p in pairs])
+
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    for step in range(cfg.steps):
+        images, specs = data.sample(cfg.batch)
+        captions = ["" if rng.random() < cfg.caption_dropout else s.caption for s in specs]
+        with torch.no_grad():
+            latents = (vae.encode(shapes.to_tensor(images)).latent_dist.sample(generator) - shift) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        levels = _noise_levels(len(latents), generator)
+        s = levels.view(-1, 1, 1, 1)
+        tokens, pooled = embed(captions)
+        prediction = transformer(hidden_states=(1 - s) * latents + s * noise, encoder_hidden_states=tokens,
+                                 pooled_projections=pooled, timestep=levels * 1000).sample
+        loss = F.mse_loss(prediction, noise - latents)
+        stage.step(step, loss)
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), transformer.parameters()):
+                e.lerp_(p, 1 - decay)
+    return ema, stage.summary()
+
+
+def train_dit_pipeline(out: str | os.PathLike, base: str | os.PathLike | None = None, cfg: DitConfig = DIT_FULL,
+                       seed: int = 0, threads: int | None = None, verbose: bool = True) -> dict:
+    """Train the miniature transformer on ``base``'s frozen components; save ``out/dit`` and add a ``"dit"``
+    entry to ``out/training_log.json`` (other entries kept); returns that entry.
+
+    ``base``: a folder with ``sd/`` and ``clip/`` (default: the shipped miniature).
+    ``threads``: torch CPU threads while training (restored afterwards); ``None`` keeps the current setting.
+    """
+    from asyncgen.pipelines.miniature import MINIATURE_WEIGHTS
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    out, base = Path(out), Path(base if base is not None else MINIATURE_WEIGHTS)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        components = dit_components(base)
+        image_size = components["vae"].config.sample_size
+        transformer, transformer_log = train_dit(cfg, components, image_size, seed, verbose)
+        _dit_pipeline(components, transformer, cfg).save_pretrained(out / "dit")
+        sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted((out / "dit").rglob("*.safetensors"))}
+        entry = {
+            "seed": seed, "threads": torch.get_num_threads(), "config": asdict(cfg), "image_size": image_size,
+            "base": str(base), "transformer": transformer_log,
+            "parameters": {"transformer": sum(p.numel() for p in transformer.parameters())},
+            "weights_bytes": sizes, "total_weights_mb": sum(sizes.values()) / 2**20,
+            "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
+        }
+    finally:
+        torch.set_num_threads(previous)
+    log_path = out / "training_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    log["dit"] = entry
+    reporting.write_json(log_path, log)
+    return entry
+
+
 def train(out: str | os.PathLike, cfg: TrainConfig = FULL, seed: int = 0, threads: int | None = None,
           verbose: bool = True) -> dict:
     """Train all three stages and save ``out/sd``, ``out/clip`` and ``out/training_log.json``; returns the log.
@@ -434,6 +656,11 @@ def _train(out: Path, cfg: TrainConfig, seed: int, verbose: bool) -> dict:
         "weights_bytes": sizes, "total_weights_mb": sum(sizes.values()) / 2**20,
         "seconds": time.perf_counter() - start,
     }
+    previous_log = out / "training_log.json"
+    if previous_log.is_file():  # a transformer trained earlier into this folder keeps its record
+        dit = json.loads(previous_log.read_text()).get("dit")
+        if dit is not None:
+            log["dit"] = dit
     reporting.write_json(out / "training_log.json", log)
     return log
 
@@ -441,13 +668,22 @@ def _train(out: Path, cfg: TrainConfig, seed: int, verbose: bool) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m asyncgen.evaluation.train_miniature",
-        description="Train the miniature text-to-image model (CLIP, VAE, UNet) on the synthetic shapes data set, "
-                    "on CPU, and save it in diffusers format.",
+        description="Train a miniature text-to-image model on the synthetic shapes data set, on CPU, and save it in "
+                    "diffusers format: --arch sd trains CLIP, VAE and UNet; --arch dit trains an SD3 transformer on "
+                    "an existing miniature's frozen text tower, tokenizer and VAE.",
     )
-    parser.add_argument("--out", required=True, help="output folder; gets sd/, clip/ and training_log.json")
+    parser.add_argument("--out", required=True,
+                        help="output folder; --arch sd writes sd/, clip/ and training_log.json, --arch dit writes "
+                             "dit/ and adds a \"dit\" entry to training_log.json")
+    parser.add_argument("--arch", default="sd", choices=ARCHITECTURES,
+                        help="sd (default): the miniature Stable Diffusion (UNet), from scratch; dit: the miniature "
+                             "transformer (StableDiffusion3Pipeline), reusing --base's text tower, tokenizer and VAE")
+    parser.add_argument("--base", default=None,
+                        help="--arch dit only: folder holding the miniature's sd/ and clip/ whose components the "
+                             "transformer reuses (default: the shipped miniature)")
     parser.add_argument("--quick", action="store_true",
-                        help="toy sizes and 30 steps per stage (seconds, for tests); the default trains the "
-                             "shipped model (about 30-45 minutes on one or two CPU cores)")
+                        help="toy sizes and a few dozen steps (seconds, for tests); the default trains the "
+                             "shipped model (sd: about 45 minutes on one CPU core; dit: about 50 minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise (default 0)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch CPU threads (default min(2, cores)); use 1 when another job shares the cores, "
@@ -455,6 +691,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "for the same seed and thread count")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    if args.base is not None and args.arch != "dit":
+        parser.error(f"--base is for --arch dit only (got --arch {args.arch})")
+    if args.arch == "dit":
+        entry = train_dit_pipeline(args.out, args.base, DIT_QUICK if args.quick else DIT_FULL, seed=args.seed,
+                                   threads=args.threads, verbose=not args.quiet)
+        print(f"saved {Path(args.out) / 'dit'}: {entry['total_weights_mb']:.1f} MB of weights in "
+              f"{entry['seconds']:.0f} s ({entry['cpu_seconds']:.0f} CPU s); final loss "
+              f"{entry['transformer']['final_loss']:.4f}")
+        return 0
     log = train(args.out, QUICK if args.quick else FULL, seed=args.seed, threads=args.threads, verbose=not args.quiet)
     print(f"saved {args.out}: {log['total_weights_mb']:.1f} MB of weights in {log['seconds']:.0f} s; final losses "
           f"clip {log['clip']['final_loss']:.4f}, vae {log['vae']['final_loss']:.5f}, unet {log['unet']['final_loss']:.4f}")
