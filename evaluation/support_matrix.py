@@ -26,7 +26,8 @@ ENV = "ASYNCGEN_SUPPORT_MATRIX"
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "docs" / "support_matrix.jsonl"
 TEST_FILES = ("tests/split/test_transformer.py", "tests/pipelines/test_transformer_pipelines.py",
-              "tests/pipelines/test_dit.py", "tests/distributed/test_dit_cfg.py", "tests/pipelines/test_video.py")
+              "tests/pipelines/test_dit.py", "tests/distributed/test_dit_cfg.py", "tests/pipelines/test_video.py",
+              "tests/split/test_unseen_configs.py")
 MARK_BEGIN, MARK_END = "<!-- support-matrix -->", "<!-- /support-matrix -->"
 
 # column -> header; a record sets one column of one class
@@ -75,7 +76,7 @@ def denoise_steps(model, split, stages: int, inputs: dict, steps: int = 3, ctx=N
         executor = DistributedRuntime(split, all_stages[topology.stage_of(ctx.rank)], topology, ctx)
     rest = dict(inputs)
     sample = rest.pop(split.sample_argument)
-    timestep = rest.pop("timestep")
+    timestep = rest.pop(split.timestep_argument)
     times = [timestep * (1.0 - 0.2 * m) for m in range(steps)]
 
     def update(step: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, AsyncDiffHook
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.registry import split_denoiser
+from asyncgen.split.transformer.trace import ExampleUnavailable
 from asyncgen.split.units import DenoiserSplit, Stage, make_stages
 
 from .acceleration import compile_options, compile_stages
@@ -163,9 +164,9 @@ class AsyncDiffAttachment:
     def whole_models(self):
         """Each denoiser as the whole model, running its own forward: for what measures it (a memory plan)."""
         with contextlib.ExitStack() as stack:
-            for hook in self.hooks.values():
+            for name, hook in self.hooks.items():
                 stack.enter_context(hook.stock_forward())
-                stack.enter_context(released_restored(hook.split.denoiser))
+                stack.enter_context(released_restored(getattr(self.pipeline, name)))
             yield
 
     def cuts(self, name: str | None = None) -> list[int]:
@@ -236,39 +237,69 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
 
     In a process group this rank keeps only its stage (with ``free_unused_stages`` the
     others' weights are released); in one process the serial simulator runs every stage.
+
+    The split's example call is the pipeline's own: the blocks and the cuts are found here on
+    an example built from the config, and the hook's first call (before its first step)
+    traces the boundary again on the arguments the pipeline really passes, and checks it
+    where the weights are at hand. A class whose example cannot be built from its config
+    (HiDream's stacked Llama states) is split there, on that first call, instead.
     """
     denoiser = getattr(pipeline, name)
     topology, cfg_parts = config.topology, config.cfg_parts
-    denoiser_split = split_denoiser(denoiser)
-    all_stages = make_stages(denoiser_split, choose_cuts(denoiser_split, topology.stages,
-                                                         split_method(config.split, name), ctx=ctx))
-    compile_kwargs = compile_options(config.compile)
-    if compile_kwargs is not None:
-        # one function per stage (not the hook, not the shared embeddings: those take a
-        # new timestep every step and are cheap, and the hook's bookkeeping is Python)
-        all_stages = compile_stages(all_stages, compile_kwargs)
-    logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
-                "/".join(str(len(s.units)) for s in all_stages),
-                "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
-    if ctx.distributed:
-        mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
-        resident = denoiser_split.shared_modules() + mine.modules()
-        if config.free_unused_stages:
-            others = [m for stage in all_stages if stage is not mine for m in stage.modules()]
-            release_modules(denoiser, others, keep=resident)
+    try:
+        denoiser_split = split_denoiser(denoiser)
+    except ExampleUnavailable as exc:
+        if any(p.is_meta for p in denoiser.parameters()):
+            raise
+        logger.info("%s; splitting it on the pipeline's first call", exc)
+        denoiser_split = None
 
-        def new_executor():
-            return DistributedRuntime(denoiser_split, mine, topology, ctx, cfg_parts)
+    def staged(split: DenoiserSplit):
+        all_stages = make_stages(split, choose_cuts(split, topology.stages, split_method(config.split, name), ctx=ctx))
+        compile_kwargs = compile_options(config.compile)
+        if compile_kwargs is not None:
+            # one function per stage (not the hook, not the shared embeddings: those take a
+            # new timestep every step and are cheap, and the hook's bookkeeping is Python)
+            all_stages = compile_stages(all_stages, compile_kwargs)
+        logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
+                    "/".join(str(len(s.units)) for s in all_stages),
+                    "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
+        if ctx.distributed:
+            mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
+            resident = split.shared_modules() + mine.modules()
+            if config.free_unused_stages:
+                others = [m for stage in all_stages if stage is not mine for m in stage.modules()]
+                release_modules(denoiser, others, keep=resident)
+
+            def new_executor():
+                return DistributedRuntime(split, mine, topology, ctx, cfg_parts)
+        else:
+            def new_executor():
+                simulators = [SerialSimulator(split, all_stages, topology) for _ in range(cfg_parts)]
+                return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
+
+            resident = [denoiser]
+        return all_stages, new_executor, resident
+
+    if denoiser_split is not None:
+        all_stages, new_executor, resident = staged(denoiser_split)
+
+        def first_call(hook: AsyncDiffHook, arguments: dict) -> None:
+            if hasattr(hook.split, "adopt_call"):  # a traced split: its boundary from the pipeline's real call
+                with released_restored(denoiser):  # a rank's released blocks, back for the trace (on fake tensors)
+                    hook.split.adopt_call(arguments)
     else:
-        def new_executor():
-            simulators = [SerialSimulator(denoiser_split, all_stages, topology) for _ in range(cfg_parts)]
-            return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
+        all_stages, new_executor, resident = [], None, None
 
-        resident = [denoiser]
+        def first_call(hook: AsyncDiffHook, arguments: dict) -> None:
+            split = split_denoiser(denoiser, call=arguments)
+            made, executor, keep = staged(split)
+            all_stages.extend(made)  # the attachment's list: its stages from now on
+            hook.take_split(split, executor, keep)
 
     hook = AsyncDiffHook(denoiser_split, new_executor, topology, config.warmup, config.time_shift,
                          lambda: pipeline.scheduler, cfg_parts, scoped=config.scoped,
-                         resident=resident)
+                         resident=resident, first_call=first_call, denoiser=denoiser)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     hook_name, number = HOOK_NAME, 1
     while registry.get_hook(hook_name) is not None:  # a from_pipe sibling's scoped hook is there already
@@ -318,7 +349,15 @@ def apply_asyncdiff(pipeline, config: AsyncDiffConfig | None = None) -> AsyncDif
                        "processes, without their speedup); launch %d processes (torchrun, asyncgen generate "
                        "--devices) for the speedup", topology.stages, topology.stride,
                        " cfg_parallel" if config.cfg_parallel else "", world, world)
-    if ctx.distributed and config.components != "replicated":
+    deferred = [name for name, hook in hooks.items() if hook.split is None]
+    if ctx.distributed and config.components != "replicated" and deferred and \
+            not isinstance(config.components, (list, tuple)):
+        # a plan needs the cuts, which a denoiser split on its first call does not have yet; the components must be
+        # placed before pipeline.to(device), so every rank keeps them whole
+        logger.warning("pipe.%s is split on the pipeline's first call: the text encoders and the VAE are not "
+                       "planned (every rank keeps them whole); pass components=[Placement, ...] to place them",
+                       deferred[0])
+    elif ctx.distributed and config.components != "replicated":
         # before pipeline.to(device): the components this rank does not run stay on meta
         placements = config.components
         if not isinstance(placements, (list, tuple)):

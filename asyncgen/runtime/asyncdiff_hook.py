@@ -215,14 +215,16 @@ class AsyncDiffLane(BaseState):
             # A pipeline may run a further pass per step without naming it (Lumina2: cond, then uncond, on the
             # same latents, no cache_context): a call on the very latent tensor of the call before, at the same
             # timestep, is that step's next pass (a step's scheduler update makes a new tensor), a lane of its own.
-            sample, timestep = arguments[self.split.sample_argument], arguments["timestep"]
+            sample, timestep = arguments[self.split.sample_argument], arguments[self.split.timestep_argument]
             if sample is self._last_sample and (timestep is self._last_timestep or
                                                 _timestep_value(timestep) == _timestep_value(self._last_timestep)):
                 self._unnamed_pass += 1
                 return unnamed_pass(f"pass {self._unnamed_pass}").forward(arguments)
             self._last_sample, self._last_timestep, self._unnamed_pass = sample, timestep, 0
         return_dict = arguments.pop("return_dict", True)
-        sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop("timestep")
+        sample, timestep = arguments.pop(self.split.sample_argument), arguments.pop(self.split.timestep_argument)
+        # a forward that takes per-sample lists (ZImage): the schedule and the wire carry one batch tensor
+        sample = self.split.sample_tensor(sample)
         if self._started and self._total is not None and self._step >= self._total:
             self.reset()  # the stock pipeline was called again without the wrapper
         if not self._started:
@@ -271,20 +273,25 @@ class AsyncDiffHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, split: DenoiserSplit, new_executor: Callable[[], Any], topology: Topology,
+    def __init__(self, split: DenoiserSplit | None, new_executor: Callable[[], Any] | None, topology: Topology,
                  warmup: int | None, time_shift: bool, scheduler: Callable[[], Any], cfg_parts: int = 1,
-                 scoped: bool = False, resident: list[torch.nn.Module] | None = None):
+                 scoped: bool = False, resident: list[torch.nn.Module] | None = None,
+                 first_call: Callable[["AsyncDiffHook", dict], None] | None = None,
+                 denoiser: torch.nn.Module | None = None):
         super().__init__()
-        # the modules this rank computes with (its stage and the shared ones; every stage in the simulator)
-        self.resident = resident if resident is not None else [split.denoiser]
-        self.split, self.topology, self.cfg_parts = split, topology, cfg_parts
+        self.topology, self.cfg_parts = topology, cfg_parts
         self.warmup, self.time_shift, self.scheduler = warmup, time_shift, scheduler
-        self.new_executor = new_executor
         self.passes = PassName()  # diffusers sets the pipeline's cache_context on it
-        self._signature = inspect.signature(split.denoiser.forward)
-        # The first pass of a call runs on the main lane; each further pass name its own (Wan, HunyuanVideo and
-        # Flux true CFG run "cond" then "uncond" every step)
-        self.main = AsyncDiffLane(self, new_executor())
+        # ``first_call(hook, arguments)`` runs once, on the first call's arguments, before its first step: the
+        # attach takes the pipeline's real call as the split's example there (or, with ``split=None``, splits there
+        # and hands the split over with ``take_split``)
+        self._first_call = first_call
+        self._signature = inspect.signature((split.denoiser if split is not None else denoiser).forward)
+        self.split: DenoiserSplit | None = None
+        self.main: AsyncDiffLane | None = None
+        self.resident = [denoiser] if denoiser is not None else []
+        if split is not None:
+            self.take_split(split, new_executor, resident)
         self.lanes: dict[str, AsyncDiffLane] = {}
         self._main_pass: str | None = None
         # Hooks of the pipeline's other denoisers (Wan 2.2's two experts) that take turns within one call
@@ -292,6 +299,16 @@ class AsyncDiffHook(ModelHook):
         self.scoped = scoped
         self._scope = contextvars.ContextVar(f"asyncdiff scope {id(self)}", default=not scoped)
         self._running = False
+
+    def take_split(self, split: DenoiserSplit, new_executor: Callable[[], Any],
+                   resident: list[torch.nn.Module] | None = None) -> None:
+        """The split to run, the maker of a lane's executor, and the modules this rank computes with."""
+        # the modules this rank computes with (its stage and the shared ones; every stage in the simulator)
+        self.resident = resident if resident is not None else [split.denoiser]
+        self.split, self.new_executor = split, new_executor
+        # The first pass of a call runs on the main lane; each further pass name its own (Wan, HunyuanVideo and
+        # Flux true CFG run "cond" then "uncond" every step)
+        self.main = AsyncDiffLane(self, new_executor())
 
     # ------------------------------------------------------------ the hook's life
 
@@ -320,10 +337,14 @@ class AsyncDiffHook(ModelHook):
 
     @property
     def started(self) -> bool:
+        if self.main is None:
+            return False
         return self.main.started or any(lane.started for lane in self.lanes.values())
 
     def reset_lanes(self) -> None:
         """Start a new call: every lane settles its transfers and forgets its steps."""
+        if self.main is None:
+            return  # split at the first call: nothing ran yet
         self.main.reset()
         for lane in self.lanes.values():
             lane.reset()
@@ -356,8 +377,8 @@ class AsyncDiffHook(ModelHook):
 
     @property
     def executor(self):
-        """The main lane's executor: the first pass of every call runs on it."""
-        return self.main.executor
+        """The main lane's executor: the first pass of every call runs on it (``None`` before a deferred split)."""
+        return self.main.executor if self.main is not None else None
 
     def resident_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters this rank computes with, each once (a from_pipe sibling's denoiser keeps the others)."""
@@ -366,7 +387,7 @@ class AsyncDiffHook(ModelHook):
     @property
     def schedule(self) -> AsyncSchedule | None:
         """The main lane's schedule in the call that runs now (``None`` between calls)."""
-        return self.main.schedule
+        return self.main.schedule if self.main is not None else None
 
     # ------------------------------------------------------------------ forward
 
@@ -380,6 +401,13 @@ class AsyncDiffHook(ModelHook):
             # a stage runs the model's own forward inside this one (block splits), or a scoped hook outside its scope
             return hook_original_forward(self)(*args, **kwargs)
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        if self._first_call is not None:
+            self._running = True  # the split's tracing and checks run the denoiser's own forward
+            try:
+                self._first_call(self, dict(arguments))
+            finally:
+                self._running = False
+            self._first_call = None  # done (a refusal raises again on the next call)
         name = self.passes.name
         if name is not None and self._main_pass is None:
             self._main_pass = name

@@ -22,18 +22,20 @@ def supported_denoisers() -> list[str]:
     return [c.__name__ for cls in SPLITS for c in cls.handles] + ["any transformer whose forward runs its blocks in sequence"]
 
 
-def split_denoiser(denoiser: nn.Module, verify_split: bool = True) -> DenoiserSplit:
+def split_denoiser(denoiser: nn.Module, verify_split: bool = True, call: dict | None = None) -> DenoiserSplit:
     """Describe ``denoiser`` as a chain of units, or explain which classes are supported.
 
     A transformer goes through the generic block split, which is checked once here
     against the full forward on a small random input (``verify_split=False`` skips the
-    check) and refused with a one-line ``TypeError`` where it does not match.
+    check) and refused with a one-line ``TypeError`` where it does not match. ``call``
+    (a real call's arguments by name, the pipeline's first) is the example the split
+    traces and checks; without it one is built from the denoiser's config.
     """
     for cls in SPLITS:
         if isinstance(denoiser, cls.handles):
             return cls(denoiser)
     if isinstance(denoiser, ModelMixin) and any(isinstance(m, nn.ModuleList) for m in denoiser.modules()):
-        return transformer_split(denoiser, verify=verify_split)
+        return transformer_split(denoiser, verify=verify_split, call=call)
     raise TypeError(
         f"asyncgen cannot split a denoiser of class {type(denoiser).__name__}; "
         f"supported: {', '.join(supported_denoisers())}"

@@ -49,8 +49,9 @@ class DenoiserSplit(abc.ABC):
 
     #: denoiser classes this split handles (checked with ``isinstance``)
     handles: tuple[type, ...] = ()
-    #: names of the forward's latent argument and of the kwargs dict that carries a LoRA ``scale``
+    #: names of the forward's latent argument, its timestep argument and the kwargs dict that carries a LoRA ``scale``
     sample_argument = "sample"
+    timestep_argument = "timestep"
     lora_kwargs_name = "cross_attention_kwargs"
     #: extra streams a boundary state may carry besides ``hidden`` (in this order on the wire)
     stream_names: tuple[str, ...] = ()
@@ -90,6 +91,10 @@ class DenoiserSplit(abc.ABC):
     @abc.abstractmethod
     def example_inputs(self, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
         """Keyword inputs of the denoiser's forward, used to estimate unit costs."""
+
+    def sample_tensor(self, sample) -> torch.Tensor:
+        """The forward's sample argument as the one batch tensor the schedule carries (a UNet's already is)."""
+        return sample
 
     def forward_units(self, state: BoundaryState, cond: Any, units: Sequence[Unit]) -> BoundaryState:
         for unit in units:

@@ -48,7 +48,8 @@ from torch import nn
 
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.stage_hook import BlockCall, stage_hook_of, StageExit, StageRun
-from asyncgen.split.transformer.trace import SplitRefused, trace_blocks
+from asyncgen.split.transformer.signature import sample_is_list, timestep_argument
+from asyncgen.split.transformer.trace import SplitRefused, stacked, trace_blocks
 from asyncgen.split.units import DenoiserSplit, Unit
 
 logger = logging.get_logger(f"diffusers.{__name__}")
@@ -65,13 +66,19 @@ class BlockSplit(DenoiserSplit):
     itself reads nothing class-specific.
     """
 
-    def __init__(self, denoiser: nn.Module, example_inputs: Callable[..., dict], verify: bool = True):
+    def __init__(self, denoiser: nn.Module, example_inputs: Callable[..., dict], verify: bool = True,
+                 call: dict | None = None):
         parameters = inspect.signature(denoiser.forward).parameters
         self.sample_argument = next(iter(parameters))
+        self.timestep_argument = timestep_argument(denoiser.forward)
+        self.sample_is_list = sample_is_list(denoiser.forward)
         self.lora_kwargs_name = next((n for n in _LORA_KWARGS if n in parameters), "attention_kwargs")
         self._example = example_inputs
         self.denoiser = denoiser
-        self.trace = trace_blocks(denoiser, self.example_inputs(batch=1), self.sample_argument)
+        # ``call``: a real call of the denoiser (its pipeline's first) is the example; else one built from the config
+        self.example_source = "the pipeline's first denoiser call" if call is not None else "the config"
+        self._call = self._held(call) if call is not None else None
+        self.trace = trace_blocks(denoiser, self.example_inputs(batch=1), self.sample_argument, self.model_arguments)
         self.stream_names = tuple(sorted({n for names in self.trace.boundary for n in names[1:]}))
         self._signatures = [inspect.signature(m.forward) for m in self.trace.modules]
         self._hooks = [stage_hook_of(m) for m in self.trace.modules]
@@ -79,6 +86,42 @@ class BlockSplit(DenoiserSplit):
         self._unit_index = {id(u): i for i, u in enumerate(self.units)}
         if verify:
             self.verify()
+
+    def _held(self, call: dict) -> dict:
+        """A denoiser call as the split holds it: named arguments, the sample one batch tensor, no return_dict."""
+        call = {k: v for k, v in call.items() if k != "return_dict"}
+        call[self.sample_argument] = stacked(call[self.sample_argument])
+        return call
+
+    def model_arguments(self, call: dict) -> dict:
+        """A call as the split holds it, as the forward takes it (the sample as a per-sample list where it wants one)."""
+        if self.sample_is_list and isinstance(call.get(self.sample_argument), torch.Tensor):
+            call = {**call, self.sample_argument: list(call[self.sample_argument].unbind(0))}
+        return dict(call)
+
+    def sample_tensor(self, sample) -> torch.Tensor:
+        """The forward's sample argument as one batch tensor (what the schedule and the wire carry)."""
+        return stacked(sample)
+
+    def adopt_call(self, call: dict, verify: bool = True) -> None:
+        """Take a real call of the denoiser (the pipeline's first) as this split's example.
+
+        The blocks were found on an example built from the config; the boundary and the
+        skipped blocks' hand-through are traced again on the call the pipeline really makes
+        (its sizes, its text length, its argument types), which must find the same blocks,
+        and with the weights at hand every single-block stage is checked on it.
+        """
+        held = self._held(call)
+        trace = trace_blocks(self.denoiser, held, self.sample_argument, self.model_arguments)
+        if trace.names != self.trace.names:
+            raise SplitRefused(
+                f"{type(self.denoiser).__name__}: the pipeline's first call runs blocks {_span(trace.names)}, the "
+                f"example from the config ran {_span(self.trace.names)}; the stages were cut for the latter")
+        trace.modules = self.trace.modules  # the same blocks (a rank's released ones stand in for theirs)
+        self.trace, self._call, self.example_source = trace, held, "the pipeline's first denoiser call"
+        self.stream_names = tuple(sorted({n for names in self.trace.boundary for n in names[1:]}))
+        if verify:
+            self.verify(held)
 
     # ------------------------------------------------------------- structure
 
@@ -133,11 +176,14 @@ class BlockSplit(DenoiserSplit):
         return state.hidden
 
     def output_like(self, sample: torch.Tensor) -> torch.Tensor:
+        sample = self.sample_tensor(sample)
         dims, dtype = self.trace.output_rule
         shape = tuple(sample.shape[k] if d is None else d for k, d in enumerate(dims))
         return torch.empty(shape, dtype=dtype or sample.dtype, device=sample.device)
 
     def wrap_output(self, prediction: torch.Tensor, return_dict: bool):
+        if self.trace.output_is_list:  # the forward returns one tensor per sample
+            prediction = list(prediction.unbind(0))
         if not return_dict:
             return (prediction,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -145,7 +191,11 @@ class BlockSplit(DenoiserSplit):
         return Transformer2DModelOutput(sample=prediction)
 
     def example_inputs(self, batch: int = 2, height: int | None = None, width: int | None = None) -> dict:
-        return self._example(self.denoiser, batch, height, width)
+        """A call of the denoiser as the split holds it: the pipeline's own first call where the split has one
+        (its batch and size: what the pipeline runs), else one built from the config at ``batch`` and size."""
+        if self._call is not None:
+            return dict(self._call)
+        return self._held(self._example(self.denoiser, batch, height, width))
 
     # ------------------------------------------------------------- running
 
@@ -171,23 +221,22 @@ class BlockSplit(DenoiserSplit):
     def _run(self, start: int, stop: int, state: BoundaryState, cond: BlockCall, record=None) -> BoundaryState:
         run = StageRun(self, start, stop, state if start > 0 else None, record)
         kwargs = {**cond.kwargs, self.sample_argument: state.hidden if start == 0 else cond.sample,
-                  "timestep": cond.timestep, "return_dict": False}
+                  self.timestep_argument: cond.timestep}
         try:
             with self._active(run):
-                output = self.denoiser(**kwargs)
+                output = self.denoiser(**self.model_arguments(kwargs), return_dict=False)
         except StageExit as done:
             return done.state
         if stop < len(self.units):
             raise RuntimeError(f"{type(self.denoiser).__name__}'s forward returned before block {self.trace.names[stop]}")
-        return BoundaryState(output[0] if isinstance(output, (tuple, list)) else output.sample)
+        prediction = output[0] if isinstance(output, (tuple, list)) else output.sample
+        return BoundaryState(stacked(prediction))
 
     def run_units_with_probe(self, inputs: dict, probe: Callable[[int, Callable[[], None]], None]) -> None:
         """One forward in which ``probe(i, step)`` runs block ``i``'s compute (for unit costs)."""
-        call = dict(inputs)
-        sample, timestep = call.pop(self.sample_argument), call.pop("timestep")
         run = StageRun(self, 0, len(self.units), None, probe=probe)
         with self._active(run):
-            self.denoiser(**{**call, self.sample_argument: sample, "timestep": timestep, "return_dict": False})
+            self.denoiser(**self.model_arguments(inputs), return_dict=False)
 
     # ------------------------------------------------------------- verification
 
@@ -203,11 +252,11 @@ class BlockSplit(DenoiserSplit):
         if inputs is None:
             inputs = self.random_inputs(batch=1)
         call = dict(inputs)
-        sample, timestep = call.pop(self.sample_argument), call.pop("timestep")
+        sample, timestep = call.pop(self.sample_argument), call.pop(self.timestep_argument)
         cond = self.conditioning(sample, timestep, **call)
         states: dict[int, BoundaryState] = {}
         with torch.no_grad():
-            reference = model(**inputs, return_dict=False)[0]
+            reference = stacked(model(**self.model_arguments(inputs), return_dict=False)[0])
             full = self._run(0, len(self.units), BoundaryState(sample), cond, record=lambda i, s: states.setdefault(i, _cloned(s)))
             worst = self._compare(reference, full.hidden, 0, len(self.units))
             like = self.output_like(sample)
@@ -215,13 +264,13 @@ class BlockSplit(DenoiserSplit):
                 raise SplitRefused(f"{type(model).__name__}: the prediction is {tuple(reference.shape)} {reference.dtype}, "
                                    f"the split expected {tuple(like.shape)} {like.dtype}")
             for k in range(len(self.units)):
-                out = self._run(k, k + 1, states[k] if k else BoundaryState(sample), cond)
+                out = self._checked_run(k, k + 1, states[k] if k else BoundaryState(sample), cond)
                 target = states[k + 1] if k + 1 < len(self.units) else BoundaryState(reference)
                 for got, want in zip(out.tensors(), target.tensors()):
                     worst = max(worst, self._compare(want, got, k, k + 1))
             for start, stop in self.trace.suspect_ranges:
                 # a stage from ``start`` reads a block output from before ``start``: check that range whole
-                out = self._run(start, stop, states[start], cond)
+                out = self._checked_run(start, stop, states[start], cond)
                 target = states[stop] if stop < len(self.units) else BoundaryState(reference)
                 diff = max(self._compare(want, got, start, stop) for got, want in zip(out.tensors(), target.tensors()))
                 span = f"{self.trace.names[start]}..{self.trace.names[stop - 1]}"
@@ -233,6 +282,20 @@ class BlockSplit(DenoiserSplit):
                 )
         logger.debug("verified the block split of %s: max abs difference %g", type(model).__name__, worst)
         return worst
+
+    def _checked_run(self, start: int, stop: int, state: BoundaryState, cond: BlockCall) -> BoundaryState:
+        """A stage's run in the check: a failure is a refusal naming the boundary it entered at, with shapes."""
+        try:
+            return self._run(start, stop, state, cond)
+        except Exception as exc:  # noqa: BLE001 - any failure of a stage is this split's failure
+            names = self.trace.boundary[start] if start else (self.sample_argument,)
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, state.tensors()))
+            span = self.trace.names[start] if stop == start + 1 else \
+                f"{self.trace.names[start]}..{self.trace.names[stop - 1]}"
+            raise SplitRefused(
+                f"{type(self.denoiser).__name__}: a stage of blocks {span} fed the boundary state at "
+                f"{self.trace.names[start]} ({shapes}) fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            ) from exc
 
     def _compare(self, want: torch.Tensor, got: torch.Tensor, start: int, stop: int) -> float:
         span = self.trace.names[start] if stop == start + 1 else f"{self.trace.names[start]}..{self.trace.names[stop - 1]}"
@@ -246,7 +309,8 @@ class BlockSplit(DenoiserSplit):
         if not diff <= tolerance:
             raise SplitRefused(
                 f"{type(self.denoiser).__name__}: the generic block split is not exact: a stage of blocks {span} "
-                f"differs from the full forward by max abs {diff:.3g}; use verify_split=False to split it anyway"
+                f"differs from the full forward by max abs {diff:.3g} (state {tuple(want.shape)}); "
+                "use verify_split=False to split it anyway"
             )
         return diff
 
@@ -257,12 +321,19 @@ class BlockSplit(DenoiserSplit):
         def fill(name, value):
             if isinstance(value, dict):
                 return {k: fill(k, v) for k, v in value.items()}
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and name not in _KEEP_VALUES:
+            if isinstance(value, list):  # per-sample tensors (ZImage's caption features)
+                return [fill(name, v) for v in value]
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and name not in _KEEP_VALUES and \
+                    name != self.timestep_argument:
                 noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
                 return noise.to(device=value.device, dtype=value.dtype)
             return value
 
         return {k: fill(k, v) for k, v in self.example_inputs(batch=batch).items()}
+
+
+def _span(names: Sequence[str]) -> str:
+    return f"{names[0]}..{names[-1]} ({len(names)})" if names else "none"
 
 
 def _cloned(state: BoundaryState) -> BoundaryState:

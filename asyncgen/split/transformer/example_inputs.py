@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from asyncgen.split.transformer.block_split import BlockSplit
-from asyncgen.split.transformer.trace import NeedsRealWeights, SplitRefused
+from asyncgen.split.transformer.signature import is_list_of_tensors, timestep_argument
+from asyncgen.split.transformer.trace import ExampleUnavailable, NeedsRealWeights
 
 # config attributes giving the width of the text states, most specific first
 _TEXT_WIDTH = ("joint_attention_dim", "caption_channels", "text_embed_dim", "text_dim", "cap_feat_dim",
@@ -82,8 +83,10 @@ def _argument(name: str, model, layout: str, shape: tuple, batch: int, frames: i
     tokens = shape[1] if layout.startswith("packed") else None
     axes = len(_config(model, "axes_dims_rope", "axes_dims", default=(1, 1, 1)))
     full = lambda *s, v=0.0: torch.full(s, v, device=device, dtype=dtype)  # noqa: E731
-    if name in ("timestep", "timesteps", "t"):
+    if name == timestep_argument(model.forward):
         return full(batch, v=0.5)
+    if not isinstance(text, int):  # a list of widths (HiDream's per-encoder caption_channels): no single text width
+        text = None
     if name in ("encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5") and text is not None:
         return full(batch, _TEXT_TOKENS, text)
     if name == "pooled_projections" and _config(model, "pooled_projection_dim") is not None:
@@ -114,6 +117,8 @@ def _argument(name: str, model, layout: str, shape: tuple, batch: int, frames: i
         return full(batch, 2)
     if name == "class_labels" and _config(model, "num_embeds_ada_norm") is not None:
         return torch.zeros(batch, dtype=torch.long, device=device)
+    if _config(model, f"{name}_embed_dim") is not None:  # an optional scalar the config gives an embedding (CogVideoX's ofs)
+        return full(batch, v=2.0)
     return inspect.Parameter.empty
 
 
@@ -149,7 +154,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     if known is not None:
         attempts = [a for a in attempts if (a[0], a[2]) == known]
     for layout, shape, mask_dtype in attempts:
-        inputs = {sample_name: torch.zeros(shape, device=device, dtype=dtype)}
+        inputs = {sample_name: _as_annotated(parameters[0], torch.zeros(shape, device=device, dtype=dtype))}
         for param_ in parameters[1:]:
             if param_.name == "return_dict" or param_.kind in (inspect.Parameter.VAR_KEYWORD,
                                                                 inspect.Parameter.VAR_POSITIONAL):
@@ -160,7 +165,7 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                     break  # a required argument we cannot make: not this class's convention
                 continue
             if value is not None or param_.default is inspect.Parameter.empty:
-                inputs[param_.name] = value
+                inputs[param_.name] = _as_annotated(param_, value)
         else:
             if known is not None:
                 return inputs
@@ -170,9 +175,10 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
             # with weights at hand a real call at this tiny size is far quicker than a fake one
             try:
                 if any(p.is_meta for p in model.parameters()):  # built on meta, or one rank's stage loaded
+                    device_ = fake_device(_first_tensor(inputs[sample_name]))
                     with torch.no_grad(), fake_tensor_mode(allow_non_fake_inputs=True) as mode, \
-                            meta_weights_as_fake(model, mode, fake_device(inputs[sample_name])):
-                        model(**fake_nested(mode, inputs, fake_device(inputs[sample_name])), return_dict=False)
+                            meta_weights_as_fake(model, mode, device_):
+                        model(**fake_nested(mode, inputs, device_), return_dict=False)
                 else:
                     with torch.no_grad():
                         model(**inputs, return_dict=False)
@@ -180,7 +186,8 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                 if isinstance(exc, value_read_errors()) and not reads_values:
                     reads_values = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 mask = f" ({str(mask_dtype).removeprefix('torch.')} mask)" if len(mask_dtypes) > 1 else ""
-                errors.append(f"{layout} {tuple(shape)}{mask}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                errors.append(f"{sample_name} {layout} {tuple(shape)}{mask}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}")
                 continue
             finally:
                 fake_log.setLevel(level)
@@ -191,12 +198,24 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
     if reads_values:  # on meta weights a forward that reads values fails every layout alike; with weights it may split
         raise NeedsRealWeights(f"{type(model).__name__}: its forward cannot be traced on fake tensors (it reads tensor "
                                f"values: {reads_values}); it splits only with its weights loaded")
-    raise SplitRefused(
-        f"cannot build an example call of {type(model).__name__}.forward from its signature and config "
-        f"(tried {'; '.join(errors)}); pass verify_split=False is not enough: the split needs one traced call"
+    raise ExampleUnavailable(
+        f"cannot build an example call of {type(model).__name__}.forward from its signature and config (config path; "
+        f"tried {'; '.join(errors)}); a loaded pipeline takes the example from its first denoiser call instead"
     )
 
 
-def transformer_split(denoiser: nn.Module, verify: bool = True) -> BlockSplit:
+def _first_tensor(value):
+    """The first tensor of a per-sample list (ZImage's latents), or ``value`` itself."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _as_annotated(parameter: inspect.Parameter, value):
+    """``value`` as the forward's annotation asks: a per-sample list of a batch tensor where it says ``list[Tensor]``."""
+    if isinstance(value, torch.Tensor) and is_list_of_tensors(parameter):
+        return list(value.unbind(0))
+    return value
+
+
+def transformer_split(denoiser: nn.Module, verify: bool = True, call: dict | None = None) -> BlockSplit:
     """The generic block split of a transformer denoiser, verified against its forward unless ``verify=False``."""
-    return BlockSplit(denoiser, example_inputs, verify=verify)
+    return BlockSplit(denoiser, example_inputs, verify=verify, call=call)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers.utils import logging
@@ -33,6 +33,11 @@ class SplitRefused(TypeError):
 class NeedsRealWeights(SplitRefused):
     """The forward reads tensor values in Python (a mask's ``.tolist()``, ``nonzero``): it traces on real
     tensors only, so a model built on the meta device (config only, no weights) cannot be split."""
+
+
+class ExampleUnavailable(NeedsRealWeights):
+    """No valid example call of the forward could be built from the signature and the config alone (the
+    config path: ``asyncgen plan``, stage-only loading): a loaded pipeline's first denoiser call gives one."""
 
 
 def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -127,42 +132,60 @@ class BlockTrace:
     passthrough: list[Any]  # per block: its output structure, leaves naming the input they stand in for
     output_rule: tuple  # (dims: tuple of int | None (None = the sample's size), dtype or None)
     suspect_ranges: list[tuple[int, int]] = field(default_factory=list)  # stages that read past their first cut
+    output_is_list: bool = False  # the forward returns its prediction as a per-sample list (ZImage)
 
 
-def _leaf_source(out: torch.Tensor, call: _Call, following: _Call | None, boundary: Sequence[str]) -> str | None:
-    """Which input of ``call`` a skipped block hands through in place of output ``out``."""
+def _leaf_source(out: torch.Tensor, call: _Call, following: _Call | None,
+                 boundary: Sequence[str]) -> tuple[str | None, bool]:
+    """Which input of ``call`` a skipped block hands through in place of output ``out``, and whether that
+    is known from the data flow (``True``) or only guessed from a matching shape (``False``)."""
     for name, value in call.inputs.items():
         if value is out:
-            return name
+            return name, True
     if following is not None:
         for name, value in following.inputs.items():
             if value is out and isinstance(call.inputs.get(name), torch.Tensor) and call.inputs[name].shape == out.shape:
-                return name
+                return name, True
     for names in (boundary, list(call.inputs)):
         for name in names:
             value = call.inputs.get(name)
             if isinstance(value, torch.Tensor) and value.shape == out.shape and value.dtype == out.dtype:
-                return name
-    return None
+                return name, False
+    return None, False
 
 
 def _passthrough_spec(call: _Call, following: _Call | None, boundary: Sequence[str]):
+    """The block's output structure with each leaf naming the input it stands in for, and whether every leaf
+    was found by data flow (a last block of a list feeds code, not a block, so its leaves are found by shape,
+    which is ambiguous where two inputs have one shape: AuraFlow's text and image streams at equal lengths)."""
+    exact = [True]
+
     def spec(out):
         if out is None:
             return ("none",)
         if isinstance(out, torch.Tensor):
-            source = _leaf_source(out, call, following, boundary)
+            source, known = _leaf_source(out, call, following, boundary)
             if source is None:
                 raise SplitRefused(
                     f"block {call.list_name}.{call.index} returns a tensor of shape {tuple(out.shape)} that is not "
                     "the shape of any of its inputs, so it cannot be skipped on the ranks that do not run it"
                 )
+            exact[0] &= known
             return ("input", source)
         if isinstance(out, (tuple, list)):
             return ("seq", type(out), [spec(o) for o in out])
         raise SplitRefused(f"block {call.list_name}.{call.index} returns a {type(out).__name__}; "
                            "the generic split handles tensors, tuples and lists")
-    return spec(call.output)
+    result = spec(call.output)
+    return result, exact[0]
+
+
+def _same_structure(a, b) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "seq":
+        return a[1] is b[1] and len(a[2]) == len(b[2]) and all(_same_structure(x, y) for x, y in zip(a[2], b[2]))
+    return True
 
 
 def build_passthrough(spec, inputs: dict[str, Any]):
@@ -174,8 +197,45 @@ def build_passthrough(spec, inputs: dict[str, Any]):
     return spec[1](build_passthrough(s, inputs) for s in spec[2])
 
 
-def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockTrace:
-    """Find ``model``'s block lists and the boundary state at each block, from one fake forward."""
+def stacked(value) -> torch.Tensor:
+    """A forward's per-sample list of tensors (ZImage's latents and predictions) as one batch tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    shapes = {tuple(v.shape) for v in value}
+    if len(shapes) != 1:
+        raise SplitRefused(f"the per-sample tensors have different shapes {sorted(shapes)}; the split needs one "
+                           "shape per call (one resolution per batch)")
+    return torch.stack(list(value))
+
+
+def _one_chain(calls: list[_Call], by_list: dict[str, list[int]], block_lists: set[str]) -> set[str]:
+    """The block lists that form one chain, ending with the list called last.
+
+    A list continues the chain when its first block reads the last block of exactly one
+    other list. Lists that only prepare inputs for a later list, side by side (Lumina2's
+    and ZImage's noise and context refiners, both read by the first main layer), are not
+    stages: a cut between them would leave one refiner's output out of the boundary. They
+    run as the model's code before the first block, on every rank.
+    """
+    if not block_lists:
+        return block_lists
+    last_call = {name: max(by_list[name]) for name in block_lists}
+    chain = [max(block_lists, key=lambda name: last_call[name])]
+    while True:
+        first = calls[min(by_list[chain[-1]])]
+        read = {name for name in block_lists if name not in chain and
+                any(label >> last_call[name] & 1 for label in first.input_labels.values())}
+        if len(read) != 1:
+            return set(chain)
+        chain.append(read.pop())
+
+
+def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
+                 to_model: Callable[[dict], dict] = dict) -> BlockTrace:
+    """Find ``model``'s block lists and the boundary state at each block, from one fake forward.
+
+    ``to_model`` turns a call as the split holds it (the sample one batch tensor) into the
+    forward's own arguments (a per-sample list where the forward takes one)."""
     from asyncgen.cost.fake import run_on_shapes, value_read_errors
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -217,7 +277,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         provenance.labels.clear()
         provenance._alive.clear()
         with provenance:
-            return model(**shaped, return_dict=False), shaped[sample_argument]
+            return model(**to_model(shaped), return_dict=False), shaped[sample_argument]
 
     try:
         try:  # fake tensors (a partly loaded model, one rank's stage, mixes meta and real), or real ones if it must
@@ -227,6 +287,10 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
             raise refusal(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output
+        prediction_label = provenance.label(prediction)
+        listed = isinstance(prediction, (tuple, list))
+        if listed:  # a per-sample list (ZImage)
+            prediction = stacked(prediction)
     finally:
         for h in handles:
             h.remove()
@@ -249,6 +313,11 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         if len(indices) == 1 and sizes[name] == 1 and any(
                 label & chain_bits for label in calls[indices[0]].input_labels.values()):
             block_lists.add(name)
+    if not block_lists:
+        # every list has one member (a model of one block per list: ZImage with one layer, HiDream with one double-
+        # and one single-stream block): the chain of such lists ending with the one called last
+        block_lists = {name for name, indices in by_list.items() if len(indices) == 1 and sizes[name] == 1}
+    block_lists = _one_chain(calls, by_list, block_lists)
     order = [i for i, c in enumerate(calls) if c.list_name in block_lists]
     if not order:
         raise SplitRefused(
@@ -271,7 +340,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
             if stray:
                 producer = order.index(stray.bit_length() - 1)
                 suspect.append((producer + 1, j + 1))
-    stray = provenance.label(prediction) & block_bits & ~(1 << order[-1])
+    stray = prediction_label & block_bits & ~(1 << order[-1])
     if stray:
         suspect.append((order.index(stray.bit_length() - 1) + 1, len(order)))
     boundary = []
@@ -283,10 +352,15 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
     # the first block's state is what later blocks call by the same names
     if not boundary[0] and len(order) > 1:
         boundary[0] = tuple(n for n in boundary[1] if isinstance(calls[first].inputs.get(n), torch.Tensor))
-    passthrough = [
-        _passthrough_spec(calls[i], calls[order[j + 1]] if j + 1 < len(order) else None, boundary[j])
-        for j, i in enumerate(order)
-    ]
+    passthrough, found_by_flow = [], {}
+    for j, i in enumerate(order):
+        spec, exact = _passthrough_spec(calls[i], calls[order[j + 1]] if j + 1 < len(order) else None, boundary[j])
+        sibling = found_by_flow.get((calls[i].list_name, type(calls[i].module)))
+        if not exact and sibling is not None and _same_structure(sibling, spec):
+            spec = sibling  # the same block class hands its inputs through the same way
+        if exact:
+            found_by_flow[(calls[i].list_name, type(calls[i].module))] = spec
+        passthrough.append(spec)
     dims = tuple(d if k >= sample.ndim or d != sample.shape[k] else None for k, d in enumerate(prediction.shape))
     dtype = None if prediction.dtype == sample.dtype else prediction.dtype
     return BlockTrace(
@@ -295,5 +369,6 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str) -> BlockT
         boundary=boundary,
         passthrough=passthrough,
         output_rule=(dims, dtype),
+        output_is_list=listed,
         suspect_ranges=sorted(set(suspect)),
     )
