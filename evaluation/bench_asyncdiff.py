@@ -359,13 +359,15 @@ def parse_configs(text: str) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, "the model of --family")
-    parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3", "wan"],
+    parser.add_argument("--family", default="miniature", choices=["miniature", "unet", "sd3", "wan", "flux"],
                         help="the model when --model is not given: miniature = the trained built-in shapes model, "
                         "32x32 images (real pictures, so quality numbers mean something; too small for large "
                         "speedups); unet = random-weight SD UNet with block_out_channels (64,128,256,256), 64x64 "
                         "images (speed); sd3 = random-weight SD3 transformer, 8 joint blocks of width 384, 128x128 "
                         "images; wan = random-weight Wan-architecture video transformer, 8 blocks of width 384, 9 frames of 192x192 "
-                        "(CFG as two passes per step; no CLIP score) (default: %(default)s)")
+                        "(CFG as two passes per step; no CLIP score); flux = random-weight Flux-architecture "
+                        "transformer, 4 double and 8 single blocks of width 384, 256x256 images, 32 text tokens "
+                        "(guidance distilled: one pass per step) (default: %(default)s)")
     parser.add_argument("--configs", default="n2s1", help="comma-separated configurations: nNsS = N stages, "
                         "stride S; a 'cfg' suffix adds CFG parallelism (twice the processes); 'cfg' alone is CFG "
                         "parallelism with one stage; n1s1 is the wrapper with one stage (default: %(default)s)")
@@ -378,7 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "captions of the built-in shapes prompt set (default: %(default)s)")
     add_sampling_arguments(parser, steps_help="25 for the miniature models (--family miniature, --model miniature or miniature-dit), 50 otherwise",
                            guidance_help="4.0 for the miniature models, 7.5 otherwise; > 1 doubles the batch",
-                           size_help="32 for miniature, 64 for unet, 128 for sd3, 192 for wan, the pipeline's own for --model")
+                           size_help="32 for miniature, 64 for unet, 128 for sd3, 192 for wan, 256 for flux, the pipeline's own for --model")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the prompts per configuration, "
                         "median reported (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: one thread per process; "
@@ -392,6 +394,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_results", metavar="DIR",
                         help="folder for results.json, results.md and results.png (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 1 repeat, 2 prompts")
+    parser.add_argument("--peer", default=None, metavar="NAME", help="instead of the configuration table: stock, a "
+                        "peer and asyncgen (one --configs entry and one --warmups value) alternated in one launch, "
+                        "with fidelity, resident parameters and bytes and time of every collective per step. "
+                        "diffusers-cp[:ulysses|ring|tp] is diffusers' own context (Ulysses, the default, or ring) "
+                        "or tensor parallelism at the asyncgen configuration's process count (at least 2); on CPU "
+                        "only Ulysses runs. Writes results.json and results.md")
 
 
 def _configs(args) -> list[dict]:
@@ -542,12 +550,16 @@ def run(args: argparse.Namespace) -> int:
     if video and args.clip == "miniature":
         args.clip = "none"  # CLIP scores images; the fidelity numbers cover the video
     if args.model is None:
-        args.height = args.height or {"sd3": 128, "wan": 192, "miniature": 32}.get(args.family, 64)
+        args.height = args.height or {"sd3": 128, "wan": 192, "flux": 256, "miniature": 32}.get(args.family, 64)
     args.width = args.width or args.height
     check_image_side("--height", args.height)
     check_image_side("--width", args.width)
     check_steps(args.steps)
     configs, prompts = _configs(args), _prompts(args)
+    if args.peer is not None:
+        from . import bench_peer_diffusers_cp
+
+        peer_kind = bench_peer_diffusers_cp.check_request(args, configs)  # before any model is built
     out = Path(args.out)
     outputs = [out / "results.json", out / "results.md", out / "results.png"]
     try:  # before any work: an unwritable --out must not cost the whole run
@@ -567,8 +579,8 @@ def run(args: argparse.Namespace) -> int:
         elif model is None:
             from . import random_models
 
-            build = {"sd3": random_models.save_bench_sd3_pipeline,
-                     "wan": random_models.save_bench_wan_pipeline}.get(args.family, random_models.save_bench_pipeline)
+            build = {"sd3": random_models.save_bench_sd3_pipeline, "wan": random_models.save_bench_wan_pipeline,
+                     "flux": random_models.save_bench_flux_pipeline}.get(args.family, random_models.save_bench_pipeline)
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         check_against_model(model, configs, args)  # before any worker is spawned
         if oversubscribed:
@@ -578,7 +590,12 @@ def run(args: argparse.Namespace) -> int:
                     width=args.width, output_type="np", seed=args.seed)
         if video:
             call.update(num_frames=9, max_sequence_length=32)
+        if args.model is None and args.family == "flux":
+            call.update(max_sequence_length=32)  # not Flux's 512: text tokens would outnumber the 256 image tokens
         call = {k: v for k, v in call.items() if v is not None}
+        if args.peer is not None:
+            return bench_peer_diffusers_cp.run_peer(args, peer_kind, model, configs[0], prompts, call,
+                                                    args.model or f"built-in {args.family}")
         start = time.perf_counter()
         rows = run_benchmark(model, configs, call, args.repeats, args.device, pin_cpus=args.pin, prompts=prompts,
                              dtype=args.dtype, allow_pickle=args.allow_pickle, progress=True)

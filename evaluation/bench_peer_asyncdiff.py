@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,30 +35,18 @@ from pathlib import Path
 from asyncgen.cli.launcher import launch
 from asyncgen.runtime.asyncdiff_hook import default_warmup
 
-from .bench_asyncdiff import available_cores, load_on_rank, time_images
-from .fidelity import psnr
+from . import peer_harness
+from .bench_asyncdiff import available_cores, load_on_rank
 from .reporting import markdown_table, write_atomic, write_json
 
 PEER_TABLE = "stabilityai/stable-diffusion-2-1"  # the peer's split table used for this architecture
 PEER_MODULE = Path("asyncdiff") / "async_sd.py"
 DEFAULT_PROMPT = "a red circle above a blue square"
-RUNNERS = ("asyncdiff", "asyncgen")
-
-
-def _parameter_mib(module) -> float:
-    """MiB of parameters held in memory (released stages sit on the meta device and hold none)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type != "meta") / 2**20
 
 
 def _worker(rank: int, world_size: int, model: str, peer: str, call: dict, prompt: str, warmup: int, repeats: int):
-    """Stock (rank 0 alone), the peer and asyncgen (both ranks), alternated; timings, images, MiB.
-
-    While rank 0 runs the stock pipeline the other rank waits in a barrier, so rank 0's
-    core has the machine to itself as a one-device run would. The two AsyncDiff
-    implementations swap order every repeat, so neither always runs right after stock.
-    """
-    import torch.distributed as dist
-
+    """Stock (rank 0 alone), the peer and asyncgen (both ranks), alternated (:func:`peer_harness.alternate`);
+    timings, images, parameter bytes."""
     sys.path.insert(0, peer)  # this worker only: the peer is measured, never a dependency
     from asyncdiff.async_sd import AsyncDiff
 
@@ -80,44 +67,23 @@ def _worker(rank: int, world_size: int, model: str, peer: str, call: dict, promp
         peer_wrapper.reset_state(warm_up=warmup)  # its per-image reset, as its README says
         return peer_pipe(*args, **kwargs)
 
-    runners = {"asyncdiff": run_peer, "asyncgen": ours}
-    if stock is not None:
-        time_images(stock, [prompt], call, seed)  # untimed first calls: allocations, lazy inits, caches
-    for name in RUNNERS:
-        dist.barrier()
-        time_images(runners[name], [prompt], call, seed)
-    seconds = {name: [] for name in ("stock", *RUNNERS)}
-    images = {}
-    for repeat in range(repeats):
-        dist.barrier()
-        if stock is not None:
-            elapsed, images["stock"] = time_images(stock, [prompt], call, seed)
-            seconds["stock"].append(elapsed)
-        for name in RUNNERS if repeat % 2 == 0 else RUNNERS[::-1]:
-            dist.barrier()
-            elapsed, images[name] = time_images(runners[name], [prompt], call, seed)
-            seconds[name].append(elapsed)
+    seconds, images = peer_harness.alternate({"asyncdiff": run_peer, "asyncgen": ours}, stock, [prompt], call, seed,
+                                             repeats)
     return dict(seconds=seconds, images=images if rank == 0 else None,
-                resident_mib={"stock": _parameter_mib(stock.unet) if stock is not None else None,
-                              "asyncdiff": _parameter_mib(peer_pipe.unet), "asyncgen": _parameter_mib(ours.denoiser)})
+                resident_bytes={"stock": peer_harness.parameter_bytes(stock.unet) if stock is not None else None,
+                                "asyncdiff": peer_harness.parameter_bytes(peer_pipe.unet),
+                                "asyncgen": peer_harness.parameter_bytes(ours.denoiser)})
 
 
 def run_comparison(model: str, peer: str, call: dict, prompt: str, warmup: int, repeats: int,
                    timeout: float = 3600) -> list[dict]:
     """One row each for stock, the original AsyncDiff and asyncgen (2 ranks each for the last two)."""
     per_rank = launch(_worker, 2, model, peer, call, prompt, warmup, repeats, timeout=timeout)
-    stock = per_rank[0]["seconds"]["stock"]
-    images = per_rank[0]["images"]
-    rows = [dict(config="stock pipeline", ranks=1, latency_s=statistics.median(stock), speedup=1.0,
-                 psnr_db=float("inf"), resident_mib=[per_rank[0]["resident_mib"]["stock"]], latencies=stock)]
-    labels = {"asyncdiff": "original AsyncDiff (SD2.1 split table)", "asyncgen": "asyncgen"}
-    for name in RUNNERS:
-        # a repeat ends when the slowest rank returns
-        latencies = [max(r["seconds"][name][i] for r in per_rank) for i in range(repeats)]
-        rows.append(dict(config=labels[name], ranks=2, latency_s=statistics.median(latencies),
-                         speedup=statistics.median(s / a for s, a in zip(stock, latencies)),
-                         psnr_db=psnr(images[name][0], images["stock"][0]),
-                         resident_mib=[r["resident_mib"][name] for r in per_rank], latencies=latencies))
+    arms = {"asyncdiff": dict(config="original AsyncDiff (SD2.1 split table)", ranks=2),
+            "asyncgen": dict(config="asyncgen", ranks=2)}
+    rows = peer_harness.rows(per_rank, arms, repeats)
+    for row in rows:
+        row["resident_mib"] = [b / 2**20 for b in row.pop("resident_bytes")]
     return rows
 
 
@@ -159,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
     call = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=64, width=64, output_type="np",
                 seed=args.seed)
-    load_before = os.getloadavg()
+    load_before = peer_harness.load_average()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model = str(random_models.save_bench_pipeline(Path(tmp) / "bench-unet", seed=args.seed))
@@ -169,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                   peer=str(peer), peer_split_table=PEER_TABLE, command=args.command, call=call,
                   prompt=args.prompt, warmup=warmup, repeats=args.repeats, cores=available_cores(),
                   # other tenants' load (1, 5, 15 min averages) when the run started and ended
-                  load_average={"start": list(load_before), "end": list(os.getloadavg())},
+                  load_average={"start": load_before, "end": peer_harness.load_average()},
                   rows=rows, wall_seconds=time.perf_counter() - start)
     out = Path(args.out)
     write_json(out / "results.json", record)

@@ -219,3 +219,31 @@ def save_bench_wan_pipeline(folder: Path, seed: int = 0) -> Path:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_bench_flux_pipeline(folder: Path, seed: int = 0) -> Path:
+    """The Flux benchmark's ``FluxPipeline`` (guidance-distilled, Flux-dev style): a ``FluxTransformer2DModel`` of
+    4 double-stream and 8 single-stream blocks of width 384 (about 40M parameters), a CLIP and a T5 text encoder of
+    width 64, and a VAE of factor 8 with 16 latent channels.
+
+    256x256 images are 32x32 latents, packed 2x2 into 256 image tokens, beside 32 text tokens
+    (``max_sequence_length=32``): one pass per step (the guidance is an embedded input, not a second pass). Both
+    token counts divide by 2 and 4, so diffusers' context parallelism can shard them at those degrees; one CPU
+    thread spends tens of milliseconds per block, so compute dominates communication as in the other bench models.
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    text_hidden = 64
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=6,
+        joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden, guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24)).eval()
+    tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
+    pipe = FluxPipeline(
+        scheduler=flow_scheduler(), vae=flow_vae(16, (16, 16, 32, 32)),
+        text_encoder=clip_text_encoder(text_hidden), tokenizer=tokenizer,
+        text_encoder_2=t5_text_encoder(text_hidden), tokenizer_2=tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
