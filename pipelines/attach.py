@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.utils import logging
 from torch import nn
 
@@ -39,6 +38,7 @@ from asyncgen.placement.planner import Placement
 from asyncgen.placement.residency import release_modules, released_restored
 from asyncgen.runtime.asyncdiff import DistributedRuntime
 from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, AsyncDiffHook
+from asyncgen.runtime.scoped_hook import register_numbered
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.registry import split_denoiser
@@ -300,12 +300,7 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
     hook = AsyncDiffHook(denoiser_split, new_executor, topology, config.warmup, config.time_shift,
                          lambda: pipeline.scheduler, cfg_parts, scoped=config.scoped,
                          resident=resident, first_call=first_call, denoiser=denoiser)
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    hook_name, number = HOOK_NAME, 1
-    while registry.get_hook(hook_name) is not None:  # a from_pipe sibling's scoped hook is there already
-        number += 1
-        hook_name = f"{HOOK_NAME}_{number}"
-    registry.register_hook(hook, hook_name)
+    register_numbered(denoiser, hook, HOOK_NAME)  # numbered when a from_pipe sibling's scoped hook is there
     return all_stages, hook
 
 

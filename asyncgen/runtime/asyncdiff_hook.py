@@ -14,20 +14,19 @@ This module must not load, split, place or wrap anything: it runs what it is giv
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import math
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager  # not re-exported by diffusers.hooks (0.40-0.42)
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-from asyncgen._compat import hook_original_forward
 from asyncgen.schedules.cfg_parallel import batch_part
 from asyncgen.schedules.asyncdiff import AsyncSchedule, StepKind, Topology
 from asyncgen.split.units import DenoiserSplit
+
+from .scoped_hook import ScopedHook, hooks_of
 
 #: the name the hook is registered under in a denoiser's ``HookRegistry`` (a from_pipe sibling adds its number)
 HOOK_NAME = "asyncgen_asyncdiff"
@@ -260,7 +259,7 @@ class AsyncDiffLane(BaseState):
         return self.split.wrap_output(self._predictions.pop(step), return_dict)
 
 
-class AsyncDiffHook(ModelHook):
+class AsyncDiffHook(ScopedHook):
     """Runs a denoiser's calls through the AsyncDiff schedule (see the module docstring).
 
     Registered by :func:`asyncgen.pipelines.apply_asyncdiff`. ``split`` is the denoiser's
@@ -278,7 +277,7 @@ class AsyncDiffHook(ModelHook):
                  scoped: bool = False, resident: list[torch.nn.Module] | None = None,
                  first_call: Callable[["AsyncDiffHook", dict], None] | None = None,
                  denoiser: torch.nn.Module | None = None):
-        super().__init__()
+        super().__init__(scoped)
         self.topology, self.cfg_parts = topology, cfg_parts
         self.warmup, self.time_shift, self.scheduler = warmup, time_shift, scheduler
         self.passes = PassName()  # diffusers sets the pipeline's cache_context on it
@@ -296,8 +295,6 @@ class AsyncDiffHook(ModelHook):
         self._main_pass: str | None = None
         # Hooks of the pipeline's other denoisers (Wan 2.2's two experts) that take turns within one call
         self.takes_turns_with: list[AsyncDiffHook] = []
-        self.scoped = scoped
-        self._scope = contextvars.ContextVar(f"asyncdiff scope {id(self)}", default=not scoped)
         self._running = False
 
     def take_split(self, split: DenoiserSplit, new_executor: Callable[[], Any],
@@ -311,18 +308,6 @@ class AsyncDiffHook(ModelHook):
         self.main = AsyncDiffLane(self, new_executor())
 
     # ------------------------------------------------------------ the hook's life
-
-    def __getstate__(self):
-        # a ContextVar cannot be copied: a deep copy of the pipeline gets a scope of its own, closed (or, unscoped,
-        # open) as this one's default
-        state = dict(self.__dict__)
-        state["_scope"] = not self.scoped
-        return state
-
-    def __setstate__(self, state):
-        default = state.pop("_scope")
-        self.__dict__.update(state)
-        self._scope = contextvars.ContextVar(f"asyncdiff scope {id(self)}", default=default)
 
     def share_calls_with(self, others: list["AsyncDiffHook"]) -> None:
         """``others`` are hooks of denoisers the pipeline switches to and from during a call (Wan 2.2's experts).
@@ -364,15 +349,6 @@ class AsyncDiffHook(ModelHook):
         finally:
             self._running = running
 
-    @contextlib.contextmanager
-    def active(self):
-        """A context in which a ``scoped`` hook works (the calls of the wrapper that owns it)."""
-        token = self._scope.set(True)
-        try:
-            yield
-        finally:
-            self._scope.reset(token)
-
     # ------------------------------------------------------------- what it shows
 
     @property
@@ -397,9 +373,9 @@ class AsyncDiffHook(ModelHook):
         return self.lanes[name]
 
     def new_forward(self, module, *args, **kwargs):
-        if self._running or not self._scope.get():
+        if self._running or not self.in_scope:
             # a stage runs the model's own forward inside this one (block splits), or a scoped hook outside its scope
-            return hook_original_forward(self)(*args, **kwargs)
+            return self.wrapped_forward(*args, **kwargs)
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         if self._first_call is not None:
             self._running = True  # the split's tracing and checks run the denoiser's own forward
@@ -422,7 +398,4 @@ class AsyncDiffHook(ModelHook):
 
 def asyncdiff_hooks(module) -> list[AsyncDiffHook]:
     """The AsyncDiff hooks registered on ``module`` (none for a stock denoiser)."""
-    if not isinstance(module, torch.nn.Module):
-        return []
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    return [hook for name in list(registry.hooks) if isinstance(hook := registry.get_hook(name), AsyncDiffHook)]
+    return hooks_of(module, AsyncDiffHook)
