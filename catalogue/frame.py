@@ -54,7 +54,8 @@ MAX_SEED = 10**9
 class Key:
     """A documented ``--set`` key: its type, the range ``--set`` accepts, its meaning, and how it drives the cost.
 
-    ``type`` is ``int``, ``float``, ``bool`` or ``str`` (one of ``choices``), or a list of one of them
+    ``type`` is ``int``, ``float``, ``bool``, ``str`` (one of ``choices``) or ``path`` (an existing file, or
+    empty for none), or a list of one of them
     (``items`` > 0: between ``min_items`` and ``items`` values). ``low`` and ``high`` are inclusive and
     apply to each number. ``cost``: the run's work grows as ``(value / committed value) ** cost`` (for a
     list, as its length), which scales the committed run's measured seconds into an estimate.
@@ -74,6 +75,8 @@ class Key:
         """The accepted values in words: ``int in 1..1e+09``, ``list of 1-8 float in 0..200``, ``one of a, b``."""
         if self.type == "bool":
             one = "true or false"
+        elif self.type == "path":
+            one = "path to an existing file (empty: none)"
         elif self.type == "str":
             one = f"one of {', '.join(self.choices)}"
         else:
@@ -129,6 +132,11 @@ class Key:
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if self.type == "path":
+            text = str(value).strip()
+            if text and not os.path.isfile(text):
+                raise ValueError(value)
+            return text
         if self.type == "str":
             if str(value) not in self.choices:
                 raise ValueError(value)
@@ -160,6 +168,8 @@ def _bound(value) -> str:
 
 
 def _plain(value: Any) -> str:
+    if value == "":
+        return "(none)"
     if isinstance(value, (list, tuple)):
         return ",".join(_plain(v) for v in value) if value else "(none)"
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
@@ -179,6 +189,11 @@ def Float(low, high, meaning="", cost=0.0) -> Key:  # noqa: N802
 
 def Bool(meaning="") -> Key:  # noqa: N802
     return Key("bool", meaning=meaning)
+
+
+def FilePath(meaning="") -> Key:  # noqa: N802
+    """A file given on the command line (``--set key=FILE``); empty: none."""
+    return Key("path", meaning=meaning)
 
 
 def Choice(choices, meaning="") -> Key:  # noqa: N802
@@ -218,6 +233,8 @@ class ExperimentInfo:
     quick_seeds: int = 1
     processes_key: str = ""  # the config key holding the number of worker processes, if the run forks any
     tune_entry: str = ""  # "module:function" (config, progress) -> {"tuning", "defaults"}, if the arms are tuned
+    paper_ids: Sequence[str] = ()  # "arXiv:NNNN.NNNNN" / "DOI:10.x/y": where to read the paper
+    size_cut: str = ""  # what the default run cut from the paper's size (data, model, budget, seeds)
     packages: Sequence[str] = ()  # distributions whose versions go into results.json
     plot_caption: str = ""
     keys: Mapping[str, Key] = field(default_factory=dict)
@@ -467,7 +484,12 @@ def describe(info: ExperimentInfo, width: int = 100) -> str:
         return textwrap.wrap(text, width, initial_indent=first or indent, subsequent_indent=indent) or [first]
 
     lines = [f"{info.name} ({info.family})"]
-    lines += wrapped(info.paper, "  ", "paper: ") + wrapped(info.claim, "  ", "claim: ")
+    lines += wrapped(info.paper, "  ", "paper: ")
+    if info.paper_ids:
+        lines += wrapped(", ".join(info.paper_ids), "  ", "ids: ")
+    lines += wrapped(info.claim, "  ", "claim: ")
+    if info.size_cut:
+        lines += wrapped(info.size_cut, "  ", "cut from the paper's size: ")
     lines += wrapped(f"{info.default_seeds} by default, {info.quick_seeds} with --quick; evaluation seeds start at "
                      f"--seed (0), tuning seeds are >= 100", "  ", "seeds: ")
     report = committed_report(info.name)
@@ -515,7 +537,8 @@ def catalogue_entry(info: ExperimentInfo) -> dict[str, Any]:
                      "goals": goals, "tuning": report.get("tuning")}
     from asyncgen.evaluation.reporting import _jsonable
 
-    return _jsonable({"name": info.name, "family": info.family, "paper": info.paper, "claim": info.claim,
+    return _jsonable({"name": info.name, "family": info.family, "paper": info.paper,
+                      "paper_ids": list(info.paper_ids), "size_cut": info.size_cut, "claim": info.claim,
                       "default_seeds": info.default_seeds, "quick_seeds": info.quick_seeds, "keys": keys,
                       "committed": committed})
 

@@ -13,6 +13,9 @@ from asyncgen.catalogue.frame import Choices, ExperimentInfo, Float, Int
 EXPERIMENTS = [
     ExperimentInfo(
         name="hyperinterval",
+        paper_ids=('arXiv:2405.15444',),
+        size_cut=('the paper runs Permuted/Split MNIST, Split CIFAR-100 and TinyImageNet; the default run splits '
+                  "scikit-learn's digits into 5 tasks of 30 epochs each, 1 seed"),
         family="continual",
         paper="Krukowski, Bielawska, Książek, Wawrzyński, Batorski, Spurek, arXiv 2024 (HyperInterval / HINT)",
         claim="interval task embeddings mapped by a hypernetwork to interval weights do not forget, and one "

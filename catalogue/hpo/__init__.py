@@ -7,6 +7,10 @@ from ..frame import Bool, Choices, ExperimentInfo, Float, Int
 EXPERIMENTS = [
     ExperimentInfo(
         name="aegis",
+        paper_ids=('arXiv:2010.07615',),
+        size_cut=("issue 24's size is 10 seeds x 60 evaluations with a 10 restarts / 1024 raw samples acquisition "
+                  "budget; the default run cuts it to 3 seeds, 40 (Branin) and 50 (Hartmann6) evaluations and 4 "
+                  "restarts / 256 raw samples (docs/catalogue/aegis/full-size/: 10 seeds x 60 evaluations at 4/256)"),
         family="hpo",
         paper="De Ath, Everson, Fieldsend, UAI 2021",
         claim="asynchronous epsilon-greedy BO (exploit / Thompson / Pareto moves, running points ignored) beats "
@@ -38,6 +42,9 @@ EXPERIMENTS = [
     ),
     ExperimentInfo(
         name="idhb",
+        paper_ids=('arXiv:2302.00511',),
+        size_cut=('the paper tunes real learners on HPO benchmarks; the default run searches synthetic learning curves '
+                  '(first max budget 27, extended to 81), 20 seeds'),
         family="hpo",
         paper="Brandt, Wever, Iliadis, Bengs, Hüllermeier, IJCAI 2023",
         claim="extending Hyperband's max budget reuses every earlier result: ID-HB costs what HB(eta R) costs, "

@@ -14,6 +14,10 @@ from asyncgen.catalogue.frame import ExperimentInfo, Float, Int, Ints
 EXPERIMENTS = [
     ExperimentInfo(
         name="async-online-dpo",
+        paper_ids=('arXiv:2410.18252',),
+        size_cut=('the paper tunes Pythia policies (410M-2.8B) on TL;DR summarisation, LLaMA 3.1 8B and Rho 1B; the '
+                  'default run tunes a tiny GPT-2 (64-dimensional embeddings) on an 8-digit sorting task for 48 '
+                  'updates, 1 seed'),
         family="rlhf",
         paper="Noukhovitch, Huang, Xhonneux, Hosseini, Agarwal, Courville, ICLR 2025",
         claim="train on samples an older policy generated; online DPO loses least as off-policyness N grows, "

@@ -245,3 +245,49 @@ def test_experiment_rejects_bad_config():
         run_experiment(info, quick=True, overrides=["digits_delays=4,32"], progress=False)
     with pytest.raises(CatalogueError, match="unknown key for adaptive-braking"):
         run_experiment(info, quick=True, overrides=["delay=3"], progress=False)
+
+
+def test_tuning_sees_only_tuning_seeds_and_picks_each_arms_grid_best(monkeypatch, tmp_path):
+    """Issue 24 §1 on a --quick grid: every arm searches the same lr x momentum grid on the same seeds (>= 100,
+    never an evaluation seed), and the chosen point is the one with the best mean score."""
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.frame import run_experiment, run_tuning
+    from asyncgen.catalogue.optim import experiments as ab
+
+    seen, real = [], ab.run_digits
+
+    def recording(arm, delay, rho, lr, momentum, config, seed, data):
+        seen.append((arm, seed, lr, momentum))
+        return real(arm, delay, rho, lr, momentum, config, seed, data)
+
+    monkeypatch.setattr(ab, "run_digits", recording)
+    info = get_experiment("adaptive-braking")
+    report = run_tuning(info, quick=True, overrides=["digits_epochs=1"], out=tmp_path, progress=False)
+    tuning = report["tuning"]
+    assert {seed for _, seed, _, _ in seen} == {100} == set(tuning["seeds"])
+    grid = {"lr": [0.02, 0.1], "momentum": [0.0, 0.9]}
+    for arm in ("sgdm", "sgdm-lwp", "sgdm-ab"):
+        assert tuning["grid"][arm] == grid  # the same budget for every arm
+        # every grid point ran at every delay of the comparison (quick: 0 and 32)
+        assert sorted((lr, m) for a, _, lr, m in seen if a == arm) == sorted(
+            (lr, m) for lr in grid["lr"] for m in grid["momentum"] for _ in (0, 32))
+        scores = tuning["scores"][arm]
+        best = max(scores.values())
+        first_best = next(label for label, v in scores.items() if v == best)  # ties: the earlier grid point
+        assert f"lr={tuning[arm]['lr']:g},momentum={tuning[arm]['momentum']:g}" == first_best
+        key = arm.replace("-", "_")
+        assert report["defaults"][f"lr_{key}"] == tuning[arm]["lr"]
+        assert report["defaults"][f"momentum_{key}"] == tuning[arm]["momentum"]
+    assert json.loads((tmp_path / "tuning.json").read_text())["defaults"] == report["defaults"]
+
+    # an evaluation run uses each arm's own values, records them under tuning, and sees only evaluation seeds
+    seen.clear()
+    values = ["lr_sgdm=0.02", "momentum_sgdm=0.5", "lr_sgdm_lwp=0.05", "momentum_sgdm_lwp=0.9", "lr_sgdm_ab=0.1",
+              "momentum_sgdm_ab=0.9"]
+    run = run_experiment(info, quick=True, overrides=["digits_epochs=1", "quad_steps=100", *values], progress=False)
+    assert {seed for _, seed, _, _ in seen} == {0}
+    assert {(a, lr, m) for a, _, lr, m in seen} == {("sgdm", 0.02, 0.5), ("sgdm-lwp", 0.05, 0.9),
+                                                     ("sgdm-ab", 0.1, 0.9)}
+    assert run["tuning"]["sgdm"] == {"lr": 0.02, "momentum": 0.5} and run["tuning"]["seeds"] == [100]
+    with pytest.raises(Exception, match=r"tune_seeds"):
+        run_tuning(info, quick=True, overrides=["tune_seeds=7"], progress=False)
