@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a documented default (repeatable; keys, types and ranges: 'asyncgen catalogue "
                      "show NAME'); an unknown key lists the valid ones")
+    run.add_argument("--trace", default=None, metavar="FILE", help="leo-pacing: run the dynamic-trace calls over "
+                     "a measured link trace, a CSV of time, capacity and delay (the same as --set trace=FILE; "
+                     "columns: docs/catalogue/netsim.md)")
     run.add_argument("--no-progress", action="store_true", help="no progress output")
     tune = actions.add_parser("tune", help="choose each arm's tuned hyperparameters on the tuning seeds",
                               description="Run an experiment's tuning step: each arm's hyperparameters (e.g. the "
@@ -135,13 +138,19 @@ def _progress_mode(args, long: bool) -> str:
 
 
 def _run(args) -> int:
-    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue import experiments, get_experiment
     from asyncgen.catalogue.frame import CatalogueError, MissingExtra, plan_run, run_experiment
     from asyncgen.cli.files import say
 
     try:
         info = get_experiment(args.name)
         out = args.out or f"catalogue_results/{info.name}"
+        if args.trace is not None:
+            if "trace" not in info.keys:
+                takers = [n for n, i in experiments().items() if "trace" in i.keys]
+                raise CatalogueError(f"--trace: {info.name} takes no trace file (experiments that do: "
+                                     f"{', '.join(takers)})")
+            args.overrides = [*args.overrides, f"trace={args.trace}"]
         plan = plan_run(info, quick=args.quick, seeds=args.seeds, seed=args.seed, overrides=args.overrides, out=out)
         info.load()  # a missing extra is one line before the run, too
         if plan.long:

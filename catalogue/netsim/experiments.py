@@ -11,15 +11,30 @@ import numpy as np  # noqa: E402
 
 from .pacing import OracleQueueLimit, PredictedQueueLimit, RecordingQueueLimit, noisy_schedule  # noqa: E402
 from .rtc import FixedQueueLimit, simulate_call  # noqa: E402
-from .traces import KINDS, generate_trace  # noqa: E402
+from .traces import KINDS, generate_trace, load_trace_csv  # noqa: E402
+
+_LOADED: dict[str, object] = {}  # this process's measured traces, by path (each worker reads the file once)
+
+
+def measured_trace(path: str):
+    """The LinkTrace in CSV file ``path`` (``--trace``), read once per process; a bad file is a CatalogueError."""
+    if path not in _LOADED:
+        try:
+            _LOADED[path] = load_trace_csv(path)
+        except ValueError as exc:
+            raise CatalogueError(f"--trace: {exc}") from None
+    return _LOADED[path]
 
 ARMS = ("fixed-200", "fixed-2000", "fixed-4000", "adaptive-oracle", "adaptive-predicted")
 
 
 def _trace_and_schedule(kind: str, seed: int, config: dict):
     k = KINDS.index(kind)
-    seconds = config["dynamic_seconds"] if kind == "dynamic" else config["stable_seconds"]
-    trace = generate_trace(kind, seconds, np.random.default_rng([seed, k]))
+    if kind == "dynamic" and config.get("trace") and seed < 100:  # a measured trace replaces the evaluation's
+        trace = measured_trace(config["trace"])                       # generated dynamic traces, not the tuning's
+    else:
+        seconds = config["dynamic_seconds"] if kind == "dynamic" else config["stable_seconds"]
+        trace = generate_trace(kind, seconds, np.random.default_rng([seed, k]))
     schedule = noisy_schedule(trace.handovers_ms, np.random.default_rng([seed, k, 7]), config["schedule_jitter_s"],
                               config["schedule_miss"])
     return trace, schedule
@@ -88,6 +103,8 @@ def run_leo_pacing(config: dict, seeds: list[int], progress) -> ExperimentResult
     if any(s >= 100 for s in seeds):
         raise CatalogueError(f"seeds {seeds}: evaluation seeds must stay below 100 (100.. tune the predictor)")
     workers = max(1, config["workers"])
+    if config.get("trace"):
+        measured_trace(config["trace"])  # a bad file (or one shorter than 10 s) fails here, before any work
     tasks = [(kind, s, arm, config, None) for kind in KINDS for s in seeds for arm in ARMS]
     progress.set_total(2 * config["tune_seeds"] + len(tasks))
     predictor, tuning = train_predictor(config, progress, workers)
@@ -144,7 +161,11 @@ def run_leo_pacing(config: dict, seeds: list[int], progress) -> ExperimentResult
         f"predictor: decision tree on {len(KINDS) * config['tune_seeds']} calls from tuning seeds 100..{99 + config['tune_seeds']} "
         f"(depth {tuning['depth']}, threshold {tuning['threshold']}, balanced accuracy on held-out tuning seeds "
         f"{tuning['validation_balanced_accuracy']:.3f}); evaluation seeds {seeds}",
-        f"dynamic traces {config['dynamic_seconds']:g} s, stable traces {config['stable_seconds']:g} s",
+        (f"dynamic traces: the measured trace {config['trace']} ({measured_trace(config['trace']).duration_ms / 1000:g} "
+         f"s, {measured_trace(config['trace']).handovers_ms.size} handovers) for every evaluation seed (seeds change "
+         f"frame sizes, losses and the schedule's noise); the predictor is still trained on generated traces; "
+         f"stable traces {config['stable_seconds']:g} s" if config.get("trace") else
+         f"dynamic traces {config['dynamic_seconds']:g} s, stable traces {config['stable_seconds']:g} s"),
         "model choices beyond the issue: congestion-window pushback (pacer pauses while bytes in flight exceed "
         "target x (RTT + 100 ms) unless the queue exceeds L), no retransmissions (a frame with a lost packet is "
         "skipped), libwebrtc's 1.5 x received-rate cap on increases",

@@ -57,3 +57,46 @@ def test_a_bad_file_is_one_line_naming_the_file_and_line(tmp_path, text, message
         load_trace_csv(path)
     assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_run_trace_replaces_the_generated_dynamic_traces(tmp_path, capsys):
+    """``asyncgen catalogue run leo-pacing --trace FILE``: the dynamic-trace calls of every evaluation seed run over
+    the file's trace (the stable ones and the predictor's tuning traces stay generated); a bad file or an experiment
+    without traces is refused in one line before any work."""
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.frame import CatalogueError, run_experiment
+    from asyncgen.cli.main import main
+    from asyncgen.catalogue.netsim import experiments as leo
+
+    rows = ["time_s,capacity_mbps,delay_ms,handover"]
+    for tenth in range(150):  # 15 s at 8 Mbit/s with a 300 ms outage from 7 s, marked as a handover
+        rows.append(f"{tenth / 10:.1f},{0 if 70 <= tenth < 73 else 8},30,{1 if tenth == 70 else 0}")
+    path = write(tmp_path, "\n".join(rows))
+    small = ["workers=1"]  # --quick: generated dynamic traces of 20 s, stable ones of 15 s
+    seen, real = [], leo._trace_and_schedule
+
+    def recording(kind, seed, config):
+        trace, schedule = real(kind, seed, config)
+        seen.append((kind, seed, trace.duration_ms, list(trace.handovers_ms)))
+        return trace, schedule
+
+    leo._trace_and_schedule = recording
+    try:
+        report = run_experiment(get_experiment("leo-pacing"), quick=True, overrides=[*small, f"trace={path}"],
+                                progress=False)
+    finally:
+        leo._trace_and_schedule = real
+    assert {(d, tuple(h)) for kind, seed, d, h in seen if kind == "dynamic" and seed < 100} == {(15_000, (7000.0,))}
+    assert {d for kind, seed, d, _ in seen if kind == "dynamic" and seed >= 100} == {20_000}  # tuning: generated
+    assert {d for kind, seed, d, _ in seen if kind == "stable"} == {15_000}
+    assert report["config"]["trace"] == str(path)
+    assert any(f"the measured trace {path} (15 s, 1 handovers)" in note for note in report["notes"])
+
+    with pytest.raises(CatalogueError, match=r"^--set trace=nothing.csv: not accepted; trace takes a path to an "
+                                             r"existing file \(empty: none\) \(default \(none\)\)$"):
+        run_experiment(get_experiment("leo-pacing"), quick=True, overrides=["trace=nothing.csv"], progress=False)
+    short = write(tmp_path, "time_s,capacity_mbps,delay_ms\n0,8,30\n4,8,30\n", "short.csv")
+    with pytest.raises(CatalogueError, match=r"^--trace: .*need a trace of at least 10 s"):
+        run_experiment(get_experiment("leo-pacing"), quick=True, overrides=[f"trace={short}"], progress=False)
+    assert main(["catalogue", "run", "idhb", "--quick", "--trace", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "--trace: idhb takes no trace file (experiments that do: leo-pacing)" in capsys.readouterr().err
