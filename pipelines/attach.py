@@ -42,7 +42,7 @@ from asyncgen.runtime.scoped_hook import register_numbered
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.registry import split_denoiser
-from asyncgen.split.transformer.trace import ExampleUnavailable
+from asyncgen.split.transformer.trace import ExampleUnavailable, NeedsRealWeights
 from asyncgen.split.units import DenoiserSplit, Stage, make_stages
 
 from .acceleration import compile_options, compile_stages
@@ -285,9 +285,15 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
         all_stages, new_executor, resident = staged(denoiser_split)
 
         def first_call(hook: AsyncDiffHook, arguments: dict) -> None:
-            if hasattr(hook.split, "adopt_call"):  # a traced split: its boundary from the pipeline's real call
+            if not hasattr(hook.split, "adopt_call"):
+                return  # a UNet's split: nothing traced
+            try:  # a traced split: its boundary from the pipeline's real call
                 with released_restored(denoiser):  # a rank's released blocks, back for the trace (on fake tensors)
                     hook.split.adopt_call(arguments)
+            except NeedsRealWeights as exc:
+                # a forward that reads tensor values (Lumina2) traces on real tensors only, and this rank released the
+                # other stages' weights: it keeps the trace made at attach time, on its whole model
+                logger.info("kept the attach-time trace of %s: %s", type(denoiser).__name__, exc)
     else:
         all_stages, new_executor, resident = [], None, None
 

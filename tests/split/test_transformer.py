@@ -144,14 +144,19 @@ class _LongSkipTransformer(ModelMixin, ConfigMixin):
 
 
 class _NoBlocks(ModelMixin, ConfigMixin):
+    """Two layers side by side, each on the input: called in order, but neither takes what the other made.
+
+    (A list of one layer is one block: a one-layer model is one unit, and splits into one stage.)
+    """
+
     @register_to_config
     def __init__(self, in_channels: int = 8):
         width = in_channels
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(width, width)])  # one layer, called on the input only
+        self.layers = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width)])
 
     def forward(self, hidden_states, timestep, return_dict=True):
-        return (self.layers[0](hidden_states),)
+        return (self.layers[0](hidden_states) + self.layers[1](hidden_states),)
 
 
 def test_a_split_that_is_not_exact_is_refused():

@@ -82,7 +82,7 @@ def replace_named(bound: inspect.BoundArguments, values: dict[str, Any]) -> tupl
 
 class _Provenance(torch_dispatch_mode()):
     """Labels every tensor an op produces with the union of its inputs' labels (a bit mask
-    of the top-level module calls it derives from). Keeps the tensors alive so ``id``s stay unique."""
+    of the top-level module calls it derives from, and of the sample: see ``_bit``). Keeps the tensors alive so ``id``s stay unique."""
 
     def __init__(self):
         super().__init__()
@@ -208,6 +208,19 @@ def stacked(value) -> torch.Tensor:
     return torch.stack(list(value))
 
 
+# provenance labels: bit 0 marks what derives from the sample (the latents), bit i + 1 the output of call i
+_SAMPLE = 1
+
+
+def _bit(call: int) -> int:
+    return 1 << (call + 1)
+
+
+def _call_of(label: int) -> int:
+    """The latest call whose output ``label`` (block bits only) derives from."""
+    return label.bit_length() - 2
+
+
 def _one_chain(calls: list[_Call], by_list: dict[str, list[int]], block_lists: set[str]) -> set[str]:
     """The block lists that form one chain, ending with the list called last.
 
@@ -221,10 +234,18 @@ def _one_chain(calls: list[_Call], by_list: dict[str, list[int]], block_lists: s
         return block_lists
     last_call = {name: max(by_list[name]) for name in block_lists}
     chain = [max(block_lists, key=lambda name: last_call[name])]
+    # only lists on the latents' path: a list that embeds conditioning (Wan I2V's image embedder's FeedForward,
+    # called when the pipeline passes image states) feeds the blocks, but as conditioning every rank computes
+    # (a call's outputs carry its own bit only, so the path is followed list by list, in call order)
+    on_path: set[str] = set()
+    for name in sorted(block_lists, key=lambda name: min(by_list[name])):
+        reach = _SAMPLE | sum(_bit(i) for other in on_path for i in by_list[other])
+        if any(label & reach for label in calls[min(by_list[name])].input_labels.values()):
+            on_path.add(name)
     while True:
         first = calls[min(by_list[chain[-1]])]
-        read = {name for name in block_lists if name not in chain and
-                any(label >> last_call[name] & 1 for label in first.input_labels.values())}
+        read = {name for name in on_path if name not in chain and
+                any(label & _bit(last_call[name]) for label in first.input_labels.values())}
         if len(read) != 1:
             return set(chain)
         chain.append(read.pop())
@@ -261,7 +282,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
         index = module.__dict__.pop("_asyncgen_call", None)
         if index is not None:
             calls[index].output = output
-            provenance.add(output, 1 << index, fresh=True)
+            provenance.add(output, _bit(index), fresh=True)
 
     seen = set()
     for _, m in lists:
@@ -277,6 +298,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
         provenance.labels.clear()
         provenance._alive.clear()
         with provenance:
+            provenance.add(shaped[sample_argument], _SAMPLE)
             return model(**to_model(shaped), return_dict=False), shaped[sample_argument]
 
     try:
@@ -304,11 +326,11 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
     for name, indices in by_list.items():
         if [calls[i].index for i in indices] != list(range(sizes[name])) or len(indices) < 2:
             continue
-        if all(any(label >> prev & 1 for label in calls[i].input_labels.values())
+        if all(any(label & _bit(prev) for label in calls[i].input_labels.values())
                for prev, i in zip(indices, indices[1:])):
             block_lists.add(name)
     # a one-block list continues a chain (a final single block, say): it takes what a block produced
-    chain_bits = sum(1 << i for i, c in enumerate(calls) if c.list_name in block_lists)
+    chain_bits = sum(_bit(i) for i, c in enumerate(calls) if c.list_name in block_lists)
     for name, indices in by_list.items():
         if len(indices) == 1 and sizes[name] == 1 and any(
                 label & chain_bits for label in calls[indices[0]].input_labels.values()):
@@ -328,21 +350,21 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
     if any(i > first and i not in order and calls[i].list_name not in block_lists and
            any(label & chain_bits for label in calls[i].input_labels.values()) for i in range(len(calls))):
         logger.debug("a non-block module list consumes block outputs; verification decides")
-    block_bits = sum(1 << i for i in order)
+    block_bits = sum(_bit(i) for i in order)
     # Each block must read block outputs only from the block just before it (and the head only
     # from the last block): a forward that holds an older block's output (a long skip in a
     # Python list, an accumulator) carries state past a cut that the boundary does not.
     suspect = []
     for j, i in enumerate(order):
-        allowed = 1 << order[j - 1] if j else 0
+        allowed = _bit(order[j - 1]) if j else 0
         for label in calls[i].input_labels.values():
             stray = label & block_bits & ~allowed
             if stray:
-                producer = order.index(stray.bit_length() - 1)
+                producer = order.index(_call_of(stray))
                 suspect.append((producer + 1, j + 1))
-    stray = prediction_label & block_bits & ~(1 << order[-1])
+    stray = prediction_label & block_bits & ~_bit(order[-1])
     if stray:
-        suspect.append((order.index(stray.bit_length() - 1) + 1, len(order)))
+        suspect.append((order.index(_call_of(stray)) + 1, len(order)))
     boundary = []
     for i in order:
         call = calls[i]
