@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch_geometric.data import Batch  # noqa: E402
 
 from asyncgen.catalogue.frame import ExperimentResult, Goal, Plot, Series  # noqa: E402
+from asyncgen.catalogue.tuning import check_tune_seeds, grid_search  # noqa: E402
 
 from .baselines import IGNN, ExplicitGNN  # noqa: E402
 from .energy import EnergyGNN  # noqa: E402
@@ -52,9 +53,14 @@ def task_metric(task: str, out: torch.Tensor, y: torch.Tensor) -> float:
     return float((out.argmax(-1) == y).double().mean())
 
 
-def train(model, task: str, graphs, config: dict, seed: int, progress) -> None:
+def arm_lr(config: dict, arm: str) -> float:
+    """``arm``'s Adam learning rate in ``config`` (key lr_ARM, hyphens as underscores)."""
+    return float(config["lr_" + arm.replace("-", "_")])
+
+
+def train(model, task: str, graphs, lr: float, config: dict, seed: int, progress) -> None:
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     if isinstance(model, IGNN):
         model.attach_projection(optimizer)
     model.train()
@@ -107,6 +113,57 @@ def _check_config(config: dict) -> None:
     unknown = [a for a in config["arms"] if a not in ARMS]
     if unknown or not config["arms"]:
         raise CatalogueError(f"arms={list(config['arms'])!r}: expected a subset of {', '.join(ARMS)}")
+    check_tune_seeds(config["tune_seeds"])
+
+
+# --- tuning ------------------------------------------------------------------------------------
+TUNING_CRITERION = ("sums: synchronous test MSE of the trained model on the tuning seed's own graphs (lower is "
+                    "better), mean over the tuning seeds; ties go to the smaller lr. chains, which no model learns "
+                    "at this size, runs with the lr tuned on sums")
+
+
+def _task_data(task: str, config: dict, seed: int) -> tuple[list, list]:
+    """The training and test graphs of (task, seed): disjoint generator seeds for every seed and task."""
+    t = ("sums", "chains").index(task)
+    return (make_dataset(task, config["train_graphs"], seed=10_000 * seed + 2 * t),
+            make_dataset(task, config["test_graphs"], seed=10_000 * seed + 2 * t + 1))
+
+
+class _Silent:
+    def update(self, *args) -> None:
+        pass
+
+
+def tune_energy_gnn_hogwild(config: dict, progress) -> dict:
+    """``asyncgen catalogue tune energy-gnn-hogwild``: each model searches the same Adam lr grid on the same tuning
+    seeds (>= 100), scored by its synchronous test MSE on sums (the task every model learns)."""
+    torch.set_num_threads(1)
+    _check_config(config)
+    data: dict[int, tuple] = {}
+
+    def score(arm: str, params: dict, seed: int) -> float:
+        train_set, test_set = data.setdefault(seed, _task_data("sums", config, seed))
+        torch.manual_seed(seed)
+        model = build(arm, "sums", config)
+        train(model, "sums", train_set, params["lr"], config, seed, _Silent())
+        everything = Batch.from_data_list(test_set)
+        with torch.no_grad():
+            y_sync, _ = synchronous_inference(model, everything, tol=config["tol"])
+        return -task_metric("sums", y_sync, everything.y)
+
+    arms = list(config["arms"])
+    tuning = grid_search(arms, {"lr": sorted(float(v) for v in config["lr_grid"])}, config["tune_seeds"], score,
+                         TUNING_CRITERION, progress)
+    tuning["scores"] = {arm: {k: -v for k, v in by.items()} for arm, by in tuning["scores"].items()}  # as MSE
+    return {"tuning": tuning, "defaults": {"lr_" + arm.replace("-", "_"): tuning[arm]["lr"] for arm in arms}}
+
+
+def tuning_record(config: dict) -> dict:
+    """What results.json records under ``tuning``: the lr each model ran with, its grid, the tuning seeds."""
+    arms = list(config["arms"])
+    grid = {"lr": sorted(float(v) for v in config["lr_grid"])}
+    return {**{arm: {"lr": arm_lr(config, arm)} for arm in arms}, "grid": {arm: grid for arm in arms},
+            "seeds": check_tune_seeds(config["tune_seeds"]), "criterion": TUNING_CRITERION}
 
 
 def _spread(values, spec: str = ".3f") -> str:
@@ -122,13 +179,12 @@ def run_energy_gnn_hogwild(config: dict, seeds: list[int], progress) -> Experime
     per_seed: dict[str, dict[str, list[float]]] = {arm: {} for arm in arms}
     error_samples: dict[str, list[float]] = {arm: [] for arm in arms}
     for seed in seeds:
-        for t, task in enumerate(tasks):
-            train_set = make_dataset(task, config["train_graphs"], seed=10_000 * seed + 2 * t)
-            test_set = make_dataset(task, config["test_graphs"], seed=10_000 * seed + 2 * t + 1)
+        for task in tasks:
+            train_set, test_set = _task_data(task, config, seed)
             for arm in arms:
                 torch.manual_seed(seed)  # the same initial weights for a given (seed, arm, task)
                 model = build(arm, task, config)
-                train(model, task, train_set, config, seed, progress)
+                train(model, task, train_set, arm_lr(config, arm), config, seed, progress)
                 out = evaluate(model, task, test_set, config, seed)
                 name = "mse" if task == "sums" else "accuracy"
                 row = per_seed[arm]
@@ -213,4 +269,4 @@ def run_energy_gnn_hogwild(config: dict, seeds: list[int], progress) -> Experime
                     f"{_spread(per_seed[arm]['chains_hogwild_rel_error'], '.3g')}" for arm in arms) + ".",
     ]
     return ExperimentResult(per_seed=per_seed, goals=goals, plot=Plot(panels=panels, title="hogwild GNN inference"),
-                            notes=notes)
+                            notes=notes, tuning=tuning_record(config))

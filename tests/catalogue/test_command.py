@@ -229,12 +229,16 @@ def test_show_lists_every_key_with_its_range_and_default(capsys):
     assert main(["catalogue", "show", "mdi-qkd-memory"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("mdi-qkd-memory (quantum)\npaper: Bhaskar")
+    assert "\nids: DOI:10.1038/s41586-020-2103-5\n" in out and "\ncut from the paper's size: nothing: " in out
     assert "  mc_cycles = 1000000  (--quick: 200000)\n      int in 1..1e9; Monte Carlo cycles" in out
     assert "goals of the committed run (" in out
     for name, info in experiments().items():
         assert main(["catalogue", "show", name]) == 0
         out = capsys.readouterr().out
         assert max(len(line) for line in out.splitlines()) <= 100, name
+        # where to read the paper, and what the default run cut from its size (issue 24, §5)
+        assert info.paper_ids and all(i.startswith(("arXiv:", "DOI:")) for i in info.paper_ids), name
+        assert info.size_cut and "\ncut from the paper's size: " in out, name
         for key in info.defaults:
             assert f"\n  {key} = " in out, (name, key)
     assert main(["catalogue", "show", "nope"]) == 2
@@ -274,6 +278,7 @@ def test_list_json_has_every_key_range_and_the_committed_goals(capsys):
     for entry in entries:
         info = get_experiment(entry["name"])
         assert set(entry["keys"]) == set(info.defaults) and entry["paper"] == info.paper
+        assert entry["paper_ids"] == list(info.paper_ids) and entry["size_cut"] == info.size_cut
         run = entry["committed"]
         assert run["goals_total"] == len(run["goals"]) and 0 <= run["goals_met"] <= run["goals_total"]
 

@@ -183,3 +183,39 @@ def test_experiment_quick_is_deterministic(tmp_path):
     with pytest.raises(CatalogueError, match="arms=gat: not accepted; arms takes a list of 1-4 values, each one "
                                              "of gcn"):
         run_experiment(info, quick=True, overrides=["arms=gat"], progress=False)
+
+
+def test_tuning_sees_only_tuning_seeds_and_picks_each_models_best_lr(monkeypatch):
+    """Issue 24 §1 on a --quick grid: every model searches the same lr grid on the same tuning seeds (>= 100), the
+    chosen lr has the lowest mean sums MSE, and an evaluation run trains each model with its own lr."""
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.frame import run_experiment, run_tuning
+    from asyncgen.catalogue.gnn import experiments as gnn
+
+    seen, real = [], gnn.train
+
+    def recording(model, task, graphs, lr, config, seed, progress):
+        seen.append((type(model).__name__, task, lr, seed))
+        return real(model, task, graphs, lr, config, seed, progress)
+
+    monkeypatch.setattr(gnn, "train", recording)
+    info = get_experiment("energy-gnn-hogwild")
+    small = ["train_graphs=4", "test_graphs=2", "batch_graphs=4", "schedules=1", "state_dim=4", "width=8",
+             "hidden=8"]
+    report = run_tuning(info, quick=True, overrides=[*small, "lr_grid=0.003,0.03", "tune_seeds=100,101"],
+                        progress=False)
+    tuning = report["tuning"]
+    assert {seed for *_, seed in seen} == {100, 101} and {task for _, task, _, _ in seen} == {"sums"}
+    assert len(seen) == 4 * 2 * 2  # models x grid x seeds: the same budget for each
+    for arm in ("gcn", "gin", "ignn", "energy-gnn"):
+        assert tuning["grid"][arm] == {"lr": [0.003, 0.03]}
+        scores = tuning["scores"][arm]  # mean sums MSE per lr (lower is better; a tie goes to the smaller lr)
+        assert tuning[arm]["lr"] == (0.003 if scores["lr=0.003"] <= scores["lr=0.03"] else 0.03)
+        assert report["defaults"]["lr_" + arm.replace("-", "_")] == tuning[arm]["lr"]
+
+    seen.clear()
+    run = run_experiment(info, quick=True, overrides=[*small, "lr_gcn=0.01", "lr_gin=0.003", "arms=gcn,gin"],
+                         progress=False)
+    assert {seed for *_, seed in seen} == {0}
+    assert {(name, lr) for name, _, lr, _ in seen} == {("ExplicitGNN", 0.01), ("ExplicitGNN", 0.003)}
+    assert run["tuning"]["gin"] == {"lr": 0.003} and run["tuning"]["gcn"] == {"lr": 0.01}
