@@ -21,9 +21,9 @@ EXPERIMENTS = [
                   "num_restarts": 4, "raw_samples": 256, "one_worker_check": True, "processes": 2},
         quick={"arms": ["aegis", "random", "kb-ei"], "evaluations_branin": 8, "evaluations_hartmann6": 15,
                "num_restarts": 2, "raw_samples": 64, "one_worker_check": False},
-        # the run (10 seeds, 60 evaluations, 10 restarts / 1024 raw samples) needs about 1 h of 2 cores;
-        # reproduce it with --seeds 10 --set evaluations_branin=60 --set evaluations_hartmann6=60
-        # --set num_restarts=10 --set raw_samples=1024
+        # the run (10 seeds, 60 evaluations, 10 restarts / 1024 raw samples) is estimated at 2.7 h of CPU:
+        # --seeds 10 --set evaluations_branin=60 --set evaluations_hartmann6=60 --set num_restarts=10
+        # --set raw_samples=1024; docs/catalogue/aegis/full-size/ holds it at the default 4/256 (846 s of CPU)
         default_seeds=3,
         quick_seeds=1,
         processes_key="processes",

@@ -265,8 +265,8 @@ def run_aegis(config: dict, seeds: list[int], progress) -> ExperimentResult:
             Goal("branin_aegis_vs_kb_ei", median("aegis", "branin") - median("kb-ei", "branin"), 0.5, "<=",
                  "Branin: median log10 regret AEGiS - KB-EI",
                  reason="at d = 2 the default eps = min(1/sqrt(max(d, 4)), 0.5) = 0.5, so P(exploit) = 0: every AEGiS "
-                        "move is Thompson or Pareto, and after 40 evaluations it sits behind KB-EI, which exploits at "
-                        "every step"),
+                        f"move is Thompson or Pareto, and after {n_eval['branin']} evaluations it sits behind KB-EI, "
+                        "which exploits at every step"),
         ]
     if config["one_worker_check"]:
         goals.append(Goal("one_worker_aegis_vs_logei",
