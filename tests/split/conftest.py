@@ -1,8 +1,10 @@
 """Hypothesis profiles of the property tests (``test_drawn_configs.py``), registered before pytest loads one.
 
 ``ci`` (the default): a few fixed examples per class, derandomized, so the suite's time
-and result do not vary. ``long``: many random draws (``--hypothesis-profile=long``; see
-the README's testing paragraph).
+and result do not vary. ``long``: many random draws (``--hypothesis-profile=long
+--timeout=0``: a class's 40 draws take longer than pytest-timeout's 600 s; see the README's
+testing paragraph). Given on the command line, the profile must be registered before
+pytest configures hypothesis: name this file's folder or a test in it.
 """
 
 from hypothesis import HealthCheck, settings
