@@ -70,7 +70,9 @@ def test_help_explains_the_options(capsys):
 
 
 def test_shipped_weights_are_safetensors_within_25_mb():
-    files = [p for p in miniature.MINIATURE_WEIGHTS.rglob("*") if p.is_file()]
+    # the UNet model and its CLIP; the miniature transformer (dit/) is held to its own 25 MB in test_miniature_dit
+    files = [p for p in miniature.MINIATURE_WEIGHTS.rglob("*") if p.is_file()
+             and miniature.MINIATURE_DIT_PATH not in p.parents]
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
