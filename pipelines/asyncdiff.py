@@ -248,9 +248,12 @@ class AsyncDiffPipeline(PipelineWrapper):
                 pipeline, split, components, reports = _load_stage_only(
                     pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
                     **load_kwargs)
-            except NeedsRealWeights:  # before any weight was read: the split was tried on the config alone
-                logger.warning("the denoiser's forward reads tensor values in Python, so it cannot be split from its "
-                               "config alone: every rank loads the whole pipeline to split it, then keeps its stage")
+            except NeedsRealWeights as exc:  # before any weight was read: the split was tried on the config alone
+                # the reason is the refusal's own (a forward that reads tensor values, or no example call to be
+                # built from the config)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                logger.warning("%s; so the denoiser cannot be split from its config alone: every rank loads the "
+                               "whole pipeline to split it, then keeps its stage", reason)
                 lean = False
         if not lean:
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
