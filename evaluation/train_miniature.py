@@ -683,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "transformer reuses (default: the shipped miniature)")
     parser.add_argument("--quick", action="store_true",
                         help="toy sizes and a few dozen steps (seconds, for tests); the default trains the "
-                             "shipped model (sd: about 45 minutes on one CPU core; dit: about 50 minutes)")
+                             "shipped model (sd: about 45 minutes on one CPU core; dit: about 27 CPU minutes on one thread)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise (default 0)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch CPU threads (default min(2, cores)); use 1 when another job shares the cores, "
