@@ -152,7 +152,8 @@ def load_libraries() -> None:
 
 def _describe_model(model: str, allow_pickle: bool):
     """The model's facts from its configs (no weights), or a one-line error naming ``--model``."""
-    from asyncgen.pipelines.loading import describe_pipeline, looks_like_local_path
+    from asyncgen.pipelines.from_configs import describe_pipeline
+    from asyncgen.pipelines.loading import looks_like_local_path
     from asyncgen.pipelines.miniature import builtin_model_names
 
     try:
@@ -393,7 +394,7 @@ def _check_memory(model: str, height: int, width: int, facts, stages: int, strid
     try:
         import torch
 
-        from asyncgen.pipelines.loading import plan_from_configs
+        from asyncgen.pipelines.from_configs import plan_from_configs
         from asyncgen.placement.planner import format_bytes
 
         plan = plan_from_configs(model, stages, stride, cfg_parallel, getattr(torch, dtype), height, width)

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from asyncgen.placement.planner import PlanDoesNotFit, check_fits
-    from asyncgen.pipelines.loading import plan_from_configs
+    from asyncgen.pipelines.from_configs import plan_from_configs
     from asyncgen.pipelines.miniature import resolve_model
 
     from .generate import stages_for

@@ -39,7 +39,8 @@ from asyncgen._compat import (
 )
 from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, SAFETENSORS_DTYPES
 
-from .loading import PickleRefused, check_pipeline_location, empty_model, load_pipeline
+from .from_configs import empty_model
+from .loading import PickleRefused, check_pipeline_location, load_pipeline
 
 logger = logging.get_logger(f"diffusers.{__name__}")
 
@@ -220,7 +221,7 @@ def empty_component(folder: str | Path, subfolder: str, class_name: str, dtype: 
     Non-persistent buffers (CLIP's ``position_ids``, rotary tables) are real: they are
     computed at construction and appear in no checkpoint. ``dtype`` is the dtype the
     model is created in, as ``from_pretrained(..., dtype=dtype)`` creates it
-    (:func:`~asyncgen.pipelines.loading.empty_model` builds it).
+    (:func:`~asyncgen.pipelines.from_configs.empty_model` builds it).
     """
     return empty_model(folder, subfolder, _model_class(class_name), dtype)
 

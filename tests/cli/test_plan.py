@@ -6,7 +6,7 @@ import pytest
 
 import published_configs
 from asyncgen.cli.main import main
-from asyncgen.pipelines.loading import plan_from_configs
+from asyncgen.pipelines.from_configs import plan_from_configs
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:

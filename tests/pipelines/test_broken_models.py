@@ -17,7 +17,8 @@ import pytest
 from asyncgen.cli.main import main
 from asyncgen.pipelines import AsyncDiffPipeline
 from asyncgen.pipelines.lean_loading import local_pipeline_folder
-from asyncgen.pipelines.loading import BrokenModelError, PickleRefused, describe_pipeline, load_pipeline
+from asyncgen.pipelines.from_configs import describe_pipeline
+from asyncgen.pipelines.loading import BrokenModelError, PickleRefused, load_pipeline
 
 
 def _edit_json(path, **changes):

@@ -95,7 +95,7 @@ def test_two_ranks_lean_load_reads_their_stage_of_both_experts(family_path, one_
 
 
 def test_memory_plan_counts_each_ranks_stage_of_both_experts(family_path, one_thread):
-    from asyncgen.pipelines.loading import plan_from_configs
+    from asyncgen.pipelines.from_configs import plan_from_configs
 
     path = str(family_path(FAMILY))
     wrapped = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=1)

@@ -12,7 +12,7 @@ from asyncgen.placement.planner import ComponentSize, Placement
 from asyncgen.placement.sizes import component_size
 from asyncgen.placement.pipeline_plan import plan_pipeline
 from asyncgen.schedules.asyncdiff import Topology
-from asyncgen.pipelines.loading import empty_pipeline_modules, plan_from_configs
+from asyncgen.pipelines.from_configs import empty_pipeline_modules, plan_from_configs
 
 
 @pytest.fixture(scope="module")
