@@ -10,24 +10,13 @@ pipeline's first call must compose to the full forward at every cut. The default
 draws 40 per class (run it on this file: ``tests/split/conftest.py`` registers the profiles).
 """
 
-import pytest
 import torch
 from hypothesis import assume, example, given, strategies as st
 
 import embedding_pipelines
+import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
-from asyncgen.split.units import make_stages
 from unseen_configs import CASES
-
-
-def _compose(split, call: dict, cuts) -> torch.Tensor:
-    rest = dict(call)
-    sample, timestep = rest.pop(split.sample_argument), rest.pop(split.timestep_argument)
-    cond = split.conditioning(sample, timestep, **rest)
-    state = split.initial_state(sample, cond)
-    for stage in make_stages(split, cuts):
-        state = stage(split, state, cond)
-    return split.output(state)
 
 
 def _check(name: str, config: dict, size: int, tokens: int, steps: int = 2) -> None:
@@ -41,8 +30,8 @@ def _check(name: str, config: dict, size: int, tokens: int, steps: int = 2) -> N
     with torch.no_grad(), wrapped.hook.stock_forward():  # the split's own runs of the forward, not the hook's
         reference = split.sample_tensor(pipe.transformer(**split.model_arguments(inputs), return_dict=False)[0])
         for cut in range(1, n):
-            assert torch.equal(_compose(split, inputs, [0, cut, n]), reference), f"cut at {cut} of {n}"
-        assert torch.equal(_compose(split, inputs, list(range(n + 1))), reference)
+            assert torch.equal(tiny_models.compose_stages(split, inputs, [0, cut, n]), reference), f"cut at {cut} of {n}"
+        assert torch.equal(tiny_models.compose_stages(split, inputs, list(range(n + 1))), reference)
 
 
 def _case(name: str):

@@ -9,7 +9,6 @@ reproduce the serial simulator. Passing checks are recorded for the support matr
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import ModelMixin
@@ -23,7 +22,6 @@ from asyncgen.split.registry import split_denoiser
 from asyncgen.evaluation import support_matrix
 from asyncgen.cost.cuts import balanced_cuts
 from asyncgen.cost.estimate import estimate_unit_costs
-from asyncgen.split.units import make_stages
 
 CLASSES = list(tiny_models.TRANSFORMER_CONFIGS)
 # forwards that read tensor values (Lumina2: sequence lengths from its integer text mask's .tolist(); Mochi:
@@ -58,16 +56,6 @@ def _split(folder: Path, name: str):
     return _SPLITS[name]
 
 
-def _compose(split, inputs: dict, cuts) -> torch.Tensor:
-    rest = dict(inputs)
-    sample, timestep = rest.pop(split.sample_argument), rest.pop(split.timestep_argument)
-    cond = split.conditioning(sample, timestep, **rest)
-    state = split.initial_state(sample, cond)
-    for stage in make_stages(split, cuts):
-        state = stage(split, state, cond)
-    return split.output(state)
-
-
 @pytest.mark.parametrize("name", CLASSES)
 def test_stages_compose_to_the_full_forward(transformer_dir, name):
     model, split = _split(transformer_dir, name)
@@ -75,8 +63,8 @@ def test_stages_compose_to_the_full_forward(transformer_dir, name):
     n = len(split.units)
     with torch.no_grad():
         reference = split.sample_tensor(model(**split.model_arguments(inputs), return_dict=False)[0])
-        every_block = _compose(split, inputs, list(range(n + 1)))
-        balanced = _compose(split, inputs, balanced_cuts(estimate_unit_costs(split), 2))
+        every_block = tiny_models.compose_stages(split, inputs, list(range(n + 1)))
+        balanced = tiny_models.compose_stages(split, inputs, balanced_cuts(estimate_unit_costs(split), 2))
     # the same ops on the same values in the same order: bit for bit
     assert torch.equal(every_block, reference) and torch.equal(balanced, reference)
     assert split.output_like(inputs[split.sample_argument]).shape == reference.shape
