@@ -711,11 +711,35 @@ def expected_seconds(info: ExperimentInfo, config: Mapping[str, Any], seeds: int
     return cpu / max(1, min(info.processes(config), os.cpu_count() or 1)), cpu
 
 
-def map_in_processes(function, tasks, processes: int, progress: Progress):
-    """``map(function, tasks)`` in ``processes`` forked workers (results in order), one progress tick each.
+def _backward_probe() -> bool:
+    import torch
 
-    Forked, not spawned: the workers inherit the imported libraries instead of paying for
-    them again; ``function`` must be a module-level function.
+    x = torch.ones(1, requires_grad=True)
+    (2 * x).sum().backward()
+    return True
+
+
+def _fork_can_backward() -> bool:
+    """Whether a child forked from this process can run autograd: not once this process has run a backward
+    itself (torch's autograd engine refuses in the child), which a library caller or a test may have done."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        try:
+            return pool.submit(_backward_probe).result()
+        except RuntimeError:
+            return False
+
+
+def map_in_processes(function, tasks, processes: int, progress: Progress):
+    """``map(function, tasks)`` in ``processes`` worker processes (results in order), one progress tick each.
+
+    Forked where a forked child can run autograd: the workers inherit the imported libraries
+    instead of paying for them again. Spawned where it cannot (this process has run a backward
+    already: torch refuses autograd in its forked children). ``function`` must be a
+    module-level function. Either way the workers are this process's children, so their CPU
+    time counts in the run's measured CPU seconds.
     """
     if processes <= 1:
         for task in tasks:
@@ -725,7 +749,8 @@ def map_in_processes(function, tasks, processes: int, progress: Progress):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+    method = "fork" if _fork_can_backward() else "spawn"
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
         for out in pool.map(function, tasks):
             yield out
             progress.update()

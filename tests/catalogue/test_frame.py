@@ -103,3 +103,33 @@ def test_command_list_and_errors(capsys):
     assert any(line.startswith("idhb ") and " 10/10 " in line for line in lines)  # goals met, committed run
     assert main(["catalogue", "run", "no-such-experiment"]) == 2
     assert "unknown experiment 'no-such-experiment'; known:" in capsys.readouterr().err
+
+
+def test_workers_are_spawned_where_a_forked_child_could_not_run_autograd(monkeypatch):
+    # torch refuses autograd in a child forked from a process whose autograd engine has started its threads (a
+    # full test run hit this once, by the order files ran in one worker): then the workers are spawned instead,
+    # with the same results in the same order
+    import multiprocessing
+
+    from asyncgen.catalogue import frame
+
+    used, real = [], multiprocessing.get_context
+
+    def recording(method=None):
+        used.append(method)
+        return real(method)
+
+    class Ticks:
+        count = 0
+
+        def update(self):
+            Ticks.count += 1
+
+    monkeypatch.setattr(multiprocessing, "get_context", recording)
+    monkeypatch.setattr(frame, "_fork_can_backward", lambda: False)
+    assert list(frame.map_in_processes(math.sqrt, [1.0, 4.0, 9.0], 2, Ticks())) == [1.0, 2.0, 3.0]
+    assert used == ["spawn"] and Ticks.count == 3
+    used.clear()
+    monkeypatch.setattr(frame, "_fork_can_backward", lambda: True)
+    assert list(frame.map_in_processes(math.sqrt, [16.0], 2, Ticks())) == [4.0]
+    assert used == ["fork"]
