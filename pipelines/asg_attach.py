@@ -23,7 +23,7 @@ from diffusers.hooks import HookRegistry
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.group import resolve_context
 from asyncgen.runtime.asg import ASGRuntime
-from asyncgen.runtime.asg_hook import HOOK_NAME, ASGHook
+from asyncgen.runtime.asg_hook import HOOK_NAME, ASGHook, word_tokens_fallback
 from asyncgen.runtime.scoped_hook import register_numbered
 from asyncgen.schedules import asg_maths
 from asyncgen.schedules.asg import MODES, ASGLayout, plan_layout
@@ -189,10 +189,8 @@ def prompt_word_tokens(tokenizer, prompt, per_prompt: int, rows: int, length: in
     mask[:, 0] = 0
     mask[torch.arange(len(prompts)), last.clamp_min(0)] = 0
     mask = mask.repeat_interleave(per_prompt, dim=0)
-    fallback = torch.ones(rows, length)
-    fallback[:, 0] = 0
     empty = mask.sum(dim=1) == 0
-    return torch.where(empty[:, None], fallback, mask)
+    return torch.where(empty[:, None], word_tokens_fallback(rows, length), mask)
 
 
 def _native_size(config: ASGConfig, unet, vae_scale_factor: int) -> tuple[int, int]:

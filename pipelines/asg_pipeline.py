@@ -68,7 +68,7 @@ from asyncgen.comm.failure import publish_error
 from asyncgen.comm.group import shared_randomness
 from asyncgen.schedules.asg import ASGLayout
 
-from .asg_attach import ASGAttachment, ASGConfig, apply_asg, check_asg_pipeline
+from .asg_attach import ASGAttachment, ASGConfig, apply_asg
 from .wrapping import PipelineWrapper, check_not_wrapped, one_call_at_a_time, sibling_pipeline
 
 
@@ -140,9 +140,9 @@ class ASGPipeline(PipelineWrapper):
         config = ASGConfig(structure_fraction, structure_guidance, guidance_schedule, mode, attention_layers,
                            window_stride, tiled_decoding, native_size, scoped=True, process_group=process_group,
                            device=device, timeout=timeout)
-        check_asg_pipeline(pipeline)
         self.pipeline = pipeline
         self.attachment: ASGAttachment = apply_asg(pipeline, config)
+        self._call_signature = inspect.signature(pipeline.__call__)  # to read height, width, steps, generator
 
     # ----------------------------------------------------------- construction
 
@@ -211,7 +211,7 @@ class ASGPipeline(PipelineWrapper):
         """
         # check what ASG adds before any communication: a bad argument fails every rank alike and leaves the
         # process group usable (errors from here on are published to the peers)
-        arguments = inspect.signature(self.pipeline.__call__).bind_partial(*args, **kwargs).arguments
+        arguments = self._call_signature.bind_partial(*args, **kwargs).arguments
         steps = arguments.get("num_inference_steps", 50)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
