@@ -218,7 +218,9 @@ def test_ranks_that_come_late_still_meet():
     second = _rank(0, 2, port, "60")
     for r, rank in ((1, first), (0, second)):
         out, err = rank.communicate(timeout=120)
-        assert rank.returncode == 0, err
+        # both streams in the message: whether the rank met before it failed (seen once in a full run: rank 1
+        # aborted with "terminate called without an active exception", not reproduced alone)
+        assert rank.returncode == 0, f"stdout: {out!r}; stderr: {err}"
         assert out.strip() == f"MET {r} 2 3.0"
 
 
