@@ -296,6 +296,80 @@ def hook_original_forward(hook) -> Callable:
     return original
 
 
+# ---------------------------------------------------------------------------- diffusers' step caches
+
+#: the cache configs asyncgen composes with AsyncDiff stages, by class name (all in diffusers.hooks since 0.40)
+STEP_CACHE_CONFIGS = ("FirstBlockCacheConfig", "MagCacheConfig", "TaylorSeerCacheConfig")
+
+
+def step_cache_config_classes() -> dict[str, type]:
+    """The step-cache config classes the installed diffusers has, of :data:`STEP_CACHE_CONFIGS`, by name.
+
+    A feature check (public classes of ``diffusers.hooks``: all three from 0.40 on, 0.42 checked);
+    an older diffusers gives fewer, and the callers refuse or skip the missing ones by name.
+    """
+    import diffusers.hooks
+
+    return {name: getattr(diffusers.hooks, name) for name in STEP_CACHE_CONFIGS if hasattr(diffusers.hooks, name)}
+
+
+def enabled_cache_config(model: nn.Module):
+    """The cache config ``model.enable_cache(config)`` enabled on a diffusers model, or None.
+
+    ``CacheMixin._cache_config`` (0.32 on; 0.40 and 0.42 checked); the public
+    ``is_cache_enabled`` says whether, not which.
+    """
+    return getattr(model, "_cache_config", None)
+
+
+def hook_registry_of(module: nn.Module):
+    """``module``'s ``diffusers.hooks.HookRegistry`` if it has one, else None (none is created).
+
+    ``module._diffusers_hook`` (0.32 on; 0.40 and 0.42 checked);
+    ``HookRegistry.check_if_exists_or_initialize`` would create one on every module asked.
+    """
+    return getattr(module, "_diffusers_hook", None)
+
+
+def cache_context_value(name: str):
+    """What a hook ``StateManager.set_context`` takes for the pass ``name``.
+
+    diffusers 0.42 takes a ``CacheContext(name)``; 0.40 and 0.41 a plain string.
+    """
+    try:
+        from diffusers.hooks.hooks import CacheContext
+    except ImportError:
+        return name
+    return CacheContext(name)
+
+
+def state_manager_context(manager) -> Any:
+    """The context a hook ``StateManager`` holds now (None when unset), to be handed back to ``set_context``.
+
+    ``StateManager._context`` (0.42) or ``._current_context`` (0.40, 0.41); no public getter
+    that does not raise when none is set.
+    """
+    if hasattr(manager, "_context"):
+        return manager._context
+    if hasattr(manager, "_current_context"):
+        return manager._current_context
+    raise _missing("diffusers", "StateManager._context")
+
+
+def block_output_indices(block: nn.Module) -> tuple[int, int | None]:
+    """Where a transformer block's output tuple holds its hidden states and its text states (None: not a tuple).
+
+    ``diffusers.hooks._helpers.TransformerBlockRegistry`` (0.34 on; 0.40 and 0.42 checked), what
+    diffusers' First Block Cache and MagCache hooks read; no public accessor.
+    """
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError as exc:
+        raise _missing("diffusers", "hooks._helpers.TransformerBlockRegistry") from exc
+    metadata = TransformerBlockRegistry.get(type(block))
+    return metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
+
+
 def from_deprecated_attention_block(module: nn.Module) -> bool:
     """Whether diffusers built ``module`` (an ``Attention``) for an old VAE checkpoint whose
     attention weights are named ``query``/``key``/``value``/``proj_attn`` and renamed on load.
@@ -352,6 +426,17 @@ def keep_in_fp32_modules_strict(model: nn.Module) -> list[str]:
     ``PreTrainedModel._keep_in_fp32_modules_strict`` (transformers 4.54 on); [] when absent.
     """
     return list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+
+
+def context_parallel_plan(model_class: type) -> dict | None:
+    """The context-parallel plan diffusers gives a model class (what ``enable_parallelism`` shards), or None.
+
+    ``ModelMixin._cp_plan``, a class attribute set on the transformer classes diffusers can
+    run with ``ContextParallelConfig`` (diffusers 0.36 to 0.42: Wan, Flux, QwenImage, LTX, ...);
+    None on the others (SD3, every UNet) and on a diffusers without context parallelism. No
+    public accessor: ``enable_parallelism`` only raises when the plan is missing.
+    """
+    return getattr(model_class, "_cp_plan", None) or None
 
 
 # ---------------------------------------------------------------------------- transformers

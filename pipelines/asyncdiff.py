@@ -149,6 +149,13 @@ class AsyncDiffPipeline(PipelineWrapper):
             effect: the serial simulator runs everything there. A list of
             ``asyncgen.placement.planner.Placement`` places them as it says (a component it does
             not name stays replicated).
+        cache (diffusers cache config, *optional*):
+            A step cache to run under the stages: ``FirstBlockCacheConfig``, ``MagCacheConfig`` or
+            ``TaylorSeerCacheConfig`` from ``diffusers.hooks`` (transformer denoisers). A cache enabled
+            on the denoiser before wrapping (``pipe.transformer.enable_cache(...)``) is carried over
+            the same way. Each rank runs the cache on its own blocks; with ``stages=1`` the images
+            equal the stock pipeline's with the same cache. First Block Cache and MagCache decide on
+            the first stage and send the decision with its boundary state (stride 1 only).
     """
 
     _bound_by = "its denoiser is split into stages for this process's rank and process group"
@@ -170,6 +177,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         compile: bool | dict = False,
         free_unused_stages: bool = True,
         components: str | None = None,
+        cache=None,
         *,
         _scoped: bool = False,
     ):
@@ -177,7 +185,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         config = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                                  cfg_parallel=cfg_parallel, components=components, compile=compile,
                                  free_unused_stages=free_unused_stages, scoped=_scoped, process_group=process_group,
-                                 device=device, timeout=timeout)
+                                 device=device, timeout=timeout, cache=cache)
         denoiser_attribute(pipeline)  # a pipeline without a denoiser is refused before it is converted
         if dtype is not None:
             pipeline.to(dtype=resolve_dtype(dtype))
@@ -207,7 +215,7 @@ class AsyncDiffPipeline(PipelineWrapper):
                         warmup: int | None = None, time_shift: bool = False, split="flops",
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
                         dtype: str | torch.dtype | None = None, attention: str | None = None,
-                        compile: bool | dict = False, components: str | None = None,
+                        compile: bool | dict = False, components: str | None = None, cache=None,
                         **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline and wrap it; with a process group, each rank reads only the weights it runs.
 
@@ -234,7 +242,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         # bad values fail before minutes of loading
         topology = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                                    cfg_parallel=cfg_parallel, components=components, compile=compile, device=device,
-                                   timeout=timeout).topology
+                                   timeout=timeout, cache=cache).topology
         ctx = resolve_context(process_group, device, timeout)
         lean = ctx.distributed and not (isinstance(split, str) and split == "time")
         if ctx.distributed and not lean:
@@ -259,7 +267,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
-                      attention=attention, compile=compile, components=components)
+                      attention=attention, compile=compile, components=components, cache=cache)
         wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
         # lean_loading.ReadReport of each component read in part (the denoiser's: None when loaded whole)
         wrapped.load_reports = reports

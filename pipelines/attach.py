@@ -39,6 +39,7 @@ from asyncgen.placement.residency import release_modules, released_restored
 from asyncgen.runtime.asyncdiff import DistributedRuntime
 from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, AsyncDiffHook
 from asyncgen.runtime.scoped_hook import register_numbered
+from asyncgen.runtime.step_cache import StagedCache, check_cache_config, take_enabled_cache
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.registry import split_denoiser
@@ -76,6 +77,10 @@ class AsyncDiffConfig:
             ``torchrun``'s environment, else none (the serial simulator runs every stage here).
         device: This rank's device; default ``cuda:LOCAL_RANK`` in a group with CUDA.
         timeout: Limit for each collective (seconds or ``timedelta``; default ``ASYNCGEN_TIMEOUT`` or 600 s).
+        cache: A diffusers step cache to run under the stages (``FirstBlockCacheConfig``,
+            ``MagCacheConfig``, ``TaylorSeerCacheConfig``; transformer denoisers). A cache already
+            enabled on the denoiser (``enable_cache``) is carried over the same way. See
+            :mod:`asyncgen.runtime.step_cache` for what each stage decides and sends.
     """
 
     stages: int = 2
@@ -91,6 +96,7 @@ class AsyncDiffConfig:
     process_group: Any = None
     device: str | torch.device | None = None
     timeout: float | datetime.timedelta | None = None
+    cache: Any = None
 
     def __post_init__(self):
         from asyncgen.comm.context import check_timeout
@@ -108,6 +114,7 @@ class AsyncDiffConfig:
         check_timeout(self.timeout)
         check_components(self.components)
         compile_options(self.compile)
+        check_cache_config(self.cache)
         self.topology  # stages and stride: Topology's own checks
 
     @property
@@ -246,6 +253,9 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
     """
     denoiser = getattr(pipeline, name)
     topology, cfg_parts = config.topology, config.cfg_parts
+    # a cache enabled on the denoiser comes off before the split traces it, and back under the stages at the first
+    # call, after the trace on the pipeline's own arguments
+    cache = take_enabled_cache(denoiser, config.cache)
     try:
         denoiser_split = split_denoiser(denoiser)
     except ExampleUnavailable as exc:
@@ -253,6 +263,10 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
             raise
         logger.info("%s; splitting it on the pipeline's first call", exc)
         denoiser_split = None
+
+    if cache is not None and denoiser_split is not None and not hasattr(denoiser_split, "adopt_call"):
+        raise ValueError(f"cache={type(cache).__name__} runs on transformer denoisers split by block; "
+                         f"pipe.{name} ({type(denoiser).__name__}) is not one")
 
     def staged(split: DenoiserSplit):
         all_stages = make_stages(split, choose_cuts(split, topology.stages, split_method(config.split, name), ctx=ctx))
@@ -264,6 +278,7 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
         logger.info("split %s into %d stage(s) of %s units: %s", type(denoiser).__name__, len(all_stages),
                     "/".join(str(len(s.units)) for s in all_stages),
                     "; ".join(f"stage {k}: {s.names[0]} .. {s.names[-1]}" for k, s in enumerate(all_stages)))
+        step_cache = StagedCache(cache, all_stages, topology.stride) if cache is not None else None
         if ctx.distributed:
             mine = all_stages[topology.stage_of(ctx.rank % topology.world_size)]
             resident = split.shared_modules() + mine.modules()
@@ -272,17 +287,17 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
                 release_modules(denoiser, others, keep=resident)
 
             def new_executor():
-                return DistributedRuntime(split, mine, topology, ctx, cfg_parts)
+                return DistributedRuntime(split, mine, topology, ctx, cfg_parts, cache=step_cache)
         else:
             def new_executor():
-                simulators = [SerialSimulator(split, all_stages, topology) for _ in range(cfg_parts)]
+                simulators = [SerialSimulator(split, all_stages, topology, cache=step_cache) for _ in range(cfg_parts)]
                 return simulators[0] if cfg_parts == 1 else CfgSerialSimulator(simulators)
 
             resident = [denoiser]
-        return all_stages, new_executor, resident
+        return all_stages, new_executor, resident, step_cache
 
     if denoiser_split is not None:
-        all_stages, new_executor, resident = staged(denoiser_split)
+        all_stages, new_executor, resident, step_cache = staged(denoiser_split)
 
         def first_call(hook: AsyncDiffHook, arguments: dict) -> None:
             if not hasattr(hook.split, "adopt_call"):
@@ -294,14 +309,18 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
                 # a forward that reads tensor values (Lumina2) traces on real tensors only, and this rank released the
                 # other stages' weights: it keeps the trace made at attach time, on its whole model
                 logger.info("kept the attach-time trace of %s: %s", type(denoiser).__name__, exc)
+            if step_cache is not None:
+                step_cache.apply(hook.split)
     else:
         all_stages, new_executor, resident = [], None, None
 
         def first_call(hook: AsyncDiffHook, arguments: dict) -> None:
             split = split_denoiser(denoiser, call=arguments)
-            made, executor, keep = staged(split)
+            made, executor, keep, step_cache = staged(split)
             all_stages.extend(made)  # the attachment's list: its stages from now on
             hook.take_split(split, executor, keep)
+            if step_cache is not None:
+                step_cache.apply(split)
 
     hook = AsyncDiffHook(denoiser_split, new_executor, topology, config.warmup, config.time_shift,
                          lambda: pipeline.scheduler, cfg_parts, scoped=config.scoped,

@@ -72,8 +72,11 @@ class _Pending:
 
 
 class DistributedRuntime:
-    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, cfg_parts: int = 1):
+    def __init__(self, split: DenoiserSplit, stage: Stage, topology: Topology, ctx: DistContext, cfg_parts: int = 1,
+                 cache=None):
         topology.check_world_size(ctx.world_size, cfg_parts)
+        # a step cache composed with the stages (runtime/step_cache.py): its message rides in the boundary state
+        self.cache, self._call = cache, ""
         m = topology.world_size
         self.split, self.stage, self.topology, self.ctx = split, stage, topology, ctx
         self.schedule: AsyncSchedule | None = None
@@ -300,9 +303,12 @@ class DistributedRuntime:
         return {s: torch.cat([parts[(s, h)] for h in range(self.cfg_parts)], dim=0) if self.cfg_parts > 1
                 else parts[(s, 0)] for s in steps}
 
-    def _compute(self, state: BoundaryState, cond: Any) -> BoundaryState:
+    def _compute(self, state: BoundaryState, cond: Any, step: int) -> BoundaryState:
         started = self._timer.start(self.device)
-        out = self.stage(self.split, state, cond)
+        if self.cache is None:
+            out = self.stage(self.split, state, cond)
+        else:
+            out = self.cache.run(self.stage, self.split, state, cond, call=self._call, replica=self.replica, step=step)
         self._timer.stop(started, self.device)
         return out
 
@@ -312,6 +318,8 @@ class DistributedRuntime:
         self.end_call()
         self.schedule = schedule
         self._latest_input = None
+        if self.cache is not None:
+            self._call = self.cache.new_call()
 
     def end_call(self) -> None:
         """Settle outstanding transfers (a loop that stopped earlier than planned leaves some)."""
@@ -350,7 +358,7 @@ class DistributedRuntime:
             made = {}
             if self.replica == 0:
                 state = self.split.initial_state(sample, cond) if k == 0 else self._latest_input
-                out = self._compute(state, cond)
+                out = self._compute(state, cond, step)
                 if k < last:
                     self._send_state(out, with_header=True)
                 else:
@@ -371,7 +379,8 @@ class DistributedRuntime:
         made = {}
         if mine is not None:
             state = self.split.initial_state(sample, cond) if mine.fresh else self._latest_input
-            out = self._compute(state, cond)
+            # a task serves the round's step, or (last stage) the step it predicts
+            out = self._compute(state, cond, mine.out_step if mine.out_step is not None else step)
             if mine.out_step is None:
                 if not last_round:
                     self._send_state(out, with_header=False)

@@ -21,16 +21,28 @@ CondFn = Callable[[int], Any]
 
 
 class SerialSimulator:
-    def __init__(self, split: DenoiserSplit, stages: list[Stage], topology: Topology):
+    """``cache``: a step cache composed with the stages (:class:`asyncgen.runtime.step_cache.StagedCache`), run
+    task by task with one state per stage and replica, as the ranks run it."""
+
+    def __init__(self, split: DenoiserSplit, stages: list[Stage], topology: Topology, cache=None):
         if len(stages) != topology.stages:
             raise ValueError(f"{len(stages)} stages given for a topology of {topology.stages}")
         self.split, self.stages, self.topology = split, stages, topology
+        self.cache = cache
         self.schedule: AsyncSchedule | None = None
         self._latest: dict[int, BoundaryState] = {}
+        self._call = ""
 
     def begin_call(self, schedule: AsyncSchedule) -> None:
         self.schedule = schedule
         self._latest = {}
+        if self.cache is not None:
+            self._call = self.cache.new_call()
+
+    def _stage(self, stage: Stage, state: BoundaryState, cond, replica: int, step: int) -> BoundaryState:
+        if self.cache is None:
+            return stage(self.split, state, cond)
+        return self.cache.run(stage, self.split, state, cond, call=self._call, replica=replica, step=step)
 
     def end_call(self) -> None:
         self._latest = {}
@@ -45,7 +57,7 @@ class SerialSimulator:
             cond = cond_at(step)
             state = split.initial_state(sample, cond)
             for stage in self.stages:
-                state = stage(split, state, cond)
+                state = self._stage(stage, state, cond, 0, step)
                 if stage.index < last:
                     self._latest[stage.index] = state
             return {step: split.output(state)}
@@ -55,7 +67,9 @@ class SerialSimulator:
         for task in self.schedule.round_tasks(step, total_steps):
             cond = cond_at(task.cond_step)
             inp = split.initial_state(sample, cond) if task.fresh else self._latest[task.stage - 1]
-            out = self.stages[task.stage](split, inp, cond)
+            # a task serves the round's step, or (last stage) the step it predicts
+            served = task.out_step if task.out_step is not None else step
+            out = self._stage(self.stages[task.stage], inp, cond, task.replica, served)
             if task.out_step is None:
                 produced[task.stage] = out
             else:

@@ -1,0 +1,305 @@
+"""diffusers' step caches composed with AsyncDiff stages: what each stage's task sees and sends.
+
+A step cache skips work across denoising steps. diffusers implements each as hooks on the
+denoiser's blocks (or their attention modules) sharing a ``StateManager`` state; asyncgen
+registers those very hooks (``denoiser.enable_cache(config)``) once the split is traced, under
+the block split's stage hooks, so a stage computes its blocks through them and passes other
+stages' blocks by untouched. What the composition adds is where each hook's state lives and
+what crosses a cut:
+
+* **One state per stage and replica.** Before every task the cache's ``StateManager`` s are set
+  to a context of their own for (this call of this lane, stage, replica): on a rank only its own
+  is ever used; the serial simulator, holding every stage, keeps them apart the same way.
+* **The step index a stage sees is the step it serves**: the step of an exact step, the round's
+  step for stages before the last, the predicted step for the last stage's replica j
+  (``round + j``), whatever timestep ``time_shift`` gives it. Its input is stale (by k steps for
+  stage k at stride 1), its index is not: a schedule-driven decision equals the stock cache's
+  decision at that step. At stride S a stage serves every S-th step only, so it runs the
+  stock decisions of those steps (TaylorSeer recomputes in a round only if the stock cache
+  recomputes at the step that round serves; its Taylor terms use the real step distances).
+* **Signal-driven caches** (First Block Cache, MagCache) decide on the stage holding the first
+  block, from that stage's own input. The decision travels with the boundary state it was made
+  on, in the same message: the state's ``skips`` slots, which a block split never uses, carry
+  ``[flag, head tensors]`` (the flag 1.0 = compute; First Block Cache's head-block output, or
+  MagCache's head-block input, which the tail needs to measure the residual of the blocks
+  between). Later stages set the flag in their own state before running, so their blocks
+  compute or pass through as the stock cache's would; the residual added on a skip is the
+  last stage's (it computed it at the tail), added at the tail block's output instead of the
+  head's: the blocks in between pass their input through on a skip, so it is the same sum.
+  The first stage's head adds nothing in its place (an exact zero). Both need stride 1 (a
+  stride's second replica would have no residual of its own on its first round).
+
+With one stage every hook sits on the one stage and runs exactly as the stock cache's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager  # not re-exported by diffusers.hooks (0.40-0.42)
+from diffusers.utils import logging
+from torch import nn
+
+from asyncgen._compat import (block_output_indices, cache_context_value, enabled_cache_config, hook_original_forward,
+                              hook_registry_of, state_manager_context, step_cache_config_classes)
+from asyncgen.split.boundary import BoundaryState
+from asyncgen.split.transformer.stage_hook import stage_hook_of
+
+logger = logging.get_logger(f"diffusers.{__name__}")
+
+_TAIL_HOOK = "asyncgen_cache_tail"
+_calls = itertools.count()
+
+
+def check_cache_config(cache) -> None:
+    """Refuse what is not a step cache asyncgen composes with stages, naming what would be accepted."""
+    if cache is None:
+        return
+    known = step_cache_config_classes()
+    if not isinstance(cache, tuple(known.values())):
+        raise ValueError(
+            f"cache={cache!r} is not a diffusers step cache asyncgen can run under stages; accepted: "
+            f"{', '.join(sorted(known)) or 'none in the installed diffusers'} (from diffusers.hooks), or None")
+
+
+def take_enabled_cache(denoiser: nn.Module, cache) -> Any:
+    """The cache to compose: ``cache``, or the one the user enabled on ``denoiser`` (disabled here, so the split
+    is traced on the plain model; it comes back under the stages at the first call)."""
+    enabled = enabled_cache_config(denoiser)
+    if enabled is None:
+        check_cache_config(cache)
+        return cache
+    if cache is not None and cache is not enabled:
+        raise ValueError(f"{type(denoiser).__name__} already has {type(enabled).__name__} enabled and cache="
+                         f"{type(cache).__name__} was given; pass one of them (or disable_cache() first)")
+    check_cache_config(enabled)
+    denoiser.disable_cache()
+    logger.info("carrying %s enabled on %s over to the stages", type(enabled).__name__, type(denoiser).__name__)
+    return enabled
+
+
+class _TailResidual(ModelHook):
+    """On a skipped step of a split signal cache, adds the last stage's residual at the tail block's output.
+
+    Inert unless :class:`StagedCache` arms it (the last stage of two or more, cache skipping).
+    """
+
+    def __init__(self, hidden_index: int, text_index: int | None):
+        super().__init__()
+        self.hidden_index, self.text_index = hidden_index, text_index
+        self.residuals: tuple | None = None  # set for one task: (hidden residual, text residual or None)
+
+    def new_forward(self, module, *args, **kwargs):
+        output = hook_original_forward(self)(*args, **kwargs)
+        if self.residuals is None:
+            return output
+        hidden_res, text_res = self.residuals
+        if not isinstance(output, tuple):
+            return _add_residual(output, hidden_res)
+        output = list(output)
+        output[self.hidden_index] = _add_residual(output[self.hidden_index], hidden_res)
+        if text_res is not None and self.text_index is not None:
+            output[self.text_index] = output[self.text_index] + text_res
+        return tuple(output)
+
+
+def _add_residual(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    # MagCache's rule where the residual covers only the image tokens at the end of a joint sequence
+    if residual.shape == hidden.shape:
+        return hidden + residual
+    out = hidden.clone()
+    out[:, hidden.shape[1] - residual.shape[1]:] += residual
+    return out
+
+
+class StagedCache:
+    """One denoiser's step cache under its stages (see the module docstring).
+
+    Made at attach time from the config; :meth:`apply` registers diffusers' hooks once the
+    split has traced the model (the first call); the executors run every stage task through
+    :meth:`run`.
+    """
+
+    def __init__(self, config, stages: Sequence, stride: int):
+        check_cache_config(config)
+        self.config = config
+        self.kind = type(config).__name__
+        self.signal = self.kind in ("FirstBlockCacheConfig", "MagCacheConfig")
+        self.n_stages = len(stages)
+        if self.signal and self.n_stages > 1 and stride > 1:
+            raise ValueError(f"{self.kind} under stages needs stride=1 (got stride={stride}): a second replica of "
+                             "the last stage would skip its first round with no residual of its own")
+        self.stages = list(stages)
+        self.managers: list[StateManager] = []
+        self.signal_manager: StateManager | None = None
+        self.tail_hook: _TailResidual | None = None
+        self.applied = False
+
+    # ------------------------------------------------------------------ attaching
+
+    def apply(self, split) -> None:
+        """Enable the cache on the split's denoiser, under the stage hooks (once; the model's blocks must be traced)."""
+        if self.applied:
+            return
+        from asyncgen.placement.residency import released_restored
+
+        denoiser = split.denoiser
+        blocks = list(getattr(getattr(split, "trace", None), "modules", []) or [])
+        if not blocks:
+            raise ValueError(f"cache={self.kind} runs on transformer denoisers split by block; "
+                             f"{type(denoiser).__name__} is not one")
+        with released_restored(denoiser):  # hooks go on every block, released ones too (they never compute here)
+            denoiser.enable_cache(self.config)
+            modules = list(denoiser.modules())
+        modules += [b for b in blocks if all(b is not m for m in modules)]
+        hooks = [h for m in modules for h in _hooks(m)]
+        seen = set()
+        for hook in hooks:
+            for value in vars(hook).values():
+                if isinstance(value, StateManager) and id(value) not in seen:
+                    seen.add(id(value))
+                    self.managers.append(value)
+        if self.signal:
+            self._locate_head_and_tail(blocks, hooks)
+        for block in blocks:  # the stage decides first whether a block computes at all
+            _outermost(block, stage_hook_of(block))
+        self.applied = True
+
+    def _locate_head_and_tail(self, blocks: list[nn.Module], hooks: list) -> None:
+        def holder(pick):
+            for i, block in enumerate(blocks):
+                if any(pick(h) for h in _hooks(block)):
+                    return i
+            raise ValueError(f"{self.kind}: no block of the split holds its hook")
+
+        head = holder(lambda h: type(h).__name__ in ("FBCHeadBlockHook", "MagCacheHeadHook"))
+        tail = holder(lambda h: getattr(h, "is_tail", False))
+        self.signal_manager = next(h.state_manager for h in _hooks(blocks[head])
+                                   if type(h).__name__ in ("FBCHeadBlockHook", "MagCacheHeadHook"))
+        cuts = list(itertools.accumulate(len(s.units) for s in self.stages))
+        self.head_stage = next(k for k, end in enumerate(cuts) if head < end)
+        self.tail_stage = next(k for k, end in enumerate(cuts) if tail < end)
+        if self.n_stages > 1 and (self.head_stage != 0 or self.tail_stage != self.n_stages - 1):
+            raise ValueError(f"{self.kind}: its first block is in stage {self.head_stage} and its last in stage "
+                             f"{self.tail_stage}; composing it with stages needs them in the first and the last")
+        if self.n_stages > 1:
+            registry = HookRegistry.check_if_exists_or_initialize(blocks[tail])
+            self.tail_hook = _TailResidual(*block_output_indices(blocks[tail]))
+            registry.register_hook(self.tail_hook, _TAIL_HOOK)
+
+    # ------------------------------------------------------------------ running
+
+    @staticmethod
+    def new_call() -> str:
+        """A context prefix of one call of one lane: a new call starts with fresh states."""
+        return f"asyncgen-call-{next(_calls)}"
+
+    @contextlib.contextmanager
+    def _context(self, name: str):
+        saved = [(m, state_manager_context(m)) for m in self.managers]
+        value = cache_context_value(name)
+        for manager in self.managers:
+            manager.set_context(value)
+        try:
+            yield
+        finally:
+            for manager, context in saved:
+                manager.set_context(context)
+
+    def run(self, stage, split, state: BoundaryState, cond: Any, *, call: str, replica: int, step: int) -> BoundaryState:
+        """Stage ``stage`` (replica ``replica``) on ``state`` for served step ``step``, through the cache.
+
+        A state received from the stage before carries that stage's cache message in its
+        ``skips``; the state returned carries this stage's for the next (none from the last).
+        """
+        k, last = stage.index, self.n_stages - 1
+        message = tuple(state.skips) if k > 0 and self.signal and self.n_stages > 1 else ()
+        if message:
+            state = BoundaryState(state.hidden, (), state.streams)
+        with self._context(f"{call}/stage{k}.{replica}"):
+            self._set_step(step)
+            if self.signal and self.n_stages > 1:
+                self._before_signal(k, last, message)
+            try:
+                out = stage(split, state, cond)
+            finally:
+                if self.tail_hook is not None:
+                    self.tail_hook.residuals = None
+            if self.signal and self.n_stages > 1 and k < last:
+                sent = self._message(k, message)
+                out = BoundaryState(out.hidden, tuple(t.to(out.hidden.dtype) for t in sent), out.streams)
+        return out
+
+    def _set_step(self, step: int) -> None:
+        if self.kind == "TaylorSeerCacheConfig":
+            for manager in self.managers:
+                manager.get_state().current_step = step - 1  # the hook counts one up before deciding
+        elif self.kind == "MagCacheConfig":
+            self.signal_manager.get_state().step_index = step
+
+    def _before_signal(self, k: int, last: int, message: tuple) -> None:
+        state = self.signal_manager.get_state()
+        if k == 0:
+            if self.kind == "FirstBlockCacheConfig":
+                state.tail_block_residuals = (0, 0)  # the last stage adds the real ones at the tail
+            return
+        flag, heads = message[0], message[1:]
+        state.should_compute = bool(flag.item())
+        if k != last:
+            return
+        if self.kind == "FirstBlockCacheConfig":
+            state.head_block_output = heads[0] if len(heads) == 1 else list(heads)
+            if not state.should_compute:
+                hidden_res, text_res = state.tail_block_residuals
+                self.tail_hook.residuals = (hidden_res, text_res)
+        else:
+            state.head_block_input = heads[0]
+            if not state.should_compute:
+                self.tail_hook.residuals = (state.previous_residual, None)
+
+    def _message(self, k: int, received: tuple) -> tuple:
+        if k > 0:
+            return received
+        state = self.signal_manager.get_state()
+        if self.kind == "FirstBlockCacheConfig":
+            heads = state.head_block_output
+            heads = [heads] if isinstance(heads, torch.Tensor) else [t for t in heads[:2] if t is not None]
+        else:
+            heads = [state.head_block_input]
+            if state.should_compute and state.previous_residual is None:
+                # the head skips only after a step has computed; the real residual is the last stage's
+                state.previous_residual = torch.zeros_like(state.head_block_input)
+        flag = torch.ones(1, dtype=heads[0].dtype, device=heads[0].device) if state.should_compute else \
+            torch.zeros(1, dtype=heads[0].dtype, device=heads[0].device)
+        return (flag, *heads)
+
+
+def _hooks(module: nn.Module) -> list:
+    registry = hook_registry_of(module)
+    return list(registry.hooks.values()) if registry is not None else []
+
+
+def _outermost(block: nn.Module, hook: ModelHook) -> None:
+    """Re-register ``hook`` last on ``block`` so it wraps every hook registered after it.
+
+    Only the outermost hook of a registry is removed (``remove_hook`` rewires the chain
+    correctly only there), so the hooks above ``hook`` are taken off from the top and put
+    back in their order, then ``hook`` on top.
+    """
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    order = list(registry.hooks.items())
+    position = next(i for i, (_, h) in enumerate(order) if h is hook)
+    above = order[position + 1:]
+    if not above:
+        return
+    for name, _ in reversed(above):
+        registry.remove_hook(name, recurse=False)
+    name = order[position][0]
+    registry.remove_hook(name, recurse=False)
+    for other_name, other in above:
+        registry.register_hook(other, other_name)
+    registry.register_hook(hook, name)
