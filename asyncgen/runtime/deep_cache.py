@@ -1,0 +1,245 @@
+"""DeepCache for SD/SDXL UNets: the deep path runs every ``interval`` steps, the shallow path every step.
+
+After Ma et al., *DeepCache: Accelerating Diffusion Models for Free* (CVPR 2024): the
+high-level features a UNet's up path computes change slowly from one denoising step to
+the next, while the shallow skip branch carries the detail. So on one step in
+``interval`` the whole UNet runs and the feature the outermost live up block receives
+from the deeper path is kept; on the steps in between only the shallow path runs
+(``conv_in``, the first ``branch + 1`` down blocks' resnets and attentions, the last
+``branch + 1`` up blocks with the kept feature as their input, ``conv_out``). The skip
+tensors the shallow up blocks read are fresh every step; only the deep feature is
+reused.
+
+Built as ``diffusers.hooks``: :func:`apply_deep_cache` registers a stateful
+:class:`DeepCacheHook` on the UNet (it counts the UNet's calls and decides, per call,
+whether the deep path runs) and a :class:`DeepModuleHook` on each deep module (the deep
+down blocks, the mid block, the deep up blocks, and the downsampler of the last shallow
+down block, whose output only the deep path reads). On a full step a deep module runs and
+keeps its output; on a cached step it returns the output it kept without computing, so
+the UNet's own forward runs unchanged around it: the cached up block's output is the deep
+feature, and what the cached down blocks return is read by nothing but the cached up
+blocks. The stock forward is what runs, so attention processors, LoRA and FreeU keep
+working, and ``interval=1`` is the stock UNet exactly.
+
+Each pipeline call starts with a full step. diffusers resets stateful hooks at the end of a
+call only on models with its ``CacheMixin`` (transformers), not on ``UNet2DConditionModel``,
+so the hook sees a new call itself: timesteps fall within a call, so a timestep larger than
+the previous call's (or a sample of another shape, which the kept features would not fit)
+starts afresh; this also covers a call that raised. A call whose first timestep is not
+above the previous call's last (two one-step calls at the same timestep) needs
+:func:`reset_deep_cache` in between. A pipeline calls an SD/SDXL UNet once per step with the
+CFG halves in one batch, so one count per UNet call is one count per step (schedulers that
+call the UNet twice per step, Heun's, count two).
+
+Under AsyncDiff stages the stage runtime calls the UNet's resnets and attentions one unit
+at a time (``asyncgen.split.unet``), not the blocks these hooks sit on: there the same
+decision has to be made per unit. :func:`deep_unit_mask` says which of a split's units
+are deep, which is what the cost model's composed-schedule cut chooser
+(:func:`asyncgen.cost.cuts.composed_cuts`) and a stage runtime need.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from asyncgen._compat import hook_original_forward
+
+UNET_HOOK = "asyncgen_deep_cache"
+MODULE_HOOK = "asyncgen_deep_cache_module"
+
+
+@dataclass
+class DeepCacheConfig:
+    """How DeepCache runs a UNet.
+
+    ``interval``: the deep path runs on the first step and then every ``interval``-th UNet
+    call (1 = every step: the stock UNet). ``branch``: how many down/up block pairs stay
+    live, minus one: with ``branch=0`` (DeepCache's cheapest setting) only the first down
+    block and the last up block run on cached steps; a larger branch keeps more of the
+    UNet live (slower, closer to stock).
+    """
+
+    interval: int = 3
+    branch: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"DeepCacheConfig(interval={self.interval!r}): the interval must be an integer >= 1 "
+                             "(1 runs the whole UNet every step)")
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise ValueError(f"DeepCacheConfig(branch={self.branch!r}): the branch must be an integer >= 0 "
+                             "(0 keeps only the first down block and the last up block live)")
+
+
+class DeepCacheState:
+    """What the UNet's hook decided for the current call, read by every deep module's hook."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0  # UNet calls since the last reset
+        self.full = True  # whether the deep path runs in the current call
+        self.last_timestep: float | None = None
+        self.sample_shape: tuple | None = None
+        self.full_calls = 0  # counted for reports and tests: how many calls ran the deep path
+        self.cached_calls = 0
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.flatten()[0]) if timestep.numel() else None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+class DeepCacheHook(ModelHook):
+    """On the UNet: decides per call whether the deep path runs (one call in ``interval``)."""
+
+    _is_stateful = True
+
+    def __init__(self, config: DeepCacheConfig, state: DeepCacheState):
+        super().__init__()
+        self.config, self.state = config, state
+
+    def new_forward(self, module, sample, timestep, *args, **kwargs):
+        state = self.state
+        t = _timestep_value(timestep)
+        shape = tuple(sample.shape)
+        # a call that raised leaves no reset behind: timesteps fall within a call, so a larger one (or another
+        # sample shape, which the kept features would not fit) starts afresh
+        if state.calls and ((t is not None and state.last_timestep is not None and t > state.last_timestep)
+                            or shape != state.sample_shape):
+            state.reset()
+        state.full = state.calls % self.config.interval == 0
+        state.calls += 1
+        state.last_timestep, state.sample_shape = t, shape
+        if state.full:
+            state.full_calls += 1
+        else:
+            state.cached_calls += 1
+        return hook_original_forward(self)(sample, timestep, *args, **kwargs)
+
+    def reset_state(self, module):
+        self.state.reset()
+        return module
+
+
+class DeepModuleHook(ModelHook):
+    """On a deep module: runs and keeps its output on full steps, returns the kept output on cached steps."""
+
+    _is_stateful = True
+
+    def __init__(self, state: DeepCacheState):
+        super().__init__()
+        self.state = state
+        self.output = None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state.full or self.output is None:
+            self.output = hook_original_forward(self)(*args, **kwargs)
+        return self.output
+
+    def reset_state(self, module):
+        self.output = None  # the kept tensors go with the call
+        return module
+
+
+def deep_modules(unet: torch.nn.Module, branch: int) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the modules that run only on full steps, for a UNet with ``down_blocks``/``up_blocks``.
+
+    With ``B`` down blocks and ``branch = b``: the downsamplers of ``down_blocks[b]``,
+    ``down_blocks[b+1:]``, the mid block and ``up_blocks[:B-1-b]``; the output of
+    ``up_blocks[B-2-b]`` is the deep feature ``up_blocks[B-1-b]`` receives.
+    """
+    down, up = getattr(unet, "down_blocks", None), getattr(unet, "up_blocks", None)
+    if down is None or up is None or not hasattr(unet, "mid_block") or len(down) != len(up):
+        raise TypeError(f"DeepCache needs a UNet with as many down_blocks as up_blocks and a mid_block "
+                        f"(UNet2DConditionModel: SD, SDXL); {type(unet).__name__} is not one")
+    if not 0 <= branch < len(down):
+        raise ValueError(f"DeepCacheConfig(branch={branch}): this {type(unet).__name__} has {len(down)} down blocks, "
+                         f"so the branch must be between 0 and {len(down) - 1}")
+    found = [(f"down_blocks.{branch}.downsamplers.{i}", m)
+             for i, m in enumerate(getattr(down[branch], "downsamplers", None) or ())]
+    found += [(f"down_blocks.{i}", down[i]) for i in range(branch + 1, len(down))]
+    if unet.mid_block is not None:
+        found.append(("mid_block", unet.mid_block))
+    found += [(f"up_blocks.{i}", up[i]) for i in range(len(up) - 1 - branch)]
+    return found
+
+
+def apply_deep_cache(unet: torch.nn.Module, config: DeepCacheConfig) -> DeepCacheHook:
+    """Register DeepCache on ``unet`` (the pipeline's own module); returns the UNet's hook (its ``state`` counts calls).
+
+    Refuses a UNet that already has one (remove it first with :func:`remove_deep_cache`).
+    """
+    if not isinstance(config, DeepCacheConfig):
+        raise TypeError(f"apply_deep_cache needs a DeepCacheConfig, got {type(config).__name__}")
+    if deep_cache_hook(unet) is not None:
+        raise ValueError(f"{type(unet).__name__} already has DeepCache; remove_deep_cache(unet) before applying another")
+    modules = deep_modules(unet, config.branch)  # checks the UNet before anything is registered
+    state = DeepCacheState()
+    for _, module in modules:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(DeepModuleHook(state), MODULE_HOOK)
+    hook = DeepCacheHook(config, state)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, UNET_HOOK)
+    return hook
+
+
+def deep_cache_hook(unet: torch.nn.Module) -> DeepCacheHook | None:
+    """The DeepCache hook registered on ``unet``, or None."""
+    registry = getattr(unet, "_diffusers_hook", None)
+    return registry.get_hook(UNET_HOOK) if isinstance(registry, HookRegistry) else None
+
+
+def reset_deep_cache(unet: torch.nn.Module) -> None:
+    """Forget the kept features: the next call of ``unet`` runs the deep path (nothing happens without DeepCache)."""
+    hook = deep_cache_hook(unet)
+    if hook is not None:
+        hook.state.reset()
+
+
+def remove_deep_cache(unet: torch.nn.Module) -> None:
+    """Remove DeepCache's hooks from ``unet`` and its modules (nothing happens where there are none)."""
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    registry.remove_hook(UNET_HOOK, recurse=False)
+    registry.remove_hook(MODULE_HOOK, recurse=True)
+
+
+_UNIT = re.compile(r"(down|up)(\d+)(?:\.(resnet|attn|sample)\d*)?")
+
+
+def deep_unit_mask(unit_names: Sequence[str], blocks: int, branch: int) -> list[bool]:
+    """For each unit of a UNet split (``asyncgen.split.unet`` names), whether it is deep (runs only on full steps).
+
+    ``blocks`` is the UNet's number of down (= up) blocks. Deep: ``down{b}.sample`` (the
+    downsampler of the last live down block), ``down{j}.*`` for ``j > b``, ``mid``, and
+    ``up{j}.*`` for ``j < blocks-1-b``; ``conv_in``, the live blocks' units and ``conv_out``
+    run every step. The mask is what :func:`deep_modules` hooks, unit by unit.
+    """
+    if not 0 <= branch < blocks:
+        raise ValueError(f"branch={branch}: a UNet of {blocks} down blocks takes a branch between 0 and {blocks - 1}")
+    mask = []
+    for name in unit_names:
+        if name in ("conv_in", "conv_out"):
+            mask.append(False)
+            continue
+        if name == "mid":
+            mask.append(True)
+            continue
+        match = _UNIT.fullmatch(name)
+        if match is None:
+            raise ValueError(f"unit {name!r} is not a UNet split's unit (conv_in, downB.resnetI, downB.attnI, "
+                             "downB.sample, downB, mid, upB..., conv_out)")
+        kind, block, part = match.group(1), int(match.group(2)), match.group(3)
+        if kind == "down":
+            mask.append(block > branch or (block == branch and part == "sample"))
+        else:
+            mask.append(block < blocks - 1 - branch)
+    return mask
