@@ -1,26 +1,41 @@
-"""``asyncgen plan``: what each rank would hold, from a model's configs alone.
+"""``asyncgen plan``: what each rank would hold, from a model's configs alone; or which layout to run.
 
     asyncgen plan --model black-forest-labs/FLUX.1-dev --devices 4 --dtype bf16
     asyncgen plan --model ./my-sdxl --devices 8 --cfg-parallel --height 1024 --width 1024 --max-memory 16GB --json
+    asyncgen plan --model ./my-wan --devices 2 --parallel auto --steps 50 [--exact] [--json]
 
 Only ``model_index.json`` and each component's ``config.json`` are read (a hub model
 needs no weight download): every component is built on the meta device, the denoiser
 is cut where ``asyncgen generate`` would cut it, and the planner
 (:mod:`asyncgen.placement.planner`) places the text encoders and the VAE on the ranks.
+
+``--parallel auto`` instead predicts the step time of every layout the devices allow (AsyncDiff
+stages and stride, CFG parallel, diffusers' context parallelism, their products) with
+:mod:`asyncgen.cost.layout` and says which it would run and why. It needs this machine's numbers:
+the link between the ranks and the compute rate of one (:func:`probe`: a few seconds with
+``--devices`` worker processes), measured once and kept in a cache file
+(``--probe-cache``; ``--reprobe`` measures again) keyed by host, device kind, device count and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import os
 import re
+import socket
+from pathlib import Path
 
 from .errors import UsageError
-from .options import check_image_side, positive_int
+from .options import check_image_side, non_negative_int, positive_int
 
 # the command's line in ``asyncgen --help``
 SUMMARY = ("what each rank would hold (stages, text encoders, VAE, bytes), from a model's configs alone: "
-           "no weights needed")
+           "no weights needed; --parallel auto: the fastest layout, predicted")
+PROBE_CACHE_VERSION = 1
+DEFAULT_STEPS = 50
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -64,6 +79,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whole-encoders", action="store_true", help="never split a text encoder into layer "
                         "ranges over several ranks (default: split one that fits no rank's share)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    auto = parser.add_argument_group("choosing the layout (--parallel auto)",
+                                     "predict every layout's step time from the cost model and this machine's measured "
+                                     "link and compute rate, and choose the fastest")
+    auto.add_argument("--parallel", choices=["auto"], default=None, help="auto: list every layout the --devices "
+                      "allow (stages/stride, CFG parallel, diffusers' Ulysses context parallelism, their products) with "
+                      "its predicted step time and choose the fastest that runs today (the stages x context-parallel "
+                      "hybrid is predicted only); without it, plan the memory of --stages/--stride/--cfg-parallel")
+    auto.add_argument("--exact", action="store_true", help="with --parallel auto: only layouts that give the one-device "
+                      "picture exactly (one stage with CFG parallel or context parallelism, or stages whose warm-up "
+                      "covers every step)")
+    auto.add_argument("--steps", type=positive_int, default=None, help=f"with --parallel auto: denoising steps "
+                      f"(default: {DEFAULT_STEPS})")
+    auto.add_argument("--warmup", type=non_negative_int, default=None, help="with --parallel auto: exact warm-up steps "
+                      "of layouts with stages (default: the wrapper's, 5%% of the steps, at least 1)")
+    auto.add_argument("--compute", choices=["flops", "time"], default="flops", help="with --parallel auto: each "
+                      "unit's compute from its counted FLOPs and bytes over the measured device rate (flops), or timed "
+                      "on random weights built from the config on this machine's CPU (time: only models that fit "
+                      "in memory) (default: %(default)s)")
+    auto.add_argument("--device", choices=["cpu", "cuda"], default=None, help="with --parallel auto: the devices to "
+                      "measure the link and compute rate on (default: cuda when available, else cpu)")
+    auto.add_argument("--probe-cache", default=None, metavar="FILE", help="with --parallel auto: the file that keeps "
+                      "the measured link and compute rate (default: $XDG_CACHE_HOME/asyncgen/probe.json, else "
+                      "~/.cache/asyncgen/probe.json)")
+    auto.add_argument("--reprobe", action="store_true", help="with --parallel auto: measure the link and compute rate "
+                      "again even when the cache has them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     model, _ = resolve_model(args.model)
     check_image_side("--height", args.height)  # the estimate runs on fake tensors, but the plan is for real ones
     check_image_side("--width", args.width)
+    if args.parallel == "auto":
+        return run_auto(args, model)
+    given = [f"--{n.replace('_', '-')}" for n in ("exact", "steps", "warmup", "device", "probe_cache", "reprobe")
+             if getattr(args, n) not in (None, False)] + (["--compute time"] if args.compute != "flops" else [])
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --parallel auto (choosing the layout)")
     stages = stages_for(args.devices, args.stages, args.stride, args.cfg_parallel)
     if args.devices == 1 and stages > 1:
         raise UsageError(f"--stages {stages} on --devices 1: one device runs every stage (the serial simulator); "
@@ -138,4 +184,177 @@ def format_plan(plan) -> str:
     ]
     if notes.get("replicated"):
         lines.append("kept whole on every rank: " + ", ".join(notes["replicated"]))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ --parallel auto
+
+
+def default_probe_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "asyncgen" / "probe.json"
+
+
+def probe_key(device: str, devices: int, dtype: str) -> str:
+    """One measurement per host, device kind, device count and dtype (what the numbers depend on)."""
+    return f"{socket.gethostname()}/{device}/{devices}/{dtype}"
+
+
+def _probe_worker(rank: int, world: int, device: str, dtype: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    from asyncgen.comm.group import default_backend, local_cuda_device
+    from asyncgen.comm.link_probe import probe_link
+    from asyncgen.cost.device_rate import measure_device_rate
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=default_backend())
+    where = local_cuda_device() if device == "cuda" else torch.device("cpu")
+    link = probe_link(None, where)
+    dist.barrier()
+    rate = measure_device_rate(where, getattr(torch, dtype)) if rank == 0 else None
+    dist.barrier()  # the others idle while rank 0 measures its rate alone, as one device would run
+    return dict(link=link.to_dict(), rate=rate.to_dict() if rate is not None else None)
+
+
+def probe(devices: int, device: str, dtype: str) -> dict:
+    """The link between ``devices`` ranks and one rank's compute rate, measured now (a few seconds)."""
+    if devices == 1:  # no link to measure: the one-device layout sends nothing
+        import torch
+        from asyncgen.cost.device_rate import measure_device_rate
+
+        where = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(1)  # a CPU "device" is one thread, as the launcher gives each worker
+        try:
+            rate = measure_device_rate(where, getattr(torch, dtype))
+        finally:
+            torch.set_num_threads(threads)
+        return dict(link=None, rate=rate.to_dict())
+    from .launcher import launch
+
+    results = launch(_probe_worker, devices, device, dtype, timeout=600, device_type=device)
+    return results[0]
+
+
+def cached_probe(path: Path, devices: int, device: str, dtype: str, reprobe: bool) -> tuple[dict, bool]:
+    """``(measurement, measured_now)``: from the cache file, or measured and written into it (whole)."""
+    from .files import write_atomic
+
+    key = probe_key(device, devices, dtype)
+    cache = {"version": PROBE_CACHE_VERSION, "entries": {}}
+    if path.exists():
+        try:
+            cache = json.loads(path.read_text())
+            if not isinstance(cache, dict) or cache.get("version") != PROBE_CACHE_VERSION \
+                    or not isinstance(cache.get("entries"), dict):
+                raise ValueError("not a probe cache of this version")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--probe-cache {path}: cannot read it ({exc}); delete it or name another file") from None
+    entry = cache["entries"].get(key)
+    if entry is not None and not reprobe:
+        return entry, False
+    entry = dict(probe(devices, device, dtype), measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"))
+    cache["entries"][key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(cache, indent=2) + "\n")
+    except OSError as exc:
+        raise UsageError(f"--probe-cache {path}: cannot write it ({exc}); name another file") from None
+    return entry, True
+
+
+def run_auto(args: argparse.Namespace, model: str) -> int:
+    import torch
+
+    from asyncgen.cost.device_rate import DeviceRate
+    from asyncgen.cost.layout import Link, choose
+    from asyncgen.pipelines.layout_costs import costs_from_configs
+
+    from .generate import check_scheduler_steps
+    from .options import check_steps
+
+    explicit = [o for o, given in (("--stages", args.stages is not None), ("--stride", args.stride != 1),
+                                   ("--cfg-parallel", args.cfg_parallel), ("--max-memory", args.max_memory is not None),
+                                   ("--whole-encoders", args.whole_encoders)) if given]
+    if explicit:
+        raise UsageError(f"{', '.join(explicit)}: --parallel auto chooses the layout itself; give either these or "
+                         "--parallel auto")
+    steps = args.steps or DEFAULT_STEPS
+    check_steps(steps)
+    if args.warmup is not None and args.exact:
+        raise UsageError(f"--warmup {args.warmup} with --exact: exact layouts warm up for every step; drop one")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and args.devices > torch.cuda.device_count():
+        raise UsageError(f"--devices {args.devices} --device cuda: this machine has {torch.cuda.device_count()} GPU(s) "
+                         "to measure the link on")
+    dtype = args.dtype or "float32"
+    try:
+        check_scheduler_steps(model, steps)
+    except UsageError:
+        raise
+    except Exception:  # a config-only folder without a scheduler config: nothing to check the steps against
+        pass
+    cache_path = Path(args.probe_cache) if args.probe_cache else default_probe_cache()
+    measured, fresh = cached_probe(cache_path, args.devices, device, dtype, args.reprobe)
+    link_data = measured["link"]
+    link = Link(0.0, math.inf, 1.0) if link_data is None else Link(
+        link_data["latency_s"], link_data["bandwidth_bytes_per_s"], link_data["parallel_slowdown"])
+    rate = DeviceRate.from_dict(measured["rate"])
+    try:
+        costs = costs_from_configs(model, args.height, args.width, getattr(torch, dtype) if args.dtype else None,
+                                   args.compute, rate)
+        choice = choose(costs, link, args.devices, steps, args.warmup, args.exact)
+    except (ValueError, TypeError, OSError) as exc:  # bad folder or size; a denoiser it cannot split
+        raise UsageError(str(exc)) from None
+    record = dict(model=str(model), devices=args.devices, steps=steps, exact_only=args.exact, compute=args.compute,
+                  device=device, dtype=dtype, height=args.height, width=args.width,
+                  probe=dict(cache=str(cache_path), measured_now=fresh, measured_at=measured.get("measured_at"),
+                             link=link_data, rate=measured["rate"]),
+                  passes_per_step=costs.passes_per_step, pass_batch=costs.pass_batch,
+                  context_parallel=costs.context_parallel or "available", **choice.to_dict(),
+                  command=run_command(choice.chosen.layout, args.devices, model))
+    print(json.dumps(record, indent=2) if args.json else format_choice(record))
+    return 0
+
+
+def run_command(layout, devices: int, model: str) -> str:
+    """How to run the chosen layout."""
+    if layout.runs_on == "diffusers":
+        return (f"diffusers: pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree="
+                f"{layout.ulysses})) in each of {layout.devices} processes (torchrun)")
+    if layout.devices == 1:
+        return f"asyncgen generate --model {model} --devices 1"
+    return (f"asyncgen generate --model {model} --devices {layout.devices} --stages {layout.stages} --stride "
+            f"{layout.stride}" + (f" --warmup {layout.warmup}" if layout.stages > 1 else "")
+            + (" --cfg-parallel" if layout.cfg_parallel else ""))
+
+
+def format_choice(record: dict) -> str:
+    """The candidates as a table, fastest first, then the choice and why."""
+    rows = [("layout", "devices", "exact", "runs on", "step ms", "exact step ms", "round ms", "vs chosen")]
+    best = record["chosen"]["predicted_step_ms"]
+    for c in sorted(record["candidates"], key=lambda c: c["predicted_step_ms"]):
+        mark = "*" if c["name"] == record["chosen"]["name"] else ("" if c["allowed"] else "-")
+        rows.append((mark + c["name"], str(c["devices"]), "yes" if c["exact"] else "no", c["runs_on"],
+                     f"{c['predicted_step_ms']:.1f}", f"{c['exact_step_ms']:.1f}",
+                     f"{c['round_ms']:.1f}" if c["rounds"] else "-", f"{c['predicted_step_ms'] / best:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    link, rate = record["probe"]["link"], record["probe"]["rate"]
+    lines = [f"{record['model']}: {record['steps']} steps, {record['devices']} {record['device']} device(s), "
+             f"{record['passes_per_step']} denoiser pass(es) per step of batch {record['pass_batch']}; context "
+             f"parallel: {record['context_parallel']}; compute from {record['compute']}"]
+    lines.append("measured " + ("now" if record["probe"]["measured_now"] else f"at {record['probe']['measured_at']}")
+                 + f" (cache {record['probe']['cache']}): "
+                 + (f"link latency {1e6 * link['latency_s']:.0f} us, bandwidth {link['bandwidth_bytes_per_s'] / 1e9:.2f} "
+                    f"GB/s, {link['parallel_slowdown']:.2f}x slower compute with all ranks busy; " if link else "")
+                 + f"one device {rate['flops_per_s'] / 1e9:.1f} GFLOP/s, {rate['bytes_per_s'] / 1e9:.1f} GB/s")
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["* chosen; - not allowed (not exact with --exact, or the hybrid, which is not built)",
+              f"chosen: {record['reason']}", f"run it: {record['command']}"]
     return "\n".join(lines)

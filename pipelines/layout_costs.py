@@ -1,0 +1,153 @@
+"""What the layout chooser needs to know about a pipeline: its denoiser's costs per pass, and its passes per step.
+
+:mod:`asyncgen.cost.layout` predicts layouts from a :class:`~asyncgen.cost.layout.DenoiserCosts`;
+this module builds one for a pipeline, from its configs alone (:func:`costs_from_configs`: the
+denoiser on ``meta``, counted on shapes, compute from a measured device rate, or timed on random
+weights built from the config) or from a loaded pipeline and a call it really made
+(:func:`costs_from_call`: timed on its own weights, at its own text length).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+
+import torch
+
+from asyncgen.models import DENOISER_COMPONENTS, is_guidance_distilled
+
+
+def cfg_passes(pipeline_class: type, denoiser) -> tuple[int, int]:
+    """``(passes per step, batch per pass)`` of a pipeline's denoiser calls with classifier-free guidance on.
+
+    A guidance-distilled denoiser: one pass of one sample. A pipeline whose ``__call__`` names
+    an unconditional pass with ``cache_context("uncond"...)`` (Wan, QwenImage): two passes of
+    one sample each. Otherwise one pass of the doubled ``[uncond, cond]`` batch (SD, SDXL, SD3,
+    PixArt). Read from the pipeline's source, not from a table of class names.
+    """
+    if is_guidance_distilled(denoiser):
+        return 1, 1
+    try:
+        source = inspect.getsource(pipeline_class.__call__)
+    except (OSError, TypeError):
+        source = ""
+    if 'cache_context("uncond"' in source or "cache_context('uncond'" in source:
+        return 2, 1
+    return 1, 2
+
+
+def costs_from_configs(model: str, height: int | None = None, width: int | None = None, dtype=None,
+                       compute: str = "flops", rate=None, repeats: int = 3):
+    """:class:`~asyncgen.cost.layout.DenoiserCosts` of ``model``'s denoiser from its configs alone.
+
+    ``compute="flops"``: each unit's counted FLOPs and bytes through ``rate`` (a measured
+    :class:`~asyncgen.cost.device_rate.DeviceRate`). ``compute="time"``: the denoiser built from
+    its config with random weights on the CPU and each unit timed (``repeats`` medians): as
+    accurate as this machine's clock, and only for models that fit in its memory. Either way the
+    call is the one built from the config at ``height`` x ``width`` pixels (default: native), with
+    the example's short text (8 tokens): a pipeline that attends jointly over a long prompt
+    (SD3's 333 tokens) costs more than this counts.
+    """
+    import diffusers
+
+    from asyncgen.cost.estimate import measure_unit_costs
+    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
+    from asyncgen.split.registry import split_denoiser
+
+    from .from_configs import _native_latent, describe_pipeline, empty_pipeline_modules
+
+    if compute not in ("flops", "time"):
+        raise ValueError(f"compute={compute!r}: need 'flops' or 'time'")
+    if compute == "flops" and rate is None:
+        raise ValueError("compute='flops' needs rate, a measured DeviceRate")
+    facts = describe_pipeline(model, count_units=False)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % facts.size_multiple:
+            raise ValueError(f"{name}={value}: {facts.denoiser_class} needs a multiple of {facts.size_multiple}, "
+                             f"e.g. {facts.nearest_sizes(value)}")
+    index, modules = empty_pipeline_modules(model)
+    attribute = next(c for c in DENOISER_COMPONENTS if c in modules)
+    denoiser = modules[attribute]
+    if compute == "time":
+        config = type(denoiser).load_config(model, subfolder=attribute)
+        denoiser = type(denoiser).from_config(config).eval()  # random weights: times do not depend on values
+    if dtype is not None:
+        torch.nn.Module.to(denoiser, dtype)
+    vae_factor = facts.native_height // _native_latent(denoiser)
+    latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
+    pipeline_class = getattr(diffusers, index.get("_class_name", ""), None) or type(None)
+    passes, batch = cfg_passes(pipeline_class, denoiser)
+    split = split_denoiser(denoiser)
+    inputs = split.example_inputs(batch, *latent)
+    unit_seconds = shared = None
+    if compute == "time":
+        unit_seconds = measure_unit_costs(split, inputs, repeats)
+        shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+    return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
+                          context_parallel=context_parallel_refusal(denoiser))
+
+
+def forward_seconds(split, inputs: dict, repeats: int = 3) -> float:
+    """Median seconds of the denoiser's whole forward on ``inputs`` (after one untimed call)."""
+    arguments = split.model_arguments(inputs) if hasattr(split, "model_arguments") else dict(inputs)
+    sample = inputs[split.sample_argument]
+    device = (sample[0] if isinstance(sample, (list, tuple)) else sample).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for trip in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            split.denoiser(**arguments, return_dict=False)
+            sync()
+            if trip:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
+    """Run ``pipe(**call)`` once; the first denoiser call's keyword arguments and the calls per step.
+
+    The denoiser's arguments are what the layout's costs must be counted and timed on: the
+    pipeline's own batch, sizes and text length. ``call`` needs ``num_inference_steps``.
+    """
+    denoiser = next(getattr(pipe, c) for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)
+    calls: list[dict] = []
+
+    def record(module, args, kwargs):
+        if args:
+            names = list(inspect.signature(module.forward).parameters)
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+    handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**call)
+    finally:
+        handle.remove()
+    steps = int(call["num_inference_steps"])
+    if not calls or len(calls) % steps:
+        raise RuntimeError(f"{type(pipe).__name__} made {len(calls)} denoiser calls in {steps} steps; expected a "
+                           "whole number per step")
+    first = {k: v for k, v in calls[0].items() if k != "return_dict"}
+    return first, len(calls) // steps
+
+
+def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: int = 3):
+    """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, timed on a call it made."""
+    from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
+    from asyncgen.split.registry import split_denoiser
+
+    denoiser = next(getattr(pipe, c) for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)
+    split = split_denoiser(denoiser)
+    cut_costs = estimate_unit_costs(split)  # the wrapper's cuts: chosen at attach time on the config's example
+    if hasattr(split, "adopt_call"):
+        split.adopt_call(denoiser_call, verify=False)
+    inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
+    unit_seconds = measure_unit_costs(split, inputs, repeats)
+    shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+    return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds, shared_seconds=shared,
+                          cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser))
