@@ -243,3 +243,14 @@ def deep_unit_mask(unit_names: Sequence[str], blocks: int, branch: int) -> list[
         else:
             mask.append(block < blocks - 1 - branch)
     return mask
+
+
+def deep_cache_runs(deep_mask: Sequence[bool], steps: int, interval: int, first: int = 0) -> list[list[bool]]:
+    """Which units run on each of ``steps`` steps: all on every ``interval``-th step, the shallow ones on the others.
+
+    ``deep_mask`` from :func:`deep_unit_mask`; ``first`` is the step index of the first
+    row (the steps after an exact warm-up start later in the count). The rows are what
+    :func:`asyncgen.cost.cuts.composed_cuts` takes.
+    """
+    return [[True] * len(deep_mask) if (first + t) % interval == 0 else [not deep for deep in deep_mask]
+            for t in range(steps)]
