@@ -1,0 +1,185 @@
+"""The layout chooser (asyncgen/cost/layout.py): candidates, the exact filter, the prediction formula, the
+choice; the shapes it counts on a tiny transformer; the link probe on two gloo processes (asyncgen/comm/link_probe.py)."""
+
+import math
+
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.cli.launcher import run_workers
+from asyncgen.cost.layout import (DenoiserCosts, Layout, Link, check_layout, choose, context_parallel_refusal,
+                                  count_shapes, enumerate_layouts, predict)
+
+# made-up costs: 4 units, 1 pass per step of the [uncond, cond] batch, context parallelism available (4 heads)
+COSTS = DenoiserCosts(unit_names=("a", "b", "c", "d"), unit_seconds=(0.010, 0.020, 0.030, 0.040),
+                      shared_seconds=0.002, cut_costs=(1.0, 2.0, 3.0, 4.0), boundary_bytes=(1000.0, 2000.0, 3000.0),
+                      output_bytes=500.0, attention_calls=(1, 1, 1, 1), attention_bytes=4000.0, attention_heads=4,
+                      passes_per_step=1, pass_batch=2, context_parallel=None)
+LINK = Link(latency_s=0.001, bandwidth_bytes_per_s=1e6, parallel_slowdown=1.5)
+# the formula's sums are added in another order than written here: equal up to float rounding
+CLOSE = dict(rel=1e-12)
+
+
+def names(layouts):
+    return [(l.stages, l.stride, l.warmup, l.cfg_parallel, l.ulysses) for l in layouts]
+
+
+def test_candidates_on_two_devices():
+    assert names(enumerate_layouts(COSTS, 2, steps=10, warmup=1)) == [
+        (1, 1, 0, False, 1),  # one device
+        (2, 1, 1, False, 1),  # AsyncDiff N=2
+        (1, 1, 0, False, 2),  # Ulysses 2
+        (1, 1, 0, True, 1),  # CFG parallel
+    ]
+
+
+def test_candidates_on_four_devices_include_the_hybrids_and_their_runner():
+    layouts = enumerate_layouts(COSTS, 4, steps=10, warmup=1)
+    assert all(l.devices <= 4 for l in layouts)
+    got = {(l.stages, l.stride, l.cfg_parallel, l.ulysses): l.runs_on for l in layouts}
+    assert got == {
+        (1, 1, False, 1): "asyncgen", (2, 1, False, 1): "asyncgen", (2, 2, False, 1): "asyncgen",
+        (2, 3, False, 1): "asyncgen", (3, 1, False, 1): "asyncgen", (3, 2, False, 1): "asyncgen",
+        (4, 1, False, 1): "asyncgen",
+        (1, 1, False, 2): "diffusers", (2, 1, False, 2): None,  # stages x Ulysses: the hybrid, not built
+        (1, 1, False, 4): "diffusers",
+        (1, 1, True, 1): "asyncgen", (2, 1, True, 1): "asyncgen",
+        (1, 1, True, 2): None,  # CFG parallel x Ulysses: not built either
+    }
+
+
+def test_no_cfg_parallel_without_a_cfg_batch_and_no_ulysses_without_a_plan_or_dividing_heads():
+    two_passes = DenoiserCosts(**{**COSTS.to_dict(), "passes_per_step": 2, "pass_batch": 1, "attention_heads": 3})
+    # no CFG parallel; Ulysses only at 3, the one degree above 1 that divides 3 heads on 4 devices
+    assert names(enumerate_layouts(two_passes, 4, steps=10, warmup=1)) == names(
+        l for l in enumerate_layouts(COSTS, 4, steps=10, warmup=1) if not l.cfg_parallel and l.ulysses == 1) + [
+        (1, 1, 0, False, 3)]
+    no_plan = DenoiserCosts(**{**COSTS.to_dict(), "context_parallel": "no plan"})
+    assert all(l.ulysses == 1 for l in enumerate_layouts(no_plan, 4, steps=10))
+    with pytest.raises(ValueError, match="ulysses=2: no plan"):
+        check_layout(no_plan, Layout(ulysses=2))
+    with pytest.raises(ValueError, match="cfg_parallel: .* two passes"):
+        check_layout(two_passes, Layout(cfg_parallel=True))
+    with pytest.raises(ValueError, match="stages=5: this denoiser splits into 1 to 4 stages"):
+        check_layout(COSTS, Layout(stages=5))
+
+
+def test_exact_keeps_only_exact_layouts_with_a_warm_up_of_every_step():
+    exact = enumerate_layouts(COSTS, 4, steps=10, exact=True)
+    assert exact and all(l.is_exact(10) for l in exact)
+    assert all(l.warmup == 10 for l in exact if l.stages > 1)
+    # the same shapes as without --exact: stages become exact by warming up through every step
+    shapes = {(l.stages, l.stride, l.cfg_parallel, l.ulysses) for l in exact}
+    assert shapes == {(l.stages, l.stride, l.cfg_parallel, l.ulysses) for l in enumerate_layouts(COSTS, 4, steps=10)}
+    assert not Layout(2, 1, 9).is_exact(10) and Layout(2, 1, 10).is_exact(10) and Layout(1, 1, 0, True, 2).is_exact(10)
+
+
+def test_the_predicted_step_time_follows_the_formula():
+    # AsyncDiff N=2: cuts balanced on cut_costs (1, 2, 3, 4) -> [0, 3, 4]; both ranks busy -> compute x 1.5
+    p = predict(COSTS, LINK, Layout(2, 1, 1), steps=10)
+    stage0, stage1 = 1.5 * (0.060 + 0.002), 1.5 * (0.040 + 0.002)
+    boundary, prediction = 0.001 + 3000 / 1e6, 0.001 + 500 / 1e6  # the state after unit c; the prediction
+    exact = stage0 + stage1 + boundary + prediction
+    round_ = max(stage0 + boundary, stage1 + prediction)
+    assert (p.exact_steps, p.rounds) == (1, 9)
+    assert p.step_s == pytest.approx((exact + 9 * round_) / 10, **CLOSE)
+    # warm-up 4, stride 2: 4 exact steps, ceil(6 / 2) = 3 rounds of two steps (stage 1 twice: its replica)
+    p = predict(COSTS, LINK, Layout(2, 2, 4), steps=10)
+    assert (p.exact_steps, p.rounds) == (4, 3)
+    assert p.step_s == pytest.approx((4 * exact + 3 * round_) / 10, **CLOSE)
+    # CFG parallel, one stage: half the batch each, then the half prediction to the other group
+    p = predict(COSTS, LINK, Layout(cfg_parallel=True), steps=10)
+    assert p.step_s == pytest.approx(1.5 * 0.5 * (0.100 + 0.002) + 0.001 + 250 / 1e6, **CLOSE)
+    # Ulysses 2: half the units' work, 4 all-to-alls per self-attention call (one message of half the shard
+    # each way on 2 ranks), the output gathered; the shared part is not sharded
+    p = predict(COSTS, LINK, Layout(ulysses=2), steps=10)
+    all_to_all = 0.001 + (4000 / 2 / 2) / 1e6
+    assert p.step_s == pytest.approx(1.5 * (0.100 / 2 + 0.002) + 4 * 4 * all_to_all + 0.001 + 250 / 1e6, **CLOSE)
+    # one device: no slowdown, no messages
+    assert predict(COSTS, LINK, Layout(), steps=10).step_s == pytest.approx(0.102, **CLOSE)
+    # two passes per step (Wan's CFG): each pass its own lane, so twice the time
+    two = DenoiserCosts(**{**COSTS.to_dict(), "passes_per_step": 2, "pass_batch": 1})
+    assert predict(two, LINK, Layout(2, 1, 1), 10).step_s == pytest.approx(
+        2 * predict(COSTS, LINK, Layout(2, 1, 1), 10).step_s, **CLOSE)
+
+
+def test_the_choice_is_the_fastest_allowed_and_never_a_hybrid():
+    fast_link = Link(1e-6, 1e12, 1.0)  # communication nearly free: the more devices the faster
+    choice = choose(COSTS, fast_link, 4, steps=10, warmup=1)
+    allowed = [p for p in choice.candidates if p.runs_on is not None]
+    assert choice.allowed == allowed
+    assert choice.chosen.step_s == min(p.step_s for p in allowed)
+    hybrids = [p for p in choice.candidates if p.runs_on is None]
+    assert hybrids and min(p.step_s for p in hybrids) < choice.chosen.step_s  # a hybrid would have been faster
+    assert "predicted only (hybrid not built)" in choice.reason
+    assert choice.to_dict()["chosen"]["runs_on"] in ("asyncgen", "diffusers")
+    exact = choose(COSTS, fast_link, 4, steps=10, exact=True)
+    assert exact.chosen.exact and exact.chosen.step_s == min(p.step_s for p in exact.allowed if p.exact)
+    # only what asyncgen runs (asyncgen generate --parallel auto)
+    ours = choose(COSTS, fast_link, 4, steps=10, warmup=1, runs_on=("asyncgen",))
+    assert ours.chosen.runs_on == "asyncgen"
+    assert ours.chosen.step_s == min(p.step_s for p in ours.candidates if p.runs_on == "asyncgen")
+
+
+def test_a_slow_link_makes_one_device_the_choice():
+    slow = Link(1.0, 1e3, 2.0)  # every message a second, every busy rank twice as slow
+    assert choose(COSTS, slow, 4, steps=10).chosen.layout == Layout()
+
+
+def test_link_and_costs_refuse_bad_numbers():
+    with pytest.raises(ValueError, match="bandwidth_bytes_per_s=0"):
+        Link(0.001, 0)
+    with pytest.raises(ValueError, match="latency_s=-1"):
+        Link(-1, 1e9)
+    with pytest.raises(ValueError, match="boundary_bytes needs one entry per cut"):
+        DenoiserCosts(**{**COSTS.to_dict(), "boundary_bytes": (1.0,)})
+
+
+def test_shapes_counted_on_a_tiny_wan_transformer():
+    from asyncgen.split.registry import split_denoiser
+
+    model = tiny_models.wan_transformer()  # 3 blocks, 2 heads of 8, patch (1, 2, 2)
+    split = split_denoiser(model)
+    inputs = split.example_inputs(1, 8, 8)  # 3 latent frames of 8 x 8: 3 * 4 * 4 = 48 tokens
+    counted = count_shapes(split, inputs)
+    tokens_bytes = 1 * 48 * 2 * 8 * 4  # batch x tokens x heads x head width x float32
+    # one self-attention per block; the cross-attention to the 8 text tokens is not exchanged by Ulysses
+    assert counted["attention_calls"] == [1, 1, 1]
+    assert counted["attention_bytes"] == tokens_bytes and counted["attention_heads"] == 2
+    assert counted["boundary_bytes"] == [tokens_bytes, tokens_bytes]  # the hidden state, (1, 48, 16)
+    assert counted["output_bytes"] == 1 * 4 * 3 * 8 * 8 * 4  # the prediction: the latent's shape
+    assert all(f > 0 for f in counted["unit_flops"]) and counted["shared_flops"] > 0
+    assert context_parallel_refusal(model) is None  # diffusers has a context-parallel plan for Wan
+    assert "no context-parallel plan" in context_parallel_refusal(tiny_models.sd_unet())
+
+
+def _probe(rank, world_size):
+    import torch.distributed as dist
+
+    from asyncgen.comm.link_probe import probe_link
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    return probe_link(sizes=(4, 2**16), repeats=2).to_dict()
+
+
+def test_link_probe_on_two_gloo_processes_gives_finite_positive_numbers_on_every_rank():
+    results = run_workers(_probe, 2, timeout=120)
+    assert all(r.ok for r in results), [r.value for r in results]
+    first, second = (r.value for r in results)
+    assert first == second  # rank 0's measurement, broadcast
+    assert math.isfinite(first["latency_s"]) and first["latency_s"] >= 0
+    assert math.isfinite(first["bandwidth_bytes_per_s"]) and first["bandwidth_bytes_per_s"] > 0
+    assert math.isfinite(first["parallel_slowdown"]) and first["parallel_slowdown"] > 0
+    assert (first["world_size"], first["backend"], first["device"]) == (2, "gloo", "cpu")
+    Link(first["latency_s"], first["bandwidth_bytes_per_s"], first["parallel_slowdown"])  # usable as is
+
+
+def test_the_line_fit_recovers_a_made_up_link():
+    from asyncgen.comm.link_probe import fit_line
+
+    latency, bandwidth = fit_line([0.0, 1e6, 4e6], [2e-4, 2e-4 + 1e-3, 2e-4 + 4e-3])
+    assert latency == pytest.approx(2e-4, rel=1e-9) and bandwidth == pytest.approx(1e9, rel=1e-9)
+    with pytest.raises(ValueError, match="two different message sizes"):
+        fit_line([4.0, 4.0], [1.0, 1.0])
