@@ -16,7 +16,9 @@ what crosses a cut:
   stage k at stride 1), its index is not: a schedule-driven decision equals the stock cache's
   decision at that step. At stride S a stage serves every S-th step only, so it runs the
   stock decisions of those steps (TaylorSeer recomputes in a round only if the stock cache
-  recomputes at the step that round serves; its Taylor terms use the real step distances).
+  recomputes at the step that round serves; its Taylor terms use the real step distances). A
+  stage or replica whose TaylorSeer state has computed nothing yet in the call computes (a
+  stride's later replica: it skips the exact steps), where the stock cache would predict.
 * **Signal-driven caches** (First Block Cache, MagCache) decide on the stage holding the first
   block, from that stage's own input. The decision travels with the boundary state it was made
   on, in the same message: the state's ``skips`` slots, which a block split never uses, carry
@@ -156,7 +158,8 @@ class StagedCache:
             denoiser.enable_cache(self.config)
             modules = list(denoiser.modules())
         modules += [b for b in blocks if all(b is not m for m in modules)]
-        hooks = [h for m in modules for h in _hooks(m)]
+        # the cache's hooks: diffusers' own (the AsyncDiff hook on the denoiser keeps a state manager too)
+        hooks = [h for m in modules for h in _hooks(m) if type(h).__module__.startswith("diffusers.")]
         seen = set()
         for hook in hooks:
             for value in vars(hook).values():
@@ -221,7 +224,7 @@ class StagedCache:
         if message:
             state = BoundaryState(state.hidden, (), state.streams)
         with self._context(f"{call}/stage{k}.{replica}"):
-            self._set_step(step)
+            mend = self._set_step(step)
             if self.signal and self.n_stages > 1:
                 self._before_signal(k, last, message)
             try:
@@ -229,17 +232,42 @@ class StagedCache:
             finally:
                 if self.tail_hook is not None:
                     self.tail_hook.residuals = None
+            self._first_update(mend, step)
             if self.signal and self.n_stages > 1 and k < last:
                 sent = self._message(k, message)
                 out = BoundaryState(out.hidden, tuple(t.to(out.hidden.dtype) for t in sent), out.streams)
         return out
 
-    def _set_step(self, step: int) -> None:
+    def _set_step(self, step: int) -> list:
+        """Give the hooks the served step; returns the states to mend after the task (see :meth:`_first_update`)."""
+        mend = []
         if self.kind == "TaylorSeerCacheConfig":
             for manager in self.managers:
-                manager.get_state().current_step = step - 1  # the hook counts one up before deciding
+                state = manager.get_state()
+                state.current_step = step - 1  # the hook counts one up before deciding
+                if state.last_update_step is None and not self._taylor_computes(step):
+                    # nothing computed yet in this state (a stride's later replica): compute, at an index that does
+                    state.current_step = self._taylor_compute_step() - 1
+                    mend.append(state)
         elif self.kind == "MagCacheConfig":
             self.signal_manager.get_state().step_index = step
+        return mend
+
+    def _taylor_computes(self, step: int) -> bool:
+        """TaylorSeer's own rule (``TaylorSeerCacheHook``): whether the stock cache computes at ``step``."""
+        c = self.config
+        return (step < c.disable_cache_before_step or (step - c.disable_cache_before_step - 1) % c.cache_interval == 0
+                or (c.disable_cache_after_step is not None and step >= c.disable_cache_after_step))
+
+    def _taylor_compute_step(self) -> int:
+        c = self.config
+        return 0 if c.disable_cache_before_step > 0 else c.disable_cache_before_step + 1
+
+    @staticmethod
+    def _first_update(states: list, step: int) -> None:
+        # the first update made at a stand-in index: its factors are order 0 only, its step is the served one
+        for state in states:
+            state.current_step = state.last_update_step = step
 
     def _before_signal(self, k: int, last: int, message: tuple) -> None:
         state = self.signal_manager.get_state()

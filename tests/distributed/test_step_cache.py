@@ -1,0 +1,49 @@
+"""diffusers' step caches under stages on gloo ranks against the serial simulator."""
+
+import numpy as np
+import pytest
+
+import tiny_models
+from asyncgen.cli.launcher import launch
+from asyncgen.pipelines import AsyncDiffPipeline
+from step_caches import CLASSES, STEPS, cache_config
+
+pytestmark = pytest.mark.distributed
+
+# (cache, stages, stride, enabled on the denoiser before wrapping); 2 ranks each
+CONFIGS = [
+    ("FirstBlockCacheConfig", 2, 1, False),
+    ("FirstBlockCacheConfig", 2, 1, True),
+    ("MagCacheConfig", 2, 1, False),
+    ("TaylorSeerCacheConfig", 2, 1, False),
+    ("TaylorSeerCacheConfig", 1, 2, False),  # two replicas of one stage, each serving every other step
+]
+
+
+def _wrapped(path, name, stages, stride, before):
+    pipe = tiny_models.load_family(path, "flux")
+    if before:
+        pipe.transformer.enable_cache(cache_config(name))
+        return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1)
+    return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1, cache=cache_config(name))
+
+
+def _run(rank, world_size, path, configs):
+    return [_wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
+            for config in configs]
+
+
+def test_caches_on_two_ranks_equal_the_simulator(dit_paths, one_thread):
+    configs = [c for c in CONFIGS if c[0] in CLASSES]
+    if not configs:
+        pytest.skip("the installed diffusers has none of the step caches")
+    path = str(dit_paths["flux"])
+    per_rank = launch(_run, 2, path, configs, timeout=400)
+    for i, config in enumerate(configs):
+        expected = _wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
+        uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=config[1], stride=config[2],
+                                     warmup=1)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS))
+        assert not np.array_equal(expected, uncached.images), config  # the cache acted
+        for rank, images in enumerate(per_rank):
+            # received states sit at aligned offsets of one flat buffer (comm/wire.py): see assert_equals_simulator
+            tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")

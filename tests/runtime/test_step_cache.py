@@ -1,0 +1,93 @@
+"""diffusers' step caches under AsyncDiff stages, in one process (the serial simulator)."""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.pipelines import AsyncDiffPipeline
+from step_caches import CACHES, CLASSES, STEPS, cache_config
+
+
+def _call(family="flux"):
+    return tiny_models.family_call_kwargs(family, num_inference_steps=STEPS)
+
+
+def _stock(path, name, family="flux"):
+    pipe = tiny_models.load_family(path, family)
+    pipe.transformer.enable_cache(cache_config(name))
+    return pipe(**_call(family)).images
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_one_stage_with_a_cache_equals_stock_with_it(dit_paths, name, one_thread):
+    path = dit_paths["flux"]
+    stock = _stock(path, name)
+    plain = tiny_models.load_family(path, "flux")(**_call()).images
+    assert not np.array_equal(stock, plain)  # the cache skipped work (else this test would prove nothing)
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=1, cache=cache_config(name))
+    np.testing.assert_array_equal(wrapped(**_call()).images, stock)
+    # a second call starts the cache afresh, as the stock pipeline's does
+    np.testing.assert_array_equal(wrapped(**_call()).images, stock)
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_two_stages_all_exact_equal_stock_with_the_cache(dit_paths, name, one_thread):
+    # Every step exact: stage 0's decision reaches stage 1 within the step, and a skip adds the residual at the
+    # tail instead of the head with only pass-through blocks between: the stock cache's arithmetic, bit for bit
+    path = dit_paths["flux"]
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=STEPS,
+                                cache=cache_config(name))
+    np.testing.assert_array_equal(wrapped(**_call()).images, _stock(path, name))
+
+
+def test_a_cache_enabled_before_wrapping_is_carried_over(dit_paths, one_thread):
+    path = dit_paths["flux"]
+    stock = _stock(path, "FirstBlockCacheConfig")
+    for stages in (1, 2):
+        pipe = tiny_models.load_family(path, "flux")
+        pipe.transformer.enable_cache(cache_config("FirstBlockCacheConfig"))
+        wrapped = AsyncDiffPipeline(pipe, stages=stages, warmup=STEPS)
+        np.testing.assert_array_equal(wrapped(**_call()).images, stock, err_msg=f"stages={stages}")
+        assert pipe.transformer.is_cache_enabled  # on again, under the stages
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_stale_stages_with_a_cache_run_the_composed_schedule(dit_paths, name, one_thread):
+    path = dit_paths["flux"]
+    cached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=1,
+                               cache=cache_config(name))(**_call()).images
+    uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=1)(**_call()).images
+    assert np.isfinite(cached).all()
+    assert not np.array_equal(cached, uncached)  # the cache acted under the stale schedule too
+    assert not np.array_equal(cached, _stock(path, name))  # and the stages really ran stale
+
+
+def test_two_passes_per_step_keep_their_own_cache_states(family_path, one_thread):
+    # Wan runs "cond" then "uncond" each step (two lanes, each with its own cache states, as stock keeps them)
+    path = family_path("wan")
+    kwargs = lambda: tiny_models.family_call_kwargs("wan", num_inference_steps=6)  # noqa: E731
+    config = lambda: CLASSES["TaylorSeerCacheConfig"](cache_interval=2, disable_cache_before_step=1,  # noqa: E731
+                                                      taylor_factors_dtype=torch.float32)
+    if "TaylorSeerCacheConfig" not in CLASSES:
+        pytest.skip("the installed diffusers has no TaylorSeerCacheConfig")
+    pipe = tiny_models.load_family(path, "wan")
+    pipe.transformer.enable_cache(config())
+    stock = pipe(**kwargs()).frames
+    for stages, warmup in ((1, None), (2, 6)):
+        wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "wan"), stages=stages, warmup=warmup, cache=config())
+        np.testing.assert_array_equal(wrapped(**kwargs()).frames, stock, err_msg=f"stages={stages}")
+
+
+def test_refusals_name_the_bad_value(dit_paths, sd_path):
+    with pytest.raises(ValueError, match=r"cache='fbc' is not a diffusers step cache .* FirstBlockCacheConfig"):
+        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=1, cache="fbc")
+    with pytest.raises(ValueError, match="needs stride=1"):
+        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, stride=2,
+                          cache=cache_config("FirstBlockCacheConfig"))(**_call())
+    pipe = tiny_models.load_family(dit_paths["flux"], "flux")
+    pipe.transformer.enable_cache(cache_config("FirstBlockCacheConfig"))
+    with pytest.raises(ValueError, match="already has FirstBlockCacheConfig enabled and cache=TaylorSeerCacheConfig"):
+        AsyncDiffPipeline(pipe, stages=1, cache=cache_config("TaylorSeerCacheConfig"))
+    with pytest.raises(ValueError, match="runs on transformer denoisers split by block; pipe.unet"):
+        AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, cache=cache_config("TaylorSeerCacheConfig"))
