@@ -113,3 +113,94 @@ def test_bench_memory_helpers_measure_host_peaks_and_resident_parameters(sd_path
     assert resident_parameter_bytes(pipe) == full
     pipe.vae.to("meta")  # released weights (another rank's) do not count
     assert resident_parameter_bytes(pipe) == full - sum(p.numel() * 4 for p in pipe.vae.parameters())
+
+
+# ------------------------------------------------------------------------------------------ --parallel auto
+
+def _probe_cache(tmp_path, devices: int, link=(2e-4, 1e9, 1.2)) -> str:
+    """A probe cache with made-up numbers for this host, so the command spawns no probe (and the test is fast)."""
+    from asyncgen.cli.plan import PROBE_CACHE_VERSION, probe_key
+
+    entry = dict(link=dict(latency_s=link[0], bandwidth_bytes_per_s=link[1], parallel_slowdown=link[2],
+                           world_size=devices, backend="gloo", device="cpu", sizes=[4, 65536], repeats=5),
+                 rate=dict(flops_per_s=5e10, bytes_per_s=5e9, device="cpu", dtype="float32", threads=1),
+                 measured_at="2026-01-01T00:00:00+00:00")
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({"version": PROBE_CACHE_VERSION,
+                                "entries": {probe_key("cpu", devices, "float32"): entry}}))
+    return str(path)
+
+
+def test_parallel_auto_lists_every_candidate_and_chooses_the_fastest_allowed(sd_path, tmp_path, capsys):
+    from asyncgen.cost.device_rate import DeviceRate
+    from asyncgen.cost.layout import Link, choose
+    from asyncgen.pipelines.layout_costs import costs_from_configs
+
+    cache = _probe_cache(tmp_path, 2)
+    code, out, _ = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--steps", 20, "--device",
+                        "cpu", "--probe-cache", cache, "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert not record["probe"]["measured_now"] and record["probe"]["link"]["latency_s"] == 2e-4
+    # a UNet: stages, CFG parallel, no context parallelism (diffusers has no plan for it)
+    assert [c["name"] for c in record["candidates"]] == ["one device", "stages 2, stride 1, warm-up 1", "CFG parallel"]
+    assert "no context-parallel plan" in record["context_parallel"]
+    allowed = [c for c in record["candidates"] if c["allowed"]]
+    assert record["chosen"]["predicted_step_ms"] == min(c["predicted_step_ms"] for c in allowed)
+    # the engine's own answer on the same numbers
+    costs = costs_from_configs(str(sd_path), compute="flops", rate=DeviceRate(5e10, 5e9, "cpu", "float32", 1))
+    expected = choose(costs, Link(2e-4, 1e9, 1.2), 2, 20)
+    assert record["chosen"]["name"] == expected.chosen.layout.name
+    assert [c["predicted_step_ms"] for c in record["candidates"]] == [1e3 * p.step_s for p in expected.candidates]
+
+    code, out, _ = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--steps", 20, "--device",
+                        "cpu", "--probe-cache", cache)
+    assert code == 0
+    for c in record["candidates"]:
+        assert f"{c['predicted_step_ms']:.1f}" in out
+    assert f"chosen: {record['reason']}" in out and "run it: asyncgen generate" in out
+
+
+def test_parallel_auto_exact_allows_only_exact_layouts(sd_path, tmp_path, capsys):
+    code, out, _ = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--steps", 20, "--exact",
+                        "--device", "cpu", "--probe-cache", _probe_cache(tmp_path, 2), "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record["exact_only"] and record["chosen"]["exact"]
+    assert all(c["exact"] for c in record["candidates"])
+    staged = [c for c in record["candidates"] if c["stages"] > 1]
+    assert staged and all(c["warmup"] == 20 and c["exact_steps"] == 20 for c in staged)
+
+
+def test_parallel_auto_probes_once_and_keeps_the_numbers(sd_path, tmp_path, capsys):
+    cache = tmp_path / "sub" / "probe.json"
+    argv = ["--model", sd_path, "--devices", 1, "--parallel", "auto", "--steps", 4, "--device", "cpu",
+            "--probe-cache", cache, "--json"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0 and json.loads(out)["probe"]["measured_now"]
+    kept = json.loads(cache.read_text())
+    rate = next(iter(kept["entries"].values()))["rate"]
+    assert rate["flops_per_s"] > 0 and rate["bytes_per_s"] > 0
+    code, out, _ = _run(capsys, *argv)
+    record = json.loads(out)
+    assert code == 0 and not record["probe"]["measured_now"] and record["probe"]["rate"] == rate
+    assert [c["name"] for c in record["candidates"]] == ["one device"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--exact"], "--exact: only with --parallel auto"),
+    (["--steps", "20", "--reprobe"], "--steps, --reprobe: only with --parallel auto"),
+    (["--parallel", "auto", "--stages", "2"], "--stages: --parallel auto chooses the layout itself"),
+    (["--parallel", "auto", "--exact", "--warmup", "3"], "--warmup 3 with --exact"),
+])
+def test_parallel_auto_options_that_do_not_go_together_are_refused(sd_path, argv, message, capsys):
+    code, _, err = _run(capsys, "--model", sd_path, "--devices", 2, *argv)
+    assert code == 2 and message in err
+
+
+def test_a_probe_cache_that_is_not_one_is_refused(sd_path, tmp_path, capsys):
+    bad = tmp_path / "probe.json"
+    bad.write_text("[1, 2]")
+    code, _, err = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--device", "cpu",
+                        "--probe-cache", bad)
+    assert code == 2 and f"--probe-cache {bad}: cannot read it" in err
