@@ -91,3 +91,32 @@ def test_refusals_name_the_bad_value(dit_paths, sd_path):
         AsyncDiffPipeline(pipe, stages=1, cache=cache_config("TaylorSeerCacheConfig"))
     with pytest.raises(ValueError, match="runs on transformer denoisers split by block; pipe.unet"):
         AsyncDiffPipeline(tiny_models.load(sd_path), stages=1, cache=cache_config("TaylorSeerCacheConfig"))
+
+
+def test_caches_not_composed_are_refused_with_the_accepted_list(dit_paths):
+    from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+    pab = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)
+    with pytest.raises(ValueError, match="accepted: FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig"):
+        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, cache=pab)
+
+
+def test_compat_cache_helpers_read_what_diffusers_keeps(dit_paths):
+    from asyncgen._compat import (block_output_indices, cache_context_value, enabled_cache_config, hook_registry_of,
+                                  state_manager_context)
+    from diffusers.hooks.hooks import StateManager
+
+    pipe = tiny_models.load_family(dit_paths["flux"], "flux")
+    model = pipe.transformer
+    assert enabled_cache_config(model) is None and hook_registry_of(model.transformer_blocks[0]) is None
+    config = cache_config("FirstBlockCacheConfig")
+    model.enable_cache(config)
+    assert enabled_cache_config(model) is config
+    assert "fbc_leader_block_hook" in hook_registry_of(model.transformer_blocks[0]).hooks
+    hidden, text = block_output_indices(model.transformer_blocks[0])
+    assert {hidden, text} == {0, 1}  # Flux's joint block returns (text, image) states
+    manager = StateManager(dict)
+    assert state_manager_context(manager) is None
+    manager.set_context(cache_context_value("cond"))
+    assert state_manager_context(manager) == cache_context_value("cond")
+    assert getattr(state_manager_context(manager), "name", state_manager_context(manager)) == "cond"
