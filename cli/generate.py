@@ -88,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "asynchronous ones (default: 5%% of the steps, at least 1)")
     parser.add_argument("--cfg-parallel", action="store_true", help="split the classifier-free-guidance batch "
                         "over two groups of devices (needs 2 * (stages + stride - 1) devices; default: off)")
+    parser.add_argument("--parallel", choices=["auto"], default=None, help="auto: choose --stages, --stride and "
+                        "--cfg-parallel for the --devices from the predicted step time of every layout asyncgen runs "
+                        "(as 'asyncgen plan --parallel auto' lists them; the link and compute rate are measured once "
+                        "and cached) (default: off)")
     parser.add_argument("--components", choices=("planned", "replicated"), default="planned",
                         help="where the text encoders and the VAE run on several devices: 'planned' on one device "
                         "each (the least loaded), outputs sent to the others, no copy elsewhere; 'replicated' on "
@@ -329,6 +333,8 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
                 raise UsageError(f"--{name} {value}: --highres needs a multiple of the native {native} "
                                  f"(e.g. {max(native, value - value % native)} or {value - value % native + native})")
     else:
+        if getattr(args, "parallel", None) == "auto":
+            _choose_layout(args, model, devices, device, dtype, height, width)
         stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
         if stages > 1 and facts.splittable_units is None:
             from asyncgen.split.registry import supported_denoisers
@@ -356,6 +362,24 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
         video=video, frames=args.frames, fps=args.fps or 8,
     )
+
+
+def _choose_layout(args: argparse.Namespace, model: str, devices: int, device: str, dtype: str, height, width) -> None:
+    """--parallel auto: set --stages, --stride, --warmup and --cfg-parallel to the fastest predicted layout."""
+    given = [f"--{n.replace('_', '-')}" for n in ("stages", "cfg_parallel") if getattr(args, n) not in (None, False)]
+    if given or args.stride != 1:
+        raise UsageError(f"{' '.join(given + (['--stride'] if args.stride != 1 else []))}: --parallel auto chooses "
+                         "the layout itself; give either these or --parallel auto")
+    from asyncgen.cli.files import say
+
+    from .plan import DEFAULT_STEPS, auto_layout
+
+    choice = auto_layout(model, devices, device, dtype, args.steps or DEFAULT_STEPS, height, width, args.warmup)
+    layout = choice.chosen.layout
+    args.stages, args.stride, args.cfg_parallel = layout.stages, layout.stride, layout.cfg_parallel
+    if layout.stages > 1:
+        args.warmup = layout.warmup
+    say(f"--parallel auto: {choice.reason}")
 
 
 # more pixels than this many times the model's native image: the run is said to be long before it starts

@@ -358,3 +358,28 @@ def format_choice(record: dict) -> str:
     lines += ["* chosen; - not allowed (not exact with --exact, or the hybrid, which is not built)",
               f"chosen: {record['reason']}", f"run it: {record['command']}"]
     return "\n".join(lines)
+
+
+def auto_layout(model: str, devices: int, device: str, dtype: str, steps: int, height: int | None,
+                width: int | None, warmup: int | None):
+    """``asyncgen generate --parallel auto``: the fastest predicted layout asyncgen runs on all ``devices``.
+
+    The probe comes from the default cache (measured now when missing), the compute from
+    counted FLOPs; returns the :class:`~asyncgen.cost.layout.Choice`.
+    """
+    from asyncgen.cost.device_rate import DeviceRate
+    from asyncgen.cost.layout import ASYNCGEN, Link, choose
+    from asyncgen.pipelines.layout_costs import costs_from_configs
+
+    measured, _ = cached_probe(default_probe_cache(), devices, device, dtype, reprobe=False)
+    data = measured["link"]
+    link = Link(0.0, math.inf, 1.0) if data is None else Link(data["latency_s"], data["bandwidth_bytes_per_s"],
+                                                               data["parallel_slowdown"])
+    import torch
+
+    try:
+        costs = costs_from_configs(model, height, width, getattr(torch, dtype), "flops",
+                                   DeviceRate.from_dict(measured["rate"]))
+        return choose(costs, link, devices, steps, warmup, runs_on=(ASYNCGEN,), use_all=True)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"--parallel auto: {exc}") from None

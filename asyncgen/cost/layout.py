@@ -300,8 +300,9 @@ class Choice:
 
 
 def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: int | None = None,
-           exact: bool = False, runs_on: Sequence[str] = (ASYNCGEN, DIFFUSERS)) -> Choice:
-    """The fastest predicted layout among those that run today on ``runs_on`` (and are exact, with ``exact``).
+           exact: bool = False, runs_on: Sequence[str] = (ASYNCGEN, DIFFUSERS), use_all: bool = False) -> Choice:
+    """The fastest predicted layout among those that run today on ``runs_on`` (and are exact, with ``exact``;
+    and use every one of the ``devices``, with ``use_all``: a launcher that has started that many workers).
 
     Ties go to fewer devices, then to the earlier layout in :func:`enumerate_layouts`' order.
     ``reason`` says in words why: the chosen time against the runner-up's, and any faster
@@ -309,10 +310,10 @@ def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: i
     """
     predictions = [predict(costs, link, layout, steps)
                    for layout in enumerate_layouts(costs, devices, steps, warmup, exact)]
-    allowed = [p for p in predictions if p.runs_on in runs_on]
+    allowed = [p for p in predictions if p.runs_on in runs_on and (not use_all or p.layout.devices == devices)]
     if not allowed:
-        raise ValueError(f"no layout on {devices} device(s) runs on {', '.join(runs_on)}"
-                         + (" and is exact" if exact else ""))
+        raise ValueError(f"no layout on {'exactly ' if use_all else ''}{devices} device(s) runs on "
+                         f"{', '.join(runs_on)}" + (" and is exact" if exact else ""))
     order = {id(p): i for i, p in enumerate(predictions)}
     ranked = sorted(allowed, key=lambda p: (p.step_s, p.layout.devices, order[id(p)]))
     best = ranked[0]
@@ -325,7 +326,8 @@ def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: i
     faster = [p for p in predictions if p not in allowed and p.step_s < best.step_s]
     if faster:
         quickest = min(faster, key=lambda p: p.step_s)
-        why = HYBRID_NOT_BUILT if quickest.runs_on is None else f"runs on {quickest.runs_on}, not chosen here"
+        why = (HYBRID_NOT_BUILT if quickest.runs_on is None else f"runs on {quickest.runs_on}, not chosen here"
+               if quickest.runs_on not in runs_on else f"uses {quickest.layout.devices} of the {devices} devices")
         reason += (f"; {quickest.layout.name} is predicted faster ({1e3 * quickest.step_s:.1f} ms) but {why}")
     return Choice(chosen=best, candidates=predictions, allowed=allowed, reason=reason)
 
