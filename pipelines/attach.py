@@ -115,6 +115,10 @@ class AsyncDiffConfig:
         check_components(self.components)
         compile_options(self.compile)
         check_cache_config(self.cache)
+        if self.cache is not None and self.scoped:
+            # the cache's hooks go on the denoiser itself, which a scoped wrapper shares with a stock pipeline
+            raise ValueError(f"cache={type(self.cache).__name__} cannot be used with scoped=True (from_pipe): the "
+                             "denoiser is shared with a pipeline that must stay stock; wrap the pipeline itself")
         self.topology  # stages and stride: Topology's own checks
 
     @property

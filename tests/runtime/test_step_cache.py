@@ -120,3 +120,9 @@ def test_compat_cache_helpers_read_what_diffusers_keeps(dit_paths):
     manager.set_context(cache_context_value("cond"))
     assert state_manager_context(manager) == cache_context_value("cond")
     assert getattr(state_manager_context(manager), "name", state_manager_context(manager)) == "cond"
+
+
+def test_a_from_pipe_sibling_refuses_a_cache(dit_paths):
+    pipe = tiny_models.load_family(dit_paths["flux"], "flux")
+    with pytest.raises(ValueError, match="cannot be used with scoped=True"):
+        AsyncDiffPipeline.from_pipe(pipe, stages=1, cache=cache_config("TaylorSeerCacheConfig"))
