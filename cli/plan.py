@@ -95,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "of layouts with stages (default: the wrapper's, 5%% of the steps, at least 1)")
     auto.add_argument("--compute", choices=["flops", "time"], default="flops", help="with --parallel auto: each "
                       "unit's compute from its counted FLOPs and bytes over the measured device rate (flops), or timed "
-                      "on random weights built from the config on this machine's CPU (time: only models that fit "
-                      "in memory) (default: %(default)s)")
+                      "on random weights built from the config on one --device (time: only models that fit in its "
+                      "memory; a CPU device is one thread) (default: %(default)s)")
     auto.add_argument("--device", choices=["cpu", "cuda"], default=None, help="with --parallel auto: the devices to "
                       "measure the link and compute rate on (default: cuda when available, else cpu)")
     auto.add_argument("--probe-cache", default=None, metavar="FILE", help="with --parallel auto: the file that keeps "
@@ -305,7 +305,7 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
     rate = DeviceRate.from_dict(measured["rate"])
     try:
         costs = costs_from_configs(model, args.height, args.width, getattr(torch, dtype) if args.dtype else None,
-                                   args.compute, rate)
+                                   args.compute, rate, device="cuda:0" if device == "cuda" else "cpu")
         choice = choose(costs, link, args.devices, steps, args.warmup, args.exact)
     except (ValueError, TypeError, OSError) as exc:  # bad folder or size; a denoiser it cannot split
         raise UsageError(str(exc)) from None

@@ -38,13 +38,14 @@ def cfg_passes(pipeline_class: type, denoiser) -> tuple[int, int]:
 
 
 def costs_from_configs(model: str, height: int | None = None, width: int | None = None, dtype=None,
-                       compute: str = "flops", rate=None, repeats: int = 3):
+                       compute: str = "flops", rate=None, repeats: int = 3, device: str = "cpu"):
     """:class:`~asyncgen.cost.layout.DenoiserCosts` of ``model``'s denoiser from its configs alone.
 
     ``compute="flops"``: each unit's counted FLOPs and bytes through ``rate`` (a measured
     :class:`~asyncgen.cost.device_rate.DeviceRate`). ``compute="time"``: the denoiser built from
-    its config with random weights on the CPU and each unit timed (``repeats`` medians): as
-    accurate as this machine's clock, and only for models that fit in its memory. Either way the
+    its config with random weights on ``device`` and each unit timed (``repeats`` medians; on the
+    CPU with one thread, as a CPU rank runs): as accurate as the clock, and only for models that
+    fit in the device's memory. Either way the
     call is the one built from the config at ``height`` x ``width`` pixels (default: native), with
     the example's short text (8 tokens): a pipeline that attends jointly over a long prompt
     (SD3's 333 tokens) costs more than this counts.
@@ -71,7 +72,8 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     denoiser = modules[attribute]
     if compute == "time":
         config = type(denoiser).load_config(model, subfolder=attribute)
-        denoiser = type(denoiser).from_config(config).eval()  # random weights: times do not depend on values
+        # random weights (times do not depend on values), where the work will run
+        denoiser = type(denoiser).from_config(config).eval().to(device)
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)
     vae_factor = facts.native_height // _native_latent(denoiser)
@@ -82,8 +84,14 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     inputs = split.example_inputs(batch, *latent)
     unit_seconds = shared = None
     if compute == "time":
-        unit_seconds = measure_unit_costs(split, inputs, repeats)
-        shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+        threads = torch.get_num_threads()
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            unit_seconds = measure_unit_costs(split, inputs, repeats)
+            shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+        finally:
+            torch.set_num_threads(threads)
     return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
                           context_parallel=context_parallel_refusal(denoiser))
 

@@ -1,6 +1,7 @@
 """``asyncgen plan``: the table and JSON from configs alone, --max-memory, bad input."""
 
 import json
+import math
 
 import pytest
 
@@ -185,6 +186,16 @@ def test_parallel_auto_probes_once_and_keeps_the_numbers(sd_path, tmp_path, caps
     record = json.loads(out)
     assert code == 0 and not record["probe"]["measured_now"] and record["probe"]["rate"] == rate
     assert [c["name"] for c in record["candidates"]] == ["one device"]
+
+
+def test_parallel_auto_with_unit_times_measured_on_random_weights(sd_path, tmp_path, capsys):
+    code, out, _ = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--steps", 20, "--compute",
+                        "time", "--device", "cpu", "--probe-cache", _probe_cache(tmp_path, 2), "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record["compute"] == "time"
+    assert [c["name"] for c in record["candidates"]] == ["one device", "stages 2, stride 1, warm-up 1", "CFG parallel"]
+    assert all(c["predicted_step_ms"] > 0 and math.isfinite(c["predicted_step_ms"]) for c in record["candidates"])
 
 
 @pytest.mark.parametrize("argv, message", [
