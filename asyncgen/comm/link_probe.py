@@ -135,7 +135,9 @@ def probe_link(group=None, device: torch.device | str | None = None, sizes=DEFAU
 def _parallel_slowdown(group, where: torch.device, world: int, rank: int, repeats: int, sync) -> float:
     """Rank 0's view: the slowest rank's median time for a matmul workload with all ranks at it, over the
     slowest rank's median alone (each rank timed alone in turn while the others wait at a barrier)."""
-    a = torch.randn(256, 256, device=where)
+    # tens of milliseconds per run on one CPU thread: longer than a scheduler's time slice, so sharing a
+    # core with other processes shows in the time, as it does in a denoising step
+    a = torch.randn(512, 512, device=where)
 
     def workload() -> float:
         sync()
