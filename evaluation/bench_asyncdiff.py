@@ -400,6 +400,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "diffusers-cp[:ulysses|ring|tp] is diffusers' own context (Ulysses, the default, or ring) "
                         "or tensor parallelism at the asyncgen configuration's process count (at least 2); on CPU "
                         "only Ulysses runs. Writes results.json and results.md")
+    parser.add_argument("--cache", default=None, metavar="NAME[:KEY=VALUE,...]", help="instead of the configuration "
+                        "table: stock, the step cache alone (1 process), AsyncDiff alone (one --configs entry) and "
+                        "both composed, alternated in one launch, with PSNR/SSIM to stock, CLIP and (miniature models) "
+                        "attribute accuracy. deepcache (SD/SDXL UNets: asyncgen's DeepCache, interval=3, branch=0), "
+                        "fbcache, taylorseer, magcache (transformers: diffusers' caches at their defaults; MagCache "
+                        "calibrated on the stock pipeline first); settings after a colon, e.g. deepcache:interval=5. "
+                        "Writes results.json and results.md")
 
 
 def _configs(args) -> list[dict]:
@@ -583,6 +590,14 @@ def run(args: argparse.Namespace) -> int:
                      "flux": random_models.save_bench_flux_pipeline}.get(args.family, random_models.save_bench_pipeline)
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         check_against_model(model, configs, args)  # before any worker is spawned
+        if args.cache is not None:
+            from asyncgen.cli.generate import _describe_model
+
+            from . import bench_cache
+
+            if args.peer is not None:
+                raise UsageError(f"--peer {args.peer} --cache {args.cache}: give one of them")
+            cache = bench_cache.check_request(args, configs, _describe_model(model, args.allow_pickle).denoiser_class)
         if oversubscribed:
             print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
                   "run (their images and quality are valid) but their latency and speedup are not meaningful")
@@ -593,6 +608,9 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None and args.family == "flux":
             call.update(max_sequence_length=32)  # not Flux's 512: text tokens would outnumber the 256 image tokens
         call = {k: v for k, v in call.items() if v is not None}
+        if args.cache is not None:
+            return bench_cache.run_cache(args, model, configs[0], prompts, call, args.model or f"built-in {args.family}",
+                                         cache, miniature)
         if args.peer is not None:
             return bench_peer_diffusers_cp.run_peer(args, peer_kind, model, configs[0], prompts, call,
                                                     args.model or f"built-in {args.family}")

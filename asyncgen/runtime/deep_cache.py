@@ -91,7 +91,7 @@ class DeepCacheState:
         self.cached_calls = 0
 
 
-def _timestep_value(timestep: Any) -> float | None:
+def timestep_value(timestep: Any) -> float | None:
     if isinstance(timestep, torch.Tensor):
         return float(timestep.flatten()[0]) if timestep.numel() else None
     if isinstance(timestep, (int, float)):
@@ -110,7 +110,7 @@ class DeepCacheHook(ModelHook):
 
     def new_forward(self, module, sample, timestep, *args, **kwargs):
         state = self.state
-        t = _timestep_value(timestep)
+        t = timestep_value(timestep)
         shape = tuple(sample.shape)
         # a call that raised leaves no reset behind: timesteps fall within a call, so a larger one (or another
         # sample shape, which the kept features would not fit) starts afresh
