@@ -10,7 +10,6 @@ weights built from the config) or from a loaded pipeline and a call it really ma
 from __future__ import annotations
 
 import inspect
-import statistics
 import time
 
 import torch
@@ -43,7 +42,7 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
 
     ``compute="flops"``: each unit's counted FLOPs and bytes through ``rate`` (a measured
     :class:`~asyncgen.cost.device_rate.DeviceRate`). ``compute="time"``: the denoiser built from
-    its config with random weights on ``device`` and each unit timed (``repeats`` medians; on the
+    its config with random weights on ``device`` and each unit timed (the least of ``repeats``; on the
     CPU with one thread, as a CPU rank runs): as accurate as the clock, and only for models that
     fit in the device's memory. Either way the
     call is the one built from the config at ``height`` x ``width`` pixels (default: native), with
@@ -52,7 +51,6 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     """
     import diffusers
 
-    from asyncgen.cost.estimate import measure_unit_costs
     from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
     from asyncgen.split.registry import split_denoiser
 
@@ -88,16 +86,29 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
         if torch.device(device).type == "cpu":
             torch.set_num_threads(1)
         try:
-            unit_seconds = measure_unit_costs(split, inputs, repeats)
-            shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+            unit_seconds, shared = timed_units(split, inputs, repeats)
         finally:
             torch.set_num_threads(threads)
     return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
                           context_parallel=context_parallel_refusal(denoiser))
 
 
+def timed_units(split, inputs: dict, repeats: int = 3) -> tuple[list[float], float]:
+    """Seconds of each unit and of the forward outside the units: the least of ``repeats`` timed passes each.
+
+    The least, not the median: on a shared machine a pass that another process interrupted is
+    slower, never faster, so the least is the compute's own cost; what ranks cost each other
+    when they run together is the link probe's ``parallel_slowdown``, not a unit's.
+    """
+    from asyncgen.cost.estimate import measure_unit_costs
+
+    passes = [measure_unit_costs(split, inputs, repeats=1) for _ in range(repeats)]
+    units = [min(times) for times in zip(*passes)]
+    return units, max(forward_seconds(split, inputs, repeats) - sum(units), 0.0)
+
+
 def forward_seconds(split, inputs: dict, repeats: int = 3) -> float:
-    """Median seconds of the denoiser's whole forward on ``inputs`` (after one untimed call)."""
+    """The least seconds of the denoiser's whole forward on ``inputs`` over ``repeats`` calls (after one untimed)."""
     arguments = split.model_arguments(inputs) if hasattr(split, "model_arguments") else dict(inputs)
     sample = inputs[split.sample_argument]
     device = (sample[0] if isinstance(sample, (list, tuple)) else sample).device
@@ -111,7 +122,7 @@ def forward_seconds(split, inputs: dict, repeats: int = 3) -> float:
             sync()
             if trip:
                 times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
@@ -145,7 +156,7 @@ def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
 
 def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: int = 3):
     """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, timed on a call it made."""
-    from asyncgen.cost.estimate import estimate_unit_costs, measure_unit_costs
+    from asyncgen.cost.estimate import estimate_unit_costs
     from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
     from asyncgen.split.registry import split_denoiser
 
@@ -155,7 +166,6 @@ def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: in
     if hasattr(split, "adopt_call"):
         split.adopt_call(denoiser_call, verify=False)
     inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
-    unit_seconds = measure_unit_costs(split, inputs, repeats)
-    shared = max(forward_seconds(split, inputs, repeats) - sum(unit_seconds), 0.0)
+    unit_seconds, shared = timed_units(split, inputs, repeats)
     return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds, shared_seconds=shared,
                           cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser))
