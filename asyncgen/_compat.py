@@ -299,13 +299,14 @@ def hook_original_forward(hook) -> Callable:
 # ---------------------------------------------------------------------------- diffusers' step caches
 
 #: the cache configs asyncgen composes with AsyncDiff stages, by class name (all in diffusers.hooks since 0.40)
-STEP_CACHE_CONFIGS = ("FirstBlockCacheConfig", "MagCacheConfig", "TaylorSeerCacheConfig")
+STEP_CACHE_CONFIGS = ("FirstBlockCacheConfig", "MagCacheConfig", "PyramidAttentionBroadcastConfig",
+                      "TaylorSeerCacheConfig")
 
 
 def step_cache_config_classes() -> dict[str, type]:
     """The step-cache config classes the installed diffusers has, of :data:`STEP_CACHE_CONFIGS`, by name.
 
-    A feature check (public classes of ``diffusers.hooks``: all three from 0.40 on, 0.42 checked);
+    A feature check (public classes of ``diffusers.hooks``: all four from 0.40 on, 0.42 checked);
     an older diffusers gives fewer, and the callers refuse or skip the missing ones by name.
     """
     import diffusers.hooks

@@ -150,12 +150,13 @@ class AsyncDiffPipeline(PipelineWrapper):
             ``asyncgen.placement.planner.Placement`` places them as it says (a component it does
             not name stays replicated).
         cache (diffusers cache config, *optional*):
-            A step cache to run under the stages: ``FirstBlockCacheConfig``, ``MagCacheConfig`` or
-            ``TaylorSeerCacheConfig`` from ``diffusers.hooks`` (transformer denoisers). A cache enabled
-            on the denoiser before wrapping (``pipe.transformer.enable_cache(...)``) is carried over
-            the same way. Each rank runs the cache on its own blocks; with ``stages=1`` the images
-            equal the stock pipeline's with the same cache. First Block Cache and MagCache decide on
-            the first stage and send the decision with its boundary state (stride 1 only).
+            A step cache to run under the stages: ``FirstBlockCacheConfig``, ``MagCacheConfig``,
+            ``TaylorSeerCacheConfig`` or ``PyramidAttentionBroadcastConfig`` from ``diffusers.hooks``
+            (transformer denoisers). A cache enabled on the denoiser before wrapping
+            (``pipe.transformer.enable_cache(...)``) is carried over the same way. Each rank runs the
+            cache on its own blocks; with ``stages=1`` the images equal the stock pipeline's with the
+            same cache. First Block Cache and MagCache decide on the first stage and send the decision
+            with its boundary state; they and PAB need ``stride=1``.
     """
 
     _bound_by = "its denoiser is split into stages for this process's rank and process group"

@@ -78,7 +78,8 @@ class AsyncDiffConfig:
         device: This rank's device; default ``cuda:LOCAL_RANK`` in a group with CUDA.
         timeout: Limit for each collective (seconds or ``timedelta``; default ``ASYNCGEN_TIMEOUT`` or 600 s).
         cache: A diffusers step cache to run under the stages (``FirstBlockCacheConfig``,
-            ``MagCacheConfig``, ``TaylorSeerCacheConfig``; transformer denoisers). A cache already
+            ``MagCacheConfig``, ``TaylorSeerCacheConfig``, ``PyramidAttentionBroadcastConfig``;
+            transformer denoisers). A cache already
             enabled on the denoiser (``enable_cache``) is carried over the same way. See
             :mod:`asyncgen.runtime.step_cache` for what each stage decides and sends.
     """

@@ -31,6 +31,13 @@ what crosses a cut:
   The first stage's head adds nothing in its place (an exact zero). Both need stride 1 (a
   stride's second replica would have no residual of its own on its first round).
 
+* **Pyramid Attention Broadcast** keeps its state on each attention hook (no ``StateManager``).
+  At stride 1 only the stage holding a module calls it, once a step, so its call count is the
+  step index and its timestep callback (the pipeline's current timestep) is the served step's:
+  the stock decisions, unchanged. Stride > 1 is refused (replicas would share one state).
+* FasterCache is not composed: its hook on the whole denoiser drops the unconditional half of
+  the batch on some steps, which the stages' stale states cannot follow.
+
 With one stage every hook sits on the one stage and runs exactly as the stock cache's.
 """
 
@@ -135,6 +142,10 @@ class StagedCache:
         if self.signal and self.n_stages > 1 and stride > 1:
             raise ValueError(f"{self.kind} under stages needs stride=1 (got stride={stride}): a second replica of "
                              "the last stage would skip its first round with no residual of its own")
+        if self.kind == "PyramidAttentionBroadcastConfig" and stride > 1:
+            raise ValueError(f"{self.kind} needs stride=1 (got stride={stride}): its state is one per attention "
+                             "module, not per replica, and its timestep callback gives the round's timestep, not "
+                             "the one a replica serves")
         self.stages = list(stages)
         self.managers: list[StateManager] = []
         self.signal_manager: StateManager | None = None

@@ -15,6 +15,7 @@ CONFIGS = [
     ("FirstBlockCacheConfig", 2, 1, False),
     ("FirstBlockCacheConfig", 2, 1, True),
     ("MagCacheConfig", 2, 1, False),
+    ("PyramidAttentionBroadcastConfig", 2, 1, False),
     ("TaylorSeerCacheConfig", 2, 1, False),
     ("TaylorSeerCacheConfig", 1, 2, False),  # two replicas of one stage, each serving every other step
 ]
@@ -23,9 +24,9 @@ CONFIGS = [
 def _wrapped(path, name, stages, stride, before):
     pipe = tiny_models.load_family(path, "flux")
     if before:
-        pipe.transformer.enable_cache(cache_config(name))
+        pipe.transformer.enable_cache(cache_config(name, pipe))
         return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1)
-    return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1, cache=cache_config(name))
+    return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1, cache=cache_config(name, pipe))
 
 
 def _run(rank, world_size, path, configs):

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import tiny_models
 from asyncgen.pipelines import AsyncDiffPipeline
@@ -15,8 +14,13 @@ def _call(family="flux"):
 
 def _stock(path, name, family="flux"):
     pipe = tiny_models.load_family(path, family)
-    pipe.transformer.enable_cache(cache_config(name))
+    pipe.transformer.enable_cache(cache_config(name, pipe))
     return pipe(**_call(family)).images
+
+
+def _wrapped(path, name, **kwargs):
+    pipe = tiny_models.load_family(path, "flux")
+    return AsyncDiffPipeline(pipe, cache=cache_config(name, pipe), **kwargs)
 
 
 @pytest.mark.parametrize("name", CACHES)
@@ -25,7 +29,7 @@ def test_one_stage_with_a_cache_equals_stock_with_it(dit_paths, name, one_thread
     stock = _stock(path, name)
     plain = tiny_models.load_family(path, "flux")(**_call()).images
     assert not np.array_equal(stock, plain)  # the cache skipped work (else this test would prove nothing)
-    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=1, cache=cache_config(name))
+    wrapped = _wrapped(path, name, stages=1)
     np.testing.assert_array_equal(wrapped(**_call()).images, stock)
     # a second call starts the cache afresh, as the stock pipeline's does
     np.testing.assert_array_equal(wrapped(**_call()).images, stock)
@@ -36,8 +40,7 @@ def test_two_stages_all_exact_equal_stock_with_the_cache(dit_paths, name, one_th
     # Every step exact: stage 0's decision reaches stage 1 within the step, and a skip adds the residual at the
     # tail instead of the head with only pass-through blocks between: the stock cache's arithmetic, bit for bit
     path = dit_paths["flux"]
-    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=STEPS,
-                                cache=cache_config(name))
+    wrapped = _wrapped(path, name, stages=2, warmup=STEPS)
     np.testing.assert_array_equal(wrapped(**_call()).images, _stock(path, name))
 
 
@@ -55,27 +58,25 @@ def test_a_cache_enabled_before_wrapping_is_carried_over(dit_paths, one_thread):
 @pytest.mark.parametrize("name", CACHES)
 def test_stale_stages_with_a_cache_run_the_composed_schedule(dit_paths, name, one_thread):
     path = dit_paths["flux"]
-    cached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=1,
-                               cache=cache_config(name))(**_call()).images
+    cached = _wrapped(path, name, stages=2, warmup=1)(**_call()).images
     uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, warmup=1)(**_call()).images
     assert np.isfinite(cached).all()
     assert not np.array_equal(cached, uncached)  # the cache acted under the stale schedule too
     assert not np.array_equal(cached, _stock(path, name))  # and the stages really ran stale
 
 
-def test_two_passes_per_step_keep_their_own_cache_states(family_path, one_thread):
-    # Wan runs "cond" then "uncond" each step (two lanes, each with its own cache states, as stock keeps them)
+@pytest.mark.parametrize("name", ["PyramidAttentionBroadcastConfig", "TaylorSeerCacheConfig"])
+def test_two_passes_per_step_with_a_cache_equal_stock(family_path, name, one_thread):
+    # Wan runs "cond" then "uncond" each step: TaylorSeer keeps a state per pass (as stock: per cache_context), PAB
+    # one per attention module that both passes share (as stock: its state is the hook's own)
     path = family_path("wan")
     kwargs = lambda: tiny_models.family_call_kwargs("wan", num_inference_steps=6)  # noqa: E731
-    config = lambda: CLASSES["TaylorSeerCacheConfig"](cache_interval=2, disable_cache_before_step=1,  # noqa: E731
-                                                      taylor_factors_dtype=torch.float32)
-    if "TaylorSeerCacheConfig" not in CLASSES:
-        pytest.skip("the installed diffusers has no TaylorSeerCacheConfig")
     pipe = tiny_models.load_family(path, "wan")
-    pipe.transformer.enable_cache(config())
+    pipe.transformer.enable_cache(cache_config(name, pipe))
     stock = pipe(**kwargs()).frames
     for stages, warmup in ((1, None), (2, 6)):
-        wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "wan"), stages=stages, warmup=warmup, cache=config())
+        pipe = tiny_models.load_family(path, "wan")
+        wrapped = AsyncDiffPipeline(pipe, stages=stages, warmup=warmup, cache=cache_config(name, pipe))
         np.testing.assert_array_equal(wrapped(**kwargs()).frames, stock, err_msg=f"stages={stages}")
 
 
@@ -94,11 +95,15 @@ def test_refusals_name_the_bad_value(dit_paths, sd_path):
 
 
 def test_caches_not_composed_are_refused_with_the_accepted_list(dit_paths):
-    from diffusers.hooks import PyramidAttentionBroadcastConfig
+    from diffusers.hooks import FasterCacheConfig
 
-    pab = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)
-    with pytest.raises(ValueError, match="accepted: FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig"):
-        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, cache=pab)
+    faster = FasterCacheConfig(current_timestep_callback=lambda: 500)
+    with pytest.raises(ValueError, match="accepted: FirstBlockCacheConfig, MagCacheConfig, "
+                                         "PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig"):
+        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, cache=faster)
+    with pytest.raises(ValueError, match="PyramidAttentionBroadcastConfig needs stride=1"):
+        pipe = tiny_models.load_family(dit_paths["flux"], "flux")
+        AsyncDiffPipeline(pipe, stages=1, stride=2, cache=cache_config("PyramidAttentionBroadcastConfig", pipe))
 
 
 def test_compat_cache_helpers_read_what_diffusers_keeps(dit_paths):
