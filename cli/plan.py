@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import socket
@@ -300,8 +299,7 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
     cache_path = Path(args.probe_cache) if args.probe_cache else default_probe_cache()
     measured, fresh = cached_probe(cache_path, args.devices, device, dtype, args.reprobe)
     link_data = measured["link"]
-    link = Link(0.0, math.inf, 1.0) if link_data is None else Link(
-        link_data["latency_s"], link_data["bandwidth_bytes_per_s"], link_data["parallel_slowdown"])
+    link = Link.from_measurement(link_data)
     rate = DeviceRate.from_dict(measured["rate"])
     try:
         costs = costs_from_configs(model, args.height, args.width, getattr(torch, dtype) if args.dtype else None,
@@ -349,7 +347,9 @@ def format_choice(record: dict) -> str:
     lines.append("measured " + ("now" if record["probe"]["measured_now"] else f"at {record['probe']['measured_at']}")
                  + f" (cache {record['probe']['cache']}): "
                  + (f"link latency {1e6 * link['latency_s']:.0f} us, bandwidth {link['bandwidth_bytes_per_s'] / 1e9:.2f} "
-                    f"GB/s, {link['parallel_slowdown']:.2f}x slower compute with all ranks busy; " if link else "")
+                    f"GB/s; all-to-all {1e6 * link['all_to_all_latency_s']:.0f} us + "
+                    f"{link['all_to_all_bytes_per_s'] / 1e9:.2f} GB/s per rank; "
+                    f"{link['parallel_slowdown']:.2f}x slower compute with all ranks busy; " if link else "")
                  + f"one device {rate['flops_per_s'] / 1e9:.1f} GFLOP/s, {rate['bytes_per_s'] / 1e9:.1f} GB/s")
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
@@ -372,9 +372,7 @@ def auto_layout(model: str, devices: int, device: str, dtype: str, steps: int, h
     from asyncgen.pipelines.layout_costs import costs_from_configs
 
     measured, _ = cached_probe(default_probe_cache(), devices, device, dtype, reprobe=False)
-    data = measured["link"]
-    link = Link(0.0, math.inf, 1.0) if data is None else Link(data["latency_s"], data["bandwidth_bytes_per_s"],
-                                                               data["parallel_slowdown"])
+    link = Link.from_measurement(measured["link"])
     import torch
 
     try:

@@ -177,7 +177,7 @@ def validate(args, written=lambda record: None) -> dict:
                   cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                   load_average={"start": list(os.getloadavg())}, families={})
     link_data = launch(_probe_worker, args.devices, timeout=600, pin_cpus=args.pin)[0]
-    link = Link(link_data["latency_s"], link_data["bandwidth_bytes_per_s"], link_data["parallel_slowdown"])
+    link = Link.from_measurement(link_data)
     record["link"] = link_data
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
@@ -223,7 +223,9 @@ def report(record: dict) -> str:
              f"{record['repeats']} repeats", ""]
     link = record["link"]
     lines.append(f"link: latency {1e6 * link['latency_s']:.0f} us, bandwidth {link['bandwidth_bytes_per_s'] / 1e9:.2f} "
-                 f"GB/s, parallel slowdown {link['parallel_slowdown']:.2f}x; {record['cores']} cores, load average "
+                 f"GB/s, all-to-all {1e6 * link['all_to_all_latency_s']:.0f} us + "
+                 f"{link['all_to_all_bytes_per_s'] / 1e9:.2f} GB/s, parallel slowdown {link['parallel_slowdown']:.2f}x; "
+                 f"{record['cores']} cores, load average "
                  f"{' / '.join(f'{x:.1f}' for x in record['load_average']['start'])} at the start, "
                  f"{' / '.join(f'{x:.1f}' for x in record['load_average']['end'])} at the end (1/5/15 min)")
     for family, result in record["families"].items():

@@ -9,7 +9,9 @@ through (bytes, half round trip) gives both. Each pair's numbers are fitted sepa
 slowest pair's kept (a layout's transfers wait on its slowest link). Every rank returns the
 same :class:`LinkMeasurement` (rank 0 broadcasts it).
 
-It also measures what running together costs each rank's compute (``parallel_slowdown``): a
+It also times ``all_to_all_single`` over the whole group at the same sizes (what diffusers'
+context parallelism calls four times per attention layer: its fixed cost is the backend's, not
+two messages'), and what running together costs each rank's compute (``parallel_slowdown``): a
 fixed matmul workload timed on each rank alone (the others waiting) and then on all ranks at
 once. Ranks that share cores or memory bandwidth (CPU processes on one host, other tenants on
 the machine) compute slower together than alone; a layout that keeps every rank busy pays
@@ -39,6 +41,9 @@ class LinkMeasurement:
     bandwidth_bytes_per_s: float
     world_size: int
     parallel_slowdown: float  # compute time with every rank busy over compute time alone (>= about 1)
+    # one all-to-all over the whole group costs all_to_all_latency_s + payload bytes per rank / all_to_all_bytes_per_s
+    all_to_all_latency_s: float
+    all_to_all_bytes_per_s: float
     backend: str
     device: str
     sizes: tuple[int, ...]
@@ -51,6 +56,8 @@ class LinkMeasurement:
     def from_dict(cls, data: dict) -> "LinkMeasurement":
         return cls(latency_s=float(data["latency_s"]), bandwidth_bytes_per_s=float(data["bandwidth_bytes_per_s"]),
                    world_size=int(data["world_size"]), parallel_slowdown=float(data["parallel_slowdown"]),
+                   all_to_all_latency_s=float(data["all_to_all_latency_s"]),
+                   all_to_all_bytes_per_s=float(data["all_to_all_bytes_per_s"]),
                    backend=str(data["backend"]), device=str(data["device"]),
                    sizes=tuple(int(s) for s in data["sizes"]), repeats=int(data["repeats"]))
 
@@ -119,17 +126,47 @@ def probe_link(group=None, device: torch.device | str | None = None, sizes=DEFAU
                     dist.send(buffer, peer_of(0), group=group)
         if rank == 0:
             fits.append(fit_line([float(s) for s in sizes], [statistics.median(half_trips[s]) for s in sizes]))
+    all_to_all = _all_to_all_fit(group, where, world, sizes, repeats, sync)
     slowdown = _parallel_slowdown(group, where, world, rank, repeats, sync)
-    answer = torch.zeros(3, dtype=torch.float64, device=control_device(backend, where))
+    answer = torch.zeros(5, dtype=torch.float64, device=control_device(backend, where))
     if rank == 0:
         # the slowest pair: a layout's transfers are only as fast as its slowest link
         answer[0] = max(latency for latency, _ in fits)
         answer[1] = min(bandwidth for _, bandwidth in fits)
         answer[2] = slowdown
+        answer[3], answer[4] = all_to_all
     dist.broadcast(answer, peer_of(0), group=group)
     return LinkMeasurement(latency_s=float(answer[0]), bandwidth_bytes_per_s=float(answer[1]), world_size=world,
-                           parallel_slowdown=float(answer[2]), backend=str(backend), device=where.type, sizes=sizes,
-                           repeats=repeats)
+                           parallel_slowdown=float(answer[2]), all_to_all_latency_s=float(answer[3]),
+                           all_to_all_bytes_per_s=float(answer[4]), backend=str(backend), device=where.type,
+                           sizes=sizes, repeats=repeats)
+
+
+def _all_to_all_fit(group, where: torch.device, world: int, sizes, repeats: int, sync) -> tuple[float, float]:
+    """``(latency, payload bytes per second)`` of one all-to-all over the whole group, as context parallelism
+    calls it (``all_to_all_single`` on equal shards); each size's time is the slowest rank's median."""
+    medians = []
+    payloads = []
+    for size in sizes:
+        count = max(world, (size // 4) // world * world)  # float32 elements, equal shards
+        send = torch.zeros(count, dtype=torch.float32, device=where)
+        receive = torch.empty_like(send)
+        times = []
+        for trip in range(repeats + 1):
+            dist.barrier(group=group)
+            sync()
+            start = time.perf_counter()
+            dist.all_to_all_single(receive, send, group=group)
+            sync()
+            if trip > 0:
+                times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+        payloads.append(float(count * 4))
+    mine = torch.tensor(medians, dtype=torch.float64, device=where)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    slowest = [max(float(t[i]) for t in gathered) for i in range(len(sizes))]
+    return fit_line(payloads, slowest)
 
 
 def _parallel_slowdown(group, where: torch.device, world: int, rank: int, repeats: int, sync) -> float:

@@ -26,7 +26,8 @@ with batch share ``f`` (1/2 under CFG parallel) and sequence share ``1/P``:
 
 - stage ``k`` computes ``t_k = g * (f * units_k / P + f * shared)`` plus its Ulysses all-to-alls
   (``4 * calls_k`` all-to-alls of ``f * attention_bytes / P`` each; an all-to-all over ``P``
-  ranks is ``P - 1`` messages of ``1/P`` of it) and, on the last stage, the all-gather of the
+  ranks as the probe timed it over that many, else ``P - 1`` messages of ``1/P`` of it) and,
+  on the last stage, the all-gather of the
   output (``P - 1`` messages of ``f * output_bytes / P``);
 - an exact step runs the stages one after the other: ``sum t_k`` plus each boundary's message
   plus, when other ranks wait for it (stages or CFG groups), the prediction's message;
@@ -71,6 +72,10 @@ class Link:
     latency_s: float
     bandwidth_bytes_per_s: float
     parallel_slowdown: float = 1.0
+    # an all-to-all measured as such over `all_to_all_world` ranks: latency + payload per rank / bytes_per_s
+    all_to_all_latency_s: float | None = None
+    all_to_all_bytes_per_s: float | None = None
+    all_to_all_world: int | None = None
 
     def __post_init__(self):
         if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
@@ -84,9 +89,20 @@ class Link:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s if nbytes > 0 else 0.0
 
     def all_to_all_s(self, payload_bytes: float, world: int) -> float:
-        """Each rank sends ``1/world`` of its ``payload_bytes`` to each other rank, one message after another
-        (gloo's pairwise exchange; NCCL's runs them at once, so this is its upper bound)."""
+        """One all-to-all of ``payload_bytes`` per rank over ``world`` ranks: as measured where the probe timed
+        all-to-alls over as many ranks; else each rank sends ``1/world`` of it to each other rank, one message
+        after another (gloo's pairwise exchange; NCCL's runs them at once, so this is its upper bound)."""
+        if self.all_to_all_world == world and self.all_to_all_bytes_per_s:
+            return self.all_to_all_latency_s + payload_bytes / self.all_to_all_bytes_per_s
         return (world - 1) * self.message_s(payload_bytes / world)
+
+    @classmethod
+    def from_measurement(cls, data: dict | None) -> "Link":
+        """From a :class:`~asyncgen.comm.link_probe.LinkMeasurement`'s ``to_dict()``; None (one device): free."""
+        if data is None:
+            return cls(0.0, math.inf, 1.0)
+        return cls(data["latency_s"], data["bandwidth_bytes_per_s"], data["parallel_slowdown"],
+                   data["all_to_all_latency_s"], data["all_to_all_bytes_per_s"], data["world_size"])
 
     def all_gather_s(self, shard_bytes: float, world: int) -> float:
         return (world - 1) * self.message_s(shard_bytes)

@@ -123,7 +123,7 @@ def _probe_cache(tmp_path, devices: int, link=(2e-4, 1e9, 1.2)) -> str:
     from asyncgen.cli.plan import PROBE_CACHE_VERSION, probe_key
 
     entry = dict(link=dict(latency_s=link[0], bandwidth_bytes_per_s=link[1], parallel_slowdown=link[2],
-                           world_size=devices, backend="gloo", device="cpu", sizes=[4, 65536], repeats=5),
+                           all_to_all_latency_s=3e-4, all_to_all_bytes_per_s=5e8, world_size=devices, backend="gloo", device="cpu", sizes=[4, 65536], repeats=5),
                  rate=dict(flops_per_s=5e10, bytes_per_s=5e9, device="cpu", dtype="float32", threads=1),
                  measured_at="2026-01-01T00:00:00+00:00")
     path = tmp_path / "probe.json"
@@ -150,7 +150,7 @@ def test_parallel_auto_lists_every_candidate_and_chooses_the_fastest_allowed(sd_
     assert record["chosen"]["predicted_step_ms"] == min(c["predicted_step_ms"] for c in allowed)
     # the engine's own answer on the same numbers
     costs = costs_from_configs(str(sd_path), compute="flops", rate=DeviceRate(5e10, 5e9, "cpu", "float32", 1))
-    expected = choose(costs, Link(2e-4, 1e9, 1.2), 2, 20)
+    expected = choose(costs, Link(2e-4, 1e9, 1.2, 3e-4, 5e8, 2), 2, 20)
     assert record["chosen"]["name"] == expected.chosen.layout.name
     assert [c["predicted_step_ms"] for c in record["candidates"]] == [1e3 * p.step_s for p in expected.candidates]
 

@@ -96,6 +96,11 @@ def test_the_predicted_step_time_follows_the_formula():
     p = predict(COSTS, LINK, Layout(ulysses=2), steps=10)
     all_to_all = 0.001 + (4000 / 2 / 2) / 1e6
     assert p.step_s == pytest.approx(1.5 * (0.100 / 2 + 0.002) + 4 * 4 * all_to_all + 0.001 + 250 / 1e6, **CLOSE)
+    # an all-to-all timed as such by the probe over 2 ranks replaces the two-message estimate there
+    timed = Link(0.001, 1e6, 1.5, all_to_all_latency_s=0.003, all_to_all_bytes_per_s=2e6, all_to_all_world=2)
+    assert predict(COSTS, timed, Layout(ulysses=2), steps=10).step_s == pytest.approx(
+        1.5 * (0.100 / 2 + 0.002) + 4 * 4 * (0.003 + 2000 / 2e6) + 0.001 + 250 / 1e6, **CLOSE)
+    assert timed.all_to_all_s(2000, 4) == 3 * LINK.message_s(500)  # other degrees: the message estimate
     # one device: no slowdown, no messages
     assert predict(COSTS, LINK, Layout(), steps=10).step_s == pytest.approx(0.102, **CLOSE)
     # two passes per step (Wan's CFG): each pass its own lane, so twice the time
@@ -172,8 +177,10 @@ def test_link_probe_on_two_gloo_processes_gives_finite_positive_numbers_on_every
     assert math.isfinite(first["latency_s"]) and first["latency_s"] >= 0
     assert math.isfinite(first["bandwidth_bytes_per_s"]) and first["bandwidth_bytes_per_s"] > 0
     assert math.isfinite(first["parallel_slowdown"]) and first["parallel_slowdown"] > 0
+    assert math.isfinite(first["all_to_all_latency_s"]) and first["all_to_all_latency_s"] >= 0
+    assert math.isfinite(first["all_to_all_bytes_per_s"]) and first["all_to_all_bytes_per_s"] > 0
     assert (first["world_size"], first["backend"], first["device"]) == (2, "gloo", "cpu")
-    Link(first["latency_s"], first["bandwidth_bytes_per_s"], first["parallel_slowdown"])  # usable as is
+    assert Link.from_measurement(first).all_to_all_world == 2  # usable as is
 
 
 def test_the_line_fit_recovers_a_made_up_link():
