@@ -10,11 +10,14 @@ standard error that it waits, and after ``ASYNCGEN_TIMEOUT`` one line names the 
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,40 @@ from asyncgen.comm.p2p import control_device
 # named with the standard library, not diffusers.utils: the CLI imports this module before it imports diffusers
 # (whose first import may write files, which must wait for the CLI's file-size-limit guard)
 logger = logging.getLogger(f"diffusers.{__name__}")
+
+
+# every context that holds a process group, so that the groups can be let go of before the interpreter finalises
+# (by id: a DistContext compares by value, so it is not hashable; an entry goes when its context does)
+_CONTEXTS_WITH_GROUPS: "weakref.WeakValueDictionary[int, DistContext]" = weakref.WeakValueDictionary()
+
+
+def release_groups_at_exit() -> None:
+    """Let go of every process group asyncgen holds while the interpreter is still whole (run by ``atexit``).
+
+    ``destroy_process_group`` deregisters a group but does not stop a gloo group's worker
+    threads while a Python reference to it remains, and a :class:`DistContext` (held by a
+    pipeline, or by a script's global ``ctx``) is one. Such a group then lives into
+    interpreter finalisation, where a worker thread that releases the last collective's
+    tensors needs the GIL and is killed for it: ``terminate called without an active
+    exception`` (a core dump showed ``ProcessGroupGloo::runLoop`` destroying an all-reduce's
+    work during ``Py_FinalizeEx``; it struck 1 exit in ~30 under load). Dropping the
+    references here frees the group now, which joins its threads cleanly. A group asyncgen
+    created itself (from the launcher's environment) and the user did not destroy is
+    destroyed here too; a group the caller made stays theirs to destroy.
+    """
+    owned = False
+    for ctx in list(_CONTEXTS_WITH_GROUPS.values()):
+        owned = owned or ctx.owns_group
+        ctx.group, ctx.subgroups = None, []
+    if owned and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001, S110 - exiting: a group that cannot be destroyed is left to the OS
+            pass
+    gc.collect()  # a group held only by a reference cycle is freed now, not during finalisation
+
+
+atexit.register(release_groups_at_exit)
 
 
 class LauncherEnvironmentError(ValueError):
@@ -328,7 +365,9 @@ def resolve_context(
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
-    return DistContext(group, rank, world, device, timeout, owns)
+    ctx = DistContext(group, rank, world, device, timeout, owns)
+    _CONTEXTS_WITH_GROUPS[id(ctx)] = ctx
+    return ctx
 
 
 def shared_randomness(ctx: DistContext, kwargs: dict) -> dict:

@@ -1,6 +1,10 @@
 """Each rank's CUDA device from LOCAL_RANK and the visible GPUs (asyncgen/comm/group.py), asked there by every
 caller."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -80,3 +84,46 @@ def test_no_caller_builds_a_cuda_index_of_its_own():
              for path in sorted((root / folder).rglob("*.py"))
              for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not found, found
+
+
+_RELEASE = """
+import os, socket, sys
+import torch, torch.distributed as dist
+from asyncgen.comm.group import release_groups_at_exit, resolve_context
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+before = threads()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+ctx = resolve_context()  # the caller's group: asyncgen holds it, but it is not asyncgen's to destroy
+total = torch.ones(1)
+dist.all_reduce(total)
+with_group = threads()
+release_groups_at_exit()
+print(before, with_group, threads(), ctx.group is None, dist.is_initialized())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_groups_are_let_go_of_before_the_interpreter_finalises():
+    """The exit hook drops asyncgen's references to a group the caller destroyed, so its gloo worker threads are
+    joined while the interpreter is whole (a group that lives into finalisation aborted 1 exit in ~30 with
+    'terminate called without an active exception'), and it never destroys a group the caller made."""
+    script = _RELEASE.replace("release_groups_at_exit()\n", "dist.destroy_process_group()\nrelease_groups_at_exit()\n"
+                              ).replace("dist.is_initialized())\ndist.destroy_process_group()", "dist.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    before, with_group, after, dropped, initialised = done.stdout.split()
+    assert int(with_group) > int(before)  # the group's worker threads ...
+    assert int(after) == int(before)  # ... are gone once asyncgen lets go of it
+    assert (dropped, initialised) == ("True", "False")
+
+    kept = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split()[3:] == ["True", "True"]  # not destroyed: the caller made it and destroys it
