@@ -47,6 +47,7 @@ import contextlib
 import itertools
 from typing import Any, Sequence
 
+import diffusers.hooks
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager  # not re-exported by diffusers.hooks (0.40-0.42)
@@ -61,6 +62,10 @@ from asyncgen.split.transformer.stage_hook import stage_hook_of
 logger = logging.get_logger(f"diffusers.{__name__}")
 
 _TAIL_HOOK = "asyncgen_cache_tail"
+#: each cache's public apply function in diffusers.hooks (0.40 on), for a model without ``enable_cache``
+_APPLY = {"FirstBlockCacheConfig": "apply_first_block_cache", "MagCacheConfig": "apply_mag_cache",
+          "PyramidAttentionBroadcastConfig": "apply_pyramid_attention_broadcast",
+          "TaylorSeerCacheConfig": "apply_taylorseer_cache"}
 _calls = itertools.count()
 
 
@@ -166,7 +171,10 @@ class StagedCache:
             raise ValueError(f"cache={self.kind} runs on transformer denoisers split by block; "
                              f"{type(denoiser).__name__} is not one")
         with released_restored(denoiser):  # hooks go on every block, released ones too (they never compute here)
-            denoiser.enable_cache(self.config)
+            if hasattr(denoiser, "enable_cache"):
+                denoiser.enable_cache(self.config)
+            else:  # a model without diffusers' CacheMixin (SD3's transformer): the cache's own apply function
+                getattr(diffusers.hooks, _APPLY[self.kind])(denoiser, self.config)
             modules = list(denoiser.modules())
         modules += [b for b in blocks if all(b is not m for m in modules)]
         # the cache's hooks: diffusers' own (the AsyncDiff hook on the denoiser keeps a state manager too)

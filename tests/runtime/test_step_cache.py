@@ -131,3 +131,17 @@ def test_a_from_pipe_sibling_refuses_a_cache(dit_paths):
     pipe = tiny_models.load_family(dit_paths["flux"], "flux")
     with pytest.raises(ValueError, match="cannot be used with scoped=True"):
         AsyncDiffPipeline.from_pipe(pipe, stages=1, cache=cache_config("TaylorSeerCacheConfig"))
+
+
+def test_a_model_without_enable_cache_takes_the_cache_through_its_apply_function(dit_paths, one_thread):
+    # SD3's transformer has no CacheMixin (diffusers 0.40-0.42) and its pipeline names no cache_context: the cache
+    # goes on through diffusers.hooks.apply_taylorseer_cache, and the stage tasks give it its contexts
+    path = dit_paths["sd3"]
+    kwargs = lambda: tiny_models.family_call_kwargs("sd3", num_inference_steps=STEPS)  # noqa: E731
+    plain = tiny_models.load_family(path, "sd3")(**kwargs()).images
+    one = AsyncDiffPipeline(tiny_models.load_family(path, "sd3"), stages=1,
+                            cache=cache_config("TaylorSeerCacheConfig"))(**kwargs()).images
+    exact = AsyncDiffPipeline(tiny_models.load_family(path, "sd3"), stages=2, warmup=STEPS,
+                              cache=cache_config("TaylorSeerCacheConfig"))(**kwargs()).images
+    assert not np.array_equal(one, plain)  # the cache acted
+    np.testing.assert_array_equal(exact, one)  # TaylorSeer's decisions are per module and step: the cut changes none
