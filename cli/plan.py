@@ -290,12 +290,7 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
         raise UsageError(f"--devices {args.devices} --device cuda: this machine has {torch.cuda.device_count()} GPU(s) "
                          "to measure the link on")
     dtype = args.dtype or "float32"
-    try:
-        check_scheduler_steps(model, steps)
-    except UsageError:
-        raise
-    except Exception:  # a config-only folder without a scheduler config: nothing to check the steps against
-        pass
+    check_scheduler_steps(model, steps)  # reads the scheduler's config only; a folder without one is not checked
     cache_path = Path(args.probe_cache) if args.probe_cache else default_probe_cache()
     measured, fresh = cached_probe(cache_path, args.devices, device, dtype, args.reprobe)
     link_data = measured["link"]
