@@ -166,6 +166,7 @@ class StagedCache:
         from asyncgen.placement.residency import released_restored
 
         denoiser = split.denoiser
+        self.model_name = type(denoiser).__name__
         blocks = list(getattr(getattr(split, "trace", None), "modules", []) or [])
         if not blocks:
             raise ValueError(f"cache={self.kind} runs on transformer denoisers split by block; "
@@ -200,6 +201,11 @@ class StagedCache:
 
         head = holder(lambda h: type(h).__name__ in ("FBCHeadBlockHook", "MagCacheHeadHook"))
         tail = holder(lambda h: getattr(h, "is_tail", False))
+        if self.kind == "FirstBlockCacheConfig" and getattr(blocks[tail], "context_pre_only", False):
+            # diffusers' tail hook subtracts the head's text stream from the tail's, which such a block returns as None
+            raise ValueError(f"{self.kind} cannot run on {self.model_name}: its last block returns no text stream "
+                             "for First Block Cache's residual (diffusers' own hook fails the same way); use "
+                             "TaylorSeerCacheConfig or MagCacheConfig")
         self.signal_manager = next(h.state_manager for h in _hooks(blocks[head])
                                    if type(h).__name__ in ("FBCHeadBlockHook", "MagCacheHeadHook"))
         cuts = list(itertools.accumulate(len(s.units) for s in self.stages))

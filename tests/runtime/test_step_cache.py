@@ -145,3 +145,10 @@ def test_a_model_without_enable_cache_takes_the_cache_through_its_apply_function
                               cache=cache_config("TaylorSeerCacheConfig"))(**kwargs()).images
     assert not np.array_equal(one, plain)  # the cache acted
     np.testing.assert_array_equal(exact, one)  # TaylorSeer's decisions are per module and step: the cut changes none
+
+
+def test_first_block_cache_on_a_model_whose_last_block_drops_the_text_stream_is_refused(dit_paths):
+    pipe = tiny_models.load_family(dit_paths["sd3"], "sd3")
+    wrapped = AsyncDiffPipeline(pipe, stages=2, cache=cache_config("FirstBlockCacheConfig"))
+    with pytest.raises(ValueError, match="cannot run on SD3Transformer2DModel: its last block returns no text"):
+        wrapped(**tiny_models.family_call_kwargs("sd3", num_inference_steps=2))
