@@ -67,11 +67,21 @@ def describe_pipeline(model: str, count_units: bool = True) -> PipelineFacts:
     with torch.device("meta"):  # structure only: no memory, no weights read
         denoiser = built_from_config(lambda: model_class.from_config(config), model, component, class_name)
     from asyncgen.split.registry import split_denoiser
+    from asyncgen.split.transformer.trace import NeedsRealWeights
 
-    try:
-        units = len(split_denoiser(denoiser).units) if count_units else None
-    except TypeError:
-        units = None
+    units = None
+    if count_units:
+        try:
+            units = len(split_denoiser(denoiser).units)
+        except NeedsRealWeights:
+            # no example from the config (HiDream): the pipeline's own first call, recorded on shapes, may give one.
+            # Tried second here, not first: where the config's example traces, the blocks (and so the count) are
+            # the same on either call, and the pipeline path costs assembling every component on meta
+            with contextlib.suppress(TypeError):
+                _, modules = empty_pipeline_modules(model)
+                units = len(split_from_configs(model, modules, component).units)
+        except TypeError:
+            pass
     vae_factor, latent_channels = 8, None
     if isinstance(index.get("vae"), list) and index["vae"][1]:
         vae_config = getattr(diffusers, index["vae"][1]).load_config(model, subfolder="vae")
@@ -171,6 +181,55 @@ def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module
     return index, modules
 
 
+def pipeline_from_configs(model: str, modules: dict[str, "torch.nn.Module"] | None = None):
+    """The stock pipeline of ``model`` with every model component on ``meta`` (:func:`empty_pipeline_modules`, or
+    ``modules`` when given) and its small parts (tokenizers, schedulers, image processors) read from their files:
+    what the pipeline's own preparation needs to run on shapes (no weight is read)."""
+    from diffusers import DiffusionPipeline
+
+    index, built = empty_pipeline_modules(model) if modules is None else (DiffusionPipeline.load_config(model), modules)
+    absent = {name: None for name, value in index.items()
+              if not name.startswith("_") and isinstance(value, list) and not all(value)}  # saved as null
+    return DiffusionPipeline.from_pretrained(str(model), **built, **absent)
+
+
+def split_from_configs(model: str, modules: dict[str, "torch.nn.Module"], attribute: str,
+                       height: int | None = None, width: int | None = None):
+    """The split of ``modules[attribute]`` (on ``meta``) with its example call taken from the stock pipeline.
+
+    ``modules``: every model component of ``model`` built on ``meta`` (:func:`empty_pipeline_modules`). The call
+    the pipeline makes first at ``height`` x ``width`` pixels (its default size when None) is recorded on shapes
+    alone (:func:`~asyncgen.split.transformer.pipeline_example.record_denoiser_call`), so the text length, the
+    latent layout and the argument types the trace and the cuts see are the pipeline's own. Where the pipeline
+    cannot be assembled, its preparation cannot run on shapes, or the split refuses its call (a model too small
+    for its pipeline's default size), the call built from the config is the fallback; a refusal then names the
+    paths tried and why each failed, in one line. UNets are split by class and need no example.
+    """
+    from asyncgen.split.registry import needs_example_call, split_denoiser
+    from asyncgen.split.transformer.pipeline_example import (PipelineExampleUnavailable, pipeline_call_arguments,
+                                                             record_denoiser_call)
+    from asyncgen.split.transformer.trace import SplitRefused
+
+    denoiser = modules[attribute]
+    if not needs_example_call(denoiser):
+        return split_denoiser(denoiser)
+    try:
+        pipeline = pipeline_from_configs(model, modules)
+        call = record_denoiser_call(pipeline, attribute, pipeline_call_arguments(pipeline, height, width))
+        return split_denoiser(denoiser, call=call)
+    except PipelineExampleUnavailable as exc:
+        pipeline_reason = str(exc)
+    except SplitRefused as exc:
+        pipeline_reason = f"{type(pipeline).__name__}'s own first call (pipeline path) was refused: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a pipeline that cannot be assembled from its folder: the fallback's cue
+        pipeline_reason = (f"the stock pipeline could not be assembled from {model}'s configs (pipeline path: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+    try:
+        return split_denoiser(denoiser)  # the fallback: the call built from the config
+    except SplitRefused as exc:
+        raise type(exc)(f"{pipeline_reason}; then {exc}") from exc
+
+
 def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bool = False, dtype=None,
                       height: int | None = None, width: int | None = None, split_encoders: bool = True,
                       estimate_activations: bool = True):
@@ -183,7 +242,6 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     """
     import torch
 
-    from asyncgen.split.registry import split_denoiser
     from asyncgen.placement.pipeline_plan import plan_pipeline
     from asyncgen.schedules.asyncdiff import Topology
     from asyncgen.cost.cuts import choose_cuts
@@ -195,6 +253,7 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
             raise ValueError(f"{name}={value}: {facts.denoiser_class} needs a multiple of {facts.size_multiple}, "
                              f"e.g. {facts.nearest_sizes(value)}")
     _, modules = empty_pipeline_modules(model)
+    all_modules = dict(modules)  # the stock pipeline, assembled on meta, gives each denoiser's example call
     attribute = next(c for c in DENOISER_COMPONENTS if c in modules)
     denoiser = modules.pop(attribute)
     if cfg_parallel:  # the wrapper refuses this too: the plan must not describe a layout that cannot run
@@ -202,19 +261,22 @@ def plan_from_configs(model: str, stages: int, stride: int = 1, cfg_parallel: bo
     if dtype is not None:
         torch.nn.Module.to(denoiser, dtype)  # the cut estimate counts bytes in the dtype the weights will have
 
-    def split_and_cut(denoiser):
-        split = split_denoiser(denoiser)
-        # flops on meta weights cost as on the loaded model's: the cuts the wrapper will choose
+    def split_and_cut(name):
+        # the call the pipeline makes at the size planned for (its own text length and layout), the config's as
+        # the fallback: what stage-only loading splits on too
+        split = split_from_configs(model, all_modules, name, height or facts.native_height,
+                                   width or facts.native_width)
+        # flops on meta weights cost as on the loaded model's: the cuts stage-only loading will choose
         return split, choose_cuts(split, stages, "flops")
 
-    split, cuts = split_and_cut(denoiser)
+    split, cuts = split_and_cut(attribute)
     # Wan 2.2's second expert: staged like the first (cuts of its own), each rank holds its stage of it
     experts = []
     for name in [n for n in EXPERT_COMPONENTS if n in modules]:
         expert = modules.pop(name)
         if dtype is not None:
             torch.nn.Module.to(expert, dtype)
-        experts.append((name, *split_and_cut(expert)))
+        experts.append((name, *split_and_cut(name)))
     vae_factor = facts.native_height // _native_latent(denoiser)
     latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
     batch = denoiser_batch(denoiser)

@@ -22,6 +22,11 @@ def supported_denoisers() -> list[str]:
     return [c.__name__ for cls in SPLITS for c in cls.handles] + ["any transformer whose forward runs its blocks in sequence"]
 
 
+def needs_example_call(denoiser: nn.Module) -> bool:
+    """Whether ``denoiser`` splits through the generic block split, which traces an example call (UNets do not)."""
+    return not any(isinstance(denoiser, cls.handles) for cls in SPLITS)
+
+
 def split_denoiser(denoiser: nn.Module, verify_split: bool = True, call: dict | None = None) -> DenoiserSplit:
     """Describe ``denoiser`` as a chain of units, or explain which classes are supported.
 
