@@ -150,13 +150,13 @@ def empty_model(model: str | os.PathLike, subfolder: str, model_class: type, dty
     return built.eval()
 
 
-def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module"]]:
+def empty_pipeline_modules(model: str, skip: frozenset[str] = frozenset()) -> tuple[dict, dict[str, "torch.nn.Module"]]:
     """Every model component of ``model`` built from its config on the meta device (no weights read).
 
     Returns the pipeline's ``model_index.json`` and ``{attribute: module}`` for each
     component that is a ``torch.nn.Module`` (denoiser, text encoders, VAE, ...), each built by
     :func:`empty_model`; tokenizers, schedulers and components saved as ``null`` are left out.
-    Only config files are read, so a hub id needs no weight download.
+    Only config files are read, so a hub id needs no weight download. Components named in ``skip`` are left out.
     """
     import importlib
 
@@ -167,7 +167,7 @@ def empty_pipeline_modules(model: str) -> tuple[dict, dict[str, "torch.nn.Module
     index = DiffusionPipeline.load_config(model)
     modules: dict[str, torch.nn.Module] = {}
     for name, value in index.items():
-        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and all(value)):
+        if name.startswith("_") or name in skip or not (isinstance(value, list) and len(value) == 2 and all(value)):
             continue
         library, class_name = value
         try:
@@ -187,7 +187,9 @@ def pipeline_from_configs(model: str, modules: dict[str, "torch.nn.Module"] | No
     what the pipeline's own preparation needs to run on shapes (no weight is read)."""
     from diffusers import DiffusionPipeline
 
-    index, built = empty_pipeline_modules(model) if modules is None else (DiffusionPipeline.load_config(model), modules)
+    # the model components ``modules`` lacks are built on meta too: from_pretrained would read their weights
+    index, built = empty_pipeline_modules(model, skip=frozenset(modules or ()))
+    built.update(modules or {})
     absent = {name: None for name, value in index.items()
               if not name.startswith("_") and isinstance(value, list) and not all(value)}  # saved as null
     return DiffusionPipeline.from_pretrained(str(model), **built, **absent)

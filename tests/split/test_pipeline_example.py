@@ -90,3 +90,21 @@ def test_a_refusal_names_both_paths_and_why(family_path, monkeypatch, one_thread
     assert "\n" not in message
     assert "pipeline path" in message and "height" in message  # the pipeline's own check, named
     assert "then" in message and "config path; tried" in message  # each latent layout tried, with its error
+
+
+def test_stage_only_loadings_components_are_completed_on_meta(family_path, one_thread):
+    """Stage-only loading builds the denoiser and the placeable components on meta; the pipeline assembled around
+    them builds the rest on meta too (from_pretrained would read their weights), so nothing is read."""
+    from asyncgen.pipelines.lean_loading import empty_component
+    from diffusers import DiffusionPipeline
+
+    path = str(family_path("sd3"))
+    index = DiffusionPipeline.load_config(path)
+    some = {name: empty_component(path, name, index[name][1]) for name in ("transformer", "vae")}
+    pipe = pipeline_from_configs(path, some)
+    assert pipe.transformer is some["transformer"] and pipe.vae is some["vae"]
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert len(modules) == 4  # the transformer, the VAE, two CLIP text encoders (the T5 is saved as null)
+    assert all(p.is_meta for m in modules for p in m.parameters())
+    split = split_from_configs(path, some, "transformer", 16, 16)
+    assert split.example_source == "the pipeline's first denoiser call"
