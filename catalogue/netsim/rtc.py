@@ -1,19 +1,30 @@
 """A real-time video call over a LEO link, as simpy processes on one Environment (clock in ms).
 
-    encoder -> pacer queue -> pacer -> drop-tail bottleneck (LinkTrace) -> receiver
-                   ^                                                          |
-                   +------------------- GCC <- feedback every 100 ms ---------+
+    encoder -> pacer queue -> pacer -> drop-tail bottleneck (LinkTrace) -> receiver (decoder)
+                   ^   ^                                                      |   |
+                   |   +---- NACK / keyframe request (reverse path) ----------+   |
+                   +------------------- GCC <- feedback every 100 ms -------------+
 
-- encoder: 30 fps, a frame of target/30 bytes (±10 %), split in 1200-byte packets;
-- pacer: sends at 2.5 x target in 5 ms bursts; pauses while the bytes in flight exceed a congestion window of
-  target x (RTT + 100 ms) (libwebrtc's congestion-window pushback), unless the queue holds more
-  than the queue limit L in time (queue bits / target), in which case it ignores the window and
-  speeds up to empty the queue within L (libwebrtc's queue time limit);
+- encoder: 30 fps, a delta frame of target/30 bytes (±10 %), a keyframe 3x that (the first frame and
+  the frame after a keyframe request), split in 1200-byte packets numbered by a media sequence;
+- pacer: sends at 2.5 x target in 5 ms bursts, retransmissions first; pauses while the bytes in
+  flight exceed a congestion window of target x (RTT + 100 ms) (libwebrtc's congestion-window
+  pushback; while congested it still sends one packet every 500 ms, as libwebrtc's pacer does, so
+  that feedback resumes), unless the queue holds more than the queue limit L in time (queue bits / target), in
+  which case it ignores the window and speeds up to empty the queue within L (libwebrtc's queue
+  time limit); probe clusters that GCC asks for go out at their own rate;
 - bottleneck: FIFO at the trace's capacity, drop-tail buffer of 100 ms at capacity, nothing
-  crosses during an outage, then random loss and one-way delay;
-- receiver: renders a frame when all its packets arrived (no retransmission: a frame with a
-  lost packet is skipped), counts freezes (render gap > max(3 x avg interval, avg + 150 ms)),
-  and sends transport feedback every 100 ms over the reverse path (held back during outages).
+  crosses during an outage, then random loss and one-way delay. What the pacer pushes into the
+  full buffer (as it does when L is short and an outage stalls the link) is dropped, and the
+  receiver sees those drops as gaps like any other loss;
+- receiver: frame f decodes only after frame f-1 (every delta frame depends on the previous one)
+  or as a keyframe. A gap in the media sequence is NACKed at once and again every RTT; the sender
+  retransmits what is NACKed. After 10 NACKs (about 10 RTTs, libwebrtc's retry limit) the packet is
+  given up and the receiver asks for a keyframe (at most once per RTT + 100 ms); the video freezes
+  until the retransmission or the keyframe arrives, or until a later complete keyframe. A freeze is
+  a render gap > max(3 x avg interval, avg + 150 ms) (WebRTC's freeze metric); transport feedback
+  goes back every 100 ms over the reverse path (held back during outages), as do NACKs and
+  keyframe requests.
 
 ``QueueLimitPolicy.limit_ms(now_ms, call)`` sets L every 100 ms. Beyond one machine: the model
 is one process per call; sweeps over traces and policies run as independent processes (e.g.
@@ -39,15 +50,23 @@ from .traces import LinkTrace  # noqa: E402
 PACKET_BYTES = 1200
 FPS = 30.0
 PACER_INTERVAL_MS = 5.0
+KEYFRAME_FACTOR = 3.0  # a keyframe is this many delta frames
+NACK_RETRIES = 10  # libwebrtc's NackRequester gives a packet up after 10 requests, one per RTT
+NACK_TICK_MS = 20.0  # how often the receiver looks at its missing packets
+CONGESTED_PACKET_MS = 500.0  # libwebrtc's pacer sends one packet this often while congested, to keep feedback alive
+PROBE_CLUSTER_MS = 30.0  # a probe cluster lasts this long at the probed rate (at least 5 packets)
 
 
 @dataclass
 class Packet:
-    seq: int
+    seq: int  # transport-wide sequence number (assigned when sent)
     frame: int
     size: int
     enqueued_ms: float
     sent_ms: float = math.nan
+    media_seq: int = -1  # the media (RTP) sequence number; -1 for probe padding
+    kind: str = "media"  # "media", "rtx" (a retransmission) or "probe"
+    cluster: int = -1
 
 
 class QueueLimitPolicy:
@@ -78,16 +97,32 @@ class CallStats:
     delivered: int = 0
     dropped_buffer: int = 0
     dropped_random: int = 0
-    delivered_bytes: int = 0
+    delivered_bytes: int = 0  # video bytes (media and retransmissions; probe padding is not video)
     render_ms: list = field(default_factory=list)
+    rendered: list = field(default_factory=list)  # frame ids in render order
     frame_delay_ms: list = field(default_factory=list)
     freezes: int = 0
+    freeze_ms: list = field(default_factory=list)  # when each freeze began (the last render before the gap)
+    retransmissions: int = 0
+    nacks: int = 0
+    keyframe_requests: int = 0
+    probe_clusters: int = 0
+    frames_skipped: int = 0  # frames never decoded (a later keyframe replaced them)
+    max_queue_ms: float = 0.0  # the longest pacer queue seen, in ms at the target rate
+    over_limit_ms: float = 0.0  # time the pacer spent over its queue limit (speeding up)
     checkpoints: list = field(default_factory=list)  # (t, sent, delivered, dropped, queued, in_flight)
     limits: list = field(default_factory=list)  # (t, L, target bit/s) every 100 ms
 
     @property
     def dropped(self) -> int:
         return self.dropped_buffer + self.dropped_random
+
+
+@dataclass
+class _Missing:
+    detected_ms: float
+    nacked_ms: float = -math.inf
+    nacks: int = 0
 
 
 class RtcCall:
@@ -101,31 +136,48 @@ class RtcCall:
         self.gcc = GoogleCongestionControl(start_bps)
         self.buffer_ms, self.window_extra_ms = buffer_ms, window_extra_ms
         self.stats = CallStats()
-        self.queue: deque[Packet] = deque()
+        # sender
+        self.queue: deque[Packet] = deque()  # media, in order
+        self.rtx_queue: deque[Packet] = deque()  # retransmissions, sent first
+        self.probe_queue: deque[Packet] = deque()
+        self.probe_rate = 0.0
         self.queue_bytes = 0
         self.packets: list[Packet] = []
+        self.media_history: dict[int, Packet] = {}  # media seq -> original packet (what a NACK retransmits)
+        self.retransmitted_ms: dict[int, float] = {}
+        self.next_media_seq = 0
+        self.keyframe_pending = True  # the first frame is a keyframe
         self.cum_bytes = [0]  # bytes sent up to and including seq i-1
         self.acked_seq = -1  # every seq <= this was reported (received or lost)
         self.srtt = 2 * float(trace.delay_ms[0])
         self.last_feedback_ms = 0.0
         self.last_loss = 0.0
         self.rtt_history: deque[tuple[float, float]] = deque(maxlen=20)
+        self._clusters = 0
+        self._last_send_ms = 0.0
         # bottleneck
         self.buffer: deque[Packet] = deque()
         self.buffer_bytes = 0
         self.in_flight = 0
         # receiver
         self.frame_packets: dict[int, int] = {}
+        self.frame_first_seq: dict[int, int] = {}
+        self.frame_keyframe: dict[int, bool] = {}
         self.frame_capture: dict[int, float] = {}
         self.frame_received: dict[int, int] = {}
+        self.received_media: set[int] = set()
+        self.highest_media_seq = -1
+        self.missing: dict[int, _Missing] = {}
+        self.next_frame = 0  # the next frame the decoder needs
         self.last_rendered = -1
+        self.last_keyframe_request_ms = -math.inf
         self.unreported: list[ReceivedPacket] = []
         self.reported_highest = -1
         self._pacer_wake = env.event()
         self._link_wake = env.event()
         self.limit = float(policy.limit_ms(0.0, self))
         for process in (self.encoder(), self.pacer(), self.bottleneck(), self.feedback(), self.controller(),
-                        self.checkpoints()):
+                        self.nack_requester(), self.checkpoints()):
             env.process(process)
 
     # -- helpers ------------------------------------------------------------------------
@@ -141,35 +193,67 @@ class RtcCall:
     def outstanding_bytes(self) -> int:
         return self.cum_bytes[-1] - self.cum_bytes[self.acked_seq + 1]
 
+    def queue_ms(self) -> float:
+        """The pacer queue (media and retransmissions) in ms at the target rate."""
+        return self.queue_bytes * 8 / self.target_bps * 1000.0
+
+    def _reverse(self, callback) -> bool:
+        """Send a receiver-to-sender message now; False (not sent) during an outage."""
+        i = self.trace.index(self.env.now)
+        if self.trace.outage[i]:
+            return False
+        self.env.timeout(self.trace.delay_ms[i]).callbacks.append(lambda _: callback())
+        return True
+
     # -- sender -------------------------------------------------------------------------
     def encoder(self):
         frame = 0
         while True:
-            size = int(self.target_bps / 8 / FPS * self.rng.uniform(0.9, 1.1))
+            keyframe, self.keyframe_pending = self.keyframe_pending, False
+            size = int(self.target_bps / 8 / FPS * self.rng.uniform(0.9, 1.1) * (KEYFRAME_FACTOR if keyframe else 1))
             count = max(1, math.ceil(size / PACKET_BYTES))
             self.frame_packets[frame] = count
+            self.frame_first_seq[frame] = self.next_media_seq
+            self.frame_keyframe[frame] = keyframe
             self.frame_capture[frame] = self.env.now
             for k in range(count):
-                chunk = min(PACKET_BYTES, size - k * PACKET_BYTES) if size > 0 else 1
-                self.queue.append(Packet(-1, frame, max(chunk, 1), self.env.now))
-                self.queue_bytes += max(chunk, 1)
+                chunk = max(1, min(PACKET_BYTES, size - k * PACKET_BYTES))
+                packet = Packet(-1, frame, chunk, self.env.now, media_seq=self.next_media_seq)
+                self.media_history[self.next_media_seq] = packet
+                self.next_media_seq += 1
+                self.queue.append(packet)
+                self.queue_bytes += chunk
+            self.stats.max_queue_ms = max(self.stats.max_queue_ms, self.queue_ms())
             self._wake(self._pacer_wake)
             frame += 1
             yield self.env.timeout(1000.0 / FPS)
 
     def pacer(self):
         while True:
-            if not self.queue:
+            if self.probe_queue:  # a probe cluster goes out at its own rate, packet by packet
+                packet = self.probe_queue.popleft()
+                self._send(packet)
+                yield self.env.timeout(packet.size * 8 / self.probe_rate * 1000.0)
+                continue
+            if not self.queue and not self.rtx_queue:
                 self._pacer_wake = self.env.event()
                 yield self._pacer_wake
                 continue
             target = self.target_bps
-            queue_ms = self.queue_bytes * 8 / target * 1000.0
-            over_limit = queue_ms > self.limit
+            over_limit = self.queue_ms() > self.limit
             window = target / 8 * (self.srtt + self.window_extra_ms) / 1000.0
             if not over_limit and self.outstanding_bytes() >= window:
-                self._pacer_wake = self.env.event()  # a report, a frame or a new limit wakes us
-                yield self._pacer_wake
+                quiet = self.env.now - self._last_send_ms
+                if quiet >= CONGESTED_PACKET_MS:  # congested for 500 ms: one packet keeps feedback alive
+                    source = self.rtx_queue if self.rtx_queue else self.queue
+                    packet = source.popleft()
+                    self.queue_bytes -= packet.size
+                    self._send(packet)
+                    continue
+                self._pacer_wake = self.env.event()  # a report, a frame, a new limit or the keepalive wakes us
+                wake = self._pacer_wake
+                self.env.timeout(CONGESTED_PACKET_MS - quiet).callbacks.append(lambda _, e=wake: self._wake(e))
+                yield wake
                 continue
             rate = 2.5 * target
             if over_limit:
@@ -177,17 +261,24 @@ class RtcCall:
             # one burst per 5 ms pacing interval (libwebrtc's pacer period), then wait for it to drain
             budget = rate / 8 * PACER_INTERVAL_MS / 1000.0
             sent = 0
-            while self.queue and (sent == 0 or sent + self.queue[0].size <= budget):
+            while self.rtx_queue or self.queue:
+                source = self.rtx_queue if self.rtx_queue else self.queue
+                if sent and sent + source[0].size > budget:
+                    break
                 if sent and not over_limit and self.outstanding_bytes() >= window:
                     break
-                packet = self.queue.popleft()
+                packet = source.popleft()
                 self.queue_bytes -= packet.size
                 sent += packet.size
                 self._send(packet)
-            yield self.env.timeout(sent * 8 / rate * 1000.0)
+            wait = sent * 8 / rate * 1000.0
+            if over_limit:
+                self.stats.over_limit_ms += wait
+            yield self.env.timeout(wait)
 
     def _send(self, packet: Packet) -> None:
         packet.seq, packet.sent_ms = len(self.packets), self.env.now
+        self._last_send_ms = self.env.now
         self.packets.append(packet)
         self.cum_bytes.append(self.cum_bytes[-1] + packet.size)
         self.stats.sent += 1
@@ -198,6 +289,34 @@ class RtcCall:
         self.buffer.append(packet)
         self.buffer_bytes += packet.size
         self._wake(self._link_wake)
+
+    def _on_nack(self, media_seqs: list[int]) -> None:
+        now = self.env.now
+        for media_seq in media_seqs:
+            original = self.media_history.get(media_seq)
+            # one retransmission per RTT at most (libwebrtc's RTPSender keeps the same rule)
+            if original is None or now - self.retransmitted_ms.get(media_seq, -math.inf) < self.srtt:
+                continue
+            self.retransmitted_ms[media_seq] = now
+            copy = Packet(-1, original.frame, original.size, now, media_seq=media_seq, kind="rtx")
+            self.rtx_queue.append(copy)
+            self.queue_bytes += copy.size
+            self.stats.retransmissions += 1
+        self._wake(self._pacer_wake)
+
+    def _on_keyframe_request(self) -> None:
+        self.keyframe_pending = True
+
+    def _start_probe(self, rate_bps: float) -> None:
+        count = max(5, math.ceil(rate_bps / 8 * PROBE_CLUSTER_MS / 1000.0 / PACKET_BYTES))
+        cluster = self._clusters
+        self._clusters += 1
+        self.probe_rate = rate_bps
+        for _ in range(count):
+            self.probe_queue.append(Packet(-1, -1, PACKET_BYTES, self.env.now, kind="probe", cluster=cluster))
+        self.gcc.register_probe(cluster, count, rate_bps)
+        self.stats.probe_clusters += 1
+        self._wake(self._pacer_wake)
 
     def controller(self):
         """Every 100 ms: ask the policy for the queue limit."""
@@ -234,12 +353,45 @@ class RtcCall:
         now = self.env.now
         self.in_flight -= 1
         self.stats.delivered += 1
+        self.unreported.append(ReceivedPacket(packet.seq, packet.size, packet.sent_ms, now, packet.cluster))
+        if packet.kind == "probe":
+            return
         self.stats.delivered_bytes += packet.size
-        self.unreported.append(ReceivedPacket(packet.seq, packet.size, packet.sent_ms, now))
+        media_seq = packet.media_seq
+        if media_seq in self.received_media:
+            return  # a retransmission of a packet that got through after all
+        self.received_media.add(media_seq)
+        self.missing.pop(media_seq, None)
+        if media_seq > self.highest_media_seq + 1:  # a gap: NACK the packets in it at once
+            for lost in range(self.highest_media_seq + 1, media_seq):
+                if lost not in self.received_media:
+                    self.missing[lost] = _Missing(now)
+            self._request_missing(now)
+        self.highest_media_seq = max(self.highest_media_seq, media_seq)
         frame = packet.frame
         self.frame_received[frame] = self.frame_received.get(frame, 0) + 1
-        if self.frame_received[frame] == self.frame_packets[frame] and frame > self.last_rendered:
-            self._render(frame, now)
+        self._decode(now)
+
+    def _complete(self, frame: int) -> bool:
+        return frame in self.frame_packets and self.frame_received.get(frame, 0) == self.frame_packets[frame]
+
+    def _decode(self, now: float) -> None:
+        """Render every frame that can be decoded now: the next one in order, or a later complete keyframe."""
+        while True:
+            if self._complete(self.next_frame):
+                self._render(self.next_frame, now)
+                self.next_frame += 1
+                continue
+            later = [f for f, received in self.frame_received.items()
+                     if f > self.next_frame and self.frame_keyframe.get(f) and self._complete(f)]
+            if not later:
+                return
+            keyframe = max(later)  # the decoder restarts at the newest complete keyframe
+            self.stats.frames_skipped += keyframe - self.next_frame
+            first = self.frame_first_seq[keyframe]
+            for media_seq in [s for s in self.missing if s < first]:  # nothing before a keyframe is needed
+                del self.missing[media_seq]
+            self.next_frame = keyframe
 
     def _render(self, frame: int, now: float) -> None:
         renders = self.stats.render_ms
@@ -248,9 +400,44 @@ class RtcCall:
             average = float(np.mean(recent))
             if now - renders[-1] > max(3 * average, average + 150.0):
                 self.stats.freezes += 1
+                self.stats.freeze_ms.append(renders[-1])
         renders.append(now)
+        self.stats.rendered.append(frame)
         self.stats.frame_delay_ms.append(now - self.frame_capture[frame])
         self.last_rendered = frame
+        for done in [f for f in self.frame_received if f <= frame]:
+            del self.frame_received[done]
+
+    def _request_missing(self, now: float) -> None:
+        """NACK what is missing and due (once per RTT), give up after NACK_RETRIES and ask for a keyframe."""
+        due, given_up = [], False
+        first_needed = self.frame_first_seq.get(self.next_frame, 0)
+        for media_seq, record in list(self.missing.items()):
+            if media_seq < first_needed:  # its frame was skipped by a keyframe
+                del self.missing[media_seq]
+                continue
+            if record.nacks >= NACK_RETRIES:
+                given_up = True
+                continue
+            if now - record.nacked_ms >= self.srtt:
+                due.append((media_seq, record))
+        if due and self._reverse(lambda seqs=[s for s, _ in due]: self._on_nack(seqs)):
+            for _, record in due:
+                record.nacked_ms = now
+                record.nacks += 1
+            self.stats.nacks += len(due)
+        if given_up and now - self.last_keyframe_request_ms > self.srtt + 100.0:
+            if self._reverse(self._on_keyframe_request):
+                self.last_keyframe_request_ms = now
+                self.stats.keyframe_requests += 1
+                for media_seq in [s for s, r in self.missing.items() if r.nacks >= NACK_RETRIES]:
+                    del self.missing[media_seq]  # the keyframe replaces them
+
+    def nack_requester(self):
+        while True:
+            yield self.env.timeout(NACK_TICK_MS)
+            if self.missing:
+                self._request_missing(self.env.now)
 
     def feedback(self):
         """Transport feedback every 100 ms; during an outage it waits for the next report slot."""
@@ -267,6 +454,7 @@ class RtcCall:
     def _on_report(self, report: list[ReceivedPacket], report_ms: float) -> None:
         now = self.env.now
         highest = max(p.seq for p in report)
+        expected = 0
         if highest > self.reported_highest:
             expected = highest - self.reported_highest
             received = sum(1 for p in report if p.seq > self.reported_highest)
@@ -280,7 +468,9 @@ class RtcCall:
         self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rtt_history.append((now, rtt))
         self.last_feedback_ms, self.last_loss = now, loss
-        self.gcc.on_feedback(now, report, loss, self.srtt)
+        self.gcc.on_feedback(now, report, loss, self.srtt, expected)
+        if self.gcc.pending_probe is not None and not self.probe_queue:
+            self._start_probe(self.gcc.pending_probe)
         self._wake(self._pacer_wake)
 
     def checkpoints(self):

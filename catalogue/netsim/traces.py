@@ -5,7 +5,10 @@ handover outages (Gottipati and Qiu 2025, sparse constellations).
 - one-way delay 20–40 ms; each handover steps it by ±5–30 ms (kept inside 20–40 ms);
 - a handover is a 100–400 ms outage followed by 5–20% random loss for 0.5 s;
 - ``"stable"`` traces hand over every 60–180 s; ``"dynamic"`` traces have handover windows of
-  20–40 s with a handover every 2–5 s, separated by 20–40 s without handovers.
+  20–40 s with a handover every 2–5 s, separated by 20–40 s without handovers; ``"starlink"``
+  traces hand over on Starlink's 15 s reconfiguration grid (the scheduler reassigns satellites at
+  seconds 12, 27, 42 and 57 of every minute; the trace starts at a random phase of that grid),
+  each reconfiguration an outage, a delay jump and a loss burst as above.
 
 ``load_trace_csv`` reads a measured trace (time, capacity, delay; optionally loss, outage and
 handover marks) from a CSV file instead.
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KINDS = ("stable", "dynamic")
+KINDS = ("stable", "dynamic", "starlink")  # the index of a kind seeds its traces: append, never reorder
+RECONFIGURATION_MS = 15_000.0  # Starlink's global scheduler interval
 
 
 @dataclass
@@ -68,6 +72,12 @@ def handover_times(kind: str, seconds: float, rng: np.random.Generator) -> list[
         while t < end:
             times.append(t)
             t += rng.uniform(60e3, 180e3)
+        return times
+    if kind == "starlink":
+        t = rng.uniform(0.0, RECONFIGURATION_MS)  # where in the 15 s grid the call starts
+        while t < end:
+            times.append(t)
+            t += RECONFIGURATION_MS
         return times
     t = rng.uniform(5e3, 20e3)
     while t < end:
