@@ -213,28 +213,6 @@ class _CacheContext(ModelHook):
             return hook_original_forward(self)(*args, **kwargs)
 
 
-def remove_cache(pipe, config) -> None:
-    """Undo :func:`apply_cache` (its hooks off the denoiser)."""
-    from asyncgen.runtime.deep_cache import DeepCacheConfig, remove_deep_cache
-
-    if isinstance(config, DeepCacheConfig):
-        remove_deep_cache(pipe.unet)
-        return
-    denoiser = denoiser_of(pipe)
-    if hasattr(denoiser, "disable_cache"):
-        denoiser.disable_cache()
-        return
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    for name in list(registry.hooks):  # the cache's hooks sit on the blocks; a plain loaded model has no others
-        registry.remove_hook(name, recurse=True)
-    for module in denoiser.modules():
-        child = getattr(module, "_diffusers_hook", None)
-        if child is not None:
-            for name in list(child.hooks):
-                child.remove_hook(name, recurse=False)
-    registry.invalidate_child_registries_cache()
-
-
 class _Ratios(logging.Handler):
     """Catches the ratios diffusers' MagCache logs at the end of a calibration call (one list per pass)."""
 
@@ -253,7 +231,8 @@ class _Ratios(logging.Handler):
 def calibrate_mag_ratios(pipe, prompt: str, call: dict, seed: int, settings: dict) -> list[float]:
     """MagCache's magnitude ratios for this pipeline and call: one calibration call (nothing skipped), its log read.
 
-    With CFG in two passes (Wan) each pass logs its ratios; their mean is used.
+    With CFG in two passes (Wan) each pass logs its ratios; their mean is used. The cache
+    stays on ``pipe``: pass a copy that serves nothing else.
     """
     import torch
 
@@ -267,7 +246,6 @@ def calibrate_mag_ratios(pipe, prompt: str, call: dict, seed: int, settings: dic
         with contextlib.redirect_stdout(io.StringIO()):  # diffusers also prints them
             pipe(prompt, **call, generator=torch.Generator().manual_seed(seed))
     finally:
-        remove_cache(pipe, config)
         logger.removeHandler(handler)
         logger.setLevel(level)
     if not handler.found:
@@ -344,7 +322,8 @@ def _worker(rank: int, world_size: int, model: str, name: str, settings: dict, w
     ratios = [None]
     if name == "magcache":
         if rank == 0:
-            ratios[0] = calibrate_mag_ratios(stock, prompts[0], call, seed, settings)
+            # on a copy of its own: the calibration's hooks stay on it
+            ratios[0] = calibrate_mag_ratios(load_on_rank(model, rank, **load), prompts[0], call, seed, settings)
         dist.broadcast_object_list(ratios, src=0)
     config = make_config(name, settings, call["num_inference_steps"], mag_ratios=ratios[0])
     cached = None

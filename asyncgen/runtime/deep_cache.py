@@ -194,8 +194,7 @@ def apply_deep_cache(unet: torch.nn.Module, config: DeepCacheConfig) -> DeepCach
 
 def deep_cache_hook(unet: torch.nn.Module) -> DeepCacheHook | None:
     """The DeepCache hook registered on ``unet``, or None."""
-    registry = getattr(unet, "_diffusers_hook", None)
-    return registry.get_hook(UNET_HOOK) if isinstance(registry, HookRegistry) else None
+    return HookRegistry.check_if_exists_or_initialize(unet).get_hook(UNET_HOOK)
 
 
 def reset_deep_cache(unet: torch.nn.Module) -> None:
