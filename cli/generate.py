@@ -56,6 +56,29 @@ class GenerateJob:
     video: bool = False  # a video pipeline: outputs are .mp4/.gif files of its frames
     frames: int | None = None
     fps: int = 8
+    cache: str | None = None  # a name of CACHES: a diffusers step cache run under the stages
+
+
+#: ``--cache`` names and the diffusers step cache each runs, with its settings (shown in --help)
+CACHES = {
+    "fbcache": "First Block Cache, threshold 0.05 (diffusers' default): skips the blocks after the first "
+               "when its residual changed by less",
+    "taylorseer": "TaylorSeer, every 5th step computed after 3 full ones (diffusers' defaults), the others "
+                  "predicted by first-order Taylor series (factors in float32)",
+}
+
+
+def cache_config(name: str | None):
+    """The diffusers cache config ``--cache name`` runs (None: no cache)."""
+    if name is None:
+        return None
+    import torch
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if name == "fbcache":
+        return FirstBlockCacheConfig(threshold=0.05)
+    return TaylorSeerCacheConfig(cache_interval=5, disable_cache_before_step=3, max_order=1,
+                                 taylor_factors_dtype=torch.float32)
 
 
 def default_device() -> str:
@@ -124,6 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "compresses time by r, a multiple of r plus 1 (default: the pipeline's own)")
     video.add_argument("--fps", type=positive_int, default=None, help="frames per second of the written video "
                        "(default: 8)")
+    parser.add_argument("--cache", choices=sorted(CACHES), default=None, help="run a diffusers step cache under the "
+                        "stages (transformer models; on each device for its own blocks): " +
+                        "; ".join(f"{name} = {text}" for name, text in sorted(CACHES.items())) +
+                        " (default: none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each rank's part of the denoiser "
                         "(the first image is slower while it compiles; default: off)")
 
@@ -325,6 +352,8 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         if given:
             raise UsageError(f"--highres spreads patches over the devices and does not split the denoiser: "
                              f"leave out {' '.join(given)}")
+        if args.cache is not None:
+            raise UsageError("--cache runs under AsyncDiff stages; --highres (ASG) takes none: leave out --cache")
         stages = 1
         height = height or 2 * facts.native_height
         width = width or 2 * facts.native_width
@@ -346,6 +375,9 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
                              f"{facts.splittable_units} stages")
         if (height is None) != (width is None):  # one side given: the other keeps the model's native size
             height, width = height or facts.native_height, width or facts.native_width
+    if args.cache is not None and "UNet" in (facts.denoiser_class or ""):
+        raise UsageError(f"--cache {args.cache}: the step caches run on transformer denoisers; this model's is a "
+                         f"{facts.denoiser_class} (use --model miniature-dit or another transformer pipeline)")
     _check_size("height", height, facts)
     _check_size("width", width, facts)
     check_scheduler_steps(model, args.steps)
@@ -360,7 +392,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
         attention=args.attention, compile=args.compile, components=args.components, highres=args.highres,
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
-        video=video, frames=args.frames, fps=args.fps or 8,
+        video=video, frames=args.frames, fps=args.fps or 8, cache=args.cache,
     )
 
 
@@ -505,11 +537,12 @@ def _strategy(job: GenerateJob, world: int) -> str:
     if job.highres:
         return (f"ASG high resolution ({job.asg_mode}, structure fraction {job.structure_fraction}, "
                 f"guidance {job.structure_guidance})")
-    if job.stages == 1 and job.stride == 1 and not job.cfg_parallel:
+    if job.stages == 1 and job.stride == 1 and not job.cfg_parallel and not job.cache:
         return "stock pipeline"
     text = f"AsyncDiff stages={job.stages} stride={job.stride} warmup={'default' if job.warmup is None else job.warmup}"
     text += " time-shift" if job.time_shift else ""
     text += " + CFG parallel" if job.cfg_parallel else ""
+    text += f" + {job.cache} cache" if job.cache else ""
     return text + (" (serial simulator, one process)" if world == 1 else "")
 
 
@@ -532,14 +565,16 @@ def _generate(rank: int, world: int, job: GenerateJob) -> dict:
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
     size = {"height": job.height, "width": job.width}
-    asyncdiff = not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1)
+    # a cache runs through the wrapper even on one stage: it gives the cache's hooks their state per pass and step
+    asyncdiff = not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1 or
+                                     job.cache is not None)
     try:
         if asyncdiff:
             from asyncgen.pipelines import AsyncDiffPipeline
 
             options = dict(stages=job.stages, stride=job.stride, warmup=job.warmup, time_shift=job.time_shift,
                            split=job.split, cfg_parallel=job.cfg_parallel, attention=job.attention,
-                           compile=job.compile, components=job.components,
+                           compile=job.compile, components=job.components, cache=cache_config(job.cache),
                            device="cpu" if job.device == "cpu" else None)  # None: this rank's GPU
             if world > 1:  # each rank reads from the checkpoint only what it runs
                 pipe = _load(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,
