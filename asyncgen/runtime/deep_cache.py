@@ -12,14 +12,15 @@ reused.
 
 Built as ``diffusers.hooks``: :func:`apply_deep_cache` registers a stateful
 :class:`DeepCacheHook` on the UNet (it counts the UNet's calls and decides, per call,
-whether the deep path runs) and a :class:`DeepModuleHook` on each deep module (the deep
-down blocks, the mid block, the deep up blocks, and the downsampler of the last shallow
-down block, whose output only the deep path reads). On a full step a deep module runs and
-keeps its output; on a cached step it returns the output it kept without computing, so
-the UNet's own forward runs unchanged around it: the cached up block's output is the deep
-feature, and what the cached down blocks return is read by nothing but the cached up
-blocks. The stock forward is what runs, so attention processors, LoRA and FreeU keep
-working, and ``interval=1`` is the stock UNet exactly.
+whether the deep path runs) and a :class:`DeepModuleHook` on each deep module: the
+resnets, attentions and samplers of the deep down and up blocks, the mid block, and the
+downsampler of the last live down block, whose output only the deep path reads (the
+modules of the deep units of the UNet's split, :func:`deep_unit_mask`). On a full step a
+deep module runs and keeps its output; on a cached step it returns the output it kept
+without computing, so the UNet's own forward runs unchanged around it: the last deep up
+module's output is the deep feature, and what the deep down modules return is read by
+nothing but deep modules. The stock forward is what runs, so attention processors, LoRA
+and FreeU keep working, and ``interval=1`` is the stock UNet exactly.
 
 Each pipeline call starts with a full step. diffusers resets stateful hooks at the end of a
 call only on models with its ``CacheMixin`` (transformers), not on ``UNet2DConditionModel``,
@@ -31,10 +32,11 @@ above the previous call's last (two one-step calls at the same timestep) needs
 CFG halves in one batch, so one count per UNet call is one count per step (schedulers that
 call the UNet twice per step, Heun's, count two).
 
-Under AsyncDiff stages the stage runtime calls the UNet's resnets and attentions one unit
-at a time (``asyncgen.split.unet``), not the blocks these hooks sit on: there the same
-decision has to be made per unit. :func:`deep_unit_mask` says which of a split's units
-are deep, which is what the cost model's composed-schedule cut chooser
+Under AsyncDiff stages the stage runtime calls the split's units one at a time
+(``asyncgen.split.unet``), and so these very modules: the hooks work there too, once the
+runtime sets ``hook.state.full`` for each task from the step that task serves (the UNet's
+own hook, which counts calls, is not called under stages). :func:`deep_unit_mask` says
+which units are deep, which is what the cost model's composed-schedule cut chooser
 (:func:`asyncgen.cost.cuts.composed_cuts`) and a stage runtime need.
 """
 
@@ -152,26 +154,28 @@ class DeepModuleHook(ModelHook):
 
 
 def deep_modules(unet: torch.nn.Module, branch: int) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of the modules that run only on full steps, for a UNet with ``down_blocks``/``up_blocks``.
+    """``(unit name, module)`` of the modules that run only on full steps.
 
-    With ``B`` down blocks and ``branch = b``: the downsamplers of ``down_blocks[b]``,
-    ``down_blocks[b+1:]``, the mid block and ``up_blocks[:B-1-b]``; the output of
-    ``up_blocks[B-2-b]`` is the deep feature ``up_blocks[B-1-b]`` receives.
+    They are the modules of the deep units of the UNet's split (:mod:`asyncgen.split.unet`;
+    :func:`deep_unit_mask`): with ``B`` down blocks and ``branch = b``, the downsamplers of
+    ``down_blocks[b]``, the resnets, attentions and samplers of ``down_blocks[b+1:]`` and
+    ``up_blocks[:B-1-b]`` (a block of another type whole), and the mid block. The output of
+    ``up_blocks[B-2-b]``'s last module is the deep feature ``up_blocks[B-1-b]`` receives.
+    Hooking the units' own modules, not whole blocks, makes the same hooks work where the
+    UNet runs as its stock forward (the blocks call these modules) and where a stage
+    runtime calls the units one by one.
     """
-    down, up = getattr(unet, "down_blocks", None), getattr(unet, "up_blocks", None)
-    if down is None or up is None or not hasattr(unet, "mid_block") or len(down) != len(up):
-        raise TypeError(f"DeepCache needs a UNet with as many down_blocks as up_blocks and a mid_block "
-                        f"(UNet2DConditionModel: SD, SDXL); {type(unet).__name__} is not one")
-    if not 0 <= branch < len(down):
-        raise ValueError(f"DeepCacheConfig(branch={branch}): this {type(unet).__name__} has {len(down)} down blocks, "
-                         f"so the branch must be between 0 and {len(down) - 1}")
-    found = [(f"down_blocks.{branch}.downsamplers.{i}", m)
-             for i, m in enumerate(getattr(down[branch], "downsamplers", None) or ())]
-    found += [(f"down_blocks.{i}", down[i]) for i in range(branch + 1, len(down))]
-    if unet.mid_block is not None:
-        found.append(("mid_block", unet.mid_block))
-    found += [(f"up_blocks.{i}", up[i]) for i in range(len(up) - 1 - branch)]
-    return found
+    from asyncgen.split.unet import UNetSplit
+
+    if not isinstance(unet, UNetSplit.handles):
+        raise TypeError(f"DeepCache needs a UNet2DConditionModel (SD, SDXL); {type(unet).__name__} is not one")
+    blocks = len(unet.down_blocks)
+    if not 0 <= branch < blocks:
+        raise ValueError(f"DeepCacheConfig(branch={branch}): this {type(unet).__name__} has {blocks} down blocks, "
+                         f"so the branch must be between 0 and {blocks - 1}")
+    units = UNetSplit(unet).build_units()
+    mask = deep_unit_mask([u.name for u in units], blocks, branch)
+    return [(unit.name, module) for unit, deep in zip(units, mask) if deep for module in unit.modules]
 
 
 def apply_deep_cache(unet: torch.nn.Module, config: DeepCacheConfig) -> DeepCacheHook:

@@ -49,8 +49,9 @@ def test_deep_blocks_run_only_every_kth_step(pipe, family):
     unet = pipe.unet
     # a module inside each deep part (inside: torch's hooks fire on a hooked module's call even when its hook
     # computes nothing), and one on the shallow path that must run every step
-    deep = {"down downsampler": unet.down_blocks[0].downsamplers[0].conv, "down_blocks.1": unet.down_blocks[1].resnets[0],
-            "mid": unet.mid_block.resnets[0], "up_blocks.0": unet.up_blocks[0].resnets[0]}
+    deep = {"down downsampler": unet.down_blocks[0].downsamplers[0].conv,
+            "down_blocks.1": unet.down_blocks[1].resnets[0].conv1, "mid": unet.mid_block.resnets[0].conv1,
+            "up_blocks.0": unet.up_blocks[0].resnets[0].conv1, "up_blocks.0 upsampler": unet.up_blocks[0].upsamplers[0].conv}
     counts = {name: _count_calls(m) for name, m in deep.items()}
     shallow = {"conv_in": _count_calls(unet.conv_in), "down_blocks.0": _count_calls(unet.down_blocks[0].resnets[0]),
                "up_blocks.1": _count_calls(unet.up_blocks[1].resnets[-1])}
@@ -89,7 +90,7 @@ def test_a_cached_step_recomputes_the_shallow_path_exactly(pipe, family):
     with torch.no_grad():
         stock = unet(sample, t, **kwargs)[0]
         hook = apply_deep_cache(unet, DeepCacheConfig(interval=2))
-        mid = _count_calls(unet.mid_block.resnets[0])
+        mid = _count_calls(unet.mid_block.resnets[0].conv1)
         full, cached = unet(sample, t, **kwargs)[0], unet(sample, t, **kwargs)[0]
     assert (hook.state.full_calls, hook.state.cached_calls, mid[0]) == (1, 1, 1)
     assert torch.equal(full, stock) and torch.equal(cached, stock)
@@ -126,7 +127,7 @@ def test_bad_configs_and_models_are_refused(pipe):
     with pytest.raises(ValueError, match=r"branch=2\).*between 0 and 1"):
         apply_deep_cache(pipe.unet, DeepCacheConfig(branch=2))
     assert deep_cache_hook(pipe.unet) is None  # nothing registered by the refused call
-    with pytest.raises(TypeError, match="Linear is not one"):
+    with pytest.raises(TypeError, match="needs a UNet2DConditionModel.*Linear is not one"):
         apply_deep_cache(torch.nn.Linear(2, 2), DeepCacheConfig())
     apply_deep_cache(pipe.unet, DeepCacheConfig())
     with pytest.raises(ValueError, match="already has DeepCache"):
@@ -140,7 +141,38 @@ def test_deep_unit_mask_matches_the_hooked_modules(branch):
 
     unet = tiny_models.odd_unet()  # three levels, a mid block without attention
     split = split_denoiser(unet, verify_split=False)
-    hooked = {id(sub) for _, m in deep_modules(unet, branch) for sub in m.modules()}
+    hooked = {id(m) for _, m in deep_modules(unet, branch)}
     inside = [all(id(m) in hooked for m in unit.modules) and bool(unit.modules) for unit in split.units]
+    assert len(hooked) == sum(len(unit.modules) for unit, deep in zip(split.units, inside) if deep)
     assert deep_unit_mask([u.name for u in split.units], len(unet.down_blocks), branch) == inside
     assert any(inside) and not all(inside)
+
+
+def test_the_hooks_give_deep_cache_where_a_stage_runtime_runs_the_units_one_by_one():
+    """A stage runtime calls the split's units, not the UNet's forward. With the decision set by hand (what a runtime
+    does per task from the step it serves), running the units gives what the hooked stock forward gives, bit for bit,
+    on a full step and on a cached one (CFG batch of 2, SDXL's added conditioning)."""
+    from asyncgen.split.registry import split_denoiser
+
+    unet = tiny_models.sdxl_unet()
+    split = split_denoiser(unet, verify_split=False)
+    torch.manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8)
+    inputs = dict(encoder_hidden_states=torch.randn(2, 5, unet.config.cross_attention_dim),
+                  added_cond_kwargs=dict(text_embeds=torch.randn(2, tiny_models.CROSS_DIM), time_ids=torch.randn(2, 6)))
+
+    def units(t):
+        cond = split.conditioning(sample, t, **inputs)
+        state = split.initial_state(sample, cond)
+        for unit in split.units:
+            state = unit(state, cond)
+        return split.output(state)
+
+    with torch.no_grad():
+        hook = apply_deep_cache(unet, DeepCacheConfig(interval=2))
+        full, cached = (unet(sample, t, **inputs, return_dict=False)[0] for t in (torch.tensor(600), torch.tensor(500)))
+        assert (hook.state.full_calls, hook.state.cached_calls) == (1, 1)
+        for t, expected, decision in ((600, full, True), (500, cached, False)):
+            hook.state.full = decision
+            assert torch.equal(units(torch.tensor(t)), expected)
+    assert not torch.equal(full, cached)
