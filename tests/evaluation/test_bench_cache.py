@@ -87,6 +87,10 @@ def test_bad_cache_requests_are_refused_before_any_work(family_path, tmp_path, c
     with pytest.raises(SystemExit):
         bench_asyncdiff.main(["--cache", "deepcache", "--configs", "n1s1,n2s1", *out])
     assert "with --cache give one configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_asyncdiff.main(["--cache", "fbcache", "--out", str(tmp_path / "out"), "--model", str(family_path("sd3")),
+                              "--quick"])
+    assert "--cache fbcache: diffusers' First Block Cache fails on SD3Transformer2DModel" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
