@@ -10,7 +10,6 @@ weights built from the config) or from a loaded pipeline and a call it really ma
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 
@@ -86,43 +85,25 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
         if torch.device(device).type == "cpu":
             torch.set_num_threads(1)
         try:
-            unit_seconds, shared = timed_units(split, inputs, repeats)
+            unit_seconds = timed_units(split, inputs, repeats)
         finally:
             torch.set_num_threads(threads)
     return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
                           context_parallel=context_parallel_refusal(denoiser))
 
 
-def timed_units(split, inputs: dict, repeats: int = 3) -> tuple[list[float], float]:
-    """Seconds of each unit and of the forward outside the units: the least of ``repeats`` timed passes each.
+def timed_units(split, inputs: dict, repeats: int = 3) -> list[float]:
+    """Seconds of each unit: the least of ``repeats`` timed passes.
 
     The least, not the median: on a shared machine a pass that another process interrupted is
     slower, never faster, so the least is the compute's own cost; what ranks cost each other
-    when they run together is the link probe's ``parallel_slowdown``, not a unit's.
+    when they run together is the link probe's ``parallel_slowdown``, not a unit's. (The forward
+    outside the units is scaled from these by counted work: :func:`asyncgen.cost.layout.denoiser_costs`.)
     """
     from asyncgen.cost.estimate import measure_unit_costs
 
     passes = [measure_unit_costs(split, inputs, repeats=1) for _ in range(repeats)]
-    units = [min(times) for times in zip(*passes)]
-    return units, max(forward_seconds(split, inputs, repeats) - sum(units), 0.0)
-
-
-def forward_seconds(split, inputs: dict, repeats: int = 3) -> float:
-    """The least seconds of the denoiser's whole forward on ``inputs`` over ``repeats`` calls (after one untimed)."""
-    arguments = split.model_arguments(inputs) if hasattr(split, "model_arguments") else dict(inputs)
-    sample = inputs[split.sample_argument]
-    device = (sample[0] if isinstance(sample, (list, tuple)) else sample).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for trip in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            split.denoiser(**arguments, return_dict=False)
-            sync()
-            if trip:
-                times.append(time.perf_counter() - start)
-    return min(times)
+    return [min(times) for times in zip(*passes)]
 
 
 def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
@@ -166,6 +147,6 @@ def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: in
     if hasattr(split, "adopt_call"):
         split.adopt_call(denoiser_call, verify=False)
     inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
-    unit_seconds, shared = timed_units(split, inputs, repeats)
-    return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds, shared_seconds=shared,
+    unit_seconds = timed_units(split, inputs, repeats)
+    return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds,
                           cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser))

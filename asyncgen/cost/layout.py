@@ -357,8 +357,9 @@ def denoiser_costs(split, inputs: dict, passes_per_step: int, unit_seconds: Sequ
     """:class:`DenoiserCosts` of ``split`` for one pass called with ``inputs`` (its batch, size and text length).
 
     Bytes and attention calls are counted on shapes (no arithmetic; meta weights do). Compute is
-    ``unit_seconds`` (and ``shared_seconds``) when given, measured on real weights; otherwise each
-    unit's counted FLOPs and bytes through ``rate`` (a :class:`~asyncgen.cost.device_rate.DeviceRate`).
+    ``unit_seconds`` when given, measured on real weights (``shared_seconds``, the forward outside the
+    units, given or else scaled from the units' by counted work); otherwise each unit's counted FLOPs
+    and bytes through ``rate`` (a :class:`~asyncgen.cost.device_rate.DeviceRate`).
     ``cut_costs``: what the wrapper balances its cuts on (default: its FLOP estimate on the split's own
     example, as ``split="flops"`` does at attach time). ``context_parallel``: None where diffusers can
     run the denoiser's class context-parallel, else the reason it cannot (see :func:`context_parallel_refusal`).
@@ -374,6 +375,13 @@ def denoiser_costs(split, inputs: dict, passes_per_step: int, unit_seconds: Sequ
         shared_seconds = rate.seconds(counted["shared_flops"], counted["shared_bytes"])
     elif len(unit_seconds) != n:
         raise ValueError(f"unit_seconds has {len(unit_seconds)} entries for {n} units")
+    elif shared_seconds is None:
+        # the part outside the units at the units' measured pace: its counted work (FLOPs plus the cut
+        # estimate's 8 FLOPs a byte) over theirs. A timed whole forward minus the timed units would do on an
+        # idle machine; on a shared one the difference is mostly other processes' time slices
+        work = [fl + 8.0 * by for fl, by in zip(counted["unit_flops"], counted["unit_bytes"])]
+        shared_work = counted["shared_flops"] + 8.0 * counted["shared_bytes"]
+        shared_seconds = sum(unit_seconds) * shared_work / sum(work) if sum(work) > 0 else 0.0
     batch = int(split.sample_tensor(inputs[split.sample_argument]).shape[0])
     return DenoiserCosts(
         unit_names=tuple(u.name for u in split.units), unit_seconds=tuple(float(s) for s in unit_seconds),

@@ -9,7 +9,7 @@ import torch
 import tiny_models
 from asyncgen.cli.launcher import run_workers
 from asyncgen.cost.layout import (DenoiserCosts, Layout, Link, check_layout, choose, context_parallel_refusal,
-                                  count_shapes, enumerate_layouts, predict)
+                                  count_shapes, denoiser_costs, enumerate_layouts, predict)
 
 # made-up costs: 4 units, 1 pass per step of the [uncond, cond] batch, context parallelism available (4 heads)
 COSTS = DenoiserCosts(unit_names=("a", "b", "c", "d"), unit_seconds=(0.010, 0.020, 0.030, 0.040),
@@ -155,6 +155,12 @@ def test_shapes_counted_on_a_tiny_wan_transformer():
     assert counted["boundary_bytes"] == [tokens_bytes, tokens_bytes]  # the hidden state, (1, 48, 16)
     assert counted["output_bytes"] == 1 * 4 * 3 * 8 * 8 * 4  # the prediction: the latent's shape
     assert all(f > 0 for f in counted["unit_flops"]) and counted["shared_flops"] > 0
+    # measured unit times: the part outside the units is scaled from them by counted work (FLOPs + 8 per byte)
+    costs = denoiser_costs(split, inputs, 2, unit_seconds=[0.01, 0.02, 0.03], cut_costs=[1.0, 1.0, 1.0])
+    work = [fl + 8 * by for fl, by in zip(counted["unit_flops"], counted["unit_bytes"])]
+    shared = counted["shared_flops"] + 8 * counted["shared_bytes"]
+    assert costs.shared_seconds == pytest.approx(0.06 * shared / sum(work), rel=1e-12)  # float sums: rounding only
+    assert (costs.passes_per_step, costs.pass_batch, costs.boundary_bytes) == (2, 1, (tokens_bytes, tokens_bytes))
     assert context_parallel_refusal(model) is None  # diffusers has a context-parallel plan for Wan
     assert "no context-parallel plan" in context_parallel_refusal(tiny_models.sd_unet())
 
