@@ -25,7 +25,8 @@ For each bench model (``asyncgen bench --family ...``: the same random-weight mo
 
 Timings are only as good as the machine is quiet: the load average is recorded at the start
 and the end, and the report says so. Written as ``validate_plan.json`` and ``validate_plan.md``
-in ``--out``.
+in ``--out``, with each model's bench records as ``FAMILY/results.json`` and
+``FAMILY-peer/results.json`` (``--from-results`` reads them back).
 """
 
 from __future__ import annotations
@@ -133,14 +134,16 @@ def run_benches(family: str, model: str, costs, call: dict, prompt: str, devices
         configs.append(dict(stages=devices // 2, stride=1, cfg_parallel=True, warmup=None, time_shift=False,
                             split="flops"))
     rows = run_benchmark(model, configs, {**call, "prompt": prompt}, repeats, pin_cpus=pin)
-    asyncdiff = dict(rows=[{k: v for k, v in r.items() if k not in ("images", "stock_images")} for r in rows])
+    asyncdiff = dict(benchmark="asyncdiff", model=f"built-in {family}", call=call, prompts=[prompt],
+                     rows=[{k: v for k, v in r.items() if k not in ("images", "stock_images")} for r in rows])
     peer = None
     if costs.context_parallel is None:
         seed = call["seed"]
         peer_call = {k: v for k, v in call.items() if k != "seed"}
         peer_rows = run_comparison(model, "ulysses", configs[0], {**peer_call, "seed": seed}, [prompt], repeats,
                                    pin_cpus=pin)
-        peer = dict(rows=peer_rows, wrap=configs[0])
+        peer = dict(benchmark="peer_diffusers_cp", model=f"built-in {family}", call=call, prompts=[prompt],
+                    rows=peer_rows, wrap=configs[0])
     return asyncdiff, peer
 
 
@@ -165,8 +168,9 @@ def key_of(layout) -> tuple:
     return (layout.stages, layout.stride, layout.cfg_parallel, layout.ulysses)
 
 
-def validate(args, written=lambda record: None) -> dict:
-    """The record of every family (``written(record)`` after each: a long run keeps what it finished)."""
+def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, peer: None) -> dict:
+    """The record of every family (``written(record)`` after each: a long run keeps what it finished;
+    ``saved(family, ...)`` the bench records it measured)."""
     from asyncgen.cli.launcher import launch
     from asyncgen.cost.layout import Link, choose
 
@@ -190,6 +194,8 @@ def validate(args, written=lambda record: None) -> dict:
                 asyncdiff, peer = results_from(Path(args.from_results), family)
             else:
                 asyncdiff, peer = run_benches(family, model, costs, call, prompt, args.devices, args.repeats, args.pin)
+                # as `asyncgen bench` writes them, so --from-results can predict against them again
+                saved(family, asyncdiff, peer)
             measured = measured_steps(asyncdiff, peer, args.steps, serial)
             rows = []
             for p in choice.candidates:
@@ -282,7 +288,11 @@ def run(args: argparse.Namespace) -> int:
         write_all({out / "validate_plan.json": json_text(record), out / "validate_plan.md": text})
         return text
 
-    text = written(validate(args, written))
+    def saved(family: str, asyncdiff: dict | None, peer: dict | None) -> None:
+        write_all({out / name / "results.json": json_text(data)
+                   for name, data in ((family, asyncdiff), (f"{family}-peer", peer)) if data is not None})
+
+    text = written(validate(args, written, saved))
     print(text)
     print(f"written to {out / 'validate_plan.json'} and {out / 'validate_plan.md'}")
     return 0
