@@ -357,6 +357,19 @@ def state_manager_context(manager) -> Any:
     raise _missing("diffusers", "StateManager._context")
 
 
+def forget_cache_contexts(manager, prefix: str) -> None:
+    """Drop the states a hook ``StateManager`` keeps for the contexts whose names start with ``prefix``.
+
+    ``StateManager._state_cache`` (0.32 on; 0.40 and 0.42 checked); the public ``reset()`` drops
+    every context's state, those of passes still running included.
+    """
+    cache = getattr(manager, "_state_cache", None)
+    if cache is None:
+        raise _missing("diffusers", "StateManager._state_cache")
+    for name in [n for n in cache if isinstance(n, str) and n.startswith(prefix)]:
+        del cache[name]
+
+
 def block_output_indices(block: nn.Module) -> tuple[int, int | None]:
     """Where a transformer block's output tuple holds its hidden states and its text states (None: not a tuple).
 

@@ -319,7 +319,7 @@ class DistributedRuntime:
         self.schedule = schedule
         self._latest_input = None
         if self.cache is not None:
-            self._call = self.cache.new_call()
+            self._call = self.cache.new_call(self._call)
 
     def end_call(self) -> None:
         """Settle outstanding transfers (a loop that stopped earlier than planned leaves some)."""

@@ -54,8 +54,8 @@ from diffusers.hooks.hooks import StateManager  # not re-exported by diffusers.h
 from diffusers.utils import logging
 from torch import nn
 
-from asyncgen._compat import (block_output_indices, cache_context_value, enabled_cache_config, hook_original_forward,
-                              hook_registry_of, state_manager_context, step_cache_config_classes)
+from asyncgen._compat import (block_output_indices, cache_context_value, enabled_cache_config, forget_cache_contexts,
+                              hook_original_forward, hook_registry_of, state_manager_context, step_cache_config_classes)
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.stage_hook import stage_hook_of
 
@@ -221,9 +221,12 @@ class StagedCache:
 
     # ------------------------------------------------------------------ running
 
-    @staticmethod
-    def new_call() -> str:
-        """A context prefix of one call of one lane: a new call starts with fresh states."""
+    def new_call(self, previous: str = "") -> str:
+        """A context prefix for one call of one lane (a new call starts with fresh states); the states of the
+        lane's ``previous`` call are dropped (a model without diffusers' CacheMixin is never reset by its pipeline)."""
+        if previous:
+            for manager in self.managers:
+                forget_cache_contexts(manager, previous + "/")
         return f"asyncgen-call-{next(_calls)}"
 
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ class SerialSimulator:
         self.schedule = schedule
         self._latest = {}
         if self.cache is not None:
-            self._call = self.cache.new_call()
+            self._call = self.cache.new_call(self._call)
 
     def _stage(self, stage: Stage, state: BoundaryState, cond, replica: int, step: int) -> BoundaryState:
         if self.cache is None:

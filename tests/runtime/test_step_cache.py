@@ -152,3 +152,16 @@ def test_first_block_cache_on_a_model_whose_last_block_drops_the_text_stream_is_
     wrapped = AsyncDiffPipeline(pipe, stages=2, cache=cache_config("FirstBlockCacheConfig"))
     with pytest.raises(ValueError, match="cannot run on SD3Transformer2DModel: its last block returns no text"):
         wrapped(**tiny_models.family_call_kwargs("sd3", num_inference_steps=2))
+
+
+def test_each_call_leaves_no_cache_state_behind(dit_paths, one_thread):
+    # SD3's pipeline never resets a cache (its transformer has no CacheMixin): a lane's next call drops its states
+    pipe = tiny_models.load_family(dit_paths["sd3"], "sd3")
+    wrapped = AsyncDiffPipeline(pipe, stages=2, warmup=1, cache=cache_config("TaylorSeerCacheConfig"))
+    kwargs = lambda: tiny_models.family_call_kwargs("sd3", num_inference_steps=4)  # noqa: E731
+    first = wrapped(**kwargs()).images
+    managers = wrapped.hook.executor.cache.managers
+    kept = {id(m): len(m._state_cache) for m in managers}  # noqa: SLF001 - counting what the test is about
+    second = wrapped(**kwargs()).images
+    np.testing.assert_array_equal(second, first)  # a fresh start each call
+    assert {id(m): len(m._state_cache) for m in managers} == kept  # noqa: SLF001
