@@ -8,7 +8,8 @@
 SD/SDXL UNets (:mod:`asyncgen.runtime.deep_cache`; default interval 3, branch 0);
 ``fbcache``, ``taylorseer`` and ``magcache`` are diffusers' ``FirstBlockCacheConfig``,
 ``TaylorSeerCacheConfig`` and ``MagCacheConfig`` (transformer denoisers) at diffusers'
-defaults. MagCache needs magnitude ratios per model: rank 0 calibrates them on the stock
+defaults, except that TaylorSeer hooks every block's attention and feed-forward modules
+(:data:`TAYLORSEER_MODULES`; diffusers' default patterns miss Wan's attentions entirely). MagCache needs magnitude ratios per model: rank 0 calibrates them on the stock
 pipeline with the benchmark's own call (diffusers' ``calibrate=True``), untimed, and every
 rank uses them. Settings after the colon are the config's own fields (``threshold=0.1``).
 
@@ -49,6 +50,10 @@ from .bench_asyncdiff import _ssim, available_cores, config_name, load_on_rank, 
 from .reporting import json_text, markdown_table
 
 CACHES = ("deepcache", "fbcache", "taylorseer", "magcache")
+# TaylorSeer's modules: every block's attention and feed-forward modules. diffusers' default patterns
+# ("^blocks.*attn", matched whole) hook no module of Wan (its attentions are attn1/attn2) and only the first
+# attention of SD3's blocks: on Wan the default cache computes everything (measured: the stock video bit for bit)
+TAYLORSEER_MODULES = (r"^(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.(attn\d*|ff|ffn|ff_context)$",)
 UNET_CACHES = ("deepcache",)
 
 
@@ -94,6 +99,8 @@ def make_config(name: str, settings: dict, steps: int, mag_ratios=None):
     from asyncgen.cli.errors import UsageError
 
     settings = dict(settings)
+    if name == "taylorseer":
+        settings.setdefault("cache_identifiers", list(TAYLORSEER_MODULES))
     if name == "magcache":
         settings.update(num_inference_steps=steps)
         settings.update(mag_ratios=list(mag_ratios)) if mag_ratios is not None else settings.update(calibrate=True)
