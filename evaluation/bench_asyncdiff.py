@@ -404,8 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "table: stock, the step cache alone (1 process), AsyncDiff alone (one --configs entry) and "
                         "both composed, alternated in one launch, with PSNR/SSIM to stock, CLIP and (miniature models) "
                         "attribute accuracy. deepcache (SD/SDXL UNets: asyncgen's DeepCache, interval=3, branch=0), "
-                        "fbcache, taylorseer, magcache (transformers: diffusers' caches at their defaults; MagCache "
-                        "calibrated on the stock pipeline first); settings after a colon, e.g. deepcache:interval=5. "
+                        "fbcache, taylorseer, magcache (transformers: diffusers' caches at their defaults, TaylorSeer on "
+                        "every block's attention and feed-forward; MagCache calibrated on the stock pipeline first); settings after a colon, e.g. deepcache:interval=5. "
                         "Writes results.json and results.md")
 
 
