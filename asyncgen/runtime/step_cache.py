@@ -2,7 +2,8 @@
 
 A step cache skips work across denoising steps. diffusers implements each as hooks on the
 denoiser's blocks (or their attention modules) sharing a ``StateManager`` state; asyncgen
-registers those very hooks (``denoiser.enable_cache(config)``) once the split is traced, under
+registers those very hooks (``denoiser.enable_cache(config)``, or the cache's ``apply_*`` function
+for a model without diffusers' ``CacheMixin``) once the split is traced, under
 the block split's stage hooks, so a stage computes its blocks through them and passes other
 stages' blocks by untouched. What the composition adds is where each hook's state lives and
 what crosses a cut:
@@ -28,9 +29,9 @@ what crosses a cut:
   compute or pass through as the stock cache's would; the residual added on a skip is the
   last stage's (it computed it at the tail), added at the tail block's output instead of the
   head's: the blocks in between pass their input through on a skip, so it is the same sum.
-  The first stage's head adds nothing in its place (an exact zero). Both need stride 1 (a
-  stride's second replica would have no residual of its own on its first round).
-
+  The first stage's head adds nothing in its place (an exact zero). With two stages or more
+  both need stride 1 (a stride's second replica would have no residual of its own on its first
+  round); one stage at stride S is S whole models, each with its own state.
 * **Pyramid Attention Broadcast** keeps its state on each attention hook (no ``StateManager``).
   At stride 1 only the stage holding a module calls it, once a step, so its call count is the
   step index and its timestep callback (the pipeline's current timestep) is the served step's:
