@@ -8,7 +8,8 @@ lengths, frames where they apply), the stock pipeline runs it on precomputed tex
 (``embedding_pipelines``: no text encoder, no decoder), and
 ``embedding_pipelines.check_drawn`` asserts ``stages=1`` == stock bit for bit and the
 composition at every cut == the full forward on the pipeline's own first call. The ``ci``
-profile runs 2 derandomized draws per class; ``--hypothesis-profile=long`` draws 40 (see
+profile runs 2 derandomized draws per class (about 30 s of one core for the 20 classes);
+``--hypothesis-profile=long`` draws 40 (see
 ``tests/split/conftest.py`` and the README). A draw the long profile found failing is kept
 below as an explicit ``@example`` with what it found.
 
@@ -354,8 +355,9 @@ def svd(draw):
                   down_block_types=down, up_block_types=up, cross_attention_dim=draw(TEXT_WIDTH),
                   num_attention_heads=tuple(draw(st.sampled_from([1, 2])) for _ in range(levels)),
                   addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=3 * time_dim,
-                  num_frames=draw(st.integers(2, 4)))  # one frame fails in the stock forward
-    return config, 16 * 2 ** (levels - 1) * draw(st.sampled_from([1, 2]))
+                  num_frames=draw(st.integers(2, 3)))  # one frame fails in the stock forward
+    # sizes of 8 (the pipeline's check) or 16: the VAE halves them, latents of 4 or 8 halve at most twice
+    return config, 8 * draw(st.sampled_from([1, 2]))
 
 
 @given(drawn=svd())

@@ -98,3 +98,21 @@ def test_a_stage_that_fails_is_refused_with_its_boundary_and_shapes(one_thread):
     assert re.match(r"AuraFlowTransformer2DModel: a stage of blocks (single_transformer_blocks\.\d+) fed the boundary "
                     r"state at \1 \(hidden_states \(2, 29, 16\)\) fails: RuntimeError: shape '\[2, 4, 4, 2, 2, 4\]' "
                     r"is invalid for input of size 416$", message), message
+
+
+@pytest.mark.skipif("ZImageTransformer2DModel" not in NAMES, reason="this diffusers has no ZImageTransformer2DModel")
+def test_zimage_cfg_parallel_cuts_its_per_prompt_lists(one_thread):
+    """ZImage's CFG batch is per-sample lists ([cond..., uncond...] caption features): each half gets its prompts."""
+    pipe, call = _pipeline("ZImageTransformer2DModel")
+    stock = embedding_pipelines.run(pipe, call)
+    split = split_denoiser(pipe.transformer, call=None)
+    sample = torch.zeros(2, 4, 1, 2, 2)
+    # caption features of 2 tokens: the generic rule would cut inside them (first size == batch), not the list
+    caps = [torch.full((2, 16), float(k)) for k in range(2)]
+    for part in range(2):
+        _, _, args = split.batch_part((sample, torch.zeros(2), {"cap_feats": caps}), part, 2, 2)
+        assert len(args["cap_feats"]) == 1 and torch.equal(args["cap_feats"][0], caps[part])
+    wrapped = AsyncDiffPipeline(pipe, stages=1, cfg_parallel=True)
+    # each half runs at batch 1 instead of 2: same maths, kernels may round differently (the matrix's tolerance)
+    torch.testing.assert_close(embedding_pipelines.run(wrapped, call), stock, atol=1e-5, rtol=0)
+    support_matrix.record("ZImageTransformer2DModel", cfg_parallel="yes (serial == stock, ≤ 1e-5)")

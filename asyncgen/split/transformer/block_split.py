@@ -48,7 +48,7 @@ from torch import nn
 
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.stage_hook import BlockCall, stage_hook_of, StageExit, StageRun
-from asyncgen.split.transformer.signature import sample_is_list, timestep_argument
+from asyncgen.split.transformer.signature import is_list_of_tensors, sample_is_list, timestep_argument
 from asyncgen.split.transformer.trace import SplitRefused, stacked, trace_blocks
 from asyncgen.split.units import DenoiserSplit, Unit
 
@@ -72,6 +72,8 @@ class BlockSplit(DenoiserSplit):
         self.sample_argument = next(iter(parameters))
         self.timestep_argument = timestep_argument(denoiser.forward)
         self.sample_is_list = sample_is_list(denoiser.forward)
+        # the other arguments the forward takes as per-sample lists (CFG parallel cuts them as lists)
+        self._list_arguments = {name for name, p in list(parameters.items())[1:] if is_list_of_tensors(p)}
         self.lora_kwargs_name = next((n for n in _LORA_KWARGS if n in parameters), "attention_kwargs")
         self._example = example_inputs
         self.denoiser = denoiser
@@ -98,6 +100,24 @@ class BlockSplit(DenoiserSplit):
         if self.sample_is_list and isinstance(call.get(self.sample_argument), torch.Tensor):
             call = {**call, self.sample_argument: list(call[self.sample_argument].unbind(0))}
         return dict(call)
+
+    def batch_part(self, value, part: int, parts: int, batch: int):
+        """CFG parallel's slice of ``(sample, timestep, arguments)``: as :func:`asyncgen.schedules.cfg_parallel.batch_part`,
+        except that an argument the forward takes as a per-sample list (ZImage's caption features, one tensor per
+        prompt, [cond..., uncond...]) is cut as a list, its ``batch`` members into ``parts`` runs; the generic rule
+        would leave the list whole and cut inside its members wherever their first size happened to be ``batch``."""
+        from asyncgen.schedules.cfg_parallel import batch_part
+
+        sample, timestep, arguments = value
+        size = batch // parts
+
+        def cut(name, v):
+            if name in self._list_arguments and isinstance(v, (list, tuple)) and len(v) == batch:
+                return type(v)(v[part * size:(part + 1) * size])
+            return batch_part(v, part, parts, batch)
+
+        return (batch_part(sample, part, parts, batch), batch_part(timestep, part, parts, batch),
+                {k: cut(k, v) for k, v in arguments.items()})
 
     def sample_tensor(self, sample) -> torch.Tensor:
         """The forward's sample argument as one batch tensor (what the schedule and the wire carry)."""
