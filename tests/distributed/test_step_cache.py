@@ -10,23 +10,25 @@ from step_caches import CLASSES, STEPS, cache_config
 
 pytestmark = pytest.mark.distributed
 
-# (cache, stages, stride, enabled on the denoiser before wrapping); 2 ranks each
+# (cache, stages, stride, enabled on the denoiser before wrapping, time_shift); 2 ranks each
 CONFIGS = [
-    ("FirstBlockCacheConfig", 2, 1, False),
-    ("FirstBlockCacheConfig", 2, 1, True),
-    ("MagCacheConfig", 2, 1, False),
-    ("PyramidAttentionBroadcastConfig", 2, 1, False),
-    ("TaylorSeerCacheConfig", 2, 1, False),
-    ("TaylorSeerCacheConfig", 1, 2, False),  # two replicas of one stage, each serving every other step
+    ("FirstBlockCacheConfig", 2, 1, False, False),
+    ("FirstBlockCacheConfig", 2, 1, True, True),
+    ("FirstBlockCacheConfig", 1, 2, False, False),  # two whole-model replicas, each with its own decisions
+    ("MagCacheConfig", 2, 1, False, False),
+    ("PyramidAttentionBroadcastConfig", 2, 1, False, False),
+    ("TaylorSeerCacheConfig", 2, 1, False, True),
+    ("TaylorSeerCacheConfig", 1, 2, False, False),  # two replicas of one stage, each serving every other step
 ]
 
 
-def _wrapped(path, name, stages, stride, before):
+def _wrapped(path, name, stages, stride, before, time_shift):
     pipe = tiny_models.load_family(path, "flux")
+    kwargs = dict(stages=stages, stride=stride, warmup=1, time_shift=time_shift)
     if before:
         pipe.transformer.enable_cache(cache_config(name, pipe))
-        return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1)
-    return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1, cache=cache_config(name, pipe))
+        return AsyncDiffPipeline(pipe, **kwargs)
+    return AsyncDiffPipeline(pipe, cache=cache_config(name, pipe), **kwargs)
 
 
 def _run(rank, world_size, path, configs):
@@ -43,7 +45,8 @@ def test_caches_on_two_ranks_equal_the_simulator(dit_paths, one_thread):
     for i, config in enumerate(configs):
         expected = _wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
         uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=config[1], stride=config[2],
-                                     warmup=1)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS))
+                                     warmup=1, time_shift=config[4])(**tiny_models.family_call_kwargs(
+                                         "flux", num_inference_steps=STEPS))
         assert not np.array_equal(expected, uncached.images), config  # the cache acted
         for rank, images in enumerate(per_rank):
             # received states sit at aligned offsets of one flat buffer (comm/wire.py): see assert_equals_simulator
