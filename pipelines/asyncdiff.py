@@ -156,7 +156,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             (``pipe.transformer.enable_cache(...)``) is carried over the same way. Each rank runs the
             cache on its own blocks; with ``stages=1`` the images equal the stock pipeline's with the
             same cache. First Block Cache and MagCache decide on the first stage and send the decision
-            with its boundary state; they and PAB need ``stride=1``.
+            with its boundary state; PAB needs ``stride=1``.
     """
 
     _bound_by = "its denoiser is split into stages for this process's rank and process group"

@@ -364,6 +364,9 @@ class DistributedRuntime:
                 else:
                     made[step] = self.split.output(out)
                     self._send_prediction(made[step])
+            elif k == last and getattr(self.cache, "shadows_exact_steps", False):
+                # a signal cache's later replica computes the exact step too (it would idle), for its own residual
+                self._compute(self._latest_input, cond, step)
             return self._assemble(made, incoming)
 
         tasks = schedule.round_tasks(step, total_steps)

@@ -29,9 +29,10 @@ what crosses a cut:
   compute or pass through as the stock cache's would; the residual added on a skip is the
   last stage's (it computed it at the tail), added at the tail block's output instead of the
   head's: the blocks in between pass their input through on a skip, so it is the same sum.
-  The first stage's head adds nothing in its place (an exact zero). With two stages or more
-  both need stride 1 (a stride's second replica would have no residual of its own on its first
-  round); one stage at stride S is S whole models, each with its own state.
+  The first stage's head adds nothing in its place (an exact zero). At stride S the last
+  stage's replicas j > 0, idle in an exact step, compute it too (output discarded), so each has
+  a residual of its own before its first round; one stage at stride S is S whole models, each
+  with its own state.
 * **Pyramid Attention Broadcast** keeps its state on each attention hook (no ``StateManager``).
   At stride 1 only the stage holding a module calls it, once a step, so its call count is the
   step index and its timestep callback (the pipeline's current timestep) is the served step's:
@@ -145,9 +146,9 @@ class StagedCache:
         self.kind = type(config).__name__
         self.signal = self.kind in ("FirstBlockCacheConfig", "MagCacheConfig")
         self.n_stages = len(stages)
-        if self.signal and self.n_stages > 1 and stride > 1:
-            raise ValueError(f"{self.kind} under stages needs stride=1 (got stride={stride}): a second replica of "
-                             "the last stage would skip its first round with no residual of its own")
+        # a signal cache's skip adds the last stage's own residual: at stride S its replicas j > 0, which an exact
+        # step leaves idle, compute the exact steps too, so each has one before its first round
+        self.shadows_exact_steps = self.signal and len(stages) > 1 and stride > 1
         if self.kind == "PyramidAttentionBroadcastConfig" and stride > 1:
             raise ValueError(f"{self.kind} needs stride=1 (got stride={stride}): its state is one per attention "
                              "module, not per replica, and its timestep callback gives the round's timestep, not "

@@ -57,6 +57,10 @@ class SerialSimulator:
             cond = cond_at(step)
             state = split.initial_state(sample, cond)
             for stage in self.stages:
+                if stage.index == last and getattr(self.cache, "shadows_exact_steps", False):
+                    # the last stage's other replicas run the exact step too, for their cache state only
+                    for replica in range(1, self.topology.stride):
+                        self._stage(stage, state, cond, replica, step)
                 state = self._stage(stage, state, cond, 0, step)
                 if stage.index < last:
                     self._latest[stage.index] = state

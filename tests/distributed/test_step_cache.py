@@ -51,3 +51,19 @@ def test_caches_on_two_ranks_equal_the_simulator(dit_paths, one_thread):
         for rank, images in enumerate(per_rank):
             # received states sit at aligned offsets of one flat buffer (comm/wire.py): see assert_equals_simulator
             tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")
+
+
+# signal caches at stride 2: stage 0 on rank 0, the last stage's replicas on ranks 1 and 2
+STRIDE_CONFIGS = [("FirstBlockCacheConfig", 2, 2, False, False), ("MagCacheConfig", 2, 2, False, False)]
+
+
+def test_signal_caches_at_stride_two_on_three_ranks_equal_the_simulator(dit_paths, one_thread):
+    configs = [c for c in STRIDE_CONFIGS if c[0] in CLASSES]
+    if not configs:
+        pytest.skip("the installed diffusers has neither First Block Cache nor MagCache")
+    path = str(dit_paths["flux"])
+    per_rank = launch(_run, 3, path, configs, timeout=400)
+    for i, config in enumerate(configs):
+        expected = _wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
+        for rank, images in enumerate(per_rank):
+            tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")

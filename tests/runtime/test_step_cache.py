@@ -80,12 +80,21 @@ def test_two_passes_per_step_with_a_cache_equal_stock(family_path, name, one_thr
         np.testing.assert_array_equal(wrapped(**kwargs()).frames, stock, err_msg=f"stages={stages}")
 
 
+@pytest.mark.parametrize("name", ["FirstBlockCacheConfig", "MagCacheConfig"])
+def test_signal_caches_at_stride_two(dit_paths, name, one_thread):
+    path = dit_paths["flux"]
+    # all exact: replica 0 makes every prediction as stock; replica 1's shadow runs leave them untouched
+    exact = _wrapped(path, name, stages=2, stride=2, warmup=STEPS)(**_call()).images
+    np.testing.assert_array_equal(exact, _stock(path, name))
+    # stale: replica 1 skips from its first round on with the residual of its own exact-step runs
+    cached = _wrapped(path, name, stages=2, stride=2, warmup=1)(**_call()).images
+    uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=2, stride=2, warmup=1)(**_call())
+    assert np.isfinite(cached).all() and not np.array_equal(cached, uncached.images)
+
+
 def test_refusals_name_the_bad_value(dit_paths, sd_path):
     with pytest.raises(ValueError, match=r"cache='fbc' is not a diffusers step cache .* FirstBlockCacheConfig"):
         AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=1, cache="fbc")
-    with pytest.raises(ValueError, match="needs stride=1"):
-        AsyncDiffPipeline(tiny_models.load_family(dit_paths["flux"], "flux"), stages=2, stride=2,
-                          cache=cache_config("FirstBlockCacheConfig"))(**_call())
     pipe = tiny_models.load_family(dit_paths["flux"], "flux")
     pipe.transformer.enable_cache(cache_config("FirstBlockCacheConfig"))
     with pytest.raises(ValueError, match="already has FirstBlockCacheConfig enabled and cache=TaylorSeerCacheConfig"):
