@@ -79,17 +79,29 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     passes, batch = cfg_passes(pipeline_class, denoiser)
     split = split_denoiser(denoiser)
     inputs = split.example_inputs(batch, *latent)
-    unit_seconds = shared = None
+    unit_seconds = shared = half = None
     if compute == "time":
         threads = torch.get_num_threads()
         if torch.device(device).type == "cpu":
             torch.set_num_threads(1)
         try:
             unit_seconds = timed_units(split, inputs, repeats)
+            half = half_batch_times(split, inputs, repeats)
         finally:
             torch.set_num_threads(threads)
     return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
-                          context_parallel=context_parallel_refusal(denoiser))
+                          context_parallel=context_parallel_refusal(denoiser), half_batch_unit_seconds=half)
+
+
+def half_batch_times(split, inputs: dict, repeats: int = 3) -> list[float] | None:
+    """Each unit timed on the second half of a doubled ``[uncond, cond]`` batch (what a CFG-parallel rank runs);
+    None when the pass carries one sample."""
+    from asyncgen.schedules.cfg_parallel import batch_part
+
+    batch = int(split.sample_tensor(inputs[split.sample_argument]).shape[0])
+    if batch != 2:
+        return None
+    return timed_units(split, batch_part(inputs, 1, 2, batch), repeats)
 
 
 def timed_units(split, inputs: dict, repeats: int = 3) -> list[float]:
@@ -149,4 +161,5 @@ def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: in
     inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
     unit_seconds = timed_units(split, inputs, repeats)
     return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds,
+                          half_batch_unit_seconds=half_batch_times(split, inputs, repeats),
                           cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser))

@@ -24,7 +24,8 @@ The cost model (:class:`DenoiserCosts`, one denoiser pass):
 Prediction for ``T`` steps, per denoiser pass (a pipeline may make two per step: Wan's CFG),
 with batch share ``f`` (1/2 under CFG parallel) and sequence share ``1/P``:
 
-- stage ``k`` computes ``t_k = g * (f * units_k / P + f * shared)`` plus its Ulysses all-to-alls
+- stage ``k`` computes ``t_k = g * (f * units_k / P + f * shared)`` (under CFG parallel the units'
+  times on half the batch where they were measured so, instead of ``f * units_k``) plus its Ulysses all-to-alls
   (``4 * calls_k`` all-to-alls of ``f * attention_bytes / P`` each; an all-to-all over ``P``
   ranks as the probe timed it over that many, else ``P - 1`` messages of ``1/P`` of it) and,
   on the last stage, the all-gather of the
@@ -124,6 +125,9 @@ class DenoiserCosts:
     passes_per_step: int = 1  # denoiser calls per step (2 where a pipeline runs CFG as two calls: Wan)
     pass_batch: int = 2  # 2: [uncond, cond] in one pass, which CFG parallel can split; 1: nothing to split
     context_parallel: str | None = None  # None: diffusers can run this class context-parallel; else why not
+    # each unit on half the pass batch (what a CFG-parallel rank runs), where measured: a kernel on half the
+    # batch is rarely half the time on CPUs (None: half the whole batch's)
+    half_batch_unit_seconds: tuple[float, ...] | None = None
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -134,6 +138,9 @@ class DenoiserCosts:
         if len(self.boundary_bytes) != n - 1:
             raise ValueError(f"boundary_bytes needs one entry per cut between units ({n - 1}), "
                              f"got {len(self.boundary_bytes)}")
+        if self.half_batch_unit_seconds is not None and len(self.half_batch_unit_seconds) != n:
+            raise ValueError(f"half_batch_unit_seconds needs one entry per unit ({n}), "
+                             f"got {len(self.half_batch_unit_seconds)}")
         if self.passes_per_step not in (1, 2) or self.pass_batch not in (1, 2):
             raise ValueError(f"passes_per_step={self.passes_per_step}, pass_batch={self.pass_batch}: each is 1 or 2")
 
@@ -219,10 +226,14 @@ def predict(costs: DenoiserCosts, link: Link, layout: Layout, steps: int) -> Pre
     slowdown = link.parallel_slowdown if layout.devices > 1 else 1.0
     cuts = costs.cuts(layout.stages)
     n_stages = layout.stages
+    # a CFG-parallel rank's units on half the batch: as measured there, else half the whole batch's
+    units, unit_share = ((costs.half_batch_unit_seconds, 1.0)
+                         if layout.cfg_parallel and costs.half_batch_unit_seconds is not None
+                         else (costs.unit_seconds, f))
     compute, attention, message = [], [], []
     for k in range(n_stages):
         lo, hi = cuts[k], cuts[k + 1]
-        compute.append(slowdown * (f * sum(costs.unit_seconds[lo:hi]) / p + f * costs.shared_seconds))
+        compute.append(slowdown * (unit_share * sum(units[lo:hi]) / p + f * costs.shared_seconds))
         exchanged = 0.0
         if p > 1:
             calls = sum(costs.attention_calls[lo:hi])
@@ -353,7 +364,8 @@ def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: i
 
 def denoiser_costs(split, inputs: dict, passes_per_step: int, unit_seconds: Sequence[float] | None = None,
                    shared_seconds: float | None = None, rate=None, cut_costs: Sequence[float] | None = None,
-                   context_parallel: str | None = None) -> DenoiserCosts:
+                   context_parallel: str | None = None,
+                   half_batch_unit_seconds: Sequence[float] | None = None) -> DenoiserCosts:
     """:class:`DenoiserCosts` of ``split`` for one pass called with ``inputs`` (its batch, size and text length).
 
     Bytes and attention calls are counted on shapes (no arithmetic; meta weights do). Compute is
@@ -363,6 +375,7 @@ def denoiser_costs(split, inputs: dict, passes_per_step: int, unit_seconds: Sequ
     ``cut_costs``: what the wrapper balances its cuts on (default: its FLOP estimate on the split's own
     example, as ``split="flops"`` does at attach time). ``context_parallel``: None where diffusers can
     run the denoiser's class context-parallel, else the reason it cannot (see :func:`context_parallel_refusal`).
+    ``half_batch_unit_seconds``: the units timed on half of a doubled batch (what CFG parallel runs).
     """
     from asyncgen.cost.estimate import estimate_unit_costs
 
@@ -391,6 +404,8 @@ def denoiser_costs(split, inputs: dict, passes_per_step: int, unit_seconds: Sequ
         attention_calls=tuple(counted["attention_calls"]), attention_bytes=float(counted["attention_bytes"]),
         attention_heads=counted["attention_heads"], passes_per_step=passes_per_step, pass_batch=batch,
         context_parallel=context_parallel,
+        half_batch_unit_seconds=tuple(float(t) for t in half_batch_unit_seconds)
+        if half_batch_unit_seconds is not None else None,
         notes=dict(unit_flops=counted["unit_flops"], unit_bytes=counted["unit_bytes"],
                    shared_flops=counted["shared_flops"], shared_bytes=counted["shared_bytes"]))
 

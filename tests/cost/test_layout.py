@@ -101,6 +101,11 @@ def test_the_predicted_step_time_follows_the_formula():
     assert predict(COSTS, timed, Layout(ulysses=2), steps=10).step_s == pytest.approx(
         1.5 * (0.100 / 2 + 0.002) + 4 * 4 * (0.003 + 2000 / 2e6) + 0.001 + 250 / 1e6, **CLOSE)
     assert timed.all_to_all_s(2000, 4) == 3 * LINK.message_s(500)  # other degrees: the message estimate
+    # CFG parallel with the units timed on half the batch: those times, not half the whole batch's
+    halves = DenoiserCosts(**{**COSTS.to_dict(), "half_batch_unit_seconds": (0.007, 0.013, 0.018, 0.022)})
+    assert predict(halves, LINK, Layout(cfg_parallel=True), steps=10).step_s == pytest.approx(
+        1.5 * (0.060 + 0.5 * 0.002) + 0.001 + 250 / 1e6, **CLOSE)
+    assert predict(halves, LINK, Layout(2, 1, 1), 10).step_s == predict(COSTS, LINK, Layout(2, 1, 1), 10).step_s
     # one device: no slowdown, no messages
     assert predict(COSTS, LINK, Layout(), steps=10).step_s == pytest.approx(0.102, **CLOSE)
     # two passes per step (Wan's CFG): each pass its own lane, so twice the time
