@@ -4,10 +4,11 @@ Each task ``t`` owns a trainable embedding ``e_t``; the hypernetwork ``H_eta`` t
 whole weight vector of the target network. Forgetting is prevented by keeping ``H_eta`` fixed at
 the embeddings of earlier tasks: with ``eta*`` the hypernetwork at the start of task ``t``,
 
-    R = beta_reg / (t - 1) * sum_{i < t} sum_{z in anchors(i)} || H_eta(z) - H_eta*(z) ||^2
+    R = beta_reg / (t - 1) * sum_{i < t} || A_i(eta) - A_i(eta*) ||^2
 
-where ``anchors(i) = {e_i}``. :class:`~asyncgen.catalogue.continual.hyperinterval.HyperInterval`
-extends this class with interval embeddings (three anchors per task).
+where ``A_i(eta) = H_eta(e_i)`` (the anchor outputs of task i).
+:class:`~asyncgen.catalogue.continual.hyperinterval.HyperInterval` extends this class with interval
+embeddings, whose anchor outputs are the interval bounds of ``H`` over the whole box of task i.
 
 At scale: ``hypernetwork`` is a plain ``nn.Module``; wrap it in DDP/accelerate and shard the
 batch of each task as usual (the regulariser targets are a few cached vectors per task). For
@@ -56,11 +57,10 @@ class HNet:
         beta_reg: weight of the output regulariser against forgetting (default 0.01, must be >= 0).
         lr: Adam learning rate (default 1e-3; a fresh Adam per task).
         seed: seeds the hypernetwork's initial weights and the embeddings.
-        input_scale: scale of the hypernetwork's initial first-layer weights (default 1; see :class:`HyperNetwork`).
     """
 
     def __init__(self, target: TargetMLP, embedding_dim: int = 24, hidden: tuple[int, ...] = (100, 100),
-                 beta_reg: float = 0.01, lr: float = 1e-3, seed: int = 0, input_scale: float = 1.0):
+                 beta_reg: float = 0.01, lr: float = 1e-3, seed: int = 0):
         if not beta_reg >= 0:
             raise ValueError(f"beta_reg={beta_reg}: must be >= 0")
         if not lr > 0:
@@ -71,7 +71,7 @@ class HNet:
         self.generator = torch.Generator().manual_seed(int(seed))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            self.hypernetwork = HyperNetwork(embedding_dim, target.numel, hidden, input_scale)
+            self.hypernetwork = HyperNetwork(embedding_dim, target.numel, hidden)
         self.raw_embeddings = nn.ParameterList()
         self._anchor_targets: torch.Tensor | None = None  # H_eta*(anchors of tasks < t), cached at the switch
 
@@ -84,9 +84,10 @@ class HNet:
         """The point embedding ``e_t`` (HNET: the raw trainable vector)."""
         return self.raw_embeddings[self._check_task(task)]
 
-    def anchor_points(self, task: int) -> torch.Tensor:
-        """Embeddings at which the hypernetwork's output is kept fixed after ``task`` (rows)."""
-        return self.embedding(task)[None]
+    def anchor_outputs(self, tasks: list[int]) -> torch.Tensor:
+        """What the regulariser keeps fixed for ``tasks`` once they are learned (rows, task by task): HNET's
+        ``H(e_task)``. One batched call for all tasks: the hypernetwork's last layer is read once, not per task."""
+        return self.hypernetwork(torch.stack([self.embedding(task) for task in tasks]))
 
     def _check_task(self, task: int) -> int:
         if not 0 <= int(task) < self.tasks_seen:
@@ -104,12 +105,12 @@ class HNet:
         return F.cross_entropy(self.logits(x, task), y)
 
     def regulariser(self) -> torch.Tensor:
-        """``beta_reg / (t-1) * sum_i sum_z ||H(z) - H*(z)||^2`` over the anchors of earlier tasks (0 for task 0)."""
+        """``beta_reg / (t-1) * sum_i ||A_i - A*_i||^2`` over the anchor outputs of earlier tasks (0 for task 0)."""
         previous = self.tasks_seen - 1
         if previous <= 0 or self._anchor_targets is None or self.beta_reg == 0:
             return torch.zeros(())
-        anchors = torch.cat([self.anchor_points(i) for i in range(previous)]).detach()
-        drift = self.hypernetwork(anchors) - self._anchor_targets
+        # the embeddings of earlier tasks are frozen (requires_grad False), so only eta moves A_i
+        drift = self.anchor_outputs(list(range(previous))) - self._anchor_targets
         return self.beta_reg / previous * drift.pow(2).sum()
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -117,8 +118,7 @@ class HNet:
         """Freeze the targets of the regulariser (``eta*`` = now) and add a new embedding; its task id."""
         with torch.no_grad():
             if self.tasks_seen:
-                anchors = torch.cat([self.anchor_points(i) for i in range(self.tasks_seen)])
-                self._anchor_targets = self.hypernetwork(anchors).clone()
+                self._anchor_targets = self.anchor_outputs(list(range(self.tasks_seen))).clone()
         self.raw_embeddings.append(nn.Parameter(torch.randn(self.hypernetwork.embedding_dim,
                                                             generator=self.generator)))
         return self.tasks_seen - 1

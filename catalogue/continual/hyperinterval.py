@@ -11,8 +11,11 @@ bounds. The loss of task ``t`` is
     kappa * CE(f(x; H(e_t)), y) + (1 - kappa) * CE(worst-case logits, y)
 
 with ``kappa`` annealed linearly from 1 to ``kappa_min`` (0.5) over the first half of the
-task's training, plus HNET's regulariser at the three anchors ``e_i - eps, e_i, e_i + eps``
-of every earlier task. After the last task one *universal embedding* ``u``, the midpoint of
+task's training, plus HNET's regulariser on every earlier task's *propagated bounds*: the
+interval output ``[H^-(box_i), H^+(box_i)]`` of the hypernetwork over task i's whole box (and
+``H(e_i)``) is kept where it was when task i ended. Pinning the bounds, not a few points of the
+box, is what carries the guarantee over to later tasks: every target network the box maps to
+stays inside the weight interval that task i was verified with. After the last task one *universal embedding* ``u``, the midpoint of
 ``[max_i (e_i - eps), min_i (e_i + eps)]``, gives a single network for all tasks: for every
 ``z`` in task i's box, ``H(z)`` lies in ``[theta_i^-, theta_i^+]``, so every sample whose
 worst-case margin over task i's box is positive ("verified") is classified correctly by
@@ -43,17 +46,16 @@ class HyperInterval(HNet):
         gamma: half-width of every task box and bound of the embedding centres (default 0.5; >= 0;
             0 gives point embeddings, i.e. HNET).
         kappa_min: the weight of the point loss after the first half of each task (default 0.5; in [0, 1]).
-        input_scale: the hypernetwork's first-layer initial scale (default 0.01 here, see :class:`HyperNetwork`).
     """
 
     def __init__(self, target: TargetMLP, embedding_dim: int = 24, hidden: tuple[int, ...] = (100, 100),
                  beta_reg: float = 0.01, lr: float = 1e-3, seed: int = 0, gamma: float = 0.5,
-                 kappa_min: float = 0.5, input_scale: float = 0.01):
+                 kappa_min: float = 0.5):
         if not gamma >= 0:
             raise ValueError(f"gamma={gamma}: must be >= 0")
         if not 0 <= kappa_min <= 1:
             raise ValueError(f"kappa_min={kappa_min}: kappa must lie in [0, 1]")
-        super().__init__(target, embedding_dim, hidden, beta_reg, lr, seed, input_scale)
+        super().__init__(target, embedding_dim, hidden, beta_reg, lr, seed)
         self.gamma = float(gamma)
         self.kappa_min = float(kappa_min)
 
@@ -67,11 +69,15 @@ class HyperInterval(HNet):
         centre = self.embedding(task)
         return centre - self.gamma, centre + self.gamma
 
-    def anchor_points(self, task: int) -> torch.Tensor:
-        centre = self.embedding(task)
-        if self.gamma == 0:  # the three anchors coincide: the set {lower, e, upper} has one element
-            return centre[None]
-        return torch.stack([centre - self.gamma, centre, centre + self.gamma])
+    def anchor_outputs(self, tasks: list[int]) -> torch.Tensor:
+        """Per task, rows ``H^-(box), H(e), H^+(box)``: the hypernetwork's interval output over the task's whole
+        box (interval bound propagation) and its output at the centre; one row ``H(e)`` when ``gamma = 0``."""
+        if self.gamma == 0:  # a point box: the bounds are H(e) itself, HNET's single anchor
+            return super().anchor_outputs(tasks)
+        centres = torch.stack([self.embedding(task) for task in tasks])
+        theta_centre, theta_radius = self.hypernetwork.forward_interval(centres, torch.full_like(centres, self.gamma))
+        rows = torch.stack([theta_centre - theta_radius, self.hypernetwork(centres), theta_centre + theta_radius], 1)
+        return rows.reshape(-1, rows.shape[-1])
 
     def kappa(self, progress: float) -> float:
         """1 at the start of a task, falling linearly to ``kappa_min`` at half of it, then constant."""

@@ -14,25 +14,19 @@ class HyperNetwork(nn.Module):
     ``forward`` maps a point embedding to a flat weight vector; ``forward_interval`` maps a box
     ``centre ± radius`` to a box of weight vectors containing ``H(z)`` for every ``z`` in it.
 
-    ``input_scale`` multiplies the default initial weights of the first layer. Interval training
-    needs it small: the box radius is multiplied by ``|W|`` at every layer, and with PyTorch's
-    default initialisation the logit bounds start orders of magnitude wider than the logits, the
-    worst-case term then drives the target network to a constant output (measured on seed 100:
-    accuracy 0.5 on split-digits at ``input_scale`` 1 and 0.1, 1.0 on the first task at 0.01).
+    Every layer keeps PyTorch's default ``nn.Linear`` initialisation (the HNET and HyperInterval
+    papers' hypernetworks start from their framework's default too). An earlier version shrank the
+    first layer to 0.01x, which made ``H`` almost constant in the embedding: every task then trained
+    one shared target network and the learner forgot like fine-tuning (issue 25).
     """
 
-    def __init__(self, embedding_dim: int, numel: int, hidden: tuple[int, ...] = (100, 100),
-                 input_scale: float = 1.0):
+    def __init__(self, embedding_dim: int, numel: int, hidden: tuple[int, ...] = (100, 100)):
         super().__init__()
-        if not input_scale > 0:
-            raise ValueError(f"input_scale={input_scale}: must be > 0")
         sizes = (int(embedding_dim), *(int(h) for h in hidden), int(numel))
         if any(s < 1 for s in sizes):
             raise ValueError(f"HyperNetwork sizes {sizes}: every layer needs at least one unit")
         self.embedding_dim = sizes[0]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        with torch.no_grad():
-            self.layers[0].weight.mul_(input_scale)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         x = embedding
