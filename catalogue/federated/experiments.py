@@ -20,7 +20,9 @@ i's update Δ_i with a weight proportional to p_i, times the arm's own server st
 the arm's reference scale, the same tuning seeds ≥ 100, never an evaluation seed), by the
 experiment's ``tune_NAME`` (``asyncgen catalogue tune NAME``, :func:`tune_settings`); the chosen
 values are the experiments' defaults (``eta_g_ARM``) and are recorded in results.json under ``tuning``.
-FedAST keeps one shared η_g (its arms share FedAST's own aggregator).
+FedAST's arms (several models at once) are tuned the same way, scored by the mean over tasks of each task's
+accuracy curve's mean over the budget; its arms' weighting: sync-st η_g·Σ_S p_iΔ_i/Σ_S p_i per task round,
+fedast and fedast-static η_g·mean of b_m buffered results, async-st η_g·Δ per result (b_m = 1).
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ GRID_FACTOR = 3.0  # neighbouring grid values differ by this factor
 TUNING_CRITERION = ("mean test accuracy over the budget (area under the accuracy-vs-simulated-time curve / budget), "
                     "mean over the tuning seeds; ties go to the smaller eta_g; a best value at an edge of the grid is "
                     "searched once more on a grid of the same size centred on it (the same rule for every arm)")
+#: FedAST trains several models at once: every task's curve counts alike (the rest of the rule is the same)
+FEDAST_CRITERION = "mean over the tasks of each task's " + TUNING_CRITERION
 
 
 def eta_grid(reference: float, points: int) -> list[float]:
@@ -148,9 +152,11 @@ def eta_grid(reference: float, points: int) -> list[float]:
     return [float(f"{reference * GRID_FACTOR ** k:.4g}") for k in range(-half, points - half)]
 
 
-def mean_accuracy(history: History, budget: float, model: int = 0) -> float:
-    """The tuning criterion: the accuracy step curve's mean over [0, budget] (201 points)."""
-    return float(np.mean(history.curve(np.linspace(0.0, budget, 201), model)))
+def mean_accuracy(history: History, budget: float) -> float:
+    """The tuning criterion: the accuracy step curve's mean over [0, budget] (201 points), averaged over the
+    history's models (one model in every experiment but FedAST's, whose tasks count alike)."""
+    grid = np.linspace(0.0, budget, 201)
+    return float(np.mean([np.mean(history.curve(grid, k)) for k in range(len(history.times))]))
 
 
 def check_tune_seeds(seeds: Sequence[int]) -> list[int]:
@@ -180,7 +186,7 @@ class Setting:
 
 
 def tuning_record(config: dict, arms: Sequence[str], references: dict[str, float], suffixes: Sequence[str],
-                  eta_of: Callable[[dict, str], object] | None = None) -> dict:
+                  eta_of: Callable[[dict, str], object] | None = None, criterion: str = TUNING_CRITERION) -> dict:
     """What results.json records under ``tuning``: the η_g each arm ran with, its grid, the tuning seeds."""
     points = int(config["tune_points"])
     eta_of = eta_of or _eta
@@ -190,7 +196,7 @@ def tuning_record(config: dict, arms: Sequence[str], references: dict[str, float
         for arm in arms:
             record[arm + suffix] = {"eta_g": _pick(eta_of(config, arm), index)}
             grid[arm + suffix] = {"eta_g": eta_grid(references[arm], points)}
-    return {**record, "grid": grid, "seeds": check_tune_seeds(config["tune_seeds"]), "criterion": TUNING_CRITERION}
+    return {**record, "grid": grid, "seeds": check_tune_seeds(config["tune_seeds"]), "criterion": criterion}
 
 
 def tuned_defaults(tuning: dict, arms: Sequence[str], suffixes: Sequence[str]) -> dict:
@@ -208,11 +214,12 @@ def _eta(config: dict, arm: str):
 
 
 def tune_settings(settings_for_seed: Callable[[int, dict], list[Setting]], config: dict, arms: Sequence[str],
-                  references: dict[str, float], progress) -> dict:
+                  references: dict[str, float], progress, criterion: str = TUNING_CRITERION) -> dict:
     """Grid-search η_g per arm on the tuning seeds: {arm: {"eta_g": best}, "grid", "seeds", "scores", "criterion"}.
 
-    ``arms`` are the base arm names (fedavg first). A setting with a suffix (an operating point such as
-    fedbuff's C=10) is tuned separately: its arms are named ARM+suffix. Every arm gets the same budget:
+    ``arms`` are the base arm names, the synchronous baseline first (its run sets the budget). A setting with a
+    suffix (an operating point such as fedbuff's C=10) is tuned separately: its arms are named ARM+suffix. Every arm
+    gets the same budget:
     ``tune_points`` values of η_g around its reference on the same tuning seeds, and, where the best of them
     is at an edge of that grid, ``tune_points`` values around the best (the values not run yet), once.
     """
@@ -221,14 +228,15 @@ def tune_settings(settings_for_seed: Callable[[int, dict], list[Setting]], confi
     if points < 1:
         raise CatalogueError(f"tune_points={points}: need at least 1")
     scores: dict[str, dict[float, list[float]]] = {}
+    baseline = arms[0]
 
     def search(grids: Callable[[str, str], list[float]]) -> None:
         for seed in seeds:
             for index, setting in enumerate(settings_for_seed(seed, config)):
-                _, _, budget = setting.baseline(_pick(_eta(config, "fedavg"), index))
+                _, _, budget = setting.baseline(_pick(_eta(config, baseline), index))
                 for arm in arms:
                     for eta in grids(arm, setting.suffix):
-                        history = setting.baseline(eta)[1] if arm == "fedavg" else setting.run(arm, eta, budget)[1]
+                        history = setting.baseline(eta)[1] if arm == baseline else setting.run(arm, eta, budget)[1]
                         scores.setdefault(arm + setting.suffix, {}).setdefault(eta, []).append(
                             mean_accuracy(history, budget))
                         progress.update()
@@ -251,7 +259,7 @@ def tune_settings(settings_for_seed: Callable[[int, dict], list[Setting]], confi
             "grid": {name: {"eta_g": sorted(by_eta)} for name, by_eta in scores.items()}, "seeds": seeds,
             "scores": {name: {f"{e:g}": float(np.mean(v)) for e, v in sorted(by_eta.items())}
                        for name, by_eta in scores.items()},
-            "criterion": TUNING_CRITERION}
+            "criterion": criterion}
 
 
 def _pick(value, index: int) -> float:
@@ -653,70 +661,144 @@ FEDAST_TASKS = [("digits-mlp32", [64, 32, 10], 1.0, "digit"),
                 ("parity-logreg", [64, 2], 1.0, "parity")]
 
 
-ASYNC_ST_ARMS = ("async-st", "fedast-static", "fedast")
+FEDAST_ARMS = ("sync-st", "async-st", "fedast-static", "fedast")
+ASYNC_ST_ARMS = FEDAST_ARMS[1:]
 
 
-def run_fedast(config: dict, seeds: list[int], progress) -> ExperimentResult:
-    """FedAST vs sync-st, async-st and fedast-static: time until every task reaches its target."""
-    from .fedast import FedAST, SyncST, check_tasks
+def _fedast_tasks(config: dict) -> list:
+    from .fedast import check_tasks
 
     n, r, g, m = config["N"], config["R"], config["g"], config["M"]
     check_tasks(m, r, g)
     if m > len(FEDAST_TASKS):
         raise CatalogueError(f"M={m}: this experiment has {len(FEDAST_TASKS)} tasks (M in 1..{len(FEDAST_TASKS)})")
-    tasks = FEDAST_TASKS[:m]
+    return FEDAST_TASKS[:m]
+
+
+def _fedast_references(config: dict) -> dict[str, float]:
+    # a full step of the mean update for sync-st (its round's p-weighted mean) and for the buffered arms (the mean
+    # of a buffer); async-st applies every result alone, so its reference gives one result the weight it has in
+    # fedast-static's buffer of b = ceil((R/M)/g) results
+    b = math.ceil(config["R"] / config["M"] / config["g"])
+    return {"sync-st": 1.0, "async-st": 1.0 / b, "fedast-static": 1.0, "fedast": 1.0}
+
+
+class FedASTSetting:
+    """One seed of the FedAST experiment: the tasks' data and initial models, each arm built from its η_g.
+
+    Quacks like :class:`Setting` for :func:`tune_settings` (baseline: sync-st, run for its rounds; run: an
+    asynchronous arm to the budget with no task stopped); :meth:`simulate` with ``targets`` stops each task at its
+    target, as the experiment's runs do.
+    """
+
+    suffix = ""
+
+    def __init__(self, seed: int, config: dict):
+        torch.set_num_threads(1)
+        self.seed, self.config = seed, config
+        self.tasks = _fedast_tasks(config)
+        digits = federated_digits(seed, config["N"], config["alpha"])
+        parity = digits.relabel(digits.y_train % 2, digits.y_test % 2)
+        self.client_weights = digits.weights
+        self.datasets = [digits if labels == "digit" else parity for _, _, _, labels in self.tasks]
+        self.initial = [flatten(mlp(sizes, seed)) for _, sizes, _, _ in self.tasks]
+
+    def strategy(self, arm: str, eta: float):
+        from .fedast import FedAST, SyncST
+
+        c = self.config
+        if arm == "sync-st":
+            return SyncST(self.initial, c["N"], cohort=c["R"] // c["M"], steps=c["Q"],
+                          client_weights=self.client_weights, server_lr=eta, max_rounds=c["rounds"], seed=self.seed)
+        kind = {"async-st": dict(buffered=False, reallocate=False), "fedast-static": dict(reallocate=False),
+                "fedast": {}}[arm]
+        return FedAST(self.initial, c["N"], in_flight=c["R"], granularity=c["g"], steps=c["Q"], server_lr=eta,
+                      seed=self.seed, **kind)
+
+    def simulate(self, strategy, until: float, targets: list[float] | None = None,
+                 eval_interval: float = 0.0) -> History:
+        c = self.config
+        trainers = [BatchedMLPSGD(sizes, data, lr=c["lr"], batch=c["B"], seed=self.seed)
+                    for (_, sizes, _, _), data in zip(self.tasks, self.datasets)]
+        profile = make_profile("shifted-exp", c["N"], self.seed, task_costs=[kappa for _, _, kappa, _ in self.tasks])
+
+        def evaluate(k: int, weights: torch.Tensor) -> float:
+            accuracy = trainers[k].accuracy(weights, self.datasets[k].x_test, self.datasets[k].y_test)
+            if targets is not None and accuracy >= targets[k]:
+                strategy.finish(k)  # a task that reached its target stops and releases its quota
+            return accuracy
+
+        return Simulation(strategy, trainers, profile, evaluate, eval_interval=eval_interval).run(until)
+
+    def baseline(self, eta: float) -> tuple[object, History, float]:
+        """sync-st at ``eta`` for its rounds; its end (the last task's last round) is every arm's budget."""
+        strategy = self.strategy("sync-st", eta)
+        history = self.simulate(strategy, until=1e12)
+        budget = history.end = max(times[-1] for times in history.times)
+        return strategy, history, budget
+
+    def run(self, arm: str, eta: float, budget: float) -> tuple[object, History]:
+        strategy = self.strategy(arm, eta)
+        return strategy, self.simulate(strategy, until=budget, eval_interval=budget / EVALS_PER_BUDGET)
+
+
+def _fedast_settings(seed: int, config: dict) -> list[FedASTSetting]:
+    return [FedASTSetting(seed, config)]
+
+
+def tune_fedast(config: dict, progress) -> dict:
+    tuning = tune_settings(_fedast_settings, config, FEDAST_ARMS, _fedast_references(config), progress,
+                           FEDAST_CRITERION)
+    return {"tuning": tuning, "defaults": tuned_defaults(tuning, FEDAST_ARMS, [""])}
+
+
+def run_fedast(config: dict, seeds: list[int], progress) -> ExperimentResult:
+    """FedAST vs sync-st, async-st and fedast-static: time until every task reaches its target."""
+    from .fedast import FedAST
+
+    n, r, g, m = config["N"], config["R"], config["g"], config["M"]
+    tasks = _fedast_tasks(config)
     names = [t[0] for t in tasks]
-    progress.set_total(len(seeds) * 7)
+    record = tuning_record(config, FEDAST_ARMS, _fedast_references(config), [""], criterion=FEDAST_CRITERION)
+    progress.set_total(len(seeds) * 8)
     per_seed: dict[str, dict[str, list[float]]] = {}
     runs: dict[str, list[History]] = {}
     for seed in seeds:
-        torch.set_num_threads(1)
-        digits = federated_digits(seed, n, config["alpha"])
-        parity = digits.relabel(digits.y_train % 2, digits.y_test % 2)
-        datasets = [digits if labels == "digit" else parity for _, _, _, labels in tasks]
-        initial = [flatten(mlp(sizes, seed)) for _, sizes, _, _ in tasks]
-
-        def simulate(strategy, until: float, targets: list[float] | None = None) -> History:
-            trainers = [BatchedMLPSGD(sizes, data, lr=config["lr"], batch=config["B"], seed=seed)
-                        for (_, sizes, _, _), data in zip(tasks, datasets)]
-            profile = make_profile("shifted-exp", n, seed, task_costs=[kappa for _, _, kappa, _ in tasks])
-
-            def evaluate(k: int, weights: torch.Tensor) -> float:
-                accuracy = trainers[k].accuracy(weights, datasets[k].x_test, datasets[k].y_test)
-                if targets is not None and accuracy >= targets[k]:
-                    strategy.finish(k)  # a task that reached its target stops and releases its quota
-                return accuracy
-
-            # every model change is evaluated, so a task finishes at the first update that reaches its target
-            return Simulation(strategy, trainers, profile, evaluate, eval_interval=0.0).run(until)
-
-        sync = SyncST(initial, n, cohort=r // m, steps=config["Q"], client_weights=digits.weights,
-                      server_lr=config["eta_g"], max_rounds=config["rounds"], seed=seed)
-        base = simulate(sync, until=1e12)
-        budget = base.end = max(times[-1] for times in base.times)
+        setting = FedASTSetting(seed, config)
+        sync, base, budget = setting.baseline(_eta(config, "sync-st"))
         targets = [0.95 * base.final_accuracy(k) for k in range(m)]
         near = [config["near_target"] * base.final_accuracy(k) for k in range(m)]
         progress.update()
 
         def asynchronous(arm: str):
-            kind = {"async-st": dict(buffered=False, reallocate=False), "fedast-static": dict(reallocate=False),
-                    "fedast": {}}[arm]
-            return FedAST(initial, n, in_flight=r, granularity=g, steps=config["Q"], server_lr=config["eta_g"],
-                          seed=seed, **kind)
+            return setting.strategy(arm, _eta(config, arm))
 
         arms = {"sync-st": (sync, base), **{arm: (asynchronous(arm), None) for arm in ASYNC_ST_ARMS}}
         for arm in ASYNC_ST_ARMS:
             # the near-converged target: the same run, but a task stops (and releases its quota) only at
             # near_target × sync-st's final accuracy, so reallocation has the late phase to act in
-            history = simulate(asynchronous(arm), until=budget, targets=near)
+            strategy = asynchronous(arm)
+            # every model change is evaluated, so a task finishes at the first update that reaches its target
+            history = setting.simulate(strategy, until=budget, targets=near)
             near_times = [history.time_to(near[k], k) for k in range(m)]
             per_seed.setdefault(arm, {}).setdefault("time_all_tasks_near", []).append(
                 math.nan if any(math.isnan(t) for t in near_times) else max(near_times))
+            for k, name in enumerate(names):
+                per_seed[arm].setdefault(f"time_near_{name}", []).append(near_times[k])
+            if isinstance(strategy, FedAST) and strategy.reallocate:
+                per_seed[arm].setdefault("reallocations_near", []).append(len(strategy.reallocations))
             per_seed[arm].setdefault("budget", []).append(budget)
             progress.update()
+        # report-only: fedast at fedast-static's η_g, so that the quotas are the only difference between the two
+        equal = setting.strategy("fedast", _eta(config, "fedast-static"))
+        history = setting.simulate(equal, until=budget, targets=near)
+        near_times = [history.time_to(near[k], k) for k in range(m)]
+        per_seed["fedast"].setdefault("time_all_tasks_near_at_static_eta", []).append(
+            math.nan if any(math.isnan(t) for t in near_times) else max(near_times))
+        progress.update()
         for arm, (strategy, history) in arms.items():
             if history is None:
-                history = simulate(strategy, until=budget, targets=targets)
+                history = setting.simulate(strategy, until=budget, targets=targets)
                 progress.update()
             task_times = [history.time_to(targets[k], k) for k in range(m)]
             all_done = math.nan if any(math.isnan(t) for t in task_times) else max(task_times)
@@ -748,6 +830,19 @@ def run_fedast(config: dict, seeds: list[int], progress) -> ExperimentResult:
     # baseline that never reaches it within the budget counts as reaching it at the budget, which makes its time a
     # lower bound and fedast's ratio to it an upper bound (a PASS stands); fedast itself must reach it on every seed
     fedast_near = mean("fedast", "time_all_tasks_near")
+    # the report-only run: fedast at fedast-static's η_g, where the quotas are the only difference
+    static_near = mean("fedast-static", "time_all_tasks_near")
+    equal_near = mean("fedast", "time_all_tasks_near_at_static_eta")
+    generic = "moving quotas toward the noisiest task did not shorten the late phase by 10%"
+    if math.isnan(static_near) or math.isnan(equal_near):
+        static_reason = f"{generic} at the tuned η_g"
+    elif equal_near / static_near <= 0.9:  # the step sizes, not the quotas, decide the goal: say so first
+        static_reason = (f"the tuned server steps differ (η_g fedast {_eta(config, 'fedast'):g}, fedast-static "
+                         f"{_eta(config, 'fedast-static'):g}), and at fedast-static's η_g fedast takes "
+                         f"{equal_near / static_near:.3f}× its time (the quotas alone would pass)")
+    else:
+        static_reason = (f"{generic} even at one η_g (at fedast-static's {_eta(config, 'fedast-static'):g}, fedast "
+                         f"takes {equal_near / static_near:.3f}× its time)")
     near_counts = {}
     for baseline in ("fedast-static", "async-st"):
         times, budgets = per_seed[baseline]["time_all_tasks_near"], per_seed[baseline]["budget"]
@@ -759,8 +854,9 @@ def run_fedast(config: dict, seeds: list[int], progress) -> ExperimentResult:
                           f"sync-st's final accuracy ({baseline} reached it on {reached} of {len(seeds)} seeds"
                           + ("" if reached == len(seeds) else "; unreached seeds count at the budget") + ")",
                           reason=("fedast did not reach the near-converged target on every seed"
-                                  if math.isnan(fedast_near) else
-                                  "moving quotas toward the noisiest task did not shorten the late phase by 10%")))
+                                  if math.isnan(fedast_near) else static_reason if baseline == "fedast-static" else
+                                  f"{generic} at the tuned η_g (fedast {_eta(config, 'fedast'):g}, {baseline} "
+                                  f"{_eta(config, baseline):g})")))
     end = max(h.end for hs in runs.values() for h in hs)
     grid = list(np.linspace(0.0, end, CURVE_POINTS))
     panels, extra = [], {}
@@ -789,6 +885,12 @@ def run_fedast(config: dict, seeds: list[int], progress) -> ExperimentResult:
              "final_accuracy is the mean over tasks (asynchronous arms stop training a task at its target)",
              f"time_all_tasks_near: a second run of each asynchronous arm in which a task stops only at "
              f"{config['near_target']:g} × sync-st's final accuracy (nan: not reached within the budget on that "
-             f"seed); sync-st itself ends at 1.0 × by definition"]
+             f"seed), with time_near_TASK each task's time in that run; sync-st itself ends at 1.0 × by definition",
+             f"time_all_tasks_near_at_static_eta (report-only, fedast's row): fedast's near-target run at "
+             f"fedast-static's η_g ({_eta(config, 'fedast-static'):g}), so that only the quotas differ",
+             "η_g per arm (tuned): sync-st η_g·Σ_S p_iΔ_i/Σ_S p_i per task round; fedast and fedast-static η_g·mean "
+             "of a task's b_m buffered results; async-st η_g·Δ per result"]
     plot = Plot(panels=panels, title=f"FedAST vs sync-st, async-st, fedast-static (M={m}, N={n}, R={r}, g={g})")
-    return ExperimentResult(per_seed=per_seed, goals=goals, plot=plot, extra=extra, notes=notes)
+    result = ExperimentResult(per_seed=per_seed, goals=goals, plot=plot, extra=extra, notes=notes)
+    result.tuning = record
+    return result

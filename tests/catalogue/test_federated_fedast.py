@@ -128,3 +128,76 @@ def test_bad_inputs():
         FedAST([w], 30, in_flight=48, granularity=4)
     with pytest.raises(CatalogueError, match="M=0: need"):
         SyncST([], 30, cohort=2, steps=1, client_weights=[1 / 30] * 30)
+
+
+# smaller than --quick so that the test stays a few seconds on a shared 2-core machine
+TINY = ["rounds=1", "N=60", "R=12", "g=2"]
+
+
+def test_tuning_sees_only_tuning_seeds_and_picks_each_grid_best(monkeypatch, tmp_path):
+    """Issue 24 §1 on a --quick grid: every arm searches a 3-value η_g grid on tuning seed 100 only, scored by the mean
+    over tasks of the accuracy curve's mean over the budget; the chosen value is the grid's best."""
+    import json
+
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.federated import experiments as fed
+    from asyncgen.catalogue.frame import run_tuning
+
+    seen, real = [], fed.federated_digits
+
+    def recording(seed, *args, **kwargs):
+        seen.append(seed)
+        return real(seed, *args, **kwargs)
+
+    monkeypatch.setattr(fed, "federated_digits", recording)
+    report = run_tuning(get_experiment("fedast"), quick=True, overrides=TINY, out=tmp_path, progress=False)
+    assert seen and set(seen) == {100}  # --quick tunes on seed 100 only; never an evaluation seed (0..k-1)
+    tuning = report["tuning"]
+    arms = [a for a in tuning if a not in ("grid", "seeds", "scores", "criterion")]
+    assert arms == ["sync-st", "async-st", "fedast-static", "fedast"]
+    # references: a full mean step; async-st's one result weighs what it does in a buffer of ceil((12/3)/2) = 2
+    references = {"sync-st": 1.0, "async-st": 0.5, "fedast-static": 1.0, "fedast": 1.0}
+    for arm in arms:
+        scores = tuning["scores"][arm]
+        base = fed.eta_grid(references[arm], 3)
+        assert {float(e) for e in scores} >= set(base)
+        if len(scores) > 3:  # extended only where the base grid's best sat at an edge, by at most 2 new values
+            best_base = max(base, key=lambda e: (scores[f"{e:g}"], -e))
+            assert best_base in (base[0], base[-1]) and len(scores) <= 5
+        assert tuning["grid"][arm]["eta_g"] == sorted(float(e) for e in scores)
+        best = max(scores.values())
+        assert tuning[arm]["eta_g"] == min(float(e) for e, v in scores.items() if v == best)  # ties: the smaller
+    assert report["defaults"] == {"eta_g_" + a.replace("-", "_"): tuning[a]["eta_g"] for a in arms}
+    assert tuning["criterion"].startswith("mean over the tasks of each task's mean test accuracy over the budget")
+    assert json.loads((tmp_path / "tuning.json").read_text())["defaults"] == report["defaults"]
+
+
+def test_criterion_is_the_mean_over_tasks_of_each_curve_mean():
+    from asyncgen.catalogue.federated.engine import History
+    from asyncgen.catalogue.federated.experiments import mean_accuracy
+
+    # task 0 at 0.2 until t=5, then 0.6; task 1 at 0.5 throughout; grid of 201 points on [0, 10]: 100 before t=5
+    history = History(times=[[0.0, 5.0], [0.0]], accuracy=[[0.2, 0.6], [0.5]], transfers=[[0, 1], [0]])
+    # equal in exact arithmetic; the float sums run in another order, hence a few ulps
+    assert mean_accuracy(history, 10.0) == pytest.approx(((100 * 0.2 + 101 * 0.6) / 201 + 0.5) / 2, abs=1e-15)
+
+
+def test_each_arm_runs_with_its_own_eta(monkeypatch):
+    from asyncgen.catalogue import get_experiment
+    from asyncgen.catalogue.federated import experiments as fed
+    from asyncgen.catalogue.frame import run_experiment
+
+    used, real = [], fed.FedASTSetting.strategy
+
+    def recording(self, arm, eta):
+        used.append((arm, eta))
+        return real(self, arm, eta)
+
+    monkeypatch.setattr(fed.FedASTSetting, "strategy", recording)
+    etas = {"sync-st": 0.7, "async-st": 0.2, "fedast-static": 0.9, "fedast": 1.3}
+    report = run_experiment(get_experiment("fedast"), quick=True, progress=False, overrides=[
+        *TINY, *(f"eta_g_{a.replace('-', '_')}={e}" for a, e in etas.items())])
+    # and the report-only run: fedast at fedast-static's η_g
+    assert set(used) == set(etas.items()) | {("fedast", 0.9)}
+    assert "time_all_tasks_near_at_static_eta" in report["metrics"]["fedast"]
+    assert {a: report["tuning"][a]["eta_g"] for a in etas} == etas
