@@ -7,8 +7,8 @@ EXPERIMENTS = [
     ExperimentInfo(
         name="leo-pacing",
         paper_ids=('arXiv:2507.09798',),
-        size_cut=('the paper measures emulated and real Starlink calls; the default run simulates 120 s dynamic and 60 '
-                  's stable traces with a packet-level model, 10 seeds'),
+        size_cut=('the paper measures emulated and real Starlink calls; the default run simulates 120 s dynamic, 60 s '
+                  'stable and 60 s Starlink-grid traces with a packet-level model, 10 seeds'),
         family="netsim",
         paper="Gottipati, Qiu, 2025",
         claim="raising WebRTC's pacer queue limit only around predicted LEO handovers gives up to 3x bitrate and "
