@@ -104,7 +104,8 @@ def test_the_command_writes_json_and_markdown(family_path, tmp_path):
     record = json.loads((out / "results.json").read_text())
     assert record["benchmark"] == "cache" and record["cache"] == "deepcache"
     assert [r["config"] for r in record["rows"]][:3] == ["stock pipeline", "deepcache alone", "one stage"]
-    assert record["load_average"]["end"] is not None and record["deep_cache_calls"] == {"full": 1, "cached": 2}
+    assert record["load_average"]["end"] is not None
+    assert record["deep_cache_calls"] == {"full": 1, "cached": 2, "composed_full": 1, "composed_cached": 2}
     assert "| deepcache alone | 1 |" in (out / "results.md").read_text()
 
 
