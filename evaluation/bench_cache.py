@@ -136,11 +136,9 @@ def check_request(args, configs: list[dict], denoiser_class: str) -> tuple[str, 
     return name, settings
 
 
-def composed_refusal(wrap: dict, config, denoiser_class: str | None = None) -> str | None:
+def composed_refusal(wrap: dict, config) -> str | None:
     """Why ``AsyncDiffPipeline(..., cache=config)`` cannot run this cache (checked in the launcher), or None."""
     import inspect
-
-    import diffusers
 
     from asyncgen.pipelines import AsyncDiffPipeline
 
@@ -160,11 +158,6 @@ def composed_refusal(wrap: dict, config, denoiser_class: str | None = None) -> s
         AsyncDiffConfig(**options, cache=config)
     except (TypeError, ValueError) as exc:
         return str(exc).splitlines()[0]
-    model_class = getattr(diffusers, denoiser_class, None) if denoiser_class else None
-    if model_class is not None and not hasattr(model_class, "enable_cache"):
-        # the stage runtime registers the cache with the denoiser's enable_cache (diffusers' CacheMixin)
-        return (f"the stage runtime enables diffusers' caches with enable_cache, which {denoiser_class} does not "
-                f"have (not a diffusers CacheMixin in {diffusers.__version__})")
     return None
 
 
@@ -427,9 +420,7 @@ def run_comparison(model: str, name: str, settings: dict, wrap: dict, call: dict
 
     steps = call["num_inference_steps"]
     config = make_config(name, settings, steps, mag_ratios=[1.0] if name == "magcache" else None)
-    from asyncgen.cli.generate import _describe_model
-
-    refusal = composed_refusal(wrap, config, _describe_model(model, allow_pickle).denoiser_class)
+    refusal = composed_refusal(wrap, config)
     world = max(2, world_size_of(wrap))
     try:
         per_rank = launch(_worker, world, model, name, settings, wrap, call, prompts, repeats, device, dtype,
