@@ -42,6 +42,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     """
     from asyncgen.placement.residency import own_buffers, resident_modules
 
+    from .from_configs import split_from_configs
     from .lean_loading import load_pipeline_partially
 
     chosen: dict[str, list[int]] = {}
@@ -51,7 +52,11 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
         reads, splits = {}, {}
         # each denoiser (and Wan 2.2's second expert) with its own cuts; this rank reads its stage of each
         for name in [attribute] + [n for n in EXPERT_COMPONENTS if n in empty]:
-            splits[name] = split_denoiser(empty[name])
+            # the denoiser's example call is the stock pipeline's own first call, recorded on shapes (the config's
+            # call where that cannot run); a second expert (Wan 2.2's transformer_2, first called only after the
+            # switch) keeps the config's call
+            splits[name] = (split_from_configs(str(model), empty, name) if name == attribute
+                            else split_denoiser(empty[name]))
             chosen[name] = choose_cuts(splits[name], topology.stages, split_method(split, name), ctx=ctx)
             mine = make_stages(splits[name], chosen[name])[topology.stage_of(ctx.rank % topology.world_size)]
             reads[name] = splits[name].shared_modules() + mine.modules()

@@ -374,3 +374,33 @@ def test_a_component_read_in_no_part_needs_no_weight_file(sd_path, tmp_path):
     for name in ("text_encoder", "vae"):
         assert all(p.is_meta for p in getattr(pipe, name).parameters()), name
     assert not pipe.unet.conv_in.weight.is_meta and pipe.unet.conv_out.weight.is_meta
+
+
+def test_stage_only_loading_splits_on_the_pipelines_own_call(dit_paths, monkeypatch):
+    """The cuts stage-only loading chooses (before any weight is read) come from the stock pipeline's own first
+    denoiser call, recorded on shapes, not from the call built from the config; and nothing but this rank's
+    stage is read for it (issue 26's config-only path)."""
+    import datetime
+
+    from asyncgen.comm.context import DistContext
+    from asyncgen.pipelines import asyncdiff, from_configs
+    from asyncgen.schedules.asyncdiff import Topology
+    from asyncgen.split.transformer import pipeline_example
+
+    recorded = []
+    record = pipeline_example.record_denoiser_call
+
+    def spy(pipeline, attribute, call):
+        recorded.append(attribute)
+        return record(pipeline, attribute, call)
+
+    monkeypatch.setattr(pipeline_example, "record_denoiser_call", spy)
+    ctx = DistContext(None, 0, 1, torch.device("cpu"), datetime.timedelta(seconds=60))
+    _, cuts, _, reports = asyncdiff._load_stage_only(str(dit_paths["flux"]), Topology(2, 1), "flops", ctx, None, 1,
+                                                     "replicated")
+    assert recorded == ["transformer"]  # the pipeline path ran (a fallback would not have recorded a call)
+    whole = from_configs.split_from_configs(str(dit_paths["flux"]),
+                                            from_configs.empty_pipeline_modules(str(dit_paths["flux"]))[1],
+                                            "transformer")
+    assert len(cuts) == 3 and cuts[0] == 0 and cuts[-1] == len(whole.units)
+    assert reports["transformer"].tensors  # rank 0 read its stage (and the shared modules), nothing more
