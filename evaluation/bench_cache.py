@@ -187,7 +187,11 @@ def apply_cache(pipe, config) -> None:
     getattr(diffusers.hooks, apply)(denoiser, config)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(_CacheContext(), CONTEXT_HOOK)
-    registry.invalidate_child_registries_cache()  # the cache context reaches the block hooks registered just now
+    # diffusers 0.42 caches each registry's child registries: refreshed, the cache context reaches the block hooks
+    # registered just now; 0.40 keeps no such cache (and has no such method) and finds them on every call
+    refresh = getattr(registry, "invalidate_child_registries_cache", None)
+    if refresh is not None:
+        refresh()
 
 
 CONTEXT_HOOK = "asyncgen_bench_cache_context"
