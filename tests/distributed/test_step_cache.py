@@ -42,15 +42,25 @@ def test_caches_on_two_ranks_equal_the_simulator(dit_paths, one_thread):
         pytest.skip("the installed diffusers has none of the step caches")
     path = str(dit_paths["flux"])
     per_rank = launch(_run, 2, path, configs, timeout=400)
-    for i, config in enumerate(configs):
-        expected = _wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
+    for i, config, expected in _simulated(path, configs):
         uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=config[1], stride=config[2],
                                      warmup=1, time_shift=config[4])(**tiny_models.family_call_kwargs(
                                          "flux", num_inference_steps=STEPS))
         assert not np.array_equal(expected, uncached.images), config  # the cache acted
-        for rank, images in enumerate(per_rank):
-            # received states sit at aligned offsets of one flat buffer (comm/wire.py): see assert_equals_simulator
-            tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")
+        _assert_ranks_equal(per_rank, i, config, expected)
+
+
+def _simulated(path, configs):
+    """(index, config, the serial simulator's images) of each configuration, run in this process."""
+    for i, config in enumerate(configs):
+        yield i, config, _wrapped(path, *config)(**tiny_models.family_call_kwargs(
+            "flux", num_inference_steps=STEPS)).images
+
+
+def _assert_ranks_equal(per_rank, i, config, expected):
+    for rank, images in enumerate(per_rank):
+        # received states sit at aligned offsets of one flat buffer (comm/wire.py): see assert_equals_simulator
+        tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")
 
 
 # signal caches at stride 2: stage 0 on rank 0, the last stage's replicas on ranks 1 and 2
@@ -63,7 +73,5 @@ def test_signal_caches_at_stride_two_on_three_ranks_equal_the_simulator(dit_path
         pytest.skip("the installed diffusers has neither First Block Cache nor MagCache")
     path = str(dit_paths["flux"])
     per_rank = launch(_run, 3, path, configs, timeout=400)
-    for i, config in enumerate(configs):
-        expected = _wrapped(path, *config)(**tiny_models.family_call_kwargs("flux", num_inference_steps=STEPS)).images
-        for rank, images in enumerate(per_rank):
-            tiny_models.assert_equals_simulator(images[i], expected, err_msg=f"{config} rank {rank}")
+    for i, config, expected in _simulated(path, configs):
+        _assert_ranks_equal(per_rank, i, config, expected)
