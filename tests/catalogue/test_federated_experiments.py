@@ -40,36 +40,16 @@ def test_run_writes_three_files(name, tmp_path):
 
 
 def test_tuning_sees_only_tuning_seeds_and_picks_each_grid_best(monkeypatch, tmp_path):
-    from asyncgen.catalogue.federated import experiments as fed
+    from federated_tuning import assert_each_arm_took_its_grid_best, tune_quick
+
     from asyncgen.catalogue.frame import run_tuning
 
-    seen, real = [], fed.federated_digits
-
-    def recording(seed, *args, **kwargs):
-        seen.append(seed)
-        return real(seed, *args, **kwargs)
-
-    monkeypatch.setattr(fed, "federated_digits", recording)
-    report = run_tuning(get_experiment("fedfix"), quick=True, overrides=["rounds=3"], out=tmp_path, progress=False)
-    assert seen and set(seen) == {100}  # --quick tunes on seed 100 only; never an evaluation seed (0..k-1)
+    report = tune_quick(monkeypatch, tmp_path, "fedfix", ["rounds=3"])
     tuning = report["tuning"]
-    arms = [a for a in tuning if a not in ("grid", "seeds", "scores", "criterion")]
-    assert arms == ["fedavg", "fedfix", "fedfix_dt0.2", "fedfix_dt0.8", "async", "fedbuff"]
     references = {"fedavg": 1.0, "fedfix": 1.0, "fedfix_dt0.2": 1.0, "fedfix_dt0.8": 1.0, "async": 1.0,
                   "fedbuff": 20 / 5}  # M / fedbuff_K
-    for arm in arms:
-        scores = tuning["scores"][arm]
-        # --quick: the same 3-value grid around every arm's reference, and 3 more (those not run yet) around a
-        # best value that sat at an edge of it
-        base = fed.eta_grid(references[arm], 3)
-        assert {float(e) for e in scores} >= set(base)
-        if len(scores) > 3:  # extended only where the base grid's best was at an edge, by at most 2 new values
-            best_base = max(base, key=lambda e: (scores[f"{e:g}"], -e))
-            assert best_base in (base[0], base[-1]) and len(scores) <= 5
-        assert tuning["grid"][arm]["eta_g"] == sorted(float(e) for e in scores)
-        best = max(scores.values())
-        # the chosen value is the grid's best on the tuning seeds (ties: the smaller eta_g)
-        assert tuning[arm]["eta_g"] == min(float(e) for e, v in scores.items() if v == best)
+    arms = assert_each_arm_took_its_grid_best(tuning, references)
+    assert arms == ["fedavg", "fedfix", "fedfix_dt0.2", "fedfix_dt0.8", "async", "fedbuff"]
     assert report["defaults"] == {"eta_g_fedavg": tuning["fedavg"]["eta_g"], "eta_g_async": tuning["async"]["eta_g"],
                                   "eta_g_fedbuff": tuning["fedbuff"]["eta_g"],
                                   "eta_g_fedfix": [tuning[a]["eta_g"] for a in arms[1:4]]}

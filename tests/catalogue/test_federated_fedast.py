@@ -139,34 +139,14 @@ def test_tuning_sees_only_tuning_seeds_and_picks_each_grid_best(monkeypatch, tmp
     over tasks of the accuracy curve's mean over the budget; the chosen value is the grid's best."""
     import json
 
-    from asyncgen.catalogue import get_experiment
-    from asyncgen.catalogue.federated import experiments as fed
-    from asyncgen.catalogue.frame import run_tuning
+    from federated_tuning import assert_each_arm_took_its_grid_best, tune_quick
 
-    seen, real = [], fed.federated_digits
-
-    def recording(seed, *args, **kwargs):
-        seen.append(seed)
-        return real(seed, *args, **kwargs)
-
-    monkeypatch.setattr(fed, "federated_digits", recording)
-    report = run_tuning(get_experiment("fedast"), quick=True, overrides=TINY, out=tmp_path, progress=False)
-    assert seen and set(seen) == {100}  # --quick tunes on seed 100 only; never an evaluation seed (0..k-1)
+    report = tune_quick(monkeypatch, tmp_path, "fedast", TINY)
     tuning = report["tuning"]
-    arms = [a for a in tuning if a not in ("grid", "seeds", "scores", "criterion")]
-    assert arms == ["sync-st", "async-st", "fedast-static", "fedast"]
     # references: a full mean step; async-st's one result weighs what it does in a buffer of ceil((12/3)/2) = 2
     references = {"sync-st": 1.0, "async-st": 0.5, "fedast-static": 1.0, "fedast": 1.0}
-    for arm in arms:
-        scores = tuning["scores"][arm]
-        base = fed.eta_grid(references[arm], 3)
-        assert {float(e) for e in scores} >= set(base)
-        if len(scores) > 3:  # extended only where the base grid's best sat at an edge, by at most 2 new values
-            best_base = max(base, key=lambda e: (scores[f"{e:g}"], -e))
-            assert best_base in (base[0], base[-1]) and len(scores) <= 5
-        assert tuning["grid"][arm]["eta_g"] == sorted(float(e) for e in scores)
-        best = max(scores.values())
-        assert tuning[arm]["eta_g"] == min(float(e) for e, v in scores.items() if v == best)  # ties: the smaller
+    arms = assert_each_arm_took_its_grid_best(tuning, references)
+    assert arms == ["sync-st", "async-st", "fedast-static", "fedast"]
     assert report["defaults"] == {"eta_g_" + a.replace("-", "_"): tuning[a]["eta_g"] for a in arms}
     assert tuning["criterion"].startswith("mean over the tasks of each task's mean test accuracy over the budget")
     assert json.loads((tmp_path / "tuning.json").read_text())["defaults"] == report["defaults"]

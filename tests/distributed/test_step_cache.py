@@ -37,17 +37,22 @@ def _run(rank, world_size, path, configs):
 
 
 def test_caches_on_two_ranks_equal_the_simulator(dit_paths, one_thread):
-    configs = [c for c in CONFIGS if c[0] in CLASSES]
-    if not configs:
-        pytest.skip("the installed diffusers has none of the step caches")
     path = str(dit_paths["flux"])
-    per_rank = launch(_run, 2, path, configs, timeout=400)
+    configs, per_rank = _launched(path, CONFIGS, 2, "none of the step caches")
     for i, config, expected in _simulated(path, configs):
         uncached = AsyncDiffPipeline(tiny_models.load_family(path, "flux"), stages=config[1], stride=config[2],
                                      warmup=1, time_shift=config[4])(**tiny_models.family_call_kwargs(
                                          "flux", num_inference_steps=STEPS))
         assert not np.array_equal(expected, uncached.images), config  # the cache acted
         _assert_ranks_equal(per_rank, i, config, expected)
+
+
+def _launched(path, candidates, ranks, lacking):
+    """The configurations the installed diffusers has caches for, and each rank's images of them."""
+    configs = [c for c in candidates if c[0] in CLASSES]
+    if not configs:
+        pytest.skip(f"the installed diffusers has {lacking}")
+    return configs, launch(_run, ranks, path, configs, timeout=400)
 
 
 def _simulated(path, configs):
@@ -68,10 +73,7 @@ STRIDE_CONFIGS = [("FirstBlockCacheConfig", 2, 2, False, False), ("MagCacheConfi
 
 
 def test_signal_caches_at_stride_two_on_three_ranks_equal_the_simulator(dit_paths, one_thread):
-    configs = [c for c in STRIDE_CONFIGS if c[0] in CLASSES]
-    if not configs:
-        pytest.skip("the installed diffusers has neither First Block Cache nor MagCache")
     path = str(dit_paths["flux"])
-    per_rank = launch(_run, 3, path, configs, timeout=400)
+    configs, per_rank = _launched(path, STRIDE_CONFIGS, 3, "neither First Block Cache nor MagCache")
     for i, config, expected in _simulated(path, configs):
         _assert_ranks_equal(per_rank, i, config, expected)
