@@ -174,17 +174,14 @@ def apply_cache(pipe, config) -> None:
     if isinstance(config, DeepCacheConfig):
         apply_deep_cache(pipe.unet, config)
         return
-    denoiser = denoiser_of(pipe)
-    if hasattr(denoiser, "enable_cache"):
-        denoiser.enable_cache(config)
-        return
-    # a transformer without diffusers' CacheMixin (SD3Transformer2DModel in 0.42): the cache's own apply function,
-    # and what the mixin's pipelines would do around it (a cache context per call, a reset per image)
-    import diffusers.hooks
+    from asyncgen.runtime.step_cache import enable_step_cache
 
-    apply = {"FirstBlockCacheConfig": "apply_first_block_cache", "TaylorSeerCacheConfig": "apply_taylorseer_cache",
-             "MagCacheConfig": "apply_mag_cache"}[type(config).__name__]
-    getattr(diffusers.hooks, apply)(denoiser, config)
+    denoiser = denoiser_of(pipe)
+    enable_step_cache(denoiser, config)
+    if hasattr(denoiser, "enable_cache"):
+        return
+    # a transformer without diffusers' CacheMixin (SD3Transformer2DModel in 0.42): what the mixin's pipelines would
+    # do around the cache's hooks (a cache context per call, a reset per image)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(_CacheContext(), CONTEXT_HOOK)
     # diffusers 0.42 caches each registry's child registries: refreshed, the cache context reaches the block hooks

@@ -71,6 +71,15 @@ _APPLY = {"FirstBlockCacheConfig": "apply_first_block_cache", "MagCacheConfig": 
 _calls = itertools.count()
 
 
+def enable_step_cache(denoiser: nn.Module, config) -> None:
+    """Register ``config``'s hooks on ``denoiser``: its ``enable_cache``, or, on a model without diffusers'
+    ``CacheMixin`` (SD3's transformer in 0.42), the cache's own public apply function."""
+    if hasattr(denoiser, "enable_cache"):
+        denoiser.enable_cache(config)
+    else:
+        getattr(diffusers.hooks, _APPLY[type(config).__name__])(denoiser, config)
+
+
 def check_cache_config(cache) -> None:
     """Refuse what is not a step cache asyncgen composes with stages, naming what would be accepted."""
     if cache is None:
@@ -174,10 +183,7 @@ class StagedCache:
             raise ValueError(f"cache={self.kind} runs on transformer denoisers split by block; "
                              f"{type(denoiser).__name__} is not one")
         with released_restored(denoiser):  # hooks go on every block, released ones too (they never compute here)
-            if hasattr(denoiser, "enable_cache"):
-                denoiser.enable_cache(self.config)
-            else:  # a model without diffusers' CacheMixin (SD3's transformer): the cache's own apply function
-                getattr(diffusers.hooks, _APPLY[self.kind])(denoiser, self.config)
+            enable_step_cache(denoiser, self.config)
             modules = list(denoiser.modules())
         modules += [b for b in blocks if all(b is not m for m in modules)]
         # the cache's hooks: diffusers' own (the AsyncDiff hook on the denoiser keeps a state manager too)
