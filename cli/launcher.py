@@ -216,17 +216,36 @@ def _worker(fn, rank: int, world_size: int, port: int, threads: int, cpus: list[
         value = fn(rank, world_size, *args, **kwargs)
         # plain pickle copies tensors by value: the queue's own pickler would share their storage
         # through this process, which may have exited by the time the launcher reads the queue
-        results.put((rank, True, pickle.dumps(value), None, None))
+        report, code = (rank, True, pickle.dumps(value), None, None), 0
     except BaseException as exc:
-        results.put((rank, False, traceback.format_exc(), _type_name(exc), str(exc)))
-        raise SystemExit(1)
+        report, code = (rank, False, traceback.format_exc(), _type_name(exc), str(exc)), 1
+    _report_and_exit(results, report, code)
+
+
+def _report_and_exit(results, report: tuple, code: int) -> None:
+    """Hand the report to the launcher, wait until it is written, and end this process without tearing down.
+
+    The report is flushed first: the queue writes from a feeder thread, and anything that
+    holds the GIL afterwards would keep the report from leaving. The process group is not
+    destroyed: on torch 2.6, ``destroy_process_group`` joins a gloo worker thread while
+    holding the GIL, and that thread, releasing the last collective's tensors, waits for
+    the GIL: a deadlock (a stack dump showed ``~ProcessGroupGloo`` in ``thread::join`` and
+    ``runLoop`` in ``gil_scoped_acquire``; 2 exits in 20). Interpreter finalisation has the
+    same hazard (an abort instead of a hang). Ending with ``os._exit``, as multiprocessing
+    does for its forked children anyway, closes the sockets without either; what the
+    worker function opened it has closed, and the standard streams are flushed here.
+    """
+    try:
+        results.put(report)
+        results.close()
+        results.join_thread()
     finally:
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        for stream in (sys.stdout, sys.stderr):
             try:
-                dist.destroy_process_group()
-            except Exception:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110 - a closed stream has nothing left to write
                 pass
+        os._exit(code)
 
 
 class _StopSignals:

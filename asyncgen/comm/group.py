@@ -57,6 +57,9 @@ def release_groups_at_exit() -> None:
         owned = owned or ctx.owns_group
         ctx.group, ctx.subgroups = None, []
     if owned and dist.is_available() and dist.is_initialized():
+        # torch 2.6 joins a gloo group's worker threads while holding the GIL; one still releasing its last
+        # collective's tensors waits for the GIL, a deadlock. Sleeping lets such a thread have it first.
+        time.sleep(0.05)
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001, S110 - exiting: a group that cannot be destroyed is left to the OS
