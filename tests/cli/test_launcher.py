@@ -154,3 +154,10 @@ def test_tensor_results_arrive_after_the_workers_exited():
 
     values = launch(lw.return_tensor, 2, timeout=120)
     assert [v.tolist() for v in values] == [[0.0] * 3, [1.0] * 3] and all(isinstance(v, torch.Tensor) for v in values)
+
+
+def test_a_worker_whose_teardown_would_hold_the_gil_still_reports_and_exits():
+    # the report is flushed before the worker ends, and the worker ends without a teardown that can block:
+    # each rank returns its all-reduced value and exits 0, long before the timeout
+    results = run_workers(lw.teardown_holds_the_gil, 2, timeout=60)
+    assert [(r.ok, r.value, r.exitcode) for r in results] == [(True, 2.0, 0), (True, 2.0, 0)]
