@@ -8,13 +8,16 @@ so the loss is ``-(r_i - r_other) * log pi_theta(y_i|x)`` with the KL penalty fo
 
 Why a subclass works: trl's ``_generate_and_score_completions`` calls ``self._generate(prompts)`` for
 the completions and then scores them (rewards, reference and "old" log-probs, advantages) with the
-*current* weights. So only ``_generate`` is redirected: ``get_batch_samples`` pre-generates a round of
-``N = off_policy_steps`` mini-batches with the weights at the start of the round (``theta_k``, trl's own
-``_generate``), and ``_generate`` hands each training step its pre-generated completions (mini-batch
-``i`` of a round is ``i - 1`` updates stale). Because the "old" log-probs are computed at the training
-step, trl's clipped ratio is exactly 1 and the gradient is exactly ``-(r_i - r_other) grad log pi_theta``
-on samples from the stale policy, the issue's loss (no importance correction, like the paper's
-off-policy RLOO). ``off_policy_steps=1`` is the stock trainer (tested: same losses and weights).
+*current* weights. ``get_batch_samples`` pre-generates a round of ``N = off_policy_steps`` mini-batches with
+the weights at the start of the round (``theta_k``, trl's own ``_generate``) and keeps a frozen copy of those
+weights; ``_generate`` hands each training step its pre-generated completions (mini-batch ``i`` of a round is
+``i - 1`` updates stale), and the "old" log-probs trl computes for them come from that copy, the policy
+that generated them. trl's loss is then the paper's off-policy RLOO: the sequence ratio
+``pi_theta(y|x) / pi_theta_k(y|x)`` clipped to ``[1 - epsilon, 1 + epsilon]`` (PPO-style, trl's
+``epsilon``), times the leave-one-out advantage; the KL penalty in the reward is likewise that of the
+generating policy. (Scored with the current weights instead, as stock trl does, the ratio is 1 by
+construction and stale samples get no correction.) ``off_policy_steps=1`` is the stock trainer (tested: same
+losses and weights): the generating weights are the current ones.
 ``steps_per_generation`` must stay 1 (trl's own reuse of one generation over several steps would stack
 a second, differently scored staleness on top).
 
@@ -31,9 +34,11 @@ from asyncgen.catalogue.frame import require_extra
 
 require_extra("rlhf", "trl", "transformers", "datasets")
 
+import copy  # noqa: E402
 from collections import deque  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from trl import RLOOTrainer  # noqa: E402
 
@@ -48,6 +53,7 @@ class PregeneratedCompletions:
     prompts: list
     generation: tuple  # (prompt_ids, completion_ids, completions)
     version: int  # global_step of the weights that generated it
+    generator: object = None  # a frozen copy of those weights (None when N = 1: they are the current ones)
 
 
 class StaleRLOOTrainer(RLOOTrainer):
@@ -75,6 +81,7 @@ class StaleRLOOTrainer(RLOOTrainer):
         self._serving: deque[PregeneratedCompletions] = deque()  # handed to the loop, not yet trained on
         #: (global_step when trained, version of the weights that generated its samples) per mini-batch
         self.generation_log: list[tuple[int, int]] = []
+        self._behaviour = None  # the generating weights of the mini-batch being scored
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         samples = []
@@ -92,13 +99,18 @@ class StaleRLOOTrainer(RLOOTrainer):
         """Generate the next N mini-batches now, all with the current weights theta_k."""
         version = self.state.global_step
         self.model.train()  # trl generates inside training_step, i.e. in train mode (dropout, if any, is on)
+        generator = None
+        if self.off_policy_steps > 1:  # kept to score the round's samples under the policy that generated them
+            generator = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            generator.requires_grad_(False)
         for _ in range(self.off_policy_steps):
             try:
                 rows = next(epoch_iterator)
             except StopIteration:
                 break
             prompts = [row["prompt"] for row in rows]
-            self._ready.append(PregeneratedCompletions(rows, prompts, RLOOTrainer._generate(self, prompts), version))
+            self._ready.append(PregeneratedCompletions(rows, prompts, RLOOTrainer._generate(self, prompts), version,
+                                                       generator))
 
     def _generate(self, prompts):
         """trl scores a mini-batch and asks for its completions: hand it the pre-generated ones."""
@@ -108,7 +120,18 @@ class StaleRLOOTrainer(RLOOTrainer):
         if list(entry.prompts) != list(prompts):
             raise RuntimeError("StaleRLOOTrainer: the pre-generated completions belong to other prompts")
         self.generation_log.append((self.state.global_step, entry.version))
+        # the first model call trl makes next, without gradients, is the "old" log-probs (then the reference's)
+        self._behaviour = entry.generator
         return entry.generation
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        """The "old" log-probs of a stale mini-batch come from the weights that generated it."""
+        behaviour = self._behaviour
+        if behaviour is not None and model is self.model and not torch.is_grad_enabled():
+            self._behaviour = None
+            behaviour.train(self.model.training)  # the same dropout mode trl scores in
+            model = behaviour
+        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         try:
@@ -116,6 +139,7 @@ class StaleRLOOTrainer(RLOOTrainer):
         finally:
             self._ready.clear()
             self._serving.clear()
+            self._behaviour = None
 
 
 __all__ = ["StaleRLOOTrainer", "PregeneratedCompletions"]

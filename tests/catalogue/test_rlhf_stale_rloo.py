@@ -1,7 +1,8 @@
 """StaleRLOOTrainer against trl's RLOOTrainer: N = 1 is the stock trainer (same losses, same weights), N = 4
-trains update kN + i on samples from the weights of update kN, the loss is the issue's
--(r_i - r_other) log pi(y_i|x) (trl's clipped ratio stays exactly 1), bad inputs are clear ValueErrors."""
+trains update kN + i on samples from the weights of update kN and scores them ("old" log-probs, the clipped
+ratio's denominator) with those generating weights, bad inputs are clear ValueErrors."""
 
+import copy
 import warnings
 
 import pytest
@@ -59,13 +60,52 @@ def test_n1_is_the_stock_trainer(policy_dir):
     assert ours.generation_log == [(step, step) for step in range(5)]
 
 
-def test_n4_lags_0_to_3_updates_and_keeps_the_ratio_at_one(policy_dir):
-    # dropout off: then the "old" log-probs trl computes at the training step equal the new ones exactly,
-    # so no sample is clipped and the gradient is -(r_i - r_other) grad log pi(y_i|x) on stale samples
-    trainer = make(StaleRLOOTrainer, policy_dir, steps=8, off_policy_steps=4, config={"disable_dropout": True})
+class Recording(StaleRLOOTrainer):
+    """Keeps each round's starting weights and each step's scored inputs (old log-probs included)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.round_weights, self.scored = {}, []
+
+    def _generate_round(self, epoch_iterator):
+        self.round_weights[self.state.global_step] = copy.deepcopy(self.model.state_dict())
+        super()._generate_round(epoch_iterator)
+
+    def _generate_and_score_completions(self, inputs):
+        current = copy.deepcopy(self.model.state_dict())
+        out = super()._generate_and_score_completions(inputs)
+        self.scored.append((self.state.global_step, {k: v.detach().clone() for k, v in out.items()
+                                                     if torch.is_tensor(v)}, current))
+        return out
+
+
+def sequence_logps(trainer, weights, scored):
+    model = copy.deepcopy(trainer.model)
+    model.load_state_dict(weights)
+    ids = torch.cat([scored["prompt_ids"], scored["completion_ids"]], 1)
+    mask = torch.cat([scored["prompt_mask"], scored["completion_mask"]], 1)
+    with torch.no_grad():
+        per_token, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, scored["completion_ids"].size(1))
+    return (per_token * scored["completion_mask"]).sum(1)
+
+
+def test_n4_lags_0_to_3_updates_and_takes_the_ratio_to_the_generating_policy(policy_dir):
+    # dropout off, so a log-prob is a function of the weights alone
+    trainer = make(Recording, policy_dir, steps=8, off_policy_steps=4, config={"disable_dropout": True})
     trainer.train()
     assert trainer.generation_log == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 4), (5, 4), (6, 4), (7, 4)]
-    assert history(trainer, "clip_ratio/region_mean") == [0.0] * 8
+    assert sorted(trainer.round_weights) == [0, 4]
+    assert [step for step, _, _ in trainer.scored] == list(range(8))
+    stale = 0
+    for step, scored, current in trainer.scored:
+        start = trainer.round_weights[step - step % 4]
+        # the old log-probs are the generating weights' (same model, same inputs, same code: exactly equal)
+        assert torch.equal(scored["old_logps"], sequence_logps(trainer, start, scored))
+        if any(not torch.equal(current[k], start[k]) for k in start):  # an update since generation changed them
+            # so they are not the scoring-time weights' (stock trl's ratio would be 1 by construction)
+            assert not torch.allclose(scored["old_logps"], sequence_logps(trainer, current, scored))
+            stale += 1
+    assert stale >= 2  # not all 6: an update whose advantages are all 0 leaves the weights as they were
 
 
 def test_bad_inputs(policy_dir):
