@@ -362,17 +362,12 @@ def auto_layout(model: str, devices: int, device: str, dtype: str, steps: int, h
     The probe comes from the default cache (measured now when missing), the compute from
     counted FLOPs; returns the :class:`~asyncgen.cost.layout.Choice`.
     """
-    from asyncgen.cost.device_rate import DeviceRate
-    from asyncgen.cost.layout import ASYNCGEN, Link, choose
-    from asyncgen.pipelines.layout_costs import costs_from_configs
-
-    measured, _ = cached_probe(default_probe_cache(), devices, device, dtype, reprobe=False)
-    link = Link.from_measurement(measured["link"])
     import torch
 
-    try:
-        costs = costs_from_configs(model, height, width, getattr(torch, dtype), "flops",
-                                   DeviceRate.from_dict(measured["rate"]))
-        return choose(costs, link, devices, steps, warmup, runs_on=(ASYNCGEN,), use_all=True)
+    from asyncgen.pipelines.layout_costs import auto_layout_from_configs
+
+    measured, _ = cached_probe(default_probe_cache(), devices, device, dtype, reprobe=False)
+    try:  # the engine's choice, as AsyncDiffPipeline(parallel="auto") makes it
+        return auto_layout_from_configs(model, measured, devices, steps, height, width, warmup, getattr(torch, dtype))
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(f"--parallel auto: {exc}") from None

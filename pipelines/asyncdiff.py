@@ -13,6 +13,7 @@ from torch import nn
 from asyncgen.comm.context import DistContext
 from asyncgen.comm.failure import publish_error
 from asyncgen.comm.group import resolve_context, shared_randomness
+from asyncgen.comm.rank_probe import measure_ranks
 from asyncgen.cost.cuts import choose_cuts
 from asyncgen.models import EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, denoiser_batch, resolve_dtype
 from asyncgen.placement.planner import Placement
@@ -23,6 +24,7 @@ from asyncgen.split.transformer.trace import NeedsRealWeights
 from asyncgen.split.units import make_stages
 
 from .acceleration import enable_attention
+from .layout_costs import auto_layout_from_configs, auto_layout_of_pipeline
 from .attach import (AsyncDiffConfig, apply_asyncdiff, components_by_role, denoiser_attribute, plan_placements,
                      split_method)
 from .wrapping import PipelineWrapper, check_not_wrapped, one_call_at_a_time, sibling_pipeline
@@ -83,6 +85,42 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
     return pipeline, cuts, (placements if components != "replicated" else "replicated"), reports
 
 
+# parallel="auto"'s steps when the caller names none (asyncgen plan's default too)
+AUTO_STEPS = 50
+
+
+def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe) -> None:
+    """Refuse ``parallel`` values, and layout settings given alongside ``parallel="auto"``, naming what is wrong."""
+    if parallel is None:
+        given = [n for n, v in (("steps", steps), ("size", size), ("probe", probe)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with parallel='auto' (they tell the layout chooser the run)")
+        return
+    if parallel != "auto":
+        raise ValueError(f"parallel={parallel!r}: need 'auto' (choose the layout) or None (the layout given)")
+    given = [f"{n}={v!r}" for n, v, default in (("stages", stages, None), ("stride", stride, 1),
+                                                  ("cfg_parallel", cfg_parallel, False)) if v != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} with parallel='auto': it chooses the layout itself; give either those "
+                         "or parallel='auto'")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps={steps!r}: need a whole number of at least 1")
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"size={size!r}: need (height, width), two positive whole numbers of pixels")
+    if probe is not None and not (isinstance(probe, dict) and "link" in probe and isinstance(probe.get("rate"), dict)):
+        raise ValueError(f"probe={probe!r}: need {{'link': LinkMeasurement.to_dict() or None, "
+                         "'rate': DeviceRate.to_dict()}} (what asyncgen.comm.rank_probe.measure_ranks returns)")
+
+
+def chosen_settings(choice, warmup: int | None) -> tuple[int, int, int | None, bool]:
+    """``(stages, stride, warmup, cfg_parallel)`` of a chosen layout; the warm-up is the layout's with stages (the
+    caller's, or the default for the steps), the caller's otherwise."""
+    layout = choice.chosen.layout
+    logger.info("parallel='auto': %s", choice.reason)
+    return layout.stages, layout.stride, (layout.warmup if layout.stages > 1 else warmup), layout.cfg_parallel
+
+
 class AsyncDiffPipeline(PipelineWrapper):
     r"""Run a diffusers pipeline with AsyncDiff: its denoiser split into stages on several ranks.
 
@@ -100,7 +138,7 @@ class AsyncDiffPipeline(PipelineWrapper):
             It is modified in place: its denoiser gets a hook and, on each rank, the
             weights of other ranks' stages are released.
         stages (`int`, defaults to 2):
-            Number of stages N the denoiser is split into.
+            Number of stages N the denoiser is split into (chosen, with ``parallel="auto"``).
         stride (`int`, defaults to 1):
             Steps predicted per parallel round S; the last stage runs on S ranks.
             Needs ``stages + stride - 1`` ranks.
@@ -162,6 +200,24 @@ class AsyncDiffPipeline(PipelineWrapper):
             cache on its own blocks; with ``stages=1`` the images equal the stock pipeline's with the
             same cache. First Block Cache and MagCache decide on the first stage and send the decision
             with its boundary state; PAB needs ``stride=1``.
+        parallel (`str`, *optional*):
+            ``"auto"``: choose ``stages``, ``stride``, ``warmup`` and ``cfg_parallel`` for this process group's
+            ranks (all of them) from the layout chooser's predicted step times, the choice ``asyncgen generate
+            --parallel auto`` makes (:mod:`asyncgen.cost.layout`; the costs are counted on the denoiser's shapes).
+            The link between the ranks and one rank's compute rate are measured here, on the group (a few seconds,
+            every rank takes part), unless ``probe`` gives them. Leave ``stages``, ``stride`` and ``cfg_parallel``
+            out; a ``warmup`` given is kept. In one process (no group) the only layout is one device. The choice
+            and why are in ``layout_choice`` (an :class:`asyncgen.cost.layout.Choice`) and logged at info level.
+        steps (`int`, *optional*):
+            With ``parallel="auto"``: the ``num_inference_steps`` the calls will run (default 50), which sets how
+            much the exact warm-up steps weigh.
+        size (`tuple[int, int]`, *optional*):
+            With ``parallel="auto"``: the ``(height, width)`` in pixels the calls will make (default: the
+            denoiser's native size).
+        probe (`dict`, *optional*):
+            With ``parallel="auto"``: the measured link and compute rate to choose from instead of measuring
+            them: ``{"link": LinkMeasurement.to_dict() or None, "rate": DeviceRate.to_dict()}`` (what
+            :func:`asyncgen.comm.rank_probe.measure_ranks` returns, and ``asyncgen plan`` caches per host).
     """
 
     _bound_by = "its denoiser is split into stages for this process's rank and process group"
@@ -169,7 +225,7 @@ class AsyncDiffPipeline(PipelineWrapper):
     def __init__(
         self,
         pipeline,
-        stages: int = 2,
+        stages: int | None = None,
         stride: int = 1,
         warmup: int | None = None,
         time_shift: bool = False,
@@ -184,10 +240,30 @@ class AsyncDiffPipeline(PipelineWrapper):
         free_unused_stages: bool = True,
         components: str | None = None,
         cache=None,
+        parallel: str | None = None,
+        steps: int | None = None,
+        size: tuple[int, int] | None = None,
+        probe: dict | None = None,
         *,
         _scoped: bool = False,
     ):
         check_not_wrapped(pipeline, type(self).__name__, every_call=not _scoped)
+        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
+        self.layout_choice, self.layout_probe, ctx = None, None, None
+        if parallel is not None:
+            denoiser_attribute(pipeline)
+            if dtype is not None:  # the costs are counted, and the rate measured, in the dtype the work runs in
+                pipeline.to(dtype=resolve_dtype(dtype))
+                dtype = None
+            ctx = resolve_context(process_group, device, timeout)
+            process_group, timeout = ctx.group, ctx.timeout
+            denoiser = getattr(pipeline, denoiser_attribute(pipeline))
+            measurement = probe if probe is not None else measure_ranks(ctx, next(denoiser.parameters()).dtype)
+            self.layout_choice = auto_layout_of_pipeline(pipeline, measurement, ctx.world_size, steps or AUTO_STEPS,
+                                                         *(size or (None, None)), warmup)
+            self.layout_probe = measurement
+            stages, stride, warmup, cfg_parallel = chosen_settings(self.layout_choice, warmup)
+        stages = 2 if stages is None else stages
         config = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                                  cfg_parallel=cfg_parallel, components=components, compile=compile,
                                  free_unused_stages=free_unused_stages, scoped=_scoped, process_group=process_group,
@@ -199,6 +275,8 @@ class AsyncDiffPipeline(PipelineWrapper):
             enable_attention(pipeline, attention)
         self.attachment = apply_asyncdiff(pipeline, config)
         self.pipeline, self.ctx, self.topology = pipeline, self.attachment.ctx, config.topology
+        if ctx is not None:  # parallel="auto" resolved the group first: made here from the launcher's environment?
+            self.ctx.owns_group = self.ctx.owns_group or ctx.owns_group
         self.attribute, self.cfg_parts = self.attachment.attribute, config.cfg_parts
 
     # ----------------------------------------------------------- construction
@@ -217,12 +295,13 @@ class AsyncDiffPipeline(PipelineWrapper):
         return cls(sibling_pipeline(pipeline), free_unused_stages=False, _scoped=True, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int = 2, stride: int = 1,
+    def from_pretrained(cls, pretrained_model_name_or_path, *, stages: int | None = None, stride: int = 1,
                         warmup: int | None = None, time_shift: bool = False, split="flops",
                         process_group=None, device=None, timeout=None, cfg_parallel: bool = False,
                         dtype: str | torch.dtype | None = None, attention: str | None = None,
                         compile: bool | dict = False, components: str | None = None, cache=None,
-                        **load_kwargs) -> "AsyncDiffPipeline":
+                        parallel: str | None = None, steps: int | None = None, size: tuple[int, int] | None = None,
+                        probe: dict | None = None, **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline and wrap it; with a process group, each rank reads only the weights it runs.
 
         In one process this is ``DiffusionPipeline.from_pretrained`` and the constructor.
@@ -235,6 +314,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         ``allow_pickle=True``. ``dtype`` is handed to the loader (weights load in it), not
         converted after loading. ``components`` is the constructor's. ``load_kwargs`` go to
         ``DiffusionPipeline.from_pretrained`` (``variant``, ``revision``, ``local_files_only``, ...).
+        ``parallel="auto"`` chooses the layout before anything is loaded, from the configs' costs (as
+        ``asyncgen generate --parallel auto`` does) and the link measured on the group (or ``probe``).
         """
         from .loading import load_pipeline
 
@@ -245,11 +326,21 @@ class AsyncDiffPipeline(PipelineWrapper):
                 raise ValueError(f"dtype={dtype} and torch_dtype={given} disagree; pass one of them")
         elif load_kwargs.get("torch_dtype") is not None:
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
+        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
+        choice, ctx = None, None
+        if parallel is not None:  # chosen before loading: the layout decides what each rank reads
+            ctx = resolve_context(process_group, device, timeout)
+            process_group, timeout = ctx.group, ctx.timeout
+            measurement = probe if probe is not None else measure_ranks(ctx, dtype or torch.float32)
+            choice = auto_layout_from_configs(str(pretrained_model_name_or_path), measurement, ctx.world_size,
+                                              steps or AUTO_STEPS, *(size or (None, None)), warmup, dtype)
+            stages, stride, warmup, cfg_parallel = chosen_settings(choice, warmup)
+        stages = 2 if stages is None else stages
         # bad values fail before minutes of loading
         topology = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                                    cfg_parallel=cfg_parallel, components=components, compile=compile, device=device,
                                    timeout=timeout, cache=cache).topology
-        ctx = resolve_context(process_group, device, timeout)
+        ctx = ctx or resolve_context(process_group, device, timeout)
         lean = ctx.distributed and not (isinstance(split, str) and split == "time")
         if ctx.distributed and not lean:
             logger.warning("split='time' times the units on real weights: every rank loads the whole pipeline "
@@ -275,6 +366,9 @@ class AsyncDiffPipeline(PipelineWrapper):
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
                       attention=attention, compile=compile, components=components, cache=cache)
         wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
+        wrapped.layout_choice = choice
+        if choice is not None:
+            wrapped.layout_probe = measurement
         # lean_loading.ReadReport of each component read in part (the denoiser's: None when loaded whole)
         wrapped.load_reports = reports
         wrapped.load_report = reports.get(wrapped.attribute)

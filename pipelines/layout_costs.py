@@ -50,9 +50,6 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     """
     import diffusers
 
-    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
-    from asyncgen.split.registry import split_denoiser
-
     from .from_configs import _native_latent, describe_pipeline, empty_pipeline_modules
 
     if compute not in ("flops", "time"):
@@ -76,6 +73,16 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     vae_factor = facts.native_height // _native_latent(denoiser)
     latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
     pipeline_class = getattr(diffusers, index.get("_class_name", ""), None) or type(None)
+    return _costs_at(denoiser, pipeline_class, latent, compute, rate, repeats, device)
+
+
+def _costs_at(denoiser, pipeline_class: type, latent: tuple[int, int], compute: str, rate, repeats: int = 3,
+              device: str = "cpu"):
+    """The costs of one pass of ``denoiser`` on the split's example call at ``latent`` (height, width) latent
+    pixels with the pipeline class's CFG batch: counted (``compute="flops"``) or timed (``"time"``)."""
+    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
+    from asyncgen.split.registry import split_denoiser
+
     passes, batch = cfg_passes(pipeline_class, denoiser)
     split = split_denoiser(denoiser)
     inputs = split.example_inputs(batch, *latent)
@@ -91,6 +98,66 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
             torch.set_num_threads(threads)
     return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
                           context_parallel=context_parallel_refusal(denoiser), half_batch_unit_seconds=half)
+
+
+def costs_from_pipeline(pipeline, rate, height: int | None = None, width: int | None = None):
+    """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, counted on shapes exactly as
+    :func:`costs_from_configs` counts them from the same pipeline's configs (``compute="flops"`` through ``rate``).
+
+    The same example call at the same latent size (``height`` x ``width`` pixels, default the denoiser's native
+    size) and the same CFG batch: so a loaded pipeline and its folder give the same costs, and the chooser the
+    same layout, whether ``AsyncDiffPipeline(pipe, parallel="auto")`` or ``asyncgen generate --parallel auto``
+    asks. The weights' values do not matter (shapes only); the denoiser's dtype is the loaded one.
+    """
+    denoiser = next((getattr(pipeline, c) for c in DENOISER_COMPONENTS if getattr(pipeline, c, None) is not None),
+                    None)
+    if denoiser is None:
+        raise ValueError(f"{type(pipeline).__name__} has no denoiser ({', '.join(DENOISER_COMPONENTS)})")
+    config = getattr(denoiser, "config", {})
+    sample = config.get("sample_size") or 128
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    vae = getattr(pipeline, "vae", None)
+    # as describe_pipeline reads the VAE's config: 2 ** (levels - 1), 8 where it names no levels
+    levels = (getattr(vae, "config", {}) or {}).get("block_out_channels", [0] * 4) if vae is not None else [0] * 4
+    vae_factor = 2 ** (len(levels) - 1)
+    latent = ((height or sample_h * vae_factor) // vae_factor, (width or sample_w * vae_factor) // vae_factor)
+    # counted on a copy built from the same config on ``meta``, as the configs' path counts: shapes need no weights,
+    # and a loaded model's real buffers do not all survive the shape-only pass (Wan's rotary tables)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # as from_configs.empty_model builds it: buffers real
+        empty = type(denoiser).from_config(denoiser.config)
+    torch.nn.Module.to(empty, next(denoiser.parameters()).dtype)
+    return _costs_at(empty.eval(), type(pipeline), latent, "flops", rate)
+
+
+def choose_run_layout(costs, measurement: dict, devices: int, steps: int, warmup: int | None = None):
+    """The :class:`~asyncgen.cost.layout.Choice` of ``parallel="auto"``: the fastest predicted layout that asyncgen
+    runs on exactly ``devices`` ranks, from ``measurement`` (``{"link": ..., "rate": ...}``: the CLI's probe cache
+    entry, or :func:`asyncgen.comm.rank_probe.measure_ranks` in a group). One function for the CLI and the wrapper,
+    so both make the same choice from the same numbers."""
+    from asyncgen.cost.layout import ASYNCGEN, Link, choose
+
+    return choose(costs, Link.from_measurement(measurement["link"]), devices, steps, warmup, runs_on=(ASYNCGEN,),
+                  use_all=True)
+
+
+def auto_layout_from_configs(model: str, measurement: dict, devices: int, steps: int, height: int | None = None,
+                             width: int | None = None, warmup: int | None = None, dtype=None):
+    """:func:`choose_run_layout` on ``model``'s costs counted from its configs alone (before anything is loaded)."""
+    from asyncgen.cost.device_rate import DeviceRate
+
+    costs = costs_from_configs(model, height, width, dtype, "flops", DeviceRate.from_dict(measurement["rate"]))
+    return choose_run_layout(costs, measurement, devices, steps, warmup)
+
+
+def auto_layout_of_pipeline(pipeline, measurement: dict, devices: int, steps: int, height: int | None = None,
+                            width: int | None = None, warmup: int | None = None):
+    """:func:`choose_run_layout` on a loaded pipeline's costs (:func:`costs_from_pipeline`)."""
+    from asyncgen.cost.device_rate import DeviceRate
+
+    costs = costs_from_pipeline(pipeline, DeviceRate.from_dict(measurement["rate"]), height, width)
+    return choose_run_layout(costs, measurement, devices, steps, warmup)
 
 
 def half_batch_times(split, inputs: dict, repeats: int = 3) -> list[float] | None:
