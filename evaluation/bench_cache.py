@@ -17,9 +17,8 @@ Four arms on the same model, prompts, seeds and step count, timed alternately in
 (:mod:`asyncgen.evaluation.peer_harness`; each worker one CPU thread, or one GPU): the stock
 pipeline (rank 0), the cache alone (rank 0: one process), AsyncDiff alone (``--configs``,
 one configuration, N = 2 by default) and both composed
-(``AsyncDiffPipeline(pipe, stages=N, cache=config)``; for DeepCache, which the stage runtime
-does not take yet, :class:`DeepCacheUnderStages` composes it here from public pieces, stride 1
-only). An arm that cannot run is a row with the reason instead of numbers. Reported per arm: latency, speedup over stock, PSNR (median over prompts) and
+(``AsyncDiffPipeline(pipe, stages=N, cache=config)``, DeepCache included). An arm that cannot
+run is a row with the reason instead of numbers. Reported per arm: latency, speedup over stock, PSNR (median over prompts) and
 SSIM (mean) against the stock output of the same prompt and seed, CLIP score, and on the
 built-in miniature models the pixel checker's attribute accuracy (colour, background,
 shape). For DeepCache also the deep path's share of the UNet's calls and the compute-bound
@@ -142,13 +141,6 @@ def composed_refusal(wrap: dict, config) -> str | None:
 
     from asyncgen.pipelines import AsyncDiffPipeline
 
-    from asyncgen.runtime.deep_cache import DeepCacheConfig
-
-    if isinstance(config, DeepCacheConfig):
-        if wrap.get("stride", 1) != 1 or wrap.get("cfg_parallel"):
-            return ("DeepCache composed with stages is run here at stride 1 without CFG parallel only (every stage "
-                    "of a round then serves the same step)")
-        return None
     if "cache" not in inspect.signature(AsyncDiffPipeline.__init__).parameters:
         return "this asyncgen's AsyncDiffPipeline takes no cache="
     from asyncgen.pipelines.attach import AsyncDiffConfig
@@ -219,46 +211,6 @@ class _CacheContext(ModelHook):
         self.last = t
         with CacheMixin.cache_context(module, "cond"):
             return hook_original_forward(self)(*args, **kwargs)
-
-
-class DeepCacheUnderStages:
-    """DeepCache composed with AsyncDiff stages, made in this benchmark from public pieces (until the stage runtime
-    takes a ``DeepCacheConfig`` itself).
-
-    DeepCache's hooks sit on the modules of the UNet's deep units (:func:`~asyncgen.runtime.deep_cache.deep_modules`),
-    which the stage runtime calls unit by unit, so they work under stages as they do in one process, as long as
-    something tells them per step whether the deep path runs. The UNet-level hook that decides by counting calls
-    is taken off (under stages the AsyncDiff hook answers the UNet's calls and never reaches it); instead the
-    pipeline's step callback sets the decision for the next step: step ``i`` runs the deep path when
-    ``i % interval == 0``, the stock DeepCache's decision. At stride 1 every stage of a round serves the round's
-    step, so every rank makes the same decision for its own units; a stage's kept outputs are its own deep units'.
-    On a cached step a rank runs its shallow units and returns the kept outputs of its deep ones (the split's glue
-    around them, a concatenation of skips, still runs); the boundary messages are unchanged.
-    """
-
-    def __init__(self, pipe, config, wrap: dict, process_group=None):
-        from asyncgen.pipelines import AsyncDiffPipeline
-        from asyncgen.runtime.deep_cache import UNET_HOOK, apply_deep_cache
-
-        self.interval = config.interval
-        self.state = apply_deep_cache(pipe.unet, config).state
-        HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook(UNET_HOOK, recurse=False)
-        self.wrapped = AsyncDiffPipeline(pipe, **wrap, process_group=process_group)
-        self.denoiser = self.wrapped.denoiser
-
-    @property
-    def pipeline(self):
-        return self.wrapped.pipeline
-
-    def _next_step(self, pipe, step: int, timestep, tensors: dict) -> dict:
-        self.state.full = (step + 1) % self.interval == 0
-        self.decisions.append(self.state.full)
-        return tensors
-
-    def __call__(self, *args, **kwargs):
-        self.state.full = True  # step 0
-        self.decisions = [True]  # the last call's decisions, one per step (and one for the step after the last)
-        return self.wrapped(*args, **kwargs, callback_on_step_end=self._next_step)
 
 
 class _Ratios(logging.Handler):
@@ -388,9 +340,7 @@ def _worker(rank: int, world_size: int, model: str, name: str, settings: dict, w
         arms["asyncdiff"] = AsyncDiffPipeline(load_on_rank(model, rank, **load), **wrap, process_group=group)
     if composed:
         arms["composed"] = None
-        if rank < ours_world and name == "deepcache":
-            arms["composed"] = DeepCacheUnderStages(load_on_rank(model, rank, **load), config, wrap, group)
-        elif rank < ours_world:
+        if rank < ours_world:
             arms["composed"] = AsyncDiffPipeline(load_on_rank(model, rank, **load), **wrap, cache=config,
                                                  process_group=group)
     for arm in arms.values():
@@ -402,9 +352,10 @@ def _worker(rank: int, world_size: int, model: str, name: str, settings: dict, w
         # the counts of the last call (the hook resets when the next call starts): the deep path's share of it
         state = deep_cache_hook(cached.unet).state
         deep_calls = dict(full=state.full_calls, cached=state.cached_calls)
-        if isinstance(arms.get("composed"), DeepCacheUnderStages):
-            decisions = arms["composed"].decisions[:call["num_inference_steps"]]
-            deep_calls.update(composed_full=sum(decisions), composed_cached=len(decisions) - sum(decisions))
+        staged = getattr(getattr(getattr(arms.get("composed"), "hook", None), "executor", None), "cache", None)
+        if staged is not None:
+            # this rank's (stage 0's) tasks of the last call: one per step without stride, each its own decision
+            deep_calls.update(composed_full=staged.state.full_calls, composed_cached=staged.state.cached_calls)
     return dict(seconds=seconds, images=images if rank == 0 else None, projection=projection, deep_calls=deep_calls,
                 mag_ratios=ratios[0] if rank == 0 else None,
                 resident_bytes={"stock": peer_harness.parameter_bytes(denoiser_of(stock)) if stock else None,

@@ -32,16 +32,33 @@ above the previous call's last (two one-step calls at the same timestep) needs
 CFG halves in one batch, so one count per UNet call is one count per step (schedulers that
 call the UNet twice per step, Heun's, count two).
 
-Under AsyncDiff stages the stage runtime calls the split's units one at a time
-(``asyncgen.split.unet``), and so these very modules: the hooks work there too, once the
-runtime sets ``hook.state.full`` for each task from the step that task serves (the UNet's
-own hook, which counts calls, is not called under stages). :func:`deep_unit_mask` says
-which units are deep, which is what the cost model's composed-schedule cut chooser
-(:func:`asyncgen.cost.cuts.composed_cuts`) and a stage runtime need.
+Under AsyncDiff stages (``AsyncDiffPipeline(pipe, stages=N, cache=DeepCacheConfig(...))``)
+the stage runtime calls the split's units one at a time (``asyncgen.split.unet``), and so
+these very modules: :class:`StagedDeepCache` registers the same module hooks (not the UNet's
+call counter, which the AsyncDiff hook never reaches) and, before each stage task, sets the
+decision and which kept outputs the task uses:
+
+* **The decision is schedule-driven, from the steps a task serves.** A stage replica runs its
+  deep units when the stock DeepCache ran the deep path on a step since that replica's last
+  task: on a step in (its previous served step, this one]. At stride 1 every stage serves
+  every step, so this is ``step % interval == 0``, the stock decision of the step, made by
+  every rank for its own units with no message. At stride S a replica serves every S-th step;
+  the rule keeps its deep feature no older, in steps, than the stock cache lets it be
+  (``interval - 1``), so with ``interval <= S`` every task runs the deep path.
+* **Kept outputs are per (call, stage, replica)**, the context the task runs in: the last
+  stage's replicas at stride S, and the two halves of CFG parallelism (each its own lane),
+  keep their own. A replica that has kept nothing yet computes.
+* The boundary messages are unchanged: a cached step's stage still sends its boundary state
+  (the kept deep outputs where a deep unit ends the stage). With ``stages=1`` every step runs
+  the whole UNet through these hooks at the stock decisions: DeepCache alone, exactly.
+
+:func:`deep_unit_mask` says which units are deep, which is what the cost model's
+composed-schedule cut chooser (:func:`asyncgen.cost.cuts.composed_cuts`) needs.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -49,7 +66,7 @@ from typing import Any, Sequence
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from asyncgen._compat import hook_original_forward
+from asyncgen._compat import hook_original_forward, hook_registry_of
 
 UNET_HOOK = "asyncgen_deep_cache"
 MODULE_HOOK = "asyncgen_deep_cache_module"
@@ -89,8 +106,11 @@ class DeepCacheState:
         self.full = True  # whether the deep path runs in the current call
         self.last_timestep: float | None = None
         self.sample_shape: tuple | None = None
-        self.full_calls = 0  # counted for reports and tests: how many calls ran the deep path
+        self.full_calls = 0  # counted for reports and tests: how many calls (stage tasks) ran the deep path
         self.cached_calls = 0
+        # whose kept outputs the deep modules use: None in one process, a stage task's (call, stage, replica) under
+        # stages (StagedDeepCache sets it per task)
+        self.context: str | None = None
 
 
 def timestep_value(timestep: Any) -> float | None:
@@ -141,15 +161,21 @@ class DeepModuleHook(ModelHook):
     def __init__(self, state: DeepCacheState):
         super().__init__()
         self.state = state
-        self.output = None
+        self.kept: dict[str | None, Any] = {}  # the kept output, per context (see DeepCacheState.context)
 
     def new_forward(self, module, *args, **kwargs):
-        if self.state.full or self.output is None:
-            self.output = hook_original_forward(self)(*args, **kwargs)
-        return self.output
+        context = self.state.context
+        if self.state.full or context not in self.kept:
+            self.kept[context] = hook_original_forward(self)(*args, **kwargs)
+        return self.kept[context]
+
+    def forget(self, prefix: str) -> None:
+        """Drop the outputs kept for contexts starting with ``prefix`` (a finished call's, under stages)."""
+        for context in [c for c in self.kept if c is not None and c.startswith(prefix)]:
+            del self.kept[context]
 
     def reset_state(self, module):
-        self.output = None  # the kept tensors go with the call
+        self.kept.clear()  # the kept tensors go with the call
         return module
 
 
@@ -169,13 +195,18 @@ def deep_modules(unet: torch.nn.Module, branch: int) -> list[tuple[str, torch.nn
 
     if not isinstance(unet, UNetSplit.handles):
         raise TypeError(f"DeepCache needs a UNet2DConditionModel (SD, SDXL); {type(unet).__name__} is not one")
+    check_branch(unet, branch)
+    units = UNetSplit(unet).build_units()
+    mask = deep_unit_mask([u.name for u in units], len(unet.down_blocks), branch)
+    return [(unit.name, module) for unit, deep in zip(units, mask) if deep for module in unit.modules]
+
+
+def check_branch(unet: torch.nn.Module, branch: int) -> None:
+    """Refuse a branch the UNet has no live blocks for, naming the range it has."""
     blocks = len(unet.down_blocks)
     if not 0 <= branch < blocks:
         raise ValueError(f"DeepCacheConfig(branch={branch}): this {type(unet).__name__} has {blocks} down blocks, "
                          f"so the branch must be between 0 and {blocks - 1}")
-    units = UNetSplit(unet).build_units()
-    mask = deep_unit_mask([u.name for u in units], blocks, branch)
-    return [(unit.name, module) for unit, deep in zip(units, mask) if deep for module in unit.modules]
 
 
 def apply_deep_cache(unet: torch.nn.Module, config: DeepCacheConfig) -> DeepCacheHook:
@@ -213,6 +244,91 @@ def remove_deep_cache(unet: torch.nn.Module) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     registry.remove_hook(UNET_HOOK, recurse=False)
     registry.remove_hook(MODULE_HOOK, recurse=True)
+
+
+def enabled_deep_cache(unet: torch.nn.Module) -> DeepCacheConfig | None:
+    """The config of the DeepCache :func:`apply_deep_cache` registered on ``unet``, or None (no hook registry is
+    created on a model that has none)."""
+    registry = hook_registry_of(unet)
+    hook = registry.get_hook(UNET_HOOK) if registry is not None else None
+    return hook.config if hook is not None else None
+
+
+_calls = itertools.count()
+
+
+class StagedDeepCache:
+    """DeepCache under AsyncDiff stages: the module hooks on the split's deep units, a decision and a context per
+    stage task (the module docstring says which). Made by ``StagedCache(config, stages, stride)``
+    (:mod:`asyncgen.runtime.step_cache`) for a :class:`DeepCacheConfig`, with the same interface the executors
+    use: :meth:`new_call` at a call's start, :meth:`run` for every stage task.
+    """
+
+    kind = "DeepCacheConfig"
+    signal = False
+    shadows_exact_steps = False  # no replica needs the exact steps: one that has kept nothing computes
+
+    def __init__(self, config: DeepCacheConfig, stages: Sequence, stride: int):
+        if not isinstance(config, DeepCacheConfig):
+            raise TypeError(f"StagedDeepCache needs a DeepCacheConfig, got {type(config).__name__}")
+        self.config, self.stages, self.stride = config, list(stages), stride
+        self.n_stages = len(self.stages)
+        self.state = DeepCacheState()  # read by every deep module's hook; counts this process's tasks
+        self.hooks: list[DeepModuleHook] = []
+        self.served: dict[str, int] = {}  # context -> the step its last task served
+        self.applied = False
+
+    def apply(self, split) -> None:
+        """Register the module hooks on the deep units of ``split`` (a UNet's; once)."""
+        if self.applied:
+            return
+        from asyncgen.split.unet import UNetSplit
+
+        unet = split.denoiser
+        if not isinstance(split, UNetSplit):
+            raise ValueError(f"cache=DeepCacheConfig runs on SD/SDXL UNets (UNet2DConditionModel); "
+                             f"{type(unet).__name__} is not one")
+        check_branch(unet, self.config.branch)
+        mask = deep_unit_mask([u.name for u in split.units], len(unet.down_blocks), self.config.branch)
+        for unit, deep in zip(split.units, mask):
+            for module in unit.modules if deep else ():
+                hook = DeepModuleHook(self.state)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, MODULE_HOOK)
+                self.hooks.append(hook)
+        self.applied = True
+
+    def new_call(self, previous: str = "") -> str:
+        """A context prefix for one call of one lane; what the lane's ``previous`` call kept is dropped."""
+        if previous:
+            for hook in self.hooks:
+                hook.forget(previous + "/")
+            self.served = {c: s for c, s in self.served.items() if not c.startswith(previous + "/")}
+        self.state.full_calls = self.state.cached_calls = 0  # the counts are the latest call's
+        return f"asyncgen-deep-call-{next(_calls)}"
+
+    def full(self, context: str, step: int) -> bool:
+        """Whether the task of ``context`` serving ``step`` runs the deep path: the stock cache did on a step since
+        that context's last task (the first task of a context always does)."""
+        previous = self.served.get(context)
+        interval = self.config.interval
+        # a multiple of the interval in (previous, step]; a step served again (never, in a schedule) recomputes
+        return previous is None or step <= previous or step // interval > previous // interval
+
+    def run(self, stage, split, state, cond: Any, *, call: str, replica: int, step: int):
+        """Stage ``stage`` (replica ``replica``) on ``state`` for served step ``step``, deep units through the cache."""
+        self.apply(split)  # the first task: the split is the traced one the runtime runs
+        context = f"{call}/stage{stage.index}.{replica}"
+        full = self.full(context, step)
+        self.served[context] = step
+        self.state.context, self.state.full = context, full
+        if full:
+            self.state.full_calls += 1
+        else:
+            self.state.cached_calls += 1
+        try:
+            return stage(split, state, cond)
+        finally:
+            self.state.context, self.state.full = None, True
 
 
 _UNIT = re.compile(r"(down|up)(\d+)(?:\.(resnet|attn|sample)\d*)?")

@@ -39,6 +39,21 @@ what crosses a cut:
   the stock decisions, unchanged. Stride > 1 is refused (replicas would share one state).
 * FasterCache is not composed: its hook on the whole denoiser drops the unconditional half of
   the batch on some steps, which the stages' stale states cannot follow.
+* **CFG parallel** (``cfg_parallel=True``): each half of the batch runs on its own lane, with
+  the managers' states of its own. TaylorSeer decides from the step alone, and MagCache from
+  the step and its calibrated ratios alone (its residual is per sample), so each half makes
+  the decision stock makes for the whole batch. Two are refused with CFG parallel:
+  First Block Cache decides from the mean change of the first block's residual over the whole
+  batch, which a half does not see (agreeing with stock would take a reduction between the
+  two halves' first stages before every step's decision, and no message passes between them
+  then: the halves meet only to exchange predictions at the step's end); PAB's state is the
+  attention hook's own, which in one process both halves call, so the serial simulator would
+  count two calls a step and hand one half's attention to the other (on ranks each half has
+  its own hooks; the simulator is the specification). A pipeline's several passes per step
+  (Wan's cond and uncond) do share PAB's state, as stock does.
+* **DeepCache** (asyncgen's own, for SD/SDXL UNets: :mod:`asyncgen.runtime.deep_cache`) is
+  schedule-driven too; ``StagedCache(DeepCacheConfig(...), ...)`` gives its staged form,
+  :class:`~asyncgen.runtime.deep_cache.StagedDeepCache`, which the executors run the same way.
 
 With one stage every hook sits on the one stage and runs exactly as the stock cache's.
 """
@@ -58,6 +73,8 @@ from torch import nn
 
 from asyncgen._compat import (block_output_indices, cache_context_value, enabled_cache_config, forget_cache_contexts,
                               hook_original_forward, hook_registry_of, state_manager_context, step_cache_config_classes)
+from asyncgen.runtime.deep_cache import (DeepCacheConfig, StagedDeepCache, check_branch, enabled_deep_cache,
+                                         remove_deep_cache)
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.stage_hook import stage_hook_of
 
@@ -80,29 +97,76 @@ def enable_step_cache(denoiser: nn.Module, config) -> None:
         getattr(diffusers.hooks, _APPLY[type(config).__name__])(denoiser, config)
 
 
-def check_cache_config(cache) -> None:
-    """Refuse what is not a step cache asyncgen composes with stages, naming what would be accepted."""
-    if cache is None:
+#: the caches refused with CFG parallel, and why (the module docstring has the longer story)
+_NOT_WITH_CFG_PARALLEL = {
+    "FirstBlockCacheConfig": "First Block Cache decides from its first block's residual over the whole batch, and "
+                             "under CFG parallel each half of the batch would decide alone, unlike the stock cache",
+    "PyramidAttentionBroadcastConfig": "Pyramid Attention Broadcast keeps one state per attention module, which "
+                                       "both halves would share in one process (the serial simulator)",
+}
+
+
+def accepted_caches() -> list[str]:
+    """The cache configs ``cache=`` takes with the installed diffusers, by name."""
+    return [*sorted(step_cache_config_classes()), "DeepCacheConfig (asyncgen.runtime.deep_cache, SD/SDXL UNets)"]
+
+
+def check_cache_config(cache, cfg_parallel: bool = False) -> None:
+    """Refuse what is not a step cache asyncgen composes with stages (with CFG parallel where ``cfg_parallel``),
+    naming what would be accepted."""
+    if cache is None or isinstance(cache, DeepCacheConfig):
         return
     known = step_cache_config_classes()
     if not isinstance(cache, tuple(known.values())):
         raise ValueError(
-            f"cache={cache!r} is not a diffusers step cache asyncgen can run under stages; accepted: "
-            f"{', '.join(sorted(known)) or 'none in the installed diffusers'} (from diffusers.hooks), or None")
+            f"cache={cache!r} is not a step cache asyncgen can run under stages; accepted: "
+            f"{', '.join(accepted_caches())} (the others from diffusers.hooks), or None")
+    if cfg_parallel and type(cache).__name__ in _NOT_WITH_CFG_PARALLEL:
+        accepted = [name for name in accepted_caches() if name.split()[0] not in _NOT_WITH_CFG_PARALLEL]
+        raise ValueError(
+            f"cache={type(cache).__name__} with cfg_parallel=True: {_NOT_WITH_CFG_PARALLEL[type(cache).__name__]}; "
+            f"with cfg_parallel=True use {', '.join(accepted)}, or cfg_parallel=False")
+
+
+def check_cache_split(cache, split, name: str = "denoiser") -> None:
+    """Refuse a cache the denoiser's split cannot run (at attach time, before any work): diffusers' caches need a
+    transformer split by block, DeepCache a UNet's split. ``split`` None (split on the first call) passes here."""
+    if cache is None or split is None:
+        return
+    from asyncgen.split.unet import UNetSplit
+
+    model = type(split.denoiser).__name__
+    if isinstance(cache, DeepCacheConfig):
+        if not isinstance(split, UNetSplit):
+            transformers = ", ".join(sorted(step_cache_config_classes()))
+            raise ValueError(f"cache=DeepCacheConfig runs on SD/SDXL UNets (UNet2DConditionModel); pipe.{name} "
+                             f"({model}) is not one; for transformers: {transformers}")
+        check_branch(split.denoiser, cache.branch)
+    elif not hasattr(split, "adopt_call"):
+        raise ValueError(f"cache={type(cache).__name__} runs on transformer denoisers split by block; pipe.{name} "
+                         f"({model}) is not one" + ("; for a UNet: DeepCacheConfig (asyncgen.runtime.deep_cache)"
+                                                    if isinstance(split, UNetSplit) else ""))
 
 
 def take_enabled_cache(denoiser: nn.Module, cache) -> Any:
     """The cache to compose: ``cache``, or the one the user enabled on ``denoiser`` (disabled here, so the split
-    is traced on the plain model; it comes back under the stages at the first call)."""
+    is traced on the plain model; it comes back under the stages at the first call). A DeepCache applied with
+    :func:`~asyncgen.runtime.deep_cache.apply_deep_cache` counts as enabled."""
     enabled = enabled_cache_config(denoiser)
-    if enabled is None:
+    deep = enabled_deep_cache(denoiser) if enabled is None else None
+    if enabled is None and deep is None:
         check_cache_config(cache)
         return cache
+    enabled = enabled if enabled is not None else deep
     if cache is not None and cache is not enabled:
         raise ValueError(f"{type(denoiser).__name__} already has {type(enabled).__name__} enabled and cache="
-                         f"{type(cache).__name__} was given; pass one of them (or disable_cache() first)")
+                         f"{type(cache).__name__} was given; pass one of them (or "
+                         f"{'remove_deep_cache(unet)' if deep is not None else 'disable_cache()'} first)")
     check_cache_config(enabled)
-    denoiser.disable_cache()
+    if deep is not None:
+        remove_deep_cache(denoiser)
+    else:
+        denoiser.disable_cache()
     logger.info("carrying %s enabled on %s over to the stages", type(enabled).__name__, type(denoiser).__name__)
     return enabled
 
@@ -146,8 +210,15 @@ class StagedCache:
 
     Made at attach time from the config; :meth:`apply` registers diffusers' hooks once the
     split has traced the model (the first call); the executors run every stage task through
-    :meth:`run`.
+    :meth:`run`. For a :class:`~asyncgen.runtime.deep_cache.DeepCacheConfig` the object made is
+    DeepCache's own staged form, :class:`~asyncgen.runtime.deep_cache.StagedDeepCache` (the same
+    interface), so the callers need not tell the caches apart.
     """
+
+    def __new__(cls, config, stages: Sequence = (), stride: int = 1):
+        if isinstance(config, DeepCacheConfig):
+            return StagedDeepCache(config, stages, stride)  # not a StagedCache: __init__ below is skipped
+        return super().__new__(cls)
 
     def __init__(self, config, stages: Sequence, stride: int):
         check_cache_config(config)

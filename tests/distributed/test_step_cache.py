@@ -77,3 +77,56 @@ def test_signal_caches_at_stride_two_on_three_ranks_equal_the_simulator(dit_path
     configs, per_rank = _launched(path, STRIDE_CONFIGS, 3, "neither First Block Cache nor MagCache")
     for i, config, expected in _simulated(path, configs):
         _assert_ranks_equal(per_rank, i, config, expected)
+
+
+# DeepCache (asyncgen's, for UNets) through cache=, on the tiny SD pipeline: (stages, stride, applied before wrapping)
+DEEP_CONFIGS = {2: [(2, 1, False), (2, 1, True)], 3: [(2, 2, False)]}
+
+
+def _deep_wrapped(path, stages, stride, before):
+    from asyncgen.runtime.deep_cache import DeepCacheConfig, apply_deep_cache
+
+    pipe = tiny_models.load(path)
+    if before:
+        apply_deep_cache(pipe.unet, DeepCacheConfig(interval=3))
+        return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1)
+    return AsyncDiffPipeline(pipe, stages=stages, stride=stride, warmup=1, cache=DeepCacheConfig(interval=3))
+
+
+def _deep_run(rank, world_size, path):
+    return [_deep_wrapped(path, *config)(**tiny_models.family_call_kwargs("sd", num_inference_steps=7)).images
+            for config in DEEP_CONFIGS[world_size]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_deep_cache_on_ranks_equals_the_simulator(sd_path, world_size, one_thread):
+    # at stride 2 (3 ranks) the last stage's replicas keep deep features of their own
+    per_rank = launch(_deep_run, world_size, str(sd_path), timeout=400)
+    for i, config in enumerate(DEEP_CONFIGS[world_size]):
+        expected = _deep_wrapped(sd_path, *config)(**tiny_models.family_call_kwargs("sd", num_inference_steps=7)).images
+        _assert_ranks_equal(per_rank, i, config, expected)
+
+
+# CFG parallel (each half of SD3's CFG batch on its own rank) with the caches that decide from the step alone
+CFG_CACHES = ["MagCacheConfig", "TaylorSeerCacheConfig"]
+
+
+def _cfg_wrapped(path, name):
+    return AsyncDiffPipeline(tiny_models.load_family(path, "sd3"), stages=1, cfg_parallel=True,
+                             cache=cache_config(name))
+
+
+def _cfg_run(rank, world_size, path, names):
+    return [_cfg_wrapped(path, name)(**tiny_models.family_call_kwargs("sd3", num_inference_steps=STEPS)).images
+            for name in names]
+
+
+def test_cfg_parallel_with_a_cache_on_two_ranks_equals_the_simulator(dit_paths, one_thread):
+    names = [name for name in CFG_CACHES if name in CLASSES]
+    if not names:
+        pytest.skip("the installed diffusers has neither MagCache nor TaylorSeer")
+    path = str(dit_paths["sd3"])
+    per_rank = launch(_cfg_run, 2, path, names, timeout=400)
+    for i, name in enumerate(names):
+        expected = _cfg_wrapped(path, name)(**tiny_models.family_call_kwargs("sd3", num_inference_steps=STEPS)).images
+        _assert_ranks_equal(per_rank, i, name, expected)
