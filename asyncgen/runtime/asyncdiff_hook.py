@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,101 @@ def default_warmup(total_steps: int | None) -> int:
 
 def _timestep_value(t: Any) -> float:
     return float(torch.as_tensor(t).reshape(-1)[0].item())
+
+
+def _simplest(value: float, error: float) -> float:
+    """The number with the fewest significant digits within ``error`` of ``value`` (``value`` itself if none)."""
+    if value == 0 or error <= 0:
+        return value
+    for digits in range(1, 16):
+        candidate = float(f"{value:.{digits - 1}e}")
+        if abs(candidate - value) <= error:
+            return candidate
+    return value
+
+
+@dataclass(frozen=True)
+class TimestepMap:
+    """How a pipeline turns its scheduler's timestep ``s`` into the one it passes its denoiser.
+
+    ``(sign * s + offset) / divisor``, computed in the passed timestep's dtype: SD passes
+    ``s`` itself, Flux ``s / 1000``, ZImage ``(1000 - s) / 1000``. Doing the pipelines'
+    own operations in their own dtype gives their values bit for bit. ``assumed``: learnt
+    from a single step, where only a rescaling could be told (see :func:`learn_timestep_map`).
+    """
+
+    sign: int = 1
+    offset: float = 0.0
+    divisor: float = 1.0
+    assumed: bool = False
+
+    def __call__(self, scheduled: torch.Tensor) -> torch.Tensor:
+        x = scheduled if self.sign > 0 else -scheduled
+        if self.offset:
+            x = self.offset + x
+        if self.divisor != 1.0:
+            multiplier = round(1.0 / self.divisor)
+            # a pipeline that scales up multiplies (s * 1000), one that scales down divides (s / 1000)
+            up = multiplier > 1 and math.isclose(multiplier * self.divisor, 1.0, rel_tol=1e-12)
+            x = x * multiplier if up else x / self.divisor
+        return x
+
+    def describe(self) -> str:
+        s = "s" if self.sign > 0 else "-s"
+        if self.offset:
+            s = f"({s} + {self.offset:g})"
+        return f"{s} / {self.divisor:g}" if self.divisor != 1.0 else s
+
+
+def learn_timestep_map(scheduled: list[float], passed: list[float], resolution: float) -> TimestepMap | None:
+    """The simplest :class:`TimestepMap` that takes ``scheduled[i]`` to ``passed[i]`` for every step seen.
+
+    ``resolution`` is the relative precision of the passed values (a few units in the last
+    place of their dtype). The simplest means: the identity, else a rescaling by step 0's
+    ratio, else the affine map through the first step and the one farthest from it, its
+    divisor and offset rounded to the fewest significant digits the observations allow (a
+    pipeline's constants are round numbers: 1000, not 999.99994). From one step only a
+    rescaling can be told (``assumed``); ``None`` when no map fits, or one step is not a rescaling.
+    """
+    scale = max(max(abs(p) for p in passed), 1e-30)
+    tolerance = resolution * scale
+
+    def fits(candidate: TimestepMap) -> bool:
+        got = candidate(torch.tensor(scheduled, dtype=torch.float64)).tolist()
+        return all(abs(g - p) <= tolerance + 1e-5 * abs(p) for g, p in zip(got, passed))
+
+    (s0, p0) = scheduled[0], passed[0]
+    if all(s == p for s, p in zip(scheduled, passed)):
+        return TimestepMap(assumed=len(scheduled) == 1)
+    if s0 != 0 and p0 != 0:
+        ratio = s0 / p0
+        # p0's own rounding bounds the ratio's error
+        proportional = TimestepMap(divisor=_simplest(ratio, abs(ratio) * (tolerance / abs(p0))))
+        if len(scheduled) == 1:
+            return TimestepMap(divisor=proportional.divisor, assumed=True)
+        if fits(proportional):
+            return proportional
+    far = max(range(len(scheduled)), key=lambda i: abs(scheduled[i] - s0))
+    if far == 0 or scheduled[far] == s0:
+        return None  # one step (or several at one timestep) that is not a rescaling
+    slope = (passed[far] - p0) / (scheduled[far] - s0)
+    if slope == 0:
+        return None
+    slope_error = 2 * tolerance / abs(scheduled[far] - s0)
+    sign = 1 if slope > 0 else -1
+    divisor = _simplest(1 / abs(slope), slope_error / slope ** 2)
+    offset = p0 * divisor - sign * s0
+    offset = _simplest(offset, tolerance * divisor + abs(offset) * 1e-12)
+    affine = TimestepMap(sign=sign, offset=offset, divisor=divisor)
+    return affine if fits(affine) else None
+
+
+def _resolution(timestep: Any) -> float:
+    """The relative precision of a passed timestep: a few units in the last place of its dtype (0 for integers)."""
+    dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else torch.float64
+    if not dtype.is_floating_point:
+        return 0.0
+    return 4 * torch.finfo(dtype).eps
 
 
 def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -103,7 +199,11 @@ class AsyncDiffLane(BaseState):
         self._looked_up: dict[int, float] = {}  # timesteps taken from the scheduler ahead of time
         self._unchecked: list[tuple[int, torch.Tensor, float]] = []  # CUDA timesteps checked at the call's end
         self._predictions: dict[int, torch.Tensor] = {}
-        self._upcoming = None  # scheduler timesteps from this call's first step on, on the host
+        self._scheduled: torch.Tensor | None = None  # the scheduler's timesteps from this call's first step on (host)
+        self._observed: list[Any] = []  # the timesteps passed at this call's steps, until the map is learnt
+        self._map: TimestepMap | None = None
+        self._tolerance = 0.0  # the check's absolute tolerance: the passed dtype's precision at their scale
+        self._upcoming = None  # the scheduled timesteps as the pipeline will pass them (host), once learnt
         self._upcoming_on: torch.Tensor | None = None  # the same on the pipeline's timestep device
         self.schedule: AsyncSchedule | None = None
 
@@ -133,24 +233,53 @@ class AsyncDiffLane(BaseState):
                 hits = (timesteps == _timestep_value(timestep)).nonzero()
                 begin = int(hits[0]) if len(hits) else None
             if begin is not None:
-                # pipelines may pass a rescaled timestep (Flux passes t / 1000): keep their scale
-                scheduled, passed = float(timesteps[begin]), _timestep_value(timestep)
-                ratio = scheduled / passed if scheduled != 0 and passed != 0 else 1.0
-                self._upcoming = timesteps[begin:] / ratio if ratio != 1.0 else timesteps[begin:]
-                self._total = len(self._upcoming)
+                # what the pipeline passes is learnt from the steps it takes, when the first look-ahead needs it
+                self._scheduled = timesteps[begin:]
+                self._total = len(self._scheduled)
         warmup = self.hook.warmup if self.hook.warmup is not None else default_warmup(self._total)
         self.schedule = AsyncSchedule(self.topology, warmup, self.hook.time_shift)
         self.executor.begin_call(self.schedule)
         self._started = True
 
+    def _learn_map(self, step: int) -> None:
+        """Learn how the pipeline converts its scheduler's timesteps from the steps passed so far (one sync)."""
+        steps = range(min(len(self._observed), len(self._scheduled)))
+        scheduled = [float(self._scheduled[i]) for i in steps]
+        passed = [_timestep_value(self._observed[i]) for i in steps]
+        like = self._observed[0]
+        timestep_map = learn_timestep_map(scheduled, passed, _resolution(like))
+        if timestep_map is None:
+            pairs = ", ".join(f"{s:g} -> {p:g}" for s, p in zip(scheduled, passed))
+            raise RuntimeError(
+                f"{self._needs(step)}: the pipeline passes its denoiser timesteps that are no affine map of its "
+                f"scheduler's (scheduler -> passed: {pairs})"
+                + ("; a map other than a rescaling is learnt from two steps: use warmup >= 1"
+                   if len(passed) == 1 else "")
+            )
+        self._map = timestep_map
+        dtype = like.dtype if isinstance(like, torch.Tensor) else torch.float64
+        scheduled_all = self._scheduled
+        if (timestep_map.sign, timestep_map.offset, timestep_map.divisor) != (1, 0.0, 1.0):
+            # the pipeline's operations in the passed dtype (the identity keeps the scheduler's values and dtype)
+            scheduled_all = scheduled_all.to(dtype)
+        self._upcoming = timestep_map(scheduled_all)
+        if self._upcoming.numel():
+            self._tolerance = _resolution(like) * float(self._upcoming.abs().max())
+
+    def _needs(self, step: int) -> str:
+        return (f"stages {self.topology.stages} at stride {self.topology.stride} need the timestep of step {step} "
+                "before the pipeline reaches it")
+
     def _timestep_of(self, step: int, like: Any) -> Any:
         if step in self._timesteps:
             return self._timesteps[step]
-        if self._upcoming is None or step >= len(self._upcoming):
+        if self._scheduled is None or step >= len(self._scheduled):
             raise RuntimeError(
                 f"stride {self.topology.stride} needs the timestep of step {step} before the pipeline reaches it, "
                 "but the pipeline's scheduler does not list it (custom timesteps?); use stride=1"
             )
+        if self._upcoming is None:
+            self._learn_map(step)
         value = self._upcoming[step]
         self._looked_up[step] = float(value)
         if isinstance(like, torch.Tensor):
@@ -168,8 +297,8 @@ class AsyncDiffLane(BaseState):
         expected = self._looked_up.pop(step)
         if isinstance(timestep, torch.Tensor) and timestep.device.type == "cuda":
             self._unchecked.append((step, timestep.reshape(-1)[0], expected))
-        elif not math.isclose(expected, _timestep_value(timestep), rel_tol=1e-5):
-            self._timesteps_changed(step, _timestep_value(timestep))
+        elif not math.isclose(expected, _timestep_value(timestep), rel_tol=1e-5, abs_tol=self._tolerance):
+            self._timesteps_changed(step, _timestep_value(timestep), expected)
 
     def _check_timesteps(self) -> None:
         unchecked, self._unchecked = self._unchecked, []
@@ -177,12 +306,17 @@ class AsyncDiffLane(BaseState):
             return
         passed = torch.stack([t.double() for _, t, _ in unchecked])
         expected = torch.tensor([e for _, _, e in unchecked], dtype=torch.float64, device=passed.device)
-        wrong = (~torch.isclose(passed, expected, rtol=1e-5, atol=0)).nonzero().flatten().tolist()  # one sync per call
-        if wrong:
-            self._timesteps_changed(unchecked[wrong[0]][0], float(passed[wrong[0]]))
+        wrong = (~torch.isclose(passed, expected, rtol=1e-5, atol=self._tolerance)).nonzero().flatten().tolist()
+        if wrong:  # one sync per call
+            self._timesteps_changed(unchecked[wrong[0]][0], float(passed[wrong[0]]), float(expected[wrong[0]]))
 
-    @staticmethod
-    def _timesteps_changed(step: int, value: float):
+    def _timesteps_changed(self, step: int, value: float, expected: float):
+        if self._map is not None and self._map.assumed:
+            raise RuntimeError(
+                f"step {step} was predicted ahead for timestep {expected:g}, taking the pipeline's timesteps for "
+                f"its scheduler's rescaled ({self._map.describe()}, from step 0 alone), but the pipeline passed "
+                f"{value:g}: with warmup=0 the map is learnt from one step; use warmup >= 1"
+            )
         raise RuntimeError(
             f"step {step} was predicted ahead for a timestep the pipeline does not use now "
             f"({value}); the scheduler's timesteps changed during the call"
@@ -231,6 +365,8 @@ class AsyncDiffLane(BaseState):
         step = self._step
         self._step += 1
         self._timesteps[step] = timestep
+        if self._scheduled is not None and self._upcoming is None:
+            self._observed.append(timestep)  # read (a sync on a GPU) only when a look-ahead needs the map
         # the oldest conditioning a task can use is the previous step's (time_shift)
         self._timesteps.pop(step - 2, None)
         if step in self._looked_up:
