@@ -42,8 +42,8 @@ from asyncgen.runtime.scoped_hook import register_numbered
 from asyncgen.runtime.step_cache import StagedCache, check_cache_config, take_enabled_cache
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
-from asyncgen.split.registry import split_denoiser
-from asyncgen.split.transformer.trace import ExampleUnavailable, NeedsRealWeights
+from asyncgen.split.registry import needs_example_call, split_denoiser
+from asyncgen.split.transformer.trace import ExampleUnavailable, NeedsRealWeights, SplitRefused
 from asyncgen.split.units import DenoiserSplit, Stage, make_stages
 
 from .acceleration import compile_options, compile_stages
@@ -150,6 +150,8 @@ class AsyncDiffAttachment:
     stages: dict[str, list[Stage]]  # every stage of each denoiser (this rank holds one of each)
     components: str = "replicated"  # "planned" when the text encoders and the VAE were placed
     component_placements: dict[str, list[Placement]] = field(default_factory=dict)
+    # per denoiser: the call its cuts were costed on (the pipeline path, or why the config's call was used)
+    cut_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def topology(self) -> Topology:
@@ -243,38 +245,145 @@ def components_by_role(pipeline, denoisers: Sequence[str]) -> tuple[dict[str, nn
     return placed, replicated
 
 
-def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistContext) -> tuple[list[Stage],
-                                                                                            AsyncDiffHook]:
+class PipelineCall:
+    """The stock pipeline's first denoiser call at its default size, recorded on shapes once (the pipeline path).
+
+    What ``asyncgen plan`` and stage-only loading split and cost on
+    (:func:`~asyncgen.split.transformer.pipeline_example.record_denoiser_call`: every weight,
+    loaded or on ``meta``, stands in as a fake tensor, no model computes, the noise drawn is
+    undone), so a wrapper around the loaded pipeline chooses the same cuts. ``get()`` is the
+    call (tensors on ``meta``), or ``None`` with :attr:`reason` saying why it could not be recorded.
+    """
+
+    def __init__(self, pipeline, attribute: str):
+        self.pipeline, self.attribute = pipeline, attribute
+        self.reason = ""
+        self._call: dict | None = None
+        self._recorded = False
+
+    def get(self) -> dict | None:
+        if not self._recorded:
+            from asyncgen.split.transformer.pipeline_example import (PipelineExampleUnavailable,
+                                                                     pipeline_call_arguments, record_denoiser_call)
+
+            self._recorded = True
+            try:
+                arguments = pipeline_call_arguments(self.pipeline, None, None)
+                self._call = record_denoiser_call(self.pipeline, self.attribute, arguments)
+            except PipelineExampleUnavailable as exc:
+                self.reason = str(exc)
+        return self._call
+
+    def for_denoiser(self, denoiser: nn.Module) -> dict | None:
+        """The recorded call, for ``denoiser``: the pipeline's first denoiser or one taking the same arguments
+        (Wan 2.2's second expert, first called only after the switch, is called like the first)."""
+        first = getattr(self.pipeline, self.attribute)
+        if denoiser is not first and type(denoiser).forward is not type(first).forward:
+            return None
+        return self.get()
+
+
+def _on_device_of(call: dict, denoiser: nn.Module) -> dict:
+    """The recorded call (``meta`` tensors) as the split holds it, where the denoiser's weights are.
+
+    On the CPU (where a pipeline is loaded) it stays on ``meta``: cost estimates run on
+    shapes and take meta inputs as the CPU's. A denoiser already on an accelerator gets
+    zeros there instead (a fake run needs its inputs and weights on one device).
+    """
+    device = next((p.device for p in denoiser.parameters() if not p.is_meta), torch.device("cpu"))
+    if device.type == "cpu":
+        return dict(call)
+
+    def place(value):
+        if isinstance(value, torch.Tensor):
+            return torch.zeros(value.shape, dtype=value.dtype, device=device)
+        if isinstance(value, dict):
+            return {k: place(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(place(v) for v in value)
+        return value
+
+    return place(call)
+
+
+def _split_on_pipeline_call(denoiser: nn.Module, recorded: PipelineCall) -> tuple[DenoiserSplit | None, str]:
+    """A denoiser with weights on ``meta`` (stage-only loading) whose config gives no example: split on the
+    pipeline's recorded call; ``(None, why)`` where that cannot be had."""
+    call = recorded.for_denoiser(denoiser)
+    if call is None:
+        return None, recorded.reason or f"{type(denoiser).__name__} is not called like the pipeline's first denoiser"
+    try:
+        return split_denoiser(denoiser, call=call), ""
+    except SplitRefused as exc:
+        return None, f"{type(recorded.pipeline).__name__}'s own first call (pipeline path) was refused: {exc}"
+
+
+def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistContext, recorded: PipelineCall,
+                     cut_sources: dict[str, str]) -> tuple[list[Stage], AsyncDiffHook]:
     """Split ``pipe.<name>`` into stages, keep this rank's, register the hook; returns (stages, hook).
 
     In a process group this rank keeps only its stage (with ``free_unused_stages`` the
     others' weights are released); in one process the serial simulator runs every stage.
 
-    The split's example call is the pipeline's own: the blocks and the cuts are found here on
-    an example built from the config, and the hook's first call (before its first step)
-    traces the boundary again on the arguments the pipeline really passes, and checks it
-    where the weights are at hand. A class whose example cannot be built from its config
-    (HiDream's stacked Llama states) is split there, on that first call, instead.
+    The split's example call is the pipeline's own: the blocks are found here on an example
+    built from the config (checked against the full forward on the real weights), the cuts
+    are costed (``split="flops"``) on the stock pipeline's first call recorded on shapes
+    (``recorded``, the pipeline path: the cuts ``asyncgen plan`` chooses), and the hook's
+    first call (before its first step) traces the boundary again on the arguments the
+    pipeline really passes, and checks it where the weights are at hand. A class whose
+    example cannot be built from its config (HiDream's stacked Llama states) is split
+    there, on that first call, instead; one whose weights are on ``meta`` on the recorded
+    call. ``cut_sources[name]`` says which call the cuts were costed on.
     """
     denoiser = getattr(pipeline, name)
     topology, cfg_parts = config.topology, config.cfg_parts
+    method = split_method(config.split, name)
     # a cache enabled on the denoiser comes off before the split traces it, and back under the stages at the first
     # call, after the trace on the pipeline's own arguments
     cache = take_enabled_cache(denoiser, config.cache)
     try:
         denoiser_split = split_denoiser(denoiser)
+        cut_sources[name] = "the config's example call"
     except ExampleUnavailable as exc:
         if any(p.is_meta for p in denoiser.parameters()):
-            raise
-        logger.info("%s; splitting it on the pipeline's first call", exc)
-        denoiser_split = None
+            denoiser_split, pipeline_reason = _split_on_pipeline_call(denoiser, recorded)
+            if denoiser_split is None:
+                raise type(exc)(f"{pipeline_reason}; then {exc}") from exc
+            cut_sources[name] = "the stock pipeline's first call, recorded on shapes (pipeline path)"
+        else:
+            logger.info("%s; splitting it on the pipeline's first call", exc)
+            denoiser_split = None
+            cut_sources[name] = "the pipeline's first denoiser call (split there)"
+    # the calls the cuts are costed on: the pipeline's own (its text length and latent layout), where it records
+    cut_inputs = None
+    if method == "flops" and topology.stages > 1 and denoiser_split is not None and needs_example_call(denoiser) \
+            and denoiser_split.example_source == "the config":  # (one stage has no cuts to cost)
+        call = recorded.for_denoiser(denoiser)
+        if call is not None:
+            cut_inputs = _on_device_of(call, denoiser)
+            cut_inputs[denoiser_split.sample_argument] = denoiser_split.sample_tensor(
+                cut_inputs[denoiser_split.sample_argument])
+        else:
+            cut_sources[name] = f"the config's example call ({recorded.reason or 'no pipeline call recorded'})"
+
+    def cuts_of(split: DenoiserSplit) -> list[int]:
+        if cut_inputs is not None and split is denoiser_split:
+            try:
+                cuts = choose_cuts(split, topology.stages, method, inputs=cut_inputs, ctx=ctx)
+                cut_sources[name] = "the stock pipeline's first call, recorded on shapes (pipeline path)"
+                return cuts
+            except Exception as exc:  # noqa: BLE001 - a chain that does not run on that call: the fallback's cue
+                cut_sources[name] = (f"the config's example call (the pipeline path's call did not run the split's "
+                                     f"chain: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+                logger.warning("pipe.%s: cuts costed on %s", name, cut_sources[name])
+        return choose_cuts(split, topology.stages, method, ctx=ctx)
 
     if cache is not None and denoiser_split is not None and not hasattr(denoiser_split, "adopt_call"):
         raise ValueError(f"cache={type(cache).__name__} runs on transformer denoisers split by block; "
                          f"pipe.{name} ({type(denoiser).__name__}) is not one")
 
     def staged(split: DenoiserSplit):
-        all_stages = make_stages(split, choose_cuts(split, topology.stages, split_method(config.split, name), ctx=ctx))
+        all_stages = make_stages(split, cuts_of(split))
         compile_kwargs = compile_options(config.compile)
         if compile_kwargs is not None:
             # one function per stage (not the hook, not the shared embeddings: those take a
@@ -358,13 +467,14 @@ def apply_asyncdiff(pipeline, config: AsyncDiffConfig | None = None) -> AsyncDif
     topology = config.topology
     if ctx.distributed:
         topology.check_world_size(ctx.world_size, config.cfg_parts)
-    stages, hooks = {}, {}
+    stages, hooks, cut_sources = {}, {}, {}
+    recorded = PipelineCall(pipeline, attribute)  # recorded once, on the first denoiser that needs it
     # Wan 2.2's second expert: split into as many stages (cuts of its own), this rank holds its stage of both
     for name in names:
-        stages[name], hooks[name] = _attach_denoiser(pipeline, name, config, ctx)
+        stages[name], hooks[name] = _attach_denoiser(pipeline, name, config, ctx, recorded, cut_sources)
     for hook in hooks.values():
         hook.share_calls_with(list(hooks.values()))
-    attachment = AsyncDiffAttachment(pipeline, config, ctx, attribute, hooks, stages)
+    attachment = AsyncDiffAttachment(pipeline, config, ctx, attribute, hooks, stages, cut_sources=cut_sources)
     world = config.cfg_parts * topology.world_size
     if ctx.distributed:
         logger.info("rank %d of %d runs stage %d", ctx.rank, ctx.world_size,

@@ -314,7 +314,7 @@ class BlockSplit(DenoiserSplit):
                 f"{self.trace.names[start]}..{self.trace.names[stop - 1]}"
             raise SplitRefused(
                 f"{type(self.denoiser).__name__}: a stage of blocks {span} fed the boundary state at "
-                f"{self.trace.names[start]} ({shapes}) fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                f"{self.trace.names[start]} ({shapes}) fails: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             ) from exc
 
     def _compare(self, want: torch.Tensor, got: torch.Tensor, start: int, stop: int) -> float:

@@ -183,11 +183,11 @@ def example_inputs(model: nn.Module, batch: int = 2, height: int | None = None, 
                     with torch.no_grad():
                         model(**inputs, return_dict=False)
             except Exception as exc:  # noqa: BLE001 - any failure means: not this layout
+                first = (str(exc).splitlines() or [""])[0]  # an exception may carry no message (an assert)
                 if isinstance(exc, value_read_errors()) and not reads_values:
-                    reads_values = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    reads_values = f"{type(exc).__name__}: {first[:120]}"
                 mask = f" ({str(mask_dtype).removeprefix('torch.')} mask)" if len(mask_dtypes) > 1 else ""
-                errors.append(f"{sample_name} {layout} {tuple(shape)}{mask}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}")
+                errors.append(f"{sample_name} {layout} {tuple(shape)}{mask}: {type(exc).__name__}: {first[:200]}")
                 continue
             finally:
                 fake_log.setLevel(level)

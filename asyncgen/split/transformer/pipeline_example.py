@@ -8,7 +8,10 @@ layout, its scheduler the timestep, its loop the rest. :func:`record_denoiser_ca
 stock pipeline's ``__call__`` with every model component's ``meta`` weights standing in as
 fake tensors (``FakeTensorMode``: shapes only, no arithmetic) and stops it at the first call
 of the denoiser, before that forward runs: what the pipeline passed, by name, with each
-tensor as a ``meta`` tensor of its shape and dtype. A pipeline whose preparation reads
+tensor as a ``meta`` tensor of its shape and dtype. A loaded pipeline (the whole-model
+wrapper) is recorded the same way, its real weights standing in as fakes too: no text
+encoder or VAE computes, and the random draws of its preparation (the initial noise) are
+undone, so the user's next call draws what it would have drawn. A pipeline whose preparation reads
 tensor values (a mask's lengths through ``.item()``) cannot run on fake tensors; then
 :class:`PipelineExampleUnavailable` says why and the caller falls back to the call built
 from the config (:mod:`asyncgen.split.transformer.example_inputs`).
@@ -70,6 +73,43 @@ def pipeline_call_arguments(pipeline, height: int | None, width: int | None, ste
     return {k: v for k, v in call.items() if k in parameters and v is not None}
 
 
+@contextlib.contextmanager
+def _quiet_progress(pipeline):
+    """No progress bar for the recorded call, and the pipeline's own setting (the user's) left as it was."""
+    from tqdm.auto import tqdm
+
+    def progress_bar(iterable=None, total=None):
+        return tqdm(iterable=iterable, total=total, disable=True)
+
+    pipeline.progress_bar = progress_bar  # an instance attribute over the method, removed on exit
+    try:
+        yield
+    finally:
+        del pipeline.progress_bar
+
+
+@contextlib.contextmanager
+def _real_weights_as_fake(model: nn.Module, mode):
+    """``model``'s real parameters and buffers stand in as fake tensors of ``mode`` (same shape, dtype and device),
+    restored on exit: a loaded pipeline's preparation then runs on shapes, like one on meta weights."""
+    from asyncgen._compat import own_tensors, replace_tensor
+
+    swapped, fakes = [], {}
+    for module in model.modules():
+        for name, tensor, _ in own_tensors(module):
+            if not tensor.is_meta:
+                if id(tensor) not in fakes:  # tied weights stay one tensor
+                    fakes[id(tensor)] = mode.from_tensor(tensor)
+                swapped.append((module, name, tensor))
+    for module, name, tensor in swapped:
+        replace_tensor(module, name, fakes[id(tensor)])
+    try:
+        yield
+    finally:
+        for module, name, tensor in swapped:
+            replace_tensor(module, name, tensor)
+
+
 def record_denoiser_call(pipeline, attribute: str, call: dict) -> dict:
     """The arguments (by name, tensors on ``meta``) of the first call ``pipeline(**call)`` makes of its ``attribute``.
 
@@ -82,6 +122,7 @@ def record_denoiser_call(pipeline, attribute: str, call: dict) -> dict:
 
     denoiser = getattr(pipeline, attribute)
     modules = [m for m in pipeline.components.values() if isinstance(m, nn.Module)]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     signature = inspect.signature(denoiser.forward)
 
     def reached(module, args, kwargs):
@@ -95,10 +136,12 @@ def record_denoiser_call(pipeline, attribute: str, call: dict) -> dict:
         # everything else (token ids, masks and their lengths, timesteps, positions, the noise) for real, as the
         # pipeline's Python reads those values
         mode = fake_tensor_mode(allow_non_fake_inputs=True)
-        with torch.no_grad(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as stack:
             for module in modules:
+                # the real ones first: the meta ones' fakes are not meta, and must not be faked again
+                stack.enter_context(_real_weights_as_fake(module, mode))
                 stack.enter_context(meta_weights_as_fake(module, mode, torch.device("cpu")))
-            pipeline.set_progress_bar_config(disable=True)
+            stack.enter_context(_quiet_progress(pipeline))
             pipeline(**call)
     except _Reached as done:
         return done.arguments

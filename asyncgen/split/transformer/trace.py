@@ -307,7 +307,7 @@ def trace_blocks(model: nn.Module, inputs: dict, sample_argument: str,
         except Exception as exc:  # noqa: BLE001 - e.g. an op whose output shape depends on values, weights on meta
             refusal = NeedsRealWeights if isinstance(exc, value_read_errors()) else SplitRefused
             raise refusal(f"{type(model).__name__}: its forward cannot be traced on fake tensors "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                          f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from exc
         prediction = output[0] if isinstance(output, (tuple, list)) else output
         prediction_label = provenance.label(prediction)
         listed = isinstance(prediction, (tuple, list))

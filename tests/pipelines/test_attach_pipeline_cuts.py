@@ -1,0 +1,73 @@
+"""The whole-model wrapper costs its cuts on the stock pipeline's own first call (issue 26 §1, pipelines/attach.py).
+
+The config's example call has a few tokens, where a block's cost is mostly its weights; the
+pipeline's call (Flux at its default 1024 px: 4096 image and 512 text tokens) is mostly
+activations. On this Flux (2 double-stream blocks of about twice a single block's weights,
+6 single-stream blocks) the two give different cuts, and ``asyncgen plan`` (which records the
+pipeline's call on meta weights) chooses the pipeline's. A wrapper around the loaded pipeline
+must choose the same, and fall back to the config's call, saying why, where the pipeline's
+preparation cannot be recorded.
+"""
+
+import pytest
+import torch
+
+import tiny_models
+from asyncgen.cost.cuts import choose_cuts
+from asyncgen.pipelines import AsyncDiffPipeline
+from asyncgen.pipelines.from_configs import plan_from_configs
+from asyncgen.split.registry import split_denoiser
+
+PIPELINE_PATH = "the stock pipeline's first call, recorded on shapes (pipeline path)"
+
+
+@pytest.fixture(scope="module")
+def flux_path(tmp_path_factory):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6,
+                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+    return tiny_models.save_flux_pipeline(tmp_path_factory.mktemp("flux_cuts") / "flux", transformer.eval())
+
+
+def test_the_wrappers_cuts_are_the_plans_on_the_pipelines_call(flux_path, one_thread):
+    plan_cuts = plan_from_configs(str(flux_path), stages=2, estimate_activations=False).notes["cuts"]
+    loaded = tiny_models.load_family(flux_path, "flux")
+    config_cuts = choose_cuts(split_denoiser(loaded.transformer), 2, "flops")
+    assert plan_cuts == [0, 4, 8] and config_cuts == [0, 3, 8]  # the two calls disagree on this model
+
+    parameters = {name: p for name, p in loaded.components["text_encoder_2"].named_parameters()}
+    rng = torch.get_rng_state()
+    wrapped = AsyncDiffPipeline(loaded, stages=2)
+    assert wrapped.attachment.cuts() == plan_cuts
+    assert wrapped.attachment.cut_sources == {"transformer": PIPELINE_PATH}
+    # the recording ran the pipeline's preparation on shapes: its weights are its own again (no fake left in a
+    # slot), and the noise it drew is undone, so the user's next unseeded call draws what it would have
+    assert all(p is parameters[name] for name, p in loaded.components["text_encoder_2"].named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    call = tiny_models.family_call_kwargs("flux")
+    assert torch.isfinite(torch.as_tensor(wrapped(**call).images)).all()
+
+
+def test_without_a_recordable_call_the_configs_is_used_and_the_reason_kept(flux_path, one_thread):
+    loaded = tiny_models.load_family(flux_path, "flux")
+    loaded.text_encoder_2 = None  # the prompt can no longer be encoded: the preparation fails on shapes too
+    wrapped = AsyncDiffPipeline(loaded, stages=2)
+    assert wrapped.attachment.cuts() == [0, 3, 8]
+    source = wrapped.attachment.cut_sources["transformer"]
+    assert source.startswith("the config's example call (FluxPipeline's own preparation did not run on shapes "
+                             "alone (pipeline path: "), source
+
+
+def test_one_stage_and_given_cuts_record_nothing(flux_path, monkeypatch, one_thread):
+    from asyncgen.split.transformer import pipeline_example
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recorded a call no cut needs")
+
+    monkeypatch.setattr(pipeline_example, "record_denoiser_call", refuse)
+    assert AsyncDiffPipeline(tiny_models.load_family(flux_path, "flux"), stages=1).attachment.cuts() == [0, 8]
+    given = AsyncDiffPipeline(tiny_models.load_family(flux_path, "flux"), stages=2, split=[0, 2, 8])
+    assert given.attachment.cuts() == [0, 2, 8]
