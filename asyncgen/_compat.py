@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import types
 from collections.abc import Callable
 from typing import Any
@@ -451,6 +452,53 @@ def context_parallel_plan(model_class: type) -> dict | None:
     public accessor: ``enable_parallelism`` only raises when the plan is missing.
     """
     return getattr(model_class, "_cp_plan", None) or None
+
+
+def context_parallel_refusal_for_hybrid() -> str | None:
+    """None where this diffusers has the context-parallel pieces the stages x context-parallel hybrid reuses; else
+    why not, naming the installed version.
+
+    The hybrid (:mod:`asyncgen.runtime.context_parallel`) runs diffusers' own Ulysses attention and its own
+    split/gather hooks on one stage's blocks: ``ContextParallelConfig`` and ``ParallelConfig`` (public),
+    ``ContextParallelInput``/``ContextParallelOutput`` (``diffusers.models._modeling_parallel``), the hooks
+    ``ContextParallelSplitHook``/``ContextParallelGatherHook`` (``diffusers.hooks.context_parallel``) and the
+    attention processors' ``_parallel_config`` attribute. All are in diffusers 0.36 to 0.42 (checked on 0.40
+    and 0.42); the check is by feature, not by version number.
+    """
+    import diffusers
+
+    try:
+        from diffusers import ContextParallelConfig, ParallelConfig  # noqa: F401
+        from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook  # noqa: F401
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput  # noqa: F401
+    except ImportError as exc:
+        return (f"diffusers {diffusers.__version__} has no context parallelism the hybrid can use ({exc}); it needs "
+                "ContextParallelConfig with diffusers.hooks.context_parallel (diffusers 0.36 or later)")
+    if "mesh" not in inspect.signature(ContextParallelConfig.setup).parameters:
+        return f"diffusers {diffusers.__version__}'s ContextParallelConfig.setup takes no mesh"
+    return None
+
+
+def context_parallel_hooks():
+    """``(ContextParallelSplitHook, ContextParallelGatherHook, ContextParallelInput, ContextParallelOutput)``:
+    diffusers' own split-at-input / gather-at-output hooks and their plan entries (private modules; see
+    :func:`context_parallel_refusal_for_hybrid`)."""
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return ContextParallelSplitHook, ContextParallelGatherHook, ContextParallelInput, ContextParallelOutput
+
+
+def attention_takes_parallel_config(processor) -> bool:
+    """Whether an attention processor runs diffusers' context-parallel attention when given a config (it has the
+    ``_parallel_config`` attribute that ``enable_parallelism`` sets)."""
+    return processor is not None and hasattr(processor, "_parallel_config")
+
+
+def set_attention_parallel_config(processor, config) -> None:
+    """Give an attention processor a ``ParallelConfig`` (or None: plain attention), as ``enable_parallelism`` does
+    for every processor of a model, here for one processor at a time."""
+    processor._parallel_config = config
 
 
 # ---------------------------------------------------------------------------- transformers

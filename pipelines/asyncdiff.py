@@ -18,6 +18,7 @@ from asyncgen.cost.cuts import choose_cuts
 from asyncgen.models import EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, denoiser_batch, resolve_dtype
 from asyncgen.placement.planner import Placement
 from asyncgen.runtime.asyncdiff_hook import AsyncDiffHook
+from asyncgen.runtime.context_parallel import apply_stage_context_parallel, check_context_parallel, make_hybrid_groups
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.split.registry import split_denoiser
 from asyncgen.split.transformer.trace import NeedsRealWeights
@@ -200,6 +201,15 @@ class AsyncDiffPipeline(PipelineWrapper):
             cache on its own blocks; with ``stages=1`` the images equal the stock pipeline's with the
             same cache. First Block Cache and MagCache decide on the first stage and send the decision
             with its boundary state; PAB needs ``stride=1``.
+        context_parallel (`int`, defaults to 1):
+            The hybrid: each stage runs on this many ranks that share its sequence, with diffusers' own context
+            parallelism (Ulysses attention over the stage's ranks, the model class's ``_cp_plan`` moved onto the
+            stage's blocks; see :mod:`asyncgen.runtime.context_parallel`). Needs ``(stages + stride - 1) x
+            context_parallel`` ranks (x 2 with ``cfg_parallel``) in the default process group; the ranks that
+            share a sequence shard index run AsyncDiff together. Transformer denoisers whose class diffusers
+            gives a plan, the degree dividing the attention heads and the sequence; with ``stages > 1`` a plan
+            that splits its first block's inputs (Wan). ``stages=1`` computes what diffusers'
+            ``enable_parallelism(ContextParallelConfig(ulysses_degree=...))`` computes.
         parallel (`str`, *optional*):
             ``"auto"``: choose ``stages``, ``stride``, ``warmup`` and ``cfg_parallel`` for this process group's
             ranks (all of them) from the layout chooser's predicted step times, the choice ``asyncgen generate
@@ -244,11 +254,19 @@ class AsyncDiffPipeline(PipelineWrapper):
         steps: int | None = None,
         size: tuple[int, int] | None = None,
         probe: dict | None = None,
+        context_parallel: int = 1,
         *,
         _scoped: bool = False,
     ):
         check_not_wrapped(pipeline, type(self).__name__, every_call=not _scoped)
         check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
+        check_context_parallel(context_parallel)
+        if context_parallel > 1 and parallel is not None:
+            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': the chooser does not run the "
+                             "hybrid yet; give stages (and context_parallel) yourself, or parallel='auto' alone")
+        if context_parallel > 1 and cache is not None:
+            raise ValueError(f"context_parallel={context_parallel} with cache={type(cache).__name__}: a step cache "
+                             "under the hybrid is not supported; leave one of them out")
         self.layout_choice, self.layout_probe, ctx = None, None, None
         if parallel is not None:
             denoiser_attribute(pipeline)
@@ -264,6 +282,11 @@ class AsyncDiffPipeline(PipelineWrapper):
             self.layout_probe = measurement
             stages, stride, warmup, cfg_parallel = chosen_settings(self.layout_choice, warmup)
         stages = 2 if stages is None else stages
+        self.hybrid = None
+        if context_parallel > 1:  # AsyncDiff runs on the ranks that share this rank's sequence shard
+            ctx = ctx or resolve_context(process_group, device, timeout)
+            self.hybrid = make_hybrid_groups(ctx, context_parallel)
+            self._world_ctx, process_group, timeout = ctx, self.hybrid.stage_group, ctx.timeout
         config = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                                  cfg_parallel=cfg_parallel, components=components, compile=compile,
                                  free_unused_stages=free_unused_stages, scoped=_scoped, process_group=process_group,
@@ -275,9 +298,25 @@ class AsyncDiffPipeline(PipelineWrapper):
             enable_attention(pipeline, attention)
         self.attachment = apply_asyncdiff(pipeline, config)
         self.pipeline, self.ctx, self.topology = pipeline, self.attachment.ctx, config.topology
-        if ctx is not None:  # parallel="auto" resolved the group first: made here from the launcher's environment?
+        if ctx is not None and self.hybrid is None:  # resolved here first: made from the launcher's environment?
             self.ctx.owns_group = self.ctx.owns_group or ctx.owns_group
         self.attribute, self.cfg_parts = self.attachment.attribute, config.cfg_parts
+        if self.hybrid is not None:
+            self._apply_context_parallel()
+
+    def _apply_context_parallel(self) -> None:
+        """diffusers' context parallelism on this rank's stage of the (only) denoiser."""
+        degree = self.hybrid.degree
+        split = self.hook.split
+        if len(self.hooks) > 1:
+            raise ValueError(f"context_parallel={degree}: a pipeline with two denoisers ({', '.join(self.hooks)}) is "
+                             "not supported by the hybrid")
+        if split is None or not hasattr(split, "trace"):
+            raise ValueError(f"context_parallel={degree}: {type(self.denoiser).__name__} is not split as a chain of "
+                             "transformer blocks here (context parallelism shards a transformer's sequence)")
+        stage = self.stages[self.topology.stage_of(self.ctx.rank % self.topology.world_size)]
+        first = split.units.index(stage.units[0])
+        apply_stage_context_parallel(split, first, first + len(stage.units), stage is self.stages[-1], self.hybrid)
 
     # ----------------------------------------------------------- construction
 
@@ -301,7 +340,8 @@ class AsyncDiffPipeline(PipelineWrapper):
                         dtype: str | torch.dtype | None = None, attention: str | None = None,
                         compile: bool | dict = False, components: str | None = None, cache=None,
                         parallel: str | None = None, steps: int | None = None, size: tuple[int, int] | None = None,
-                        probe: dict | None = None, **load_kwargs) -> "AsyncDiffPipeline":
+                        probe: dict | None = None, context_parallel: int = 1,
+                        **load_kwargs) -> "AsyncDiffPipeline":
         """Load a pipeline and wrap it; with a process group, each rank reads only the weights it runs.
 
         In one process this is ``DiffusionPipeline.from_pretrained`` and the constructor.
@@ -327,6 +367,7 @@ class AsyncDiffPipeline(PipelineWrapper):
         elif load_kwargs.get("torch_dtype") is not None:
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
         check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
+        check_context_parallel(context_parallel)
         choice, ctx = None, None
         if parallel is not None:  # chosen before loading: the layout decides what each rank reads
             ctx = resolve_context(process_group, device, timeout)
@@ -341,7 +382,8 @@ class AsyncDiffPipeline(PipelineWrapper):
                                    cfg_parallel=cfg_parallel, components=components, compile=compile, device=device,
                                    timeout=timeout, cache=cache).topology
         ctx = ctx or resolve_context(process_group, device, timeout)
-        lean = ctx.distributed and not (isinstance(split, str) and split == "time")
+        # the hybrid loads whole and frees other stages' blocks after (its AsyncDiff group is made by the wrapper)
+        lean = ctx.distributed and not (isinstance(split, str) and split == "time") and context_parallel == 1
         if ctx.distributed and not lean:
             logger.warning("split='time' times the units on real weights: every rank loads the whole pipeline "
                            "(use split='flops' or a list of cuts for stage-only loading)")
@@ -364,8 +406,10 @@ class AsyncDiffPipeline(PipelineWrapper):
             pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype, **load_kwargs)
         wrapped = cls(pipeline, stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,
                       process_group=ctx.group, device=device, timeout=ctx.timeout, cfg_parallel=cfg_parallel,
-                      attention=attention, compile=compile, components=components, cache=cache)
-        wrapped.ctx.owns_group = ctx.owns_group  # the group was made here, from the launcher's environment
+                      attention=attention, compile=compile, components=components, cache=cache,
+                      context_parallel=context_parallel)
+        # the group was made here, from the launcher's environment (the hybrid's AsyncDiff group is the mesh's)
+        (wrapped.ctx if wrapped.hybrid is None else wrapped._world_ctx).owns_group = ctx.owns_group
         wrapped.layout_choice = choice
         if choice is not None:
             wrapped.layout_probe = measurement
@@ -388,6 +432,8 @@ class AsyncDiffPipeline(PipelineWrapper):
             steps = kwargs.get("num_inference_steps")
             if steps is not None and (not isinstance(steps, int) or steps < 1):
                 raise ValueError(f"num_inference_steps={steps!r}: need a whole number of at least 1")
+            if self.hybrid is not None:  # every rank of the mesh draws the same noise, not only one AsyncDiff group
+                kwargs = shared_randomness(self._world_ctx, kwargs)
             kwargs = shared_randomness(self.ctx, kwargs)
             with self.attachment.active():
                 self.attachment.reset()
