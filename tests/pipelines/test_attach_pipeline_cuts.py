@@ -71,3 +71,47 @@ def test_one_stage_and_given_cuts_record_nothing(flux_path, monkeypatch, one_thr
     assert AsyncDiffPipeline(tiny_models.load_family(flux_path, "flux"), stages=1).attachment.cuts() == [0, 8]
     given = AsyncDiffPipeline(tiny_models.load_family(flux_path, "flux"), stages=2, split=[0, 2, 8])
     assert given.attachment.cuts() == [0, 2, 8]
+
+
+def _no_config_example(monkeypatch):
+    """No argument of any forward can be built from its config: the config path fails as HiDream's does."""
+    import inspect
+
+    from asyncgen.split.transformer import example_inputs as config_examples
+
+    monkeypatch.setattr(config_examples, "_argument", lambda *a, **k: inspect.Parameter.empty)
+    monkeypatch.setattr(config_examples, "_LAYOUTS", type(config_examples._LAYOUTS)())
+
+
+def _on_meta(pipe):
+    """``pipe`` with its transformer rebuilt on ``meta`` (one rank's stage-only load, no stage read)."""
+    with torch.device("meta"):
+        pipe.transformer = type(pipe.transformer).from_config(pipe.transformer.config)
+    return pipe
+
+
+def test_a_meta_denoiser_without_a_config_example_splits_on_the_pipelines_call(family_path, monkeypatch, one_thread):
+    from asyncgen.pipelines.attach import AsyncDiffConfig, apply_asyncdiff
+    from asyncgen.split.transformer.trace import ExampleUnavailable
+
+    path = family_path("sd3")
+    _no_config_example(monkeypatch)
+    attachment = apply_asyncdiff(_on_meta(tiny_models.load_family(path, "sd3")),
+                                 AsyncDiffConfig(stages=2, split=[0, 1, 3]))
+    split = attachment.hook.split
+    assert split.example_source == "the pipeline's first denoiser call" and attachment.cuts() == [0, 1, 3]
+    # SD3's own preparation: CLIP's 77 tokens and the T5's 256, the CFG batch
+    assert split.example_inputs()["encoder_hidden_states"].shape[:2] == (2, 77 + 256)
+    assert attachment.cut_sources == {"transformer": PIPELINE_PATH}
+
+    # with neither path: one line naming both
+    pipe = _on_meta(tiny_models.load_family(path, "sd3"))
+    pipe.text_encoder = None
+    with pytest.raises(ExampleUnavailable) as refused:
+        apply_asyncdiff(pipe, AsyncDiffConfig(stages=2, split=[0, 1, 3]))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("StableDiffusion3Pipeline's own preparation did not run on shapes alone (pipeline "
+                              "path: "), message
+    assert "; then cannot build an example call of SD3Transformer2DModel.forward" in message
+    assert "(config path; tried" in message
