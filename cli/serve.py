@@ -21,7 +21,7 @@ import threading
 import time
 
 from .errors import UsageError
-from .launcher import STOP_SIGNALS, WorkerFailed, launched_by_torchrun, run_on_devices
+from .launcher import STOP_SIGNALS, Interrupted, WorkerFailed, launched_by_torchrun, run_on_devices
 from .options import DTYPES, add_asyncdiff_arguments, add_model_arguments, non_negative_int, positive_int
 
 SUMMARY = "serve images over HTTP, the pipeline split over the devices and kept loaded between requests"
@@ -123,11 +123,12 @@ def _settings(args: argparse.Namespace, job, world: int):
         max_pixels = LARGE_FACTOR * facts.native_height * facts.native_width
     limits = Limits(max_steps=args.max_steps, max_pixels=max_pixels, max_images=args.max_images,
                     max_prompt_chars=args.max_prompt_chars)
-    ctx = mp.get_context("spawn")  # its events pickle into workers of either start method
+    ctx = mp.get_context("spawn")  # its shared memory pickles into workers of either start method
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
     return ServeSettings(job=job, host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
                          max_body_bytes=args.max_body_bytes, drain_grace=args.drain_grace, api_key=api_key,
-                         stop=ctx.Event(), ready=ctx.Event(), bound_port=ctx.Value("i", 0), devices=world)
+                         stop=ctx.RawValue("i", 0), ready=ctx.RawValue("i", 0), bound_port=ctx.RawValue("i", 0),
+                         devices=world)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,13 +146,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     restarts = args.restarts
     while True:
-        settings.ready.clear()
+        settings.ready.value = 0
         try:
             _run_group(settings, args, world)
             return 0
         except WorkerFailed as exc:
-            if settings.stop.is_set() or not settings.ready.is_set() or restarts == 0:
-                if settings.ready.is_set():
+            if settings.stop.value or not settings.ready.value or restarts == 0:
+                if settings.ready.value:
                     say(f"asyncgen serve: a rank failed and no restart is left (--restarts {args.restarts})")
                 raise
             restarts -= 1
@@ -164,7 +165,8 @@ def _run_group(settings, args: argparse.Namespace, world: int) -> None:
     """Run the ranks in a thread while this (main) thread handles the stop signals.
 
     The first SIGINT/SIGTERM/SIGHUP asks rank 0 to drain; the ranks then have ``--drain-grace``
-    seconds and a margin to stop on their own before they are killed. A second signal kills them now.
+    seconds and a margin to stop on their own before they are killed. A second signal kills them now
+    (the command then exits 128 + the signal's number, as for a process the signal ended).
     """
     import multiprocessing as mp
 
@@ -182,8 +184,8 @@ def _run_group(settings, args: argparse.Namespace, world: int) -> None:
             outcome["error"] = exc
 
     def on_signal(signum, frame):
-        received.append(time.monotonic())
-        settings.stop.set()
+        received.append((time.monotonic(), signum))
+        settings.stop.value = 1
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     thread = threading.Thread(target=ranks, name="asyncgen-serve-ranks")
@@ -193,17 +195,18 @@ def _run_group(settings, args: argparse.Namespace, world: int) -> None:
         while thread.is_alive():
             thread.join(0.1)
             # margin: rank 0 cancels at the next step after the grace, then stops the others and its HTTP server
-            late = received and time.monotonic() > received[0] + settings.drain_grace + 30
+            late = received and time.monotonic() > received[0][0] + settings.drain_grace + 30
             if not killed and (len(received) > 1 or late):
                 killed = True
                 say("asyncgen serve: stopping the ranks now")
-                for child in mp.active_children():
+                stopped = mp.active_children()
+                for child in stopped:
                     child.kill()
         thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if "error" in outcome:
-        if killed:
-            raise UsageError("the ranks did not stop within the drain grace; they were killed") from outcome["error"]
+        if killed:  # a second signal, or the grace and its margin ran out: exit as the signal's status
+            raise Interrupted(received[-1][1], len(stopped)) from outcome["error"]
         raise outcome["error"]

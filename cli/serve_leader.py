@@ -82,10 +82,9 @@ def lead(pipe, settings: ServeSettings, world: int, control) -> dict:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, drain)
-    threading.Thread(target=lambda: (settings.stop.wait(), board.begin_drain()), daemon=True,
-                     name="asyncgen-stop-watch").start()
+    threading.Thread(target=_watch_stop, args=(settings.stop, board), daemon=True, name="asyncgen-stop-watch").start()
     settings.bound_port.value = port
-    settings.ready.set()
+    settings.ready.value = 1
     say(f"asyncgen serve: ready on http://{settings.host}:{port} ({world} {job.device} rank{'s' if world > 1 else ''}, "
         f"{job.model}; pids {' '.join(map(str, pids))})")
     ran = 0
@@ -96,6 +95,12 @@ def lead(pipe, settings: ServeSettings, world: int, control) -> dict:
         server.should_exit = True
         http.join(timeout=10)
     return {"rank": 0, "ran": ran}
+
+
+def _watch_stop(stop, board: JobBoard) -> None:
+    while not stop.value:
+        time.sleep(0.1)
+    board.begin_drain()
 
 
 def _broadcast(control, message) -> None:

@@ -55,5 +55,6 @@ class Metrics:
                 cumulative += count
                 lines.append(f'asyncgen_step_seconds_bucket{{le="{bound:g}"}} {cumulative}')
             lines.append(f'asyncgen_step_seconds_bucket{{le="+Inf"}} {self._step_count}')
-            lines += [f"asyncgen_step_seconds_sum {self._step_sum:.6f}", f"asyncgen_step_seconds_count {self._step_count}"]
+            lines += [f"asyncgen_step_seconds_sum {self._step_sum:.6f}",
+                      f"asyncgen_step_seconds_count {self._step_count}"]
             return "\n".join(lines) + "\n"

@@ -39,9 +39,11 @@ class ServeSettings:
     max_body_bytes: int
     drain_grace: float
     api_key: str | None
-    stop: object  # a multiprocessing Event: the launching process asks rank 0 to drain and stop
-    ready: object  # a multiprocessing Event: rank 0 has loaded and listens (a later failure may restart the group)
-    bound_port: object  # a multiprocessing Value: the port rank 0 listens on (--port 0 picks a free one)
+    # shared integers without locks (multiprocessing RawValue): an Event or a locked Value would deadlock the
+    # launching process once a rank that waited on it, or held its lock, was killed
+    stop: object  # 1: the launching process asks rank 0 to drain and stop (rank 0 polls it)
+    ready: object  # 1: rank 0 has loaded and listens (a later failure may restart the group)
+    bound_port: object  # the port rank 0 listens on (--port 0 picks a free one)
     devices: int = 1
 
 

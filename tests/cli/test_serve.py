@@ -142,7 +142,8 @@ def test_a_client_that_disconnects_does_not_leave_the_ranks_busy(server, http, r
     ({"steps": 0}, "steps"), ({"steps": LONG + 1}, "steps"), ({"steps": "4"}, "steps"), ({"steps": True}, "steps"),
     ({"guidance": "high"}, "guidance"), ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
     ({"seed": 2**64 - 1, "n": 2, "response_format": "b64_json"}, "seed"), ({"n": 3}, "n"), ({"n": 0}, "n"),
-    ({"n": 2}, "response_format"), ({"prompt": "x" * 201}, "prompt"), ({"negative_prompt": "y" * 201}, "negative_prompt"),
+    ({"n": 2}, "response_format"), ({"prompt": "x" * 201}, "prompt"),
+    ({"negative_prompt": "y" * 201}, "negative_prompt"),
     ({"prompt": None}, "prompt"), ({"response_format": "jpeg"}, "response_format"), ({"path": "/etc/passwd"}, "path"),
 ])
 def test_bad_input_gets_422_naming_the_field(http, body, field):
