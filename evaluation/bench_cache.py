@@ -330,7 +330,8 @@ def _worker(rank: int, world_size: int, model: str, name: str, settings: dict, w
     projection = None
     if rank == 0:
         cached = load_on_rank(model, rank, **load)
-        if name == "deepcache":
+        if name == "deepcache" and wrap.get("stride", 1) == 1 and not wrap.get("cfg_parallel"):
+            # the cost model's composed schedule is stride 1's (every stage serves every step), one batch
             projection = _deep_cache_projection(cached, config, wrap, call, prompts[0], seed)
         apply_cache(cached, config)
     ours_world = world_size_of(wrap)
