@@ -64,35 +64,47 @@ class TimestepMap:
     """How a pipeline turns its scheduler's timestep ``s`` into the one it passes its denoiser.
 
     ``(sign * s + offset) / divisor``, computed in the passed timestep's dtype: SD passes
-    ``s`` itself, Flux ``s / 1000``, ZImage ``(1000 - s) / 1000``. Doing the pipelines'
-    own operations in their own dtype gives their values bit for bit. ``assumed``: learnt
-    from a single step, where only a rescaling could be told (see :func:`learn_timestep_map`).
+    ``s`` itself, Flux ``s / 1000``, ZImage ``(1000 - s) / 1000``; with ``shift_first=False``
+    it is scaled first, ``offset / divisor + sign * s / divisor`` (Lumina2's ``1 - s / 1000``).
+    Doing the pipelines' own operations in their own dtype gives their values bit for bit.
+    ``assumed``: learnt from a single step, where only a rescaling could be told (see
+    :func:`learn_timestep_map`).
     """
 
     sign: int = 1
     offset: float = 0.0
     divisor: float = 1.0
     assumed: bool = False
+    shift_first: bool = True
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divisor == 1.0:
+            return x
+        multiplier = round(1.0 / self.divisor)
+        # a pipeline that scales up multiplies (s * 1000), one that scales down divides (s / 1000)
+        up = multiplier > 1 and math.isclose(multiplier * self.divisor, 1.0, rel_tol=1e-12)
+        return x * multiplier if up else x / self.divisor
 
     def __call__(self, scheduled: torch.Tensor) -> torch.Tensor:
+        if not self.shift_first and self.offset:
+            x = self._scaled(scheduled)
+            return self.offset / self.divisor + (x if self.sign > 0 else -x)
         x = scheduled if self.sign > 0 else -scheduled
         if self.offset:
             x = self.offset + x
-        if self.divisor != 1.0:
-            multiplier = round(1.0 / self.divisor)
-            # a pipeline that scales up multiplies (s * 1000), one that scales down divides (s / 1000)
-            up = multiplier > 1 and math.isclose(multiplier * self.divisor, 1.0, rel_tol=1e-12)
-            x = x * multiplier if up else x / self.divisor
-        return x
+        return self._scaled(x)
 
     def describe(self) -> str:
         s = "s" if self.sign > 0 else "-s"
+        if self.offset and not self.shift_first:
+            return f"{self.offset / self.divisor:g} {'+' if self.sign > 0 else '-'} s / {self.divisor:g}"
         if self.offset:
             s = f"({s} + {self.offset:g})"
         return f"{s} / {self.divisor:g}" if self.divisor != 1.0 else s
 
 
-def learn_timestep_map(scheduled: list[float], passed: list[float], resolution: float) -> TimestepMap | None:
+def learn_timestep_map(scheduled: list[float], passed: list[float], resolution: float,
+                       dtype: torch.dtype = torch.float64) -> TimestepMap | None:
     """The simplest :class:`TimestepMap` that takes ``scheduled[i]`` to ``passed[i]`` for every step seen.
 
     ``resolution`` is the relative precision of the passed values (a few units in the last
@@ -101,6 +113,9 @@ def learn_timestep_map(scheduled: list[float], passed: list[float], resolution: 
     divisor and offset rounded to the fewest significant digits the observations allow (a
     pipeline's constants are round numbers: 1000, not 999.99994). From one step only a
     rescaling can be told (``assumed``); ``None`` when no map fits, or one step is not a rescaling.
+    An affine map is shifted then scaled (ZImage) unless only scaling first gives the steps
+    seen bit for bit in ``dtype`` (Lumina2); where both do, the two orders differ by at most a
+    unit in the last place on the steps to come.
     """
     scale = max(max(abs(p) for p in passed), 1e-30)
     tolerance = resolution * scale
@@ -132,7 +147,14 @@ def learn_timestep_map(scheduled: list[float], passed: list[float], resolution: 
     offset = p0 * divisor - sign * s0
     offset = _simplest(offset, tolerance * divisor + abs(offset) * 1e-12)
     affine = TimestepMap(sign=sign, offset=offset, divisor=divisor)
-    return affine if fits(affine) else None
+    if not fits(affine):
+        return None
+    exact = torch.tensor(passed, dtype=dtype)
+    if not torch.equal(affine(torch.tensor(scheduled, dtype=dtype)), exact):
+        scaled_first = TimestepMap(sign=sign, offset=offset, divisor=divisor, shift_first=False)
+        if torch.equal(scaled_first(torch.tensor(scheduled, dtype=dtype)), exact):
+            return scaled_first
+    return affine
 
 
 def _resolution(timestep: Any) -> float:
@@ -247,7 +269,8 @@ class AsyncDiffLane(BaseState):
         scheduled = [float(self._scheduled[i]) for i in steps]
         passed = [_timestep_value(self._observed[i]) for i in steps]
         like = self._observed[0]
-        timestep_map = learn_timestep_map(scheduled, passed, _resolution(like))
+        dtype = like.dtype if isinstance(like, torch.Tensor) else torch.float64
+        timestep_map = learn_timestep_map(scheduled, passed, _resolution(like), dtype)
         if timestep_map is None:
             pairs = ", ".join(f"{s:g} -> {p:g}" for s, p in zip(scheduled, passed))
             raise RuntimeError(
@@ -257,7 +280,6 @@ class AsyncDiffLane(BaseState):
                    if len(passed) == 1 else "")
             )
         self._map = timestep_map
-        dtype = like.dtype if isinstance(like, torch.Tensor) else torch.float64
         scheduled_all = self._scheduled
         if (timestep_map.sign, timestep_map.offset, timestep_map.divisor) != (1, 0.0, 1.0):
             # the pipeline's operations in the passed dtype (the identity keeps the scheduler's values and dtype)

@@ -38,6 +38,23 @@ def test_the_map_is_learnt_from_two_steps_and_gives_the_pipelines_values_bit_for
     assert learnt(torch.tensor(SCHEDULED, dtype=torch.float32)).tolist() == passed
 
 
+def test_the_order_of_a_shift_and_a_scale_is_told_by_a_step_where_they_differ():
+    # Lumina2 passes 1 - t / 1000, ZImage (1000 - t) / 1000: the same map, rounded differently at about one
+    # timestep in two (818.9233 here); the order that gives the steps seen bit for bit is the pipeline's
+    lumina = _as_passed(lambda t: 1 - t / 1000)
+    zimage = _as_passed(lambda t: (1000 - t) / 1000)
+    assert lumina[2] != zimage[2]
+    learnt = learn_timestep_map(SCHEDULED[:3], lumina[:3], F32, torch.float32)
+    assert learnt == TimestepMap(sign=-1, offset=1000.0, divisor=1000.0, shift_first=False)
+    assert learnt(torch.tensor(SCHEDULED)).tolist() == lumina
+    assert learn_timestep_map(SCHEDULED[:3], zimage[:3], F32, torch.float32).shift_first
+    # two steps that both orders give alike: shifted first, one unit in the last place from Lumina2's at most
+    ambiguous = learn_timestep_map(SCHEDULED[:2], lumina[:2], F32, torch.float32)
+    assert ambiguous.shift_first
+    got = ambiguous(torch.tensor(SCHEDULED))
+    assert torch.allclose(got, torch.tensor(lumina), rtol=0, atol=torch.finfo(torch.float32).eps)
+
+
 def test_bf16_timesteps_are_computed_in_bf16_like_the_pipeline():
     # Flux casts t to the latents' dtype before dividing: the same operation in bf16 gives the same bf16 value
     passed = _as_passed(lambda t: t / 1000, dtype=torch.bfloat16)
