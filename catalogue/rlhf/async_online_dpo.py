@@ -111,6 +111,9 @@ class AsyncOnlineDPOTrainer(OnlineDPOTrainer):
         #: (global_step when trained, version of the generating weights) for every mini-batch
         self.generation_log: list[tuple[int, int]] = []
         self.wait_seconds = 0.0  # learner time spent waiting for generation
+        #: sync mode, one entry per round: (seconds generating it, seconds learning on it), measured
+        self.round_seconds: list[tuple[float, float]] = []
+        self._round_clock: float | None = None  # when the last round's generation ended (sync)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def _check_prompt_lengths(self) -> None:
@@ -152,11 +155,15 @@ class AsyncOnlineDPOTrainer(OnlineDPOTrainer):
         """Make the next round ready: generated now (sync) or collected from the worker (async)."""
         version = self.state.global_step
         if self.mode == "sync":
+            start = time.perf_counter()
+            self._close_round(start)
             self.generator_model.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
             for inputs in self._take_prompts(epoch_iterator):
                 generation = OnlineDPOTrainer._generate(self, self.generator_model, inputs["prompt"],
                                                         inputs.get("image"))
                 self._ready.append(GeneratedBatch(inputs, generation, version))
+            self._round_clock = time.perf_counter()
+            self.round_seconds.append((self._round_clock - start, float("nan")))
             return
         if self._in_flight is None:  # the very first round: nothing to overlap with yet
             self._submit(self._take_prompts(epoch_iterator), version)
@@ -241,10 +248,17 @@ class AsyncOnlineDPOTrainer(OnlineDPOTrainer):
                 worker.terminate()
                 worker.join(timeout=10)
 
+    def _close_round(self, now: float) -> None:
+        """The round before ``now`` learned from the end of its generation until ``now`` (sync)."""
+        if self._round_clock is not None and self.round_seconds:
+            self.round_seconds[-1] = (self.round_seconds[-1][0], now - self._round_clock)
+        self._round_clock = None
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
         finally:
+            self._close_round(time.perf_counter())
             self._stop_worker()
             self._ready.clear()
             self._serving.clear()

@@ -4,8 +4,9 @@ Prompt: 8 random digits and ``=``. Gold reward (used only for evaluation, like t
 judge): the fraction of the 8 positions that hold the sorted digit, minus ``0.5 * |len - 8| / 8``.
 The SFT policy is a tiny GPT-2 trained on targets whose characters are each replaced by a random
 digit with probability 0.5 (so it starts near a gold score of 0.5); the proxy reward model is the
-same tiny GPT-2 with a scalar head trained with the Bradley–Terry loss on pairs labelled by the gold
-reward, and is the only reward the RL trainers see. Everything is built from configs with random
+SFT policy's GPT-2 with a scalar head, trained with the Bradley–Terry loss on pairs of the SFT policy's own
+samples ordered by the gold reward (as the paper's proxy: SFT outputs relabelled by the gold judge), and is
+the only reward the RL trainers see. Everything is built from configs with random
 weights and trained here; no file I/O.
 """
 
@@ -18,7 +19,7 @@ require_extra("rlhf", "transformers", "tokenizers")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .tiny import tiny_policy, tiny_reward_model  # noqa: E402
+from .tiny import tiny_policy  # noqa: E402
 
 DIGITS = 8
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -83,24 +84,14 @@ def train_sft_policy(tokenizer, *, n_embd: int, steps: int, batch: int, lr: floa
     return model.eval()
 
 
-def preference_pairs(count: int, generator: torch.Generator) -> list[tuple[str, str, str]]:
-    """(prompt, completion a, completion b): sorted targets corrupted at a random rate in [0, 1], and with
-    probability 0.2 cut or padded to a length in 6..10, so the reward model sees the range RL visits."""
-    pairs = []
-    for prompt in make_prompts(count, generator):
-        made = []
-        for _ in range(2):
-            text = corrupt(sorted_target(prompt), float(torch.rand((), generator=generator)), generator)
-            if float(torch.rand((), generator=generator)) < 0.2:
-                length = int(torch.randint(6, 11, (), generator=generator))
-                text = (text + "".join(str(d) for d in torch.randint(0, 10, (4,), generator=generator).tolist()))[:length]
-            made.append(text)
-        pairs.append((prompt, made[0], made[1]))
-    return pairs
-
-
 class ProxyReward:
-    """The proxy reward as a trl reward function (``prompts``, ``completions`` -> one float each)."""
+    """The proxy reward as a trl reward function (``prompts``, ``completions`` -> one float each).
+
+    The score is a sum over the completion's tokens of the scalar head applied to each token's last hidden
+    state (a token-level Bradley–Terry model): the backbone at a completion token has seen the prompt and that
+    token, which is what judging it needs. Reading only the last token (``GPT2ForSequenceClassification``'s
+    pooling) held 0.71 pair accuracy on SFT samples, short of the issue's 0.85 (measured, seed 100).
+    """
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -109,26 +100,63 @@ class ProxyReward:
     def scores(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         ids, mask = _right_pad(encode(self.tokenizer, [p + c for p, c in zip(prompts, completions)]),
                                self.tokenizer.pad_token_id)
-        return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        hidden = self.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+        per_token = self.model.score(hidden)[..., 0]
+        completion = mask.clone()
+        completion[:, :DIGITS + 1] = 0  # every prompt is DIGITS digits and "="
+        return (per_token * completion).sum(1)
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         with torch.no_grad():
             return self.scores(list(prompts), list(completions)).tolist()
 
 
-def train_proxy_reward(tokenizer, *, pairs: int, epochs: int, batch: int, lr: float, seed: int) -> tuple:
-    """Bradley–Terry on gold-labelled pairs (ties dropped); returns (reward, held-out pair accuracy)."""
+def sampled_pairs(policy, tokenizer, count: int, temperature: float, seed: int,
+                  batch: int = 256) -> list[tuple[str, str, str]]:
+    """(prompt, preferred, rejected): two samples of ``policy`` per prompt, ordered by the gold reward; ties
+    (equal gold scores) are dropped, so fewer than ``count`` pairs may come back. The paper's proxy reward
+    model is trained this way: the SFT policy's own outputs, relabelled by the gold judge."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for start in range(0, count, batch):
+        prompts = make_prompts(min(batch, count - start), generator)
+        first, _ = sample(policy, tokenizer, prompts, temperature, seed * 7919 + 2 * start)
+        second, _ = sample(policy, tokenizer, prompts, temperature, seed * 7919 + 2 * start + 1)
+        for prompt, a, b in zip(prompts, first, second):
+            gold_a, gold_b = gold_reward(prompt, a), gold_reward(prompt, b)
+            if gold_a != gold_b:
+                pairs.append((prompt, a, b) if gold_a > gold_b else (prompt, b, a))
+    return pairs
+
+
+@torch.no_grad()
+def pair_accuracy(reward: "ProxyReward", pairs: list[tuple[str, str, str]]) -> float:
+    """Fraction of (prompt, preferred, rejected) pairs the proxy ranks as the gold judge does (no ties here)."""
+    if not pairs:
+        return float("nan")
+    prompts = [p for p, _, _ in pairs]
+    better = reward.scores(prompts, [a for _, a, _ in pairs]) > reward.scores(prompts, [b for _, _, b in pairs])
+    return float(better.float().mean())
+
+
+def train_proxy_reward(tokenizer, sft_path: str, pairs: list[tuple[str, str, str]], *, epochs: int, batch: int,
+                       lr: float, seed: int) -> "ProxyReward":
+    """Bradley–Terry on gold-ordered (prompt, preferred, rejected) pairs, from the SFT policy's weights (the
+    paper's reward models start from the SFT model; only the scalar head is new, drawn from ``seed``)."""
+    from transformers import GPT2ForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = GPT2ForSequenceClassification.from_pretrained(sft_path, num_labels=1, **NO_DROPOUT)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    reward = ProxyReward(model, tokenizer)
     generator = torch.Generator().manual_seed(seed + 1)
-    data = [(p, a, b) if gold_reward(p, a) > gold_reward(p, b) else (p, b, a)
-            for p, a, b in preference_pairs(pairs + 256, generator) if gold_reward(p, a) != gold_reward(p, b)]
-    train, held = data[:-256], data[-256:]
-    reward = ProxyReward(tiny_reward_model(tokenizer, seed=seed + 1, **NO_DROPOUT), tokenizer)
     optimizer = torch.optim.Adam(reward.model.parameters(), lr=lr)
     reward.model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(train), generator=generator).tolist()
+        order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), batch):
-            rows = [train[i] for i in order[start:start + batch]]
+            rows = [pairs[i] for i in order[start:start + batch]]
             prompts = [r[0] for r in rows]
             margin = reward.scores(prompts, [r[1] for r in rows]) - reward.scores(prompts, [r[2] for r in rows])
             loss = -F.logsigmoid(margin).mean()
@@ -136,10 +164,7 @@ def train_proxy_reward(tokenizer, *, pairs: int, epochs: int, batch: int, lr: fl
             loss.backward()
             optimizer.step()
     reward.model.eval()
-    with torch.no_grad():
-        prompts = [r[0] for r in held]
-        accuracy = (reward.scores(prompts, [r[1] for r in held]) > reward.scores(prompts, [r[2] for r in held]))
-    return reward, float(accuracy.float().mean())
+    return reward
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Tiny language models built from configs with random weights (no download): a character
-tokenizer, a GPT-2 policy and a GPT-2 scalar reward model."""
+tokenizer, a GPT-2 policy (the proxy reward model starts from a trained policy: sorting_task)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from asyncgen.catalogue.frame import require_extra
 require_extra("rlhf", "transformers", "tokenizers")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,  # noqa: E402
-                          PreTrainedTokenizerFast)
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz ="
 
@@ -43,12 +42,3 @@ def tiny_policy(tokenizer, n_embd: int = 64, seed: int = 0, **kwargs) -> GPT2LMH
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def tiny_reward_model(tokenizer, n_embd: int = 64, seed: int = 0, **kwargs) -> GPT2ForSequenceClassification:
-    """The same tiny GPT-2 with a scalar head (reads the last non-pad token)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT2ForSequenceClassification(gpt2_config(tokenizer, n_embd=n_embd, num_labels=1, **kwargs))

@@ -59,6 +59,14 @@ def test_n4_generator_lags_0_to_3_updates():
     assert [step - version for step, version in trainer.generation_log] == [0, 1, 2, 3] * 2
 
 
+def test_sync_rounds_are_timed_generation_then_learning():
+    trainer = make(AsyncOnlineDPOTrainer, steps=6, off_policy_steps=2)
+    trainer.train()
+    # one (generation, learning) pair per round of 2 updates, each measured (wall clock, so only its sign is known)
+    assert len(trainer.round_seconds) == 3
+    assert all(generate > 0 and learn > 0 for generate, learn in trainer.round_seconds)
+
+
 def test_async_generates_next_round_with_previous_weights():
     trainer = make(AsyncOnlineDPOTrainer, steps=6, off_policy_steps=2, mode="async", worker_timeout=120)
     trainer.train()
