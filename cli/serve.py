@@ -131,11 +131,21 @@ def _settings(args: argparse.Namespace, job, world: int):
                          devices=world)
 
 
+def _check_extra() -> None:
+    """The HTTP stack is an extra: say how to install it before anything is loaded."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"asyncgen serve needs FastAPI and uvicorn ({exc}): pip install 'asyncgen[serve]'") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from .files import say
     from .serve_leader import listening_socket
     from .serve_ranks import serve_worker
 
+    _check_extra()
     world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else (args.devices or 1)
     job = _job(args, world)
     if args.port and not (launched_by_torchrun() and int(os.environ["RANK"]) != 0):

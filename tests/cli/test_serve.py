@@ -267,3 +267,16 @@ def test_load_mixed_valid_and_invalid(server, http):
         print(f"\nload: {len(latencies)} images, {sum(c == 429 for _, c, _ in outcomes)} x 429, "
               f"p50 {latencies[len(latencies) // 2]:.3f} s, p95 {latencies[int(0.95 * (len(latencies) - 1))]:.3f} s, "
               f"{len(latencies) / elapsed:.2f} images/s")
+
+
+def test_a_taken_port_is_refused_in_one_line_before_loading(capsys):
+    from asyncgen.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"asyncgen serve: error: --host 127.0.0.1 --port {port}: cannot listen there")
+    assert len(error.splitlines()) == 1
