@@ -57,6 +57,7 @@ class GenerateJob:
     frames: int | None = None
     fps: int = 8
     cache: str | None = None  # a name of CACHES: a diffusers step cache run under the stages
+    sp: int = 1  # devices per stage sharing its sequence (diffusers' context parallelism inside the stage)
 
 
 #: ``--cache`` names and the diffusers step cache each runs, with its settings (shown in --help)
@@ -111,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "asynchronous ones (default: 5%% of the steps, at least 1)")
     parser.add_argument("--cfg-parallel", action="store_true", help="split the classifier-free-guidance batch "
                         "over two groups of devices (needs 2 * (stages + stride - 1) devices; default: off)")
+    parser.add_argument("--sp", type=positive_int, default=1, help="the hybrid: devices per stage that share its "
+                        "sequence, with diffusers' own context parallelism (Ulysses attention) inside the stage; "
+                        "transformer models diffusers gives a context-parallel plan (with --stages > 1: Wan); needs "
+                        "(stages + stride - 1) x SP devices, x 2 with --cfg-parallel (default: %(default)s)")
     parser.add_argument("--parallel", choices=["auto"], default=None, help="auto: choose --stages, --stride and "
                         "--cfg-parallel for the --devices from the predicted step time of every layout asyncgen runs "
                         "(as 'asyncgen plan --parallel auto' lists them; the link and compute rate are measured once "
@@ -354,6 +359,9 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
                              f"leave out {' '.join(given)}")
         if args.cache is not None:
             raise UsageError("--cache runs under AsyncDiff stages; --highres (ASG) takes none: leave out --cache")
+        if getattr(args, "sp", 1) > 1:
+            raise UsageError(f"--sp {args.sp} shares a stage's sequence over devices; --highres (ASG) splits no "
+                             "denoiser: leave out --sp")
         stages = 1
         height = height or 2 * facts.native_height
         width = width or 2 * facts.native_width
@@ -362,9 +370,12 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
                 raise UsageError(f"--{name} {value}: --highres needs a multiple of the native {native} "
                                  f"(e.g. {max(native, value - value % native)} or {value - value % native + native})")
     else:
+        sp = getattr(args, "sp", 1)
+        if sp > 1:
+            _check_sp(args, devices)
         if getattr(args, "parallel", None) == "auto":
             _choose_layout(args, model, devices, device, dtype, height, width)
-        stages = stages_for(devices, args.stages, args.stride, args.cfg_parallel)
+        stages = stages_for(devices // sp, args.stages, args.stride, args.cfg_parallel)
         if stages > 1 and facts.splittable_units is None:
             from asyncgen.split.registry import supported_denoisers
 
@@ -383,7 +394,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     check_scheduler_steps(model, args.steps)
     if not args.highres and not video:  # ASG runs the denoiser on native-size windows
         _check_memory(model, height or facts.native_height, width or facts.native_width, facts, stages, args.stride,
-                      args.cfg_parallel, dtype, device, devices)
+                      args.cfg_parallel, dtype, device, devices, getattr(args, "sp", 1))
     _say_if_large(height or facts.native_height, width or facts.native_width, facts, len(prompts))
     return GenerateJob(
         model=model, builtin_model=builtin, allow_pickle=args.allow_pickle, prompts=prompts, outputs=outputs,
@@ -392,8 +403,28 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
         time_shift=args.time_shift, cfg_parallel=args.cfg_parallel, split=args.split, device=device, dtype=dtype,
         attention=args.attention, compile=args.compile, components=args.components, highres=args.highres,
         structure_fraction=args.structure_fraction, structure_guidance=args.structure_guidance, asg_mode=args.asg_mode,
-        video=video, frames=args.frames, fps=args.fps or 8, cache=args.cache,
+        video=video, frames=args.frames, fps=args.fps or 8, cache=args.cache, sp=getattr(args, "sp", 1),
     )
+
+
+def _check_sp(args: argparse.Namespace, devices: int) -> None:
+    """--sp N: the devices divide into stage groups of N, and the options that do not run with the hybrid are out."""
+    from asyncgen._compat import context_parallel_refusal_for_hybrid
+
+    if getattr(args, "parallel", None) == "auto":
+        raise UsageError(f"--sp {args.sp} with --parallel auto: the chooser does not run the hybrid yet; give "
+                         "--stages and --sp yourself, or --parallel auto alone")
+    if args.cache is not None:
+        raise UsageError(f"--sp {args.sp} with --cache {args.cache}: a step cache under the hybrid is not supported")
+    if devices == 1:
+        raise UsageError(f"--sp {args.sp}: context parallelism needs several devices; give --devices "
+                         f"{args.sp} x (stages + stride - 1)")
+    if devices % args.sp:
+        raise UsageError(f"--sp {args.sp} does not divide --devices {devices}: need (stages + stride - 1) x "
+                         f"{args.sp} devices{' x 2 with --cfg-parallel' if args.cfg_parallel else ''}")
+    refusal = context_parallel_refusal_for_hybrid()
+    if refusal is not None:
+        raise UsageError(f"--sp {args.sp}: {refusal}")
 
 
 def _choose_layout(args: argparse.Namespace, model: str, devices: int, device: str, dtype: str, height, width) -> None:
@@ -439,7 +470,7 @@ def available_memory(device: str, devices: int) -> int | None:
 
 
 def _check_memory(model: str, height: int, width: int, facts, stages: int, stride: int, cfg_parallel: bool,
-                  dtype: str, device: str, devices: int) -> None:
+                  dtype: str, device: str, devices: int, sp: int = 1) -> None:
     """Refuse, before any worker starts, an image size whose estimated memory (the planner's, on fake tensors:
     nothing of that size is allocated) exceeds what the devices have. Only for sizes far above the native one."""
     if height * width <= LARGE_FACTOR * facts.native_height * facts.native_width or launched_by_torchrun():
@@ -457,7 +488,8 @@ def _check_memory(model: str, height: int, width: int, facts, stages: int, strid
     except Exception:  # an estimate that cannot be made refuses nothing: the run reports what goes wrong
         return
     shared = device == "cpu"  # CPU workers share the host's memory; each GPU has its own
-    need = sum(r.total_bytes for r in plan.ranks) if shared else plan.largest.total_bytes
+    # with --sp each stage's rank is sp ranks holding the same (whole-sequence estimate: an upper bound) plan
+    need = sp * sum(r.total_bytes for r in plan.ranks) if shared else plan.largest.total_bytes
     if need > available:
         where = "on this host" if shared else "on the emptiest GPU"
         raise UsageError(f"--height {height} --width {width}: the estimated peak memory at that size is "
@@ -537,11 +569,12 @@ def _strategy(job: GenerateJob, world: int) -> str:
     if job.highres:
         return (f"ASG high resolution ({job.asg_mode}, structure fraction {job.structure_fraction}, "
                 f"guidance {job.structure_guidance})")
-    if job.stages == 1 and job.stride == 1 and not job.cfg_parallel and not job.cache:
+    if job.stages == 1 and job.stride == 1 and not job.cfg_parallel and not job.cache and job.sp == 1:
         return "stock pipeline"
     text = f"AsyncDiff stages={job.stages} stride={job.stride} warmup={'default' if job.warmup is None else job.warmup}"
     text += " time-shift" if job.time_shift else ""
     text += " + CFG parallel" if job.cfg_parallel else ""
+    text += f" x Ulysses {job.sp} per stage (diffusers' context parallelism)" if job.sp > 1 else ""
     text += f" + {job.cache} cache" if job.cache else ""
     return text + (" (serial simulator, one process)" if world == 1 else "")
 
@@ -567,7 +600,7 @@ def _generate(rank: int, world: int, job: GenerateJob) -> dict:
     size = {"height": job.height, "width": job.width}
     # a cache runs through the wrapper even on one stage: it gives the cache's hooks their state per pass and step
     asyncdiff = not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1 or
-                                     job.cache is not None)
+                                     job.cache is not None or job.sp > 1)
     try:
         if asyncdiff:
             from asyncgen.pipelines import AsyncDiffPipeline
@@ -575,6 +608,7 @@ def _generate(rank: int, world: int, job: GenerateJob) -> dict:
             options = dict(stages=job.stages, stride=job.stride, warmup=job.warmup, time_shift=job.time_shift,
                            split=job.split, cfg_parallel=job.cfg_parallel, attention=job.attention,
                            compile=job.compile, components=job.components, cache=cache_config(job.cache),
+                           context_parallel=job.sp,
                            device="cpu" if job.device == "cpu" else None)  # None: this rank's GPU
             if world > 1:  # each rank reads from the checkpoint only what it runs
                 pipe = _load(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,

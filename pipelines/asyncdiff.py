@@ -18,7 +18,8 @@ from asyncgen.cost.cuts import choose_cuts
 from asyncgen.models import EXPERT_COMPONENTS, PLACEABLE_COMPONENTS, denoiser_batch, resolve_dtype
 from asyncgen.placement.planner import Placement
 from asyncgen.runtime.asyncdiff_hook import AsyncDiffHook
-from asyncgen.runtime.context_parallel import apply_stage_context_parallel, check_context_parallel, make_hybrid_groups
+from asyncgen.runtime.context_parallel import (apply_stage_context_parallel, check_context_parallel, check_has_plan,
+                                               make_hybrid_groups)
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.split.registry import split_denoiser
 from asyncgen.split.transformer.trace import NeedsRealWeights
@@ -267,6 +268,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         if context_parallel > 1 and cache is not None:
             raise ValueError(f"context_parallel={context_parallel} with cache={type(cache).__name__}: a step cache "
                              "under the hybrid is not supported; leave one of them out")
+        if context_parallel > 1:  # before anything is changed: a class diffusers cannot shard by sequence
+            check_has_plan(getattr(pipeline, denoiser_attribute(pipeline)), context_parallel)
         self.layout_choice, self.layout_probe, ctx = None, None, None
         if parallel is not None:
             denoiser_attribute(pipeline)

@@ -64,6 +64,14 @@ def check_context_parallel(degree, stages: int | None = None) -> int:
     return degree
 
 
+def check_has_plan(denoiser: nn.Module, degree: int) -> None:
+    """Refuse a denoiser whose class diffusers gives no context-parallel plan (UNets, SD3), naming it."""
+    if context_parallel_plan(type(denoiser)) is None:
+        raise ValueError(f"context_parallel={degree}: diffusers gives {type(denoiser).__name__} no context-parallel "
+                         "plan (_cp_plan), so its attention cannot be sharded by sequence (Wan, Flux, QwenImage, "
+                         "LTX-Video and other transformers have one)")
+
+
 @dataclass
 class HybridGroups:
     """The mesh of one hybrid run, as this rank sees it."""
@@ -153,10 +161,8 @@ def apply_stage_context_parallel(split, first: int, stop: int, last: bool, group
 
     model = split.denoiser
     name = type(model).__name__
+    check_has_plan(model, groups.degree)
     plan = context_parallel_plan(type(model))
-    if plan is None:
-        raise ValueError(f"context_parallel={groups.degree}: diffusers gives {name} no context-parallel plan "
-                         "(_cp_plan), so its attention cannot be sharded by sequence")
     blocks = getattr(getattr(split, "trace", None), "modules", None)
     if not blocks:
         raise ValueError(f"context_parallel={groups.degree}: {name}'s split is not a block chain")

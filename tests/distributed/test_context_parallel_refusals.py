@@ -30,7 +30,7 @@ def test_a_diffusers_without_context_parallelism_is_named(monkeypatch):
 
 @needs_cp
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(), "context_parallel=2: needs a process group of several ranks"),
+    (dict(), "context_parallel=2: diffusers gives UNet2DConditionModel no context-parallel plan"),
     (dict(parallel="auto"), "context_parallel=2 with parallel='auto'"),
     (dict(cache="FirstBlockCacheConfig"), "context_parallel=2 with cache=FirstBlockCacheConfig"),
 ])
@@ -41,6 +41,13 @@ def test_the_wrapper_refuses_what_the_hybrid_does_not_run(sd_pipe, kwargs, messa
         kwargs["cache"] = getattr(diffusers.hooks, kwargs["cache"])()
     with pytest.raises(ValueError, match=message):
         AsyncDiffPipeline(sd_pipe, stages=None if kwargs.get("parallel") else 1, context_parallel=2, **kwargs)
+
+
+@needs_cp
+def test_one_process_is_refused(family_path):
+    pipe = tiny_models.load_family(family_path("wan"), "wan")
+    with pytest.raises(ValueError, match="context_parallel=2: needs a process group of several ranks"):
+        AsyncDiffPipeline(pipe, stages=1, context_parallel=2)
 
 
 def _groups():
