@@ -7,6 +7,7 @@ look-ahead on the wrong map conditions those steps on the wrong timestep (issue 
 stride 2 was refused at step 2).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,37 @@ def test_a_rescaling_assumed_from_one_step_and_proved_wrong_says_so(one_thread):
     # with one exact step the map is learnt from two, and the same call runs
     wrapped = AsyncDiffPipeline(_zimage()[0], stages=1, stride=2, warmup=1)
     assert torch.isfinite(embedding_pipelines.run(wrapped, call)).all()
+
+
+def test_lumina2_at_stride_2_conditions_each_step_within_a_unit_in_the_last_place(family_path, one_thread):
+    # Lumina2 passes 1 - t / 1000 (its first step 1000 -> 0 gave the old ratio map 1, refused at step 2), and runs a
+    # second, unnamed pass per step: each pass's lane learns the map from its own steps
+    import tiny_models
+
+    path = family_path("lumina2")
+    call = tiny_models.family_call_kwargs("lumina2", num_inference_steps=6)
+    wrapped = AsyncDiffPipeline(tiny_models.load_family(path, "lumina2"), stages=1, stride=2, warmup=1)
+    wrapped(**call)  # the first call adopts the pipeline's call as the example
+    hook, conditioned, passed = wrapped.hook, [], []
+    conditioning = hook.split.conditioning
+
+    def record(sample, timestep, **kwargs):
+        conditioned.append(float(timestep.reshape(-1)[0]))
+        return conditioning(sample, timestep, **kwargs)
+
+    def record_passed(module, args, kwargs):
+        if not hook._running:
+            passed.append(float(hook._signature.bind(*args, **kwargs).arguments["timestep"].reshape(-1)[0]))
+
+    hook.split.conditioning = record
+    handle = wrapped.denoiser.register_forward_pre_hook(record_passed, with_kwargs=True)
+    try:
+        images = wrapped(**call).images
+    finally:
+        handle.remove()
+        hook.split.conditioning = conditioning
+    assert np.isfinite(images).all() and len(set(passed)) == 6
+    # one ulp of float32 at these values (below 1): the look-ahead's order of operations may differ from Lumina2's
+    ulp = torch.finfo(torch.float32).eps
+    assert all(min(abs(c - p) for p in passed) <= ulp for c in conditioned)
+    assert {min(passed, key=lambda p: abs(p - c)) for c in conditioned} == set(passed)  # every step's used
