@@ -49,25 +49,31 @@ def test_two_stages_by_two_ulysses_ranks_equal_the_serial_simulator(family_path,
     expected = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=2, warmup=1)(**_call()).frames
     for rank, result in enumerate(per_rank):
         # Ulysses computes every head's attention over the whole sequence, as one process does; only the order of
-        # float32 sums in the sharded matmuls differs (measured max abs difference ~1e-7)
+        # float32 sums in the sharded matmuls may differ (0.0 measured on this model; 1e-5 is the issue's bound)
         np.testing.assert_allclose(result["frames"], expected, rtol=0, atol=1e-5, err_msg=f"rank {rank}")
         np.testing.assert_array_equal(result["first"], result["frames"])  # a second call repeats the first
 
 
-def _one_stage_against_diffusers(rank, world, path):
+def _one_stage(rank, world, path, which):
     from diffusers import ContextParallelConfig
 
     torch.set_num_threads(1)
-    ours = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=1, context_parallel=2)(**_call()).frames
+    if which == "ours":
+        return AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=1, context_parallel=2)(**_call()).frames
+    from asyncgen.comm.group import resolve_context
+
+    resolve_context()  # the launcher's group, as the wrapper makes it
     stock = tiny_models.load_family(path, FAMILY)
     # the benchmark's patch: diffusers 0.42 asks torch.accelerator.device_count(), 0 on a CPU-only machine
     with cpu_accelerator_count():
         stock.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    theirs = stock(**_call()).frames
-    return ours, theirs
+    return stock(**_call()).frames
 
 
 def test_one_stage_equals_diffusers_context_parallel_exactly(family_path, one_thread):
     path = str(family_path(FAMILY))
-    for rank, (ours, theirs) in enumerate(launch(_one_stage_against_diffusers, 2, path, timeout=600)):
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"rank {rank}")
+    # two launches: torch 2.6 refuses to slice a second device mesh in a process that built one ("Cannot create a
+    # submesh from a submesh"), so each process builds one
+    ours, theirs = (launch(_one_stage, 2, path, which, timeout=600) for which in ("ours", "diffusers"))
+    for rank in range(2):
+        np.testing.assert_array_equal(ours[rank], theirs[rank], err_msg=f"rank {rank}")
