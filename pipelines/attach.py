@@ -39,7 +39,7 @@ from asyncgen.placement.residency import release_modules, released_restored
 from asyncgen.runtime.asyncdiff import DistributedRuntime
 from asyncgen.runtime.asyncdiff_hook import HOOK_NAME, AsyncDiffHook
 from asyncgen.runtime.scoped_hook import register_numbered
-from asyncgen.runtime.step_cache import StagedCache, check_cache_config, take_enabled_cache
+from asyncgen.runtime.step_cache import StagedCache, check_cache_config, check_cache_split, take_enabled_cache
 from asyncgen.schedules.asyncdiff import Topology
 from asyncgen.schedules.simulator import CfgSerialSimulator, SerialSimulator
 from asyncgen.split.registry import needs_example_call, split_denoiser
@@ -115,7 +115,7 @@ class AsyncDiffConfig:
         check_timeout(self.timeout)
         check_components(self.components)
         compile_options(self.compile)
-        check_cache_config(self.cache)
+        check_cache_config(self.cache, cfg_parallel=self.cfg_parallel)
         if self.cache is not None and self.scoped:
             # the cache's hooks go on the denoiser itself, which a scoped wrapper shares with a stock pipeline
             raise ValueError(f"cache={type(self.cache).__name__} cannot be used with scoped=True (from_pipe): the "
@@ -378,9 +378,7 @@ def _attach_denoiser(pipeline, name: str, config: AsyncDiffConfig, ctx: DistCont
                 logger.warning("pipe.%s: cuts costed on %s", name, cut_sources[name])
         return choose_cuts(split, topology.stages, method, ctx=ctx)
 
-    if cache is not None and denoiser_split is not None and not hasattr(denoiser_split, "adopt_call"):
-        raise ValueError(f"cache={type(cache).__name__} runs on transformer denoisers split by block; "
-                         f"pipe.{name} ({type(denoiser).__name__}) is not one")
+    check_cache_split(cache, denoiser_split, name)
 
     def staged(split: DenoiserSplit):
         all_stages = make_stages(split, cuts_of(split))
