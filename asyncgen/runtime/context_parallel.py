@@ -82,8 +82,13 @@ class HybridGroups:
     mesh: object  # the DeviceMesh ("asyncdiff", "ring", "ulysses")
 
 
+# one mesh per shape in a process: a second wrapper reuses it (torch 2.6 refuses to slice a second device mesh in a
+# process that built one, and the groups need not be made twice)
+_MESHES: dict[tuple, HybridGroups] = {}
+
+
 def make_hybrid_groups(ctx: DistContext, degree: int) -> HybridGroups:
-    """Build the mesh over every rank of ``ctx`` (the default group, all ranks call this together)."""
+    """The mesh over every rank of ``ctx`` (the default group; all ranks call this together), built once."""
     from diffusers import ContextParallelConfig, ParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -97,11 +102,16 @@ def make_hybrid_groups(ctx: DistContext, degree: int) -> HybridGroups:
         raise ValueError(f"context_parallel={degree}: the {ctx.world_size} ranks do not divide into groups of "
                          f"{degree}; need (stages + stride - 1) x {degree} ranks (x 2 with cfg_parallel)")
     device = ctx.device if ctx.device is not None else torch.device("cpu")
+    key = (ctx.world_size, degree, str(device), id(dist.group.WORLD))
+    if key in _MESHES:
+        return _MESHES[key]
     mesh = init_device_mesh(device.type, (ctx.world_size // degree, 1, degree),
                             mesh_dim_names=("asyncdiff", "ring", "ulysses"))
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=degree))
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
-    return HybridGroups(degree=degree, stage_group=mesh.get_group("asyncdiff"), parallel_config=config, mesh=mesh)
+    _MESHES[key] = HybridGroups(degree=degree, stage_group=mesh.get_group("asyncdiff"), parallel_config=config,
+                                mesh=mesh)
+    return _MESHES[key]
 
 
 class _WhileStageRuns(ModelHook):

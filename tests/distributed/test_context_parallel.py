@@ -36,7 +36,10 @@ def _hybrid(rank, world, path, stages):
     first = pipe(**_call()).frames  # the first call also checks the split on the pipeline's call, unsharded
     seen.clear()
     frames = pipe(**_call()).frames
-    return dict(frames=frames, first=first, stage=stage, group=pipe.ctx.world_size, seen=sorted(set(seen)))
+    # a second wrapper in the same process (its mesh is the first's) computes the same
+    again = AsyncDiffPipeline(tiny_models.load_family(path, FAMILY), stages=stages, warmup=1, context_parallel=2)
+    return dict(frames=frames, first=first, again=again(**_call()).frames, stage=stage, group=pipe.ctx.world_size,
+                seen=sorted(set(seen)))
 
 
 def test_two_stages_by_two_ulysses_ranks_equal_the_serial_simulator(family_path, one_thread):
@@ -52,6 +55,7 @@ def test_two_stages_by_two_ulysses_ranks_equal_the_serial_simulator(family_path,
         # float32 sums in the sharded matmuls may differ (0.0 measured on this model; 1e-5 is the bound)
         np.testing.assert_allclose(result["frames"], expected, rtol=0, atol=1e-5, err_msg=f"rank {rank}")
         np.testing.assert_array_equal(result["first"], result["frames"])  # a second call repeats the first
+        np.testing.assert_array_equal(result["again"], result["frames"])
 
 
 def _one_stage(rank, world, path, which):
