@@ -77,10 +77,12 @@ class AsyncDiffConfig:
             ``torchrun``'s environment, else none (the serial simulator runs every stage here).
         device: This rank's device; default ``cuda:LOCAL_RANK`` in a group with CUDA.
         timeout: Limit for each collective (seconds or ``timedelta``; default ``ASYNCGEN_TIMEOUT`` or 600 s).
-        cache: A diffusers step cache to run under the stages (``FirstBlockCacheConfig``,
-            ``MagCacheConfig``, ``TaylorSeerCacheConfig``, ``PyramidAttentionBroadcastConfig``;
-            transformer denoisers). A cache already
-            enabled on the denoiser (``enable_cache``) is carried over the same way. See
+        cache: A step cache to run under the stages: diffusers' ``FirstBlockCacheConfig``,
+            ``MagCacheConfig``, ``TaylorSeerCacheConfig``, ``PyramidAttentionBroadcastConfig``
+            (transformer denoisers), or asyncgen's ``DeepCacheConfig``
+            (:mod:`asyncgen.runtime.deep_cache`; SD/SDXL UNets). A cache already enabled on the
+            denoiser (``enable_cache``, ``apply_deep_cache``) is carried over the same way. With
+            ``cfg_parallel=True`` First Block Cache and PAB are refused. See
             :mod:`asyncgen.runtime.step_cache` for what each stage decides and sends.
     """
 
