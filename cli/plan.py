@@ -350,7 +350,8 @@ def format_choice(record: dict) -> str:
         lines.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines += ["* chosen; - not allowed (not exact with --exact, or the hybrid, which is not built)",
+    lines += ["* chosen; - not allowed (not exact with --exact, or the hybrid, which runs with generate --sp but "
+              "auto does not choose yet)",
               f"chosen: {record['reason']}", f"run it: {record['command']}"]
     return "\n".join(lines)
 

@@ -44,8 +44,9 @@ once per image in every layout), overlap of a transfer with the compute it was p
 Exact layouts (the same picture as one device): one stage (with CFG parallel or context
 parallelism or neither), or stages whose warm-up covers every step. What runs today: any
 layout without context parallelism (asyncgen's wrapper), and context parallelism alone
-(diffusers' ``enable_parallelism``); its products with stages or CFG parallel (the hybrid) are
-predicted and never chosen.
+(diffusers' ``enable_parallelism``); its products with stages or CFG parallel (the hybrid, which
+asyncgen runs with ``context_parallel=``, :mod:`asyncgen.runtime.context_parallel`) are predicted and
+not chosen yet.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from asyncgen.cost.cuts import balanced_cuts
 
 # who runs a layout today
 ASYNCGEN, DIFFUSERS = "asyncgen", "diffusers"
-HYBRID_NOT_BUILT = "predicted only (hybrid not built)"
+# the stages x context-parallel hybrid runs (AsyncDiffPipeline(context_parallel=), generate --sp) but is not chosen
+HYBRID_NOT_CHOSEN = "predicted only (the hybrid runs with --sp / context_parallel=; auto does not choose it yet)"
 # all-to-alls per self-attention call under Ulysses: query, key and value to head shards, the output back
 ALL_TO_ALLS_PER_ATTENTION = 4
 
@@ -183,7 +185,8 @@ class Layout:
 
     @property
     def runs_on(self) -> str | None:
-        """Who runs this layout today: asyncgen's wrapper, diffusers' context parallelism, or nobody (the hybrid)."""
+        """Who ``choose`` may run this layout with: asyncgen's wrapper, diffusers' context parallelism, or None (the
+        hybrid: asyncgen runs it with ``context_parallel=``, but the chooser does not pick it yet)."""
         if self.ulysses == 1:
             return ASYNCGEN
         if (self.stages, self.stride, self.cfg_parallel) == (1, 1, False):
@@ -212,7 +215,7 @@ class Prediction:
                     stage_compute_ms=[1e3 * s for s in self.compute_s],
                     stage_attention_ms=[1e3 * s for s in self.attention_s],
                     stage_message_ms=[1e3 * s for s in self.message_s], exact=self.exact,
-                    runs_on=self.runs_on or HYBRID_NOT_BUILT)
+                    runs_on=self.runs_on or HYBRID_NOT_CHOSEN)
 
 
 def predict(costs: DenoiserCosts, link: Link, layout: Layout, steps: int) -> Prediction:
@@ -353,7 +356,7 @@ def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: i
     faster = [p for p in predictions if p not in allowed and p.step_s < best.step_s]
     if faster:
         quickest = min(faster, key=lambda p: p.step_s)
-        why = (HYBRID_NOT_BUILT if quickest.runs_on is None else f"runs on {quickest.runs_on}, not chosen here"
+        why = (HYBRID_NOT_CHOSEN if quickest.runs_on is None else f"runs on {quickest.runs_on}, not chosen here"
                if quickest.runs_on not in runs_on else f"uses {quickest.layout.devices} of the {devices} devices")
         reason += (f"; {quickest.layout.name} is predicted faster ({1e3 * quickest.step_s:.1f} ms) but {why}")
     return Choice(chosen=best, candidates=predictions, allowed=allowed, reason=reason)

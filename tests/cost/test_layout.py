@@ -122,7 +122,7 @@ def test_the_choice_is_the_fastest_allowed_and_never_a_hybrid():
     assert choice.chosen.step_s == min(p.step_s for p in allowed)
     hybrids = [p for p in choice.candidates if p.runs_on is None]
     assert hybrids and min(p.step_s for p in hybrids) < choice.chosen.step_s  # a hybrid would have been faster
-    assert "predicted only (hybrid not built)" in choice.reason
+    assert "auto does not choose it yet" in choice.reason
     assert choice.to_dict()["chosen"]["runs_on"] in ("asyncgen", "diffusers")
     exact = choose(COSTS, fast_link, 4, steps=10, exact=True)
     assert exact.chosen.exact and exact.chosen.step_s == min(p.step_s for p in exact.allowed if p.exact)
