@@ -194,14 +194,16 @@ class AsyncDiffPipeline(PipelineWrapper):
             effect: the serial simulator runs everything there. A list of
             ``asyncgen.placement.planner.Placement`` places them as it says (a component it does
             not name stays replicated).
-        cache (diffusers cache config, *optional*):
+        cache (cache config, *optional*):
             A step cache to run under the stages: ``FirstBlockCacheConfig``, ``MagCacheConfig``,
             ``TaylorSeerCacheConfig`` or ``PyramidAttentionBroadcastConfig`` from ``diffusers.hooks``
-            (transformer denoisers). A cache enabled on the denoiser before wrapping
-            (``pipe.transformer.enable_cache(...)``) is carried over the same way. Each rank runs the
-            cache on its own blocks; with ``stages=1`` the images equal the stock pipeline's with the
-            same cache. First Block Cache and MagCache decide on the first stage and send the decision
-            with its boundary state; PAB needs ``stride=1``.
+            (transformer denoisers), or ``DeepCacheConfig`` from ``asyncgen.runtime.deep_cache``
+            (SD/SDXL UNets). A cache enabled on the denoiser before wrapping
+            (``pipe.transformer.enable_cache(...)``, ``apply_deep_cache(pipe.unet, ...)``) is carried
+            over the same way. Each rank runs the cache on its own blocks (units); with ``stages=1``
+            the images equal the stock pipeline's with the same cache. First Block Cache and MagCache
+            decide on the first stage and send the decision with its boundary state; PAB needs
+            ``stride=1``; with ``cfg_parallel=True`` First Block Cache and PAB are refused.
         context_parallel (`int`, defaults to 1):
             The hybrid: each stage runs on this many ranks that share its sequence, with diffusers' own context
             parallelism (Ulysses attention over the stage's ranks, the model class's ``_cp_plan`` moved onto the
