@@ -237,6 +237,21 @@ def probe(devices: int, device: str, dtype: str) -> dict:
     return results[0]
 
 
+def _complete(entry) -> bool:
+    """Whether a cached entry has every number this version reads: one written before a field was added (the
+    all-to-all fit came later) is measured again and replaced, not read into a KeyError."""
+    from asyncgen.comm.link_probe import LinkMeasurement
+    from asyncgen.cost.device_rate import DeviceRate
+
+    try:
+        if entry["link"] is not None:
+            LinkMeasurement.from_dict(entry["link"])
+        DeviceRate.from_dict(entry["rate"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
 def cached_probe(path: Path, devices: int, device: str, dtype: str, reprobe: bool) -> tuple[dict, bool]:
     """``(measurement, measured_now)``: from the cache file, or measured and written into it (whole)."""
     from .files import write_atomic
@@ -252,7 +267,7 @@ def cached_probe(path: Path, devices: int, device: str, dtype: str, reprobe: boo
         except (OSError, ValueError) as exc:
             raise UsageError(f"--probe-cache {path}: cannot read it ({exc}); delete it or name another file") from None
     entry = cache["entries"].get(key)
-    if entry is not None and not reprobe:
+    if entry is not None and not reprobe and _complete(entry):
         return entry, False
     entry = dict(probe(devices, device, dtype), measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"))

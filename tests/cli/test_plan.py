@@ -215,3 +215,24 @@ def test_a_probe_cache_that_is_not_one_is_refused(sd_path, tmp_path, capsys):
     code, _, err = _run(capsys, "--model", sd_path, "--devices", 2, "--parallel", "auto", "--device", "cpu",
                         "--probe-cache", bad)
     assert code == 2 and f"--probe-cache {bad}: cannot read it" in err
+
+
+def test_a_cached_probe_written_before_a_field_existed_is_measured_again(tmp_path, monkeypatch):
+    from asyncgen.cli import plan
+
+    fresh = {"link": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e9, "world_size": 2, "parallel_slowdown": 1.1,
+                      "all_to_all_latency_s": 2e-4, "all_to_all_bytes_per_s": 5e8, "backend": "gloo",
+                      "device": "cpu", "sizes": [4, 65536], "repeats": 2},
+             "rate": {"flops_per_s": 1e10, "bytes_per_s": 1e9, "device": "cpu", "dtype": "float32", "threads": 1}}
+    calls = []
+    monkeypatch.setattr(plan, "probe", lambda *args: calls.append(args) or fresh)
+    key = plan.probe_key("cpu", 2, "float32")
+    old_link = {k: v for k, v in fresh["link"].items() if not k.startswith("all_to_all")}  # the first cache's form
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({"version": plan.PROBE_CACHE_VERSION,
+                                "entries": {key: {"link": old_link, "rate": fresh["rate"]}}}))
+    entry, measured = plan.cached_probe(path, 2, "cpu", "float32", reprobe=False)
+    assert measured and calls == [(2, "cpu", "float32")] and entry["link"] == fresh["link"]
+    assert json.loads(path.read_text())["entries"][key]["link"] == fresh["link"]  # replaced in the file
+    entry, measured = plan.cached_probe(path, 2, "cpu", "float32", reprobe=False)  # now complete: read back
+    assert not measured and len(calls) == 1
