@@ -297,6 +297,18 @@ def hook_original_forward(hook) -> Callable:
     return original
 
 
+def interrupt_pipeline(pipeline) -> None:
+    """Make a diffusers pipeline's running call skip its remaining steps (from ``callback_on_step_end``).
+
+    The pipelines' denoising loops test ``self.interrupt``, a read-only property over
+    ``self._interrupt`` (diffusers' documented way to stop a call early sets the attribute; 0.40
+    and 0.42 checked). A pipeline without the property has no early stop to ask for.
+    """
+    if not hasattr(type(pipeline), "interrupt"):
+        raise _missing("diffusers", f"{type(pipeline).__name__}.interrupt", "this pipeline cannot stop a call early")
+    pipeline._interrupt = True
+
+
 # ---------------------------------------------------------------------------- diffusers' step caches
 
 #: the cache configs asyncgen composes with AsyncDiff stages, by class name (all in diffusers.hooks since 0.40)

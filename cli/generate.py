@@ -186,7 +186,7 @@ def load_libraries() -> None:
         import diffusers  # noqa: F401
 
 
-def _describe_model(model: str, allow_pickle: bool):
+def describe_model(model: str, allow_pickle: bool):
     """The model's facts from its configs (no weights), or a one-line error naming ``--model``."""
     from asyncgen.pipelines.from_configs import describe_pipeline
     from asyncgen.pipelines.loading import looks_like_local_path
@@ -270,7 +270,7 @@ def check_scheduler_steps(model: str, steps: int | None) -> None:
                          "num_train_timesteps)")
 
 
-def _check_size(name: str, value: int | None, facts) -> None:
+def check_size(name: str, value: int | None, facts) -> None:
     if value is not None and value % facts.size_multiple:
         raise UsageError(f"--{name} {value} is not a multiple of {facts.size_multiple}, the size step of this model "
                          f"(VAE factor x patch size); nearest valid: {facts.nearest_sizes(value)}")
@@ -334,7 +334,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     from asyncgen.pipelines.miniature import resolve_model
 
     model, builtin = resolve_model(args.model)
-    facts = _describe_model(model, args.allow_pickle)
+    facts = describe_model(model, args.allow_pickle)
     video = _is_video_pipeline(facts.pipeline_class)
     if not video and (args.frames is not None or args.fps is not None):
         given = " ".join(f"--{n}" for n in ("frames", "fps") if getattr(args, n) is not None)
@@ -389,11 +389,11 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
     if args.cache is not None and "UNet" in (facts.denoiser_class or ""):
         raise UsageError(f"--cache {args.cache}: the step caches run on transformer denoisers; this model's is a "
                          f"{facts.denoiser_class} (use --model miniature-dit or another transformer pipeline)")
-    _check_size("height", height, facts)
-    _check_size("width", width, facts)
+    check_size("height", height, facts)
+    check_size("width", width, facts)
     check_scheduler_steps(model, args.steps)
     if not args.highres and not video:  # ASG runs the denoiser on native-size windows
-        _check_memory(model, height or facts.native_height, width or facts.native_width, facts, stages, args.stride,
+        check_memory(model, height or facts.native_height, width or facts.native_width, facts, stages, args.stride,
                       args.cfg_parallel, dtype, device, devices, getattr(args, "sp", 1))
     _say_if_large(height or facts.native_height, width or facts.native_width, facts, len(prompts))
     return GenerateJob(
@@ -469,7 +469,7 @@ def available_memory(device: str, devices: int) -> int | None:
     return None
 
 
-def _check_memory(model: str, height: int, width: int, facts, stages: int, stride: int, cfg_parallel: bool,
+def check_memory(model: str, height: int, width: int, facts, stages: int, stride: int, cfg_parallel: bool,
                   dtype: str, device: str, devices: int, sp: int = 1) -> None:
     """Refuse, before any worker starts, an image size whose estimated memory (the planner's, on fake tensors:
     nothing of that size is allocated) exceeds what the devices have. Only for sizes far above the native one."""
@@ -590,17 +590,20 @@ def generate_worker(rank: int, world: int, job: GenerateJob) -> dict:
         return _generate(rank, world, job)
 
 
-def _generate(rank: int, world: int, job: GenerateJob) -> dict:
-    load_libraries()  # a spawned worker imports them afresh
-    import torch
+def uses_asyncdiff(job: GenerateJob, world: int) -> bool:
+    """Whether the job runs through ``AsyncDiffPipeline`` (else the stock pipeline, or ASG for ``--highres``)."""
+    # a cache runs through the wrapper even on one stage: it gives the cache's hooks their state per pass and step
+    return not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1 or
+                                job.cache is not None or job.sp > 1)
 
-    from asyncgen.cli.files import write_image, write_video
+
+def build_pipeline(job: GenerateJob, rank: int, world: int):
+    """This rank's pipeline for ``job``, as ``asyncgen generate`` runs it (``asyncgen serve`` loads it this way too):
+    AsyncDiff with stage-only loading in a group, the wrapper or the stock pipeline in one process, ASG for
+    ``--highres``; the settings the model or machine refuses raise :class:`UsageError`."""
     from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
 
-    size = {"height": job.height, "width": job.width}
-    # a cache runs through the wrapper even on one stage: it gives the cache's hooks their state per pass and step
-    asyncdiff = not job.highres and (job.stages > 1 or job.stride > 1 or job.cfg_parallel or world > 1 or
-                                     job.cache is not None or job.sp > 1)
+    asyncdiff = uses_asyncdiff(job, world)
     try:
         if asyncdiff:
             from asyncgen.pipelines import AsyncDiffPipeline
@@ -611,41 +614,50 @@ def _generate(rank: int, world: int, job: GenerateJob) -> dict:
                            context_parallel=job.sp,
                            device="cpu" if job.device == "cpu" else None)  # None: this rank's GPU
             if world > 1:  # each rank reads from the checkpoint only what it runs
-                pipe = _load(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,
-                                                                                                **load))
-            else:
-                pipe = AsyncDiffPipeline(_load(job, rank), **options)
-        else:
-            pipe = _load(job, rank)
+                return _load(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,
+                                                                                                  **load))
+            return AsyncDiffPipeline(_load(job, rank), **options)
+        pipe = _load(job, rank)
+        if job.attention:  # the stock pipeline (or ASG's), with the same speed settings the wrapper would apply
+            enable_attention(pipe, job.attention)
+        if job.compile:
+            compile_modules([getattr(pipe, "unet", None) or pipe.transformer], compile_options(True))
         if job.highres:
             from asyncgen.pipelines import ASGPipeline
 
-            if job.attention:
-                enable_attention(pipe, job.attention)
-            if job.compile:
-                compile_modules([pipe.unet], compile_options(True))
             pipe = ASGPipeline(pipe, structure_fraction=job.structure_fraction,
                                structure_guidance=job.structure_guidance, mode=job.asg_mode)
-            pipe.layout(size["height"], size["width"])  # refuses sizes that are not multiples of the native one
-        elif not asyncdiff:  # the stock pipeline, with the same speed settings the wrapper would apply
-            if job.attention:
-                enable_attention(pipe, job.attention)
-            if job.compile:
-                compile_modules([getattr(pipe, "unet", None) or pipe.transformer], compile_options(True))
+            pipe.layout(job.height, job.width)  # refuses sizes that are not multiples of the native one
+        return pipe
     except (ValueError, TypeError, ImportError) as exc:  # settings checked against this model and machine
         raise UsageError(str(exc)) from exc
-    call = {"negative_prompt": job.negative_prompt, **size}
-    if job.steps is not None or job.builtin_model:
+
+
+def call_arguments(job: GenerateJob, negative_prompt, height, width, steps, guidance, frames=None) -> dict:
+    """The pipeline call's keyword arguments besides the prompt and generator: what is given, and on a built-in
+    model its own steps and guidance (a model loaded by name keeps its pipeline's defaults)."""
+    call = {"negative_prompt": negative_prompt, "height": height, "width": width}
+    if steps is not None or job.builtin_model:
         from asyncgen.pipelines.miniature import DEFAULT_STEPS
 
-        call["num_inference_steps"] = job.steps or DEFAULT_STEPS
-    if job.guidance is not None or job.builtin_model:
+        call["num_inference_steps"] = steps or DEFAULT_STEPS
+    if guidance is not None or job.builtin_model:
         from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE
 
-        call["guidance_scale"] = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
-    if job.video and job.frames is not None:
-        call["num_frames"] = job.frames
-    call = {k: v for k, v in call.items() if v is not None}
+        call["guidance_scale"] = guidance if guidance is not None else DEFAULT_GUIDANCE
+    if job.video and frames is not None:
+        call["num_frames"] = frames
+    return {k: v for k, v in call.items() if v is not None}
+
+
+def _generate(rank: int, world: int, job: GenerateJob) -> dict:
+    load_libraries()  # a spawned worker imports them afresh
+    import torch
+
+    from asyncgen.cli.files import write_image, write_video
+
+    pipe = build_pipeline(job, rank, world)
+    call = call_arguments(job, job.negative_prompt, job.height, job.width, job.steps, job.guidance, job.frames)
     if rank == 0:
         _say_if_truncated(pipe, job.prompts)
     several = len(job.prompts) > 1

@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--stages {stages} on --devices 1: one device runs every stage (the serial simulator); "
                          "plan for stages + stride - 1 devices")
     if stages > 1:  # named by the options given, before anything is built
-        from .generate import _describe_model
+        from .generate import describe_model
 
-        facts = _describe_model(model, False)
+        facts = describe_model(model, False)
         if facts.splittable_units is not None and stages > facts.splittable_units:
             given = f"--stages {stages}" if args.stages is not None else f"--devices {args.devices} ({stages} stages)"
             raise UsageError(f"{given}: this {facts.denoiser_class} splits into at most {facts.splittable_units} "

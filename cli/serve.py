@@ -113,13 +113,13 @@ def _job(args: argparse.Namespace, world: int):
 def _settings(args: argparse.Namespace, job, world: int):
     import multiprocessing as mp
 
-    from .generate import LARGE_FACTOR, _describe_model
+    from .generate import LARGE_FACTOR, describe_model
     from .serve_ranks import ServeSettings
     from .serve_requests import Limits
 
     max_pixels = args.max_pixels
     if max_pixels is None:
-        facts = _describe_model(job.model, job.allow_pickle)
+        facts = describe_model(job.model, job.allow_pickle)
         max_pixels = LARGE_FACTOR * facts.native_height * facts.native_width
     limits = Limits(max_steps=args.max_steps, max_pixels=max_pixels, max_images=args.max_images,
                     max_prompt_chars=args.max_prompt_chars)

@@ -47,7 +47,7 @@ def lead(pipe, settings: ServeSettings, world: int, control) -> dict:
     import uvicorn
 
     from .files import say
-    from .generate import _describe_model
+    from .generate import describe_model
     from .serve_http import make_app
     from .serve_requests import ModelRules
 
@@ -58,7 +58,7 @@ def lead(pipe, settings: ServeSettings, world: int, control) -> dict:
         dist.all_gather_object(pids, os.getpid(), group=control)
     metrics = Metrics()
     board = JobBoard(settings.max_queue, metrics)
-    rules = ModelRules(model=job.model, builtin=job.builtin_model, facts=_describe_model(job.model, job.allow_pickle),
+    rules = ModelRules(model=job.model, builtin=job.builtin_model, facts=describe_model(job.model, job.allow_pickle),
                        stages=job.stages, stride=job.stride, cfg_parallel=job.cfg_parallel, dtype=job.dtype,
                        device=job.device, devices=world)
     app = make_app(board, metrics, rules, settings.limits, settings.max_body_bytes, settings.api_key,

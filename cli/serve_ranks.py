@@ -11,12 +11,9 @@ that died is noticed then rather than at the next request.
 
 from __future__ import annotations
 
-import datetime
 import io
 import os
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -56,49 +53,22 @@ def serve_worker(rank: int, world: int, settings: ServeSettings) -> dict:
 
 
 def _load(job: GenerateJob, rank: int, world: int):
-    """The pipeline as ``asyncgen generate`` builds it for the same job: AsyncDiff with stage-only loading when
-    several ranks run it, the stock pipeline on one."""
+    """The pipeline as ``asyncgen generate`` builds it for the same job (its own function: stage-only loading when
+    several ranks run it, the stock pipeline on one)."""
     from .errors import UsageError
-    from .generate import _load as load_whole
-    from .generate import cache_config
+    from .generate import build_pipeline
 
     if job.video or job.highres:
         raise UsageError("asyncgen serve makes images with AsyncDiff: video pipelines and --highres are not served")
-    try:
-        if world > 1 or job.stages > 1 or job.stride > 1 or job.cfg_parallel or job.cache is not None:
-            from asyncgen.pipelines import AsyncDiffPipeline
-
-            options = dict(stages=job.stages, stride=job.stride, warmup=job.warmup, time_shift=job.time_shift,
-                           split=job.split, cfg_parallel=job.cfg_parallel, attention=job.attention,
-                           compile=job.compile, components=job.components, cache=cache_config(job.cache),
-                           device="cpu" if job.device == "cpu" else None)
-            if world > 1:
-                return load_whole(job, rank, lambda model, **load: AsyncDiffPipeline.from_pretrained(model, **options,
-                                                                                                     **load))
-            return AsyncDiffPipeline(load_whole(job, rank), **options)
-        pipe = load_whole(job, rank)
-        if job.attention or job.compile:
-            from asyncgen.pipelines.acceleration import compile_modules, compile_options, enable_attention
-
-            if job.attention:
-                enable_attention(pipe, job.attention)
-            if job.compile:
-                compile_modules([getattr(pipe, "unet", None) or pipe.transformer], compile_options(True))
-        return pipe
-    except (ValueError, TypeError, ImportError) as exc:
-        raise UsageError(str(exc)) from exc
+    return build_pipeline(job, rank, world)
 
 
 def call_arguments(job: GenerateJob, params: dict) -> dict:
     """The pipeline call's keyword arguments for a request, with the defaults ``asyncgen generate`` uses."""
-    from asyncgen.pipelines.miniature import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from .generate import call_arguments as generate_call
 
-    call = {"negative_prompt": params["negative_prompt"], "height": params["height"], "width": params["width"]}
-    if params["steps"] is not None or job.builtin_model:
-        call["num_inference_steps"] = params["steps"] or DEFAULT_STEPS
-    if params["guidance"] is not None or job.builtin_model:
-        call["guidance_scale"] = params["guidance"] if params["guidance"] is not None else DEFAULT_GUIDANCE
-    return {k: v for k, v in call.items() if v is not None}
+    return generate_call(job, params["negative_prompt"], params["height"], params["width"], params["steps"],
+                         params["guidance"])
 
 
 def png_bytes(image) -> bytes:
@@ -122,6 +92,8 @@ def run_request(pipe, job: GenerateJob, params: dict, rank: int, control, should
     import torch
     import torch.distributed as dist
 
+    from asyncgen._compat import interrupt_pipeline
+
     call = call_arguments(job, params)
     images: list[bytes] = []
     for index in range(params["n"]):
@@ -140,8 +112,8 @@ def run_request(pipe, job: GenerateJob, params: dict, rank: int, control, should
             last[0] = now
             if stop:
                 stopped[0] = True
-                # diffusers' documented way to end a call early: the loop skips the remaining steps
-                pipeline._interrupt = True
+                # diffusers' way to end a call early: the loop skips the remaining steps
+                interrupt_pipeline(pipeline)
             return {}
 
         generator = torch.Generator("cpu").manual_seed(params["seed"] + index)

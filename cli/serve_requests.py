@@ -81,7 +81,7 @@ def _cli(field: str, option: str, check, *args) -> None:
 def validate(request: ImageRequest, rules: ModelRules, limits: Limits) -> dict:
     """The job's settings from a request, every value checked; raises :class:`FieldError` for the first bad one."""
     from . import options
-    from .generate import _check_memory, _check_size, check_scheduler_steps
+    from .generate import check_memory, check_size, check_scheduler_steps
 
     for field in ("prompt", "negative_prompt"):
         text = getattr(request, field)
@@ -100,7 +100,7 @@ def validate(request: ImageRequest, rules: ModelRules, limits: Limits) -> dict:
         if value is not None:
             _cli(field, field, options.positive_int, str(value))
             _cli(field, f"--{field}", options.check_image_side, f"--{field}", value)
-            _cli(field, f"--{field}", _check_size, field, value, rules.facts)
+            _cli(field, f"--{field}", check_size, field, value, rules.facts)
     facts = rules.facts
     if (height is None) != (width is None):  # one side given: the other keeps the model's native size, as the CLI
         height, width = height or facts.native_height, width or facts.native_width
@@ -110,7 +110,7 @@ def validate(request: ImageRequest, rules: ModelRules, limits: Limits) -> dict:
         raise FieldError(field, f"{field}: {width or facts.native_width}x{height or facts.native_height} is {pixels} "
                          f"pixels; this server takes at most {limits.max_pixels} (--max-pixels)")
     if height is not None:
-        _cli("height", "--height", _check_memory, rules.model, height, width, facts, rules.stages, rules.stride,
+        _cli("height", "--height", check_memory, rules.model, height, width, facts, rules.stages, rules.stride,
              rules.cfg_parallel, rules.dtype, rules.device, rules.devices)
     if request.steps is not None:
         _cli("steps", "steps", options.positive_int, str(request.steps))

@@ -518,9 +518,9 @@ def check_against_model(model: str, configs: list[dict], args) -> None:
     """The limits the model's configs set, before any worker is spawned: stages against the units its denoiser
     splits into, and the image size against the step it needs (VAE factor x patch size)."""
     from asyncgen.cli.errors import UsageError
-    from asyncgen.cli.generate import _check_size, _describe_model, check_scheduler_steps
+    from asyncgen.cli.generate import check_size, describe_model, check_scheduler_steps
 
-    facts = _describe_model(model, args.allow_pickle)
+    facts = describe_model(model, args.allow_pickle)
     stages = max(c["stages"] for c in configs)
     if stages > 1 and facts.splittable_units is None:
         raise UsageError(f"--configs {args.configs}: asyncgen cannot split a {facts.denoiser_class} into {stages} "
@@ -528,8 +528,8 @@ def check_against_model(model: str, configs: list[dict], args) -> None:
     if facts.splittable_units is not None and stages > facts.splittable_units:
         raise UsageError(f"--configs {args.configs}: {stages} stages, but this {facts.denoiser_class} splits into at "
                          f"most {facts.splittable_units} stages")
-    _check_size("height", args.height, facts)
-    _check_size("width", args.width, facts)
+    check_size("height", args.height, facts)
+    check_size("width", args.width, facts)
     check_scheduler_steps(model, args.steps)
 
 
@@ -591,13 +591,13 @@ def run(args: argparse.Namespace) -> int:
             model = str(build(Path(tmp) / f"bench-{args.family}", seed=args.seed))
         check_against_model(model, configs, args)  # before any worker is spawned
         if args.cache is not None:
-            from asyncgen.cli.generate import _describe_model
+            from asyncgen.cli.generate import describe_model
 
             from . import bench_cache
 
             if args.peer is not None:
                 raise UsageError(f"--peer {args.peer} --cache {args.cache}: give one of them")
-            cache = bench_cache.check_request(args, configs, _describe_model(model, args.allow_pickle).denoiser_class)
+            cache = bench_cache.check_request(args, configs, describe_model(model, args.allow_pickle).denoiser_class)
         if oversubscribed:
             print(f"note: {', '.join(oversubscribed)} need more processes than the {available_cores()} cores here: they "
                   "run (their images and quality are valid) but their latency and speedup are not meaningful")
