@@ -22,7 +22,7 @@ from .launcher import Interrupted, WorkerFailed
 # above it, and a plugin package can add a command the same way
 ENTRY_POINT_GROUP = "asyncgen.commands"
 # the order ``asyncgen --help`` lists them in; commands not named here follow in name order
-ORDER = ("generate", "bench", "eval", "plan", "catalogue")
+ORDER = ("generate", "serve", "bench", "eval", "plan", "catalogue")
 
 
 def commands() -> dict[str, str]:
