@@ -90,7 +90,7 @@ def test_the_cli_finds_its_subcommands_through_entry_points():
     text = (ROOT / "pyproject.toml").read_text()
     assert f'[project.entry-points."{ENTRY_POINT_GROUP}"]' in text
     found = commands()
-    assert list(found)[:5] == ["generate", "bench", "eval", "plan", "catalogue"]
+    assert list(found)[:6] == ["generate", "serve", "bench", "eval", "plan", "catalogue"]
     assert found["bench"] == "asyncgen.evaluation.bench_asyncdiff"
     # the CLI's own modules name none of the layers above it (the entry points do)
     assert not [t for _, path, _ in _modules() if "cli" in path.parts for t in _string_imports(path)

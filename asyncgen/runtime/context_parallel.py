@@ -166,7 +166,7 @@ def _module_at(model: nn.Module, name: str) -> nn.Module:
 def apply_stage_context_parallel(split, first: int, stop: int, last: bool, groups: HybridGroups) -> None:
     """Put diffusers' context parallelism on this rank's stage: blocks ``[first, stop)`` of ``split``
     (a traced :class:`~asyncgen.split.transformer.block_split.BlockSplit`); ``last``: it ends the forward."""
-    from asyncgen.runtime.step_cache import _outermost
+    from asyncgen.runtime.scoped_hook import register_outermost
     from asyncgen.split.transformer.stage_hook import stage_hook_of
 
     model = split.denoiser
@@ -240,4 +240,4 @@ def apply_stage_context_parallel(split, first: int, stop: int, last: bool, group
         HookRegistry.check_if_exists_or_initialize(block).register_hook(
             _ParallelAttention(_attention_processors(block), config, running), _ATTENTION_HOOK)
     # the stage hook outermost on the first block: it puts the received state in, then the split hook shards it
-    _outermost(blocks[first], stage_hook)
+    register_outermost(blocks[first], stage_hook)

@@ -5,7 +5,8 @@ wrapper that leaves its pipeline usable as it was (``ASGPipeline``) must not cha
 pipeline's own calls either. Such a hook is registered *scoped*: it works only inside
 :meth:`ScopedHook.active` (a context variable, so a call on another thread or outside the
 wrapper sees the stock forward) and passes every other call to the forward it wraps.
-This module knows nothing of what a hook does inside its scope.
+This module knows nothing of what a hook does inside its scope; it also holds the small helpers that
+place a hook in a registry (numbered names, re-registering one outermost).
 """
 
 from __future__ import annotations
@@ -75,3 +76,25 @@ def hooks_of(module, hook_type: type) -> list:
         return []
     registry = HookRegistry.check_if_exists_or_initialize(module)
     return [hook for name in list(registry.hooks) if isinstance(hook := registry.get_hook(name), hook_type)]
+
+
+def register_outermost(block, hook: ModelHook) -> None:
+    """Re-register ``hook`` last on ``block`` so it wraps every hook registered after it.
+
+    Only the outermost hook of a registry is removed (``remove_hook`` rewires the chain
+    correctly only there), so the hooks above ``hook`` are taken off from the top and put
+    back in their order, then ``hook`` on top.
+    """
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    order = list(registry.hooks.items())
+    position = next(i for i, (_, h) in enumerate(order) if h is hook)
+    above = order[position + 1:]
+    if not above:
+        return
+    for name, _ in reversed(above):
+        registry.remove_hook(name, recurse=False)
+    name = order[position][0]
+    registry.remove_hook(name, recurse=False)
+    for other_name, other in above:
+        registry.register_hook(other, other_name)
+    registry.register_hook(hook, name)

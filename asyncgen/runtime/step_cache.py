@@ -75,6 +75,7 @@ from asyncgen._compat import (block_output_indices, cache_context_value, enabled
                               hook_original_forward, hook_registry_of, state_manager_context, step_cache_config_classes)
 from asyncgen.runtime.deep_cache import (DeepCacheConfig, StagedDeepCache, check_branch, enabled_deep_cache,
                                          remove_deep_cache)
+from asyncgen.runtime.scoped_hook import register_outermost
 from asyncgen.split.boundary import BoundaryState
 from asyncgen.split.transformer.stage_hook import stage_hook_of
 
@@ -268,7 +269,7 @@ class StagedCache:
         if self.signal:
             self._locate_head_and_tail(blocks, hooks)
         for block in blocks:  # the stage decides first whether a block computes at all
-            _outermost(block, stage_hook_of(block))
+            register_outermost(block, stage_hook_of(block))
         self.applied = True
 
     def _locate_head_and_tail(self, blocks: list[nn.Module], hooks: list) -> None:
@@ -418,23 +419,3 @@ def _hooks(module: nn.Module) -> list:
     return list(registry.hooks.values()) if registry is not None else []
 
 
-def _outermost(block: nn.Module, hook: ModelHook) -> None:
-    """Re-register ``hook`` last on ``block`` so it wraps every hook registered after it.
-
-    Only the outermost hook of a registry is removed (``remove_hook`` rewires the chain
-    correctly only there), so the hooks above ``hook`` are taken off from the top and put
-    back in their order, then ``hook`` on top.
-    """
-    registry = HookRegistry.check_if_exists_or_initialize(block)
-    order = list(registry.hooks.items())
-    position = next(i for i, (_, h) in enumerate(order) if h is hook)
-    above = order[position + 1:]
-    if not above:
-        return
-    for name, _ in reversed(above):
-        registry.remove_hook(name, recurse=False)
-    name = order[position][0]
-    registry.remove_hook(name, recurse=False)
-    for other_name, other in above:
-        registry.register_hook(other, other_name)
-    registry.register_hook(hook, name)
