@@ -29,7 +29,6 @@ def fake_device(sample: torch.Tensor) -> torch.device:
     return torch.device("cpu") if sample.is_meta else sample.device
 
 
-@contextlib.contextmanager
 def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
     """``model``'s meta parameters and buffers stand in as fake tensors on ``device`` (restored on exit).
 
@@ -38,15 +37,22 @@ def meta_weights_as_fake(model: nn.Module, fake_mode, device: torch.device):
     be a device mismatch, and on ``meta`` the kernels decompose differently (attention into
     its maths), which changes the counted bytes by up to 2x and could move the cuts.
     """
-    swapped, fakes = [], {}
+    return weights_swapped(model, lambda tensor: fake_from_meta(fake_mode, tensor, device) if tensor.is_meta else None)
+
+
+@contextlib.contextmanager
+def weights_swapped(model: nn.Module, stand_in: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Every parameter and buffer ``t`` of ``model`` for which ``stand_in(t)`` gives a tensor is replaced by it
+    (a tensor held under two names by one stand-in: tied weights stay tied), and put back on exit."""
+    swapped, stand_ins = [], {}
     for module in model.modules():
         for name, tensor, _ in own_tensors(module):
-            if tensor.is_meta:
-                if id(tensor) not in fakes:  # tied weights stay one tensor
-                    fakes[id(tensor)] = fake_from_meta(fake_mode, tensor, device)
+            if id(tensor) not in stand_ins:
+                stand_ins[id(tensor)] = stand_in(tensor)
+            if stand_ins[id(tensor)] is not None:
                 swapped.append((module, name, tensor))
     for module, name, tensor in swapped:
-        replace_tensor(module, name, fakes[id(tensor)])
+        replace_tensor(module, name, stand_ins[id(tensor)])
     try:
         yield
     finally:

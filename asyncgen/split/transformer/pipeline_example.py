@@ -88,26 +88,12 @@ def _quiet_progress(pipeline):
         del pipeline.progress_bar
 
 
-@contextlib.contextmanager
 def _real_weights_as_fake(model: nn.Module, mode):
     """``model``'s real parameters and buffers stand in as fake tensors of ``mode`` (same shape, dtype and device),
     restored on exit: a loaded pipeline's preparation then runs on shapes, like one on meta weights."""
-    from asyncgen._compat import own_tensors, replace_tensor
+    from asyncgen.cost.fake import weights_swapped
 
-    swapped, fakes = [], {}
-    for module in model.modules():
-        for name, tensor, _ in own_tensors(module):
-            if not tensor.is_meta:
-                if id(tensor) not in fakes:  # tied weights stay one tensor
-                    fakes[id(tensor)] = mode.from_tensor(tensor)
-                swapped.append((module, name, tensor))
-    for module, name, tensor in swapped:
-        replace_tensor(module, name, fakes[id(tensor)])
-    try:
-        yield
-    finally:
-        for module, name, tensor in swapped:
-            replace_tensor(module, name, tensor)
+    return weights_swapped(model, lambda tensor: None if tensor.is_meta else mode.from_tensor(tensor))
 
 
 def record_denoiser_call(pipeline, attribute: str, call: dict) -> dict:
