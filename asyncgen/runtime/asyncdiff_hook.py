@@ -254,6 +254,12 @@ class AsyncDiffLane(BaseState):
             if begin is None:
                 hits = (timesteps == _timestep_value(timestep)).nonzero()
                 begin = int(hits[0]) if len(hits) else None
+            if begin is None and getattr(scheduler, "step_index", 0) is None:
+                # a converted timestep (Lumina2's 1 - t/1000) matches none, and the scheduler has not stepped in
+                # this call (set_timesteps resets step_index), so the call starts at its first step; older
+                # pipelines set no begin index (diffusers 0.40's Lumina2). Each step looked up is still checked
+                # against the one passed when the pipeline gets there.
+                begin = 0
             if begin is not None:
                 # what the pipeline passes is learnt from the steps it takes, when the first look-ahead needs it
                 self._scheduled = timesteps[begin:]
