@@ -38,7 +38,7 @@ EXPERIMENTS = [
         default_seeds=3,
         quick_seeds=1,
         keys={"off_policy_steps": Ints(1, 256, "off-policyness N values compared", items=8, cost=1.0),
-              "updates": Int(1, 4800, "policy updates per run", cost=1.0),
+              "updates": Int(1, 2400, "policy updates per run", cost=1.0),
               "prompts_per_update": Int(1, 256, "prompts per update"),
               "lr_online_dpo": Float(1e-7, 1.0, "online DPO's learning rate (tuned)"),
               "beta_online_dpo": Float(1e-4, 100.0, "online DPO's β (tuned)"),
