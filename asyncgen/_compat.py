@@ -603,3 +603,19 @@ def stop_resource_tracker() -> None:
     stop = getattr(getattr(resource_tracker, "_resource_tracker", None), "_stop", None)
     if stop is not None:
         stop()
+
+
+def run_process_finalizers() -> None:
+    """Run multiprocessing's finalizers of this process now, as its normal exit would (before ``os._exit``).
+
+    A named semaphore this process made (``multiprocessing.RLock()``: tqdm makes one for its
+    bars) is unlinked and unregistered from the resource tracker by such a finalizer; a
+    process ended with ``os._exit`` skips them, and the tracker then warns "leaked semaphore
+    objects" when it stops. ``multiprocessing.util._run_finalizers`` (CPython 3.8 to 3.13);
+    a no-op where it is missing.
+    """
+    from multiprocessing import util
+
+    run = getattr(util, "_run_finalizers", None)
+    if run is not None:
+        run()

@@ -239,6 +239,11 @@ def _report_and_exit(results, report: tuple, code: int) -> None:
         results.put(report)
         results.close()
         results.join_thread()
+        # what a normal exit would release through multiprocessing (a tqdm bar's named semaphore), so the
+        # launcher's resource tracker has nothing left to warn about
+        from asyncgen._compat import run_process_finalizers
+
+        run_process_finalizers()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -161,3 +161,19 @@ def test_a_worker_whose_teardown_would_hold_the_gil_still_reports_and_exits():
     # each rank returns its all-reduced value and exits 0, long before the timeout
     results = run_workers(lw.teardown_holds_the_gil, 2, timeout=60)
     assert [(r.ok, r.value, r.exitcode) for r in results] == [(True, 2.0, 0), (True, 2.0, 0)]
+
+
+def test_a_worker_releases_what_multiprocessing_registered_before_it_ends():
+    # a worker ends with os._exit; the semaphore it made is still unlinked, so the launching process's
+    # resource tracker has no "leaked semaphore" to warn about when it stops
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import launcher_workers as lw\nfrom asyncgen.cli.launcher import launch\n"
+              "if __name__ == '__main__':\n    print(launch(lw.make_a_process_lock, 2, timeout=60))\n")
+    fixtures = str(Path(lw.__file__).parent)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": fixtures})
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
