@@ -437,11 +437,10 @@ def _choose_layout(args: argparse.Namespace, model: str, devices: int, device: s
 
     from .plan import DEFAULT_STEPS, auto_layout
 
+    from asyncgen.pipelines.asyncdiff import chosen_settings
+
     choice = auto_layout(model, devices, device, dtype, args.steps or DEFAULT_STEPS, height, width, args.warmup)
-    layout = choice.chosen.layout
-    args.stages, args.stride, args.cfg_parallel = layout.stages, layout.stride, layout.cfg_parallel
-    if layout.stages > 1:
-        args.warmup = layout.warmup
+    args.stages, args.stride, args.warmup, args.cfg_parallel = chosen_settings(choice, args.warmup)
     say(f"--parallel auto: {choice.reason}")
 
 
