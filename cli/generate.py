@@ -116,8 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "sequence, with diffusers' own context parallelism (Ulysses attention) inside the stage; "
                         "transformer models diffusers gives a context-parallel plan (with --stages > 1: Wan); needs "
                         "(stages + stride - 1) x SP devices, x 2 with --cfg-parallel (default: %(default)s)")
-    parser.add_argument("--parallel", choices=["auto"], default=None, help="auto: choose --stages, --stride and "
-                        "--cfg-parallel for the --devices from the predicted step time of every layout asyncgen runs "
+    parser.add_argument("--parallel", choices=["auto"], default=None, help="auto: choose --stages, --stride, "
+                        "--cfg-parallel and --sp for the --devices from the predicted step time of every layout "
+                        "asyncgen runs "
                         "(as 'asyncgen plan --parallel auto' lists them; the link and compute rate are measured once "
                         "and cached) (default: off)")
     parser.add_argument("--components", choices=("planned", "replicated"), default="planned",
@@ -375,6 +376,7 @@ def make_job(args: argparse.Namespace, devices: int) -> GenerateJob:
             _check_sp(args, devices)
         if getattr(args, "parallel", None) == "auto":
             _choose_layout(args, model, devices, device, dtype, height, width)
+            sp = args.sp
         stages = stages_for(devices // sp, args.stages, args.stride, args.cfg_parallel)
         if stages > 1 and facts.splittable_units is None:
             from asyncgen.split.registry import supported_denoisers
@@ -412,8 +414,8 @@ def _check_sp(args: argparse.Namespace, devices: int) -> None:
     from asyncgen._compat import context_parallel_refusal_for_hybrid
 
     if getattr(args, "parallel", None) == "auto":
-        raise UsageError(f"--sp {args.sp} with --parallel auto: the chooser does not run the hybrid yet; give "
-                         "--stages and --sp yourself, or --parallel auto alone")
+        raise UsageError(f"--sp {args.sp} with --parallel auto: it chooses --sp itself; give --stages and --sp "
+                         "yourself, or --parallel auto alone")
     if args.cache is not None:
         raise UsageError(f"--sp {args.sp} with --cache {args.cache}: a step cache under the hybrid is not supported")
     if devices == 1:
@@ -428,7 +430,8 @@ def _check_sp(args: argparse.Namespace, devices: int) -> None:
 
 
 def _choose_layout(args: argparse.Namespace, model: str, devices: int, device: str, dtype: str, height, width) -> None:
-    """--parallel auto: set --stages, --stride, --warmup and --cfg-parallel to the fastest predicted layout."""
+    """--parallel auto: set --stages, --stride, --warmup, --cfg-parallel and --sp to the fastest predicted layout
+    (--sp only without --cache: the hybrid takes no step cache)."""
     given = [f"--{n.replace('_', '-')}" for n in ("stages", "cfg_parallel") if getattr(args, n) not in (None, False)]
     if given or args.stride != 1:
         raise UsageError(f"{' '.join(given + (['--stride'] if args.stride != 1 else []))}: --parallel auto chooses "
@@ -439,8 +442,9 @@ def _choose_layout(args: argparse.Namespace, model: str, devices: int, device: s
 
     from asyncgen.pipelines.asyncdiff import chosen_settings
 
-    choice = auto_layout(model, devices, device, dtype, args.steps or DEFAULT_STEPS, height, width, args.warmup)
-    args.stages, args.stride, args.warmup, args.cfg_parallel = chosen_settings(choice, args.warmup)
+    choice = auto_layout(model, devices, device, dtype, args.steps or DEFAULT_STEPS, height, width, args.warmup,
+                         context_parallel=args.cache is None)
+    args.stages, args.stride, args.warmup, args.cfg_parallel, args.sp = chosen_settings(choice, args.warmup)
     say(f"--parallel auto: {choice.reason}")
 
 

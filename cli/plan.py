@@ -10,7 +10,8 @@ is cut where ``asyncgen generate`` would cut it, and the planner
 (:mod:`asyncgen.placement.planner`) places the text encoders and the VAE on the ranks.
 
 ``--parallel auto`` instead predicts the step time of every layout the devices allow (AsyncDiff
-stages and stride, CFG parallel, diffusers' context parallelism, their products) with
+stages and stride, CFG parallel, diffusers' Ulysses context parallelism run by asyncgen's ``--sp``, their
+products; Ulysses priced at one rank's sharded shape) with
 :mod:`asyncgen.cost.layout` and says which it would run and why. It needs this machine's numbers:
 the link between the ranks and the compute rate of one (:func:`probe`: a few seconds with
 ``--devices`` worker processes), measured once and kept in a cache file
@@ -82,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "predict every layout's step time from the cost model and this machine's measured "
                                      "link and compute rate, and choose the fastest")
     auto.add_argument("--parallel", choices=["auto"], default=None, help="auto: list every layout the --devices "
-                      "allow (stages/stride, CFG parallel, diffusers' Ulysses context parallelism, their products) with "
-                      "its predicted step time and choose the fastest that runs today (the stages x context-parallel "
-                      "hybrid is predicted only); without it, plan the memory of --stages/--stride/--cfg-parallel")
+                      "allow (stages/stride, CFG parallel, Ulysses context parallelism (--sp), their products) with its "
+                      "predicted step time and choose the fastest; without it, plan the memory of "
+                      "--stages/--stride/--cfg-parallel")
     auto.add_argument("--exact", action="store_true", help="with --parallel auto: only layouts that give the one-device "
                       "picture exactly (one stage with CFG parallel or context parallelism, or stages whose warm-up "
                       "covers every step)")
@@ -313,7 +314,8 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
     rate = DeviceRate.from_dict(measured["rate"])
     try:
         costs = costs_from_configs(model, args.height, args.width, getattr(torch, dtype) if args.dtype else None,
-                                   args.compute, rate, device="cuda:0" if device == "cuda" else "cpu")
+                                   args.compute, rate, device="cuda:0" if device == "cuda" else "cpu",
+                                   devices=args.devices)
         choice = choose(costs, link, args.devices, steps, args.warmup, args.exact)
     except (ValueError, TypeError, OSError) as exc:  # bad folder or size; a denoiser it cannot split
         raise UsageError(str(exc)) from None
@@ -322,7 +324,10 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
                   probe=dict(cache=str(cache_path), measured_now=fresh, measured_at=measured.get("measured_at"),
                              link=link_data, rate=measured["rate"]),
                   passes_per_step=costs.passes_per_step, pass_batch=costs.pass_batch,
-                  context_parallel=costs.context_parallel or "available", **choice.to_dict(),
+                  context_parallel=costs.context_parallel or "available",
+                  ulysses_degrees=sorted(costs.sharded_unit_seconds),
+                  ulysses_refusals={str(k): v for k, v in sorted(costs.ulysses_refusals.items())},
+                  stages_context_parallel=costs.stages_context_parallel or "available", **choice.to_dict(),
                   command=run_command(choice.chosen.layout, args.devices, model))
     print(json.dumps(record, indent=2) if args.json else format_choice(record))
     return 0
@@ -330,23 +335,28 @@ def run_auto(args: argparse.Namespace, model: str) -> int:
 
 def run_command(layout, devices: int, model: str) -> str:
     """How to run the chosen layout."""
-    if layout.runs_on == "diffusers":
-        return (f"diffusers: pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree="
-                f"{layout.ulysses})) in each of {layout.devices} processes (torchrun)")
-    if layout.devices == 1:
-        return f"asyncgen generate --model {model} --devices 1"
-    return (f"asyncgen generate --model {model} --devices {layout.devices} --stages {layout.stages} --stride "
-            f"{layout.stride}" + (f" --warmup {layout.warmup}" if layout.stages > 1 else "")
-            + (" --cfg-parallel" if layout.cfg_parallel else ""))
+    return f"asyncgen generate --model {model} --devices {layout.devices}" + (
+        f" {generate_options(layout)}" if layout.devices > 1 else "")
+
+
+def generate_options(layout) -> str:
+    """The ``asyncgen generate`` options that run ``layout`` (beside ``--devices``)."""
+    return (f"--stages {layout.stages} --stride {layout.stride}" + (f" --warmup {layout.warmup}" if layout.stages > 1
+                                                                     else "")
+            + (" --cfg-parallel" if layout.cfg_parallel else "") + (f" --sp {layout.ulysses}" if layout.ulysses > 1
+                                                                     else ""))
 
 
 def format_choice(record: dict) -> str:
     """The candidates as a table, fastest first, then the choice and why."""
-    rows = [("layout", "devices", "exact", "runs on", "step ms", "exact step ms", "round ms", "vs chosen")]
+    from asyncgen.cost.layout import Layout
+
+    rows = [("layout", "devices", "exact", "generate options", "step ms", "exact step ms", "round ms", "vs chosen")]
     best = record["chosen"]["predicted_step_ms"]
     for c in sorted(record["candidates"], key=lambda c: c["predicted_step_ms"]):
         mark = "*" if c["name"] == record["chosen"]["name"] else ("" if c["allowed"] else "-")
-        rows.append((mark + c["name"], str(c["devices"]), "yes" if c["exact"] else "no", c["runs_on"],
+        rows.append((mark + c["name"], str(c["devices"]), "yes" if c["exact"] else "no",
+                     generate_options(Layout(c["stages"], c["stride"], c["warmup"], c["cfg_parallel"], c["ulysses"])),
                      f"{c['predicted_step_ms']:.1f}", f"{c['exact_step_ms']:.1f}",
                      f"{c['round_ms']:.1f}" if c["rounds"] else "-", f"{c['predicted_step_ms'] / best:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -354,6 +364,11 @@ def format_choice(record: dict) -> str:
     lines = [f"{record['model']}: {record['steps']} steps, {record['devices']} {record['device']} device(s), "
              f"{record['passes_per_step']} denoiser pass(es) per step of batch {record['pass_batch']}; context "
              f"parallel: {record['context_parallel']}; compute from {record['compute']}"]
+    if record["context_parallel"] == "available":
+        refused = "; ".join(f"{k}: {v}" for k, v in record["ulysses_refusals"].items())
+        lines.append(f"Ulysses degrees priced at their sharded shape: {record['ulysses_degrees'] or 'none'}"
+                     + (f" (not: {refused})" if refused else "") + "; inside stages: "
+                     + record["stages_context_parallel"])
     lines.append("measured " + ("now" if record["probe"]["measured_now"] else f"at {record['probe']['measured_at']}")
                  + f" (cache {record['probe']['cache']}): "
                  + (f"link latency {1e6 * link['latency_s']:.0f} us, bandwidth {link['bandwidth_bytes_per_s'] / 1e9:.2f} "
@@ -365,18 +380,18 @@ def format_choice(record: dict) -> str:
         lines.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines += ["* chosen; - not allowed (not exact with --exact, or the hybrid, which runs with generate --sp but "
-              "auto does not choose yet)",
+    lines += ["* chosen" + ("; every layout listed is exact" if record["exact_only"] else ""),
               f"chosen: {record['reason']}", f"run it: {record['command']}"]
     return "\n".join(lines)
 
 
 def auto_layout(model: str, devices: int, device: str, dtype: str, steps: int, height: int | None,
-                width: int | None, warmup: int | None):
+                width: int | None, warmup: int | None, context_parallel: bool = True):
     """``asyncgen generate --parallel auto``: the fastest predicted layout asyncgen runs on all ``devices``.
 
     The probe comes from the default cache (measured now when missing), the compute from
-    counted FLOPs; returns the :class:`~asyncgen.cost.layout.Choice`.
+    counted FLOPs; Ulysses (``--sp``) only with ``context_parallel``; returns the
+    :class:`~asyncgen.cost.layout.Choice`.
     """
     import torch
 
@@ -384,6 +399,7 @@ def auto_layout(model: str, devices: int, device: str, dtype: str, steps: int, h
 
     measured, _ = cached_probe(default_probe_cache(), devices, device, dtype, reprobe=False)
     try:  # the engine's choice, as AsyncDiffPipeline(parallel="auto") makes it
-        return auto_layout_from_configs(model, measured, devices, steps, height, width, warmup, getattr(torch, dtype))
+        return auto_layout_from_configs(model, measured, devices, steps, height, width, warmup, getattr(torch, dtype),
+                                        context_parallel)
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(f"--parallel auto: {exc}") from None

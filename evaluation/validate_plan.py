@@ -7,14 +7,17 @@ For each bench model (``asyncgen bench --family ...``: the same random-weight mo
 
 1. *Predict.* The pipeline runs once (2 steps) with its denoiser's calls recorded; the units are
    timed on the first call on one thread (:func:`asyncgen.pipelines.layout_costs.costs_from_call`:
-   the pipeline's own batch, size and text length), the link between ``--devices`` processes is
+   the pipeline's own batch, size and text length), and again at each Ulysses degree up to
+   ``--devices`` as one rank of that degree runs them (:mod:`asyncgen.cost.sharded`: the tokens cut
+   by the class's plan, self-attention over every token with a share of the heads), where the class
+   has a context-parallel plan; the link between ``--devices`` processes is
    probed (:func:`asyncgen.comm.link_probe.probe_link`, pinned as the benches pin), and
    :func:`asyncgen.cost.layout.choose` predicts every layout's mean step time.
 2. *Measure* every layout the devices allow that runs today, with the existing harnesses:
    ``asyncgen bench`` (:func:`~asyncgen.evaluation.bench_asyncdiff.run_benchmark`: the stock pipeline,
    AsyncDiff stages and CFG parallel) and, where diffusers has a context-parallel plan for the
    class, ``asyncgen bench --peer diffusers-cp`` (:func:`~asyncgen.evaluation.bench_peer_diffusers_cp.run_comparison`:
-   Ulysses). With ``--from-results DIR`` the benches are not run; their ``results.json`` are read
+   Ulysses; diffusers' own run, which asyncgen's ``stages=1, context_parallel=P`` equals). With ``--from-results DIR`` the benches are not run; their ``results.json`` are read
    from ``DIR/FAMILY/`` and ``DIR/FAMILY-peer/`` (or ``DIR/FAMILY/`` holding a peer run).
 3. *Compare.* The benches time whole images; the chooser predicts denoising steps. A measured
    mean step is ``(latency - serial) / steps``, where ``serial`` is the image's time outside the
@@ -75,7 +78,7 @@ def _probe_worker(rank: int, world: int) -> dict:
     return probe_link().to_dict()
 
 
-def predicted_costs(model: str, call: dict, prompt: str, repeats: int):
+def predicted_costs(model: str, call: dict, prompt: str, repeats: int, devices: int = 1):
     """The denoiser's costs timed on the pipeline's own first call, and its time outside the denoiser per image."""
     import torch
     from asyncgen.evaluation.bench_asyncdiff import DenoiserClock, load_on_rank
@@ -94,7 +97,7 @@ def predicted_costs(model: str, call: dict, prompt: str, repeats: int):
             before, start = clock.seconds, time.perf_counter()
             pipe(**{**short, "generator": torch.Generator().manual_seed(call["seed"])})
             serial.append((time.perf_counter() - start) - (clock.seconds - before))
-        costs = costs_from_call(pipe, denoiser_call, passes, repeats)
+        costs = costs_from_call(pipe, denoiser_call, passes, repeats, devices)
     finally:
         torch.set_num_threads(threads)
     return costs, statistics.median(serial)
@@ -188,7 +191,7 @@ def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, 
             model = build_model(family, Path(tmp), args.seed)
             call = bench_call(family, args.steps, args.seed)
             started = time.perf_counter()
-            costs, serial = predicted_costs(model, call, prompt, args.repeats)
+            costs, serial = predicted_costs(model, call, prompt, args.repeats, args.devices)
             choice = choose(costs, link, args.devices, args.steps)
             if args.from_results:
                 asyncdiff, peer = results_from(Path(args.from_results), family)
@@ -200,8 +203,7 @@ def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, 
             rows = []
             for p in choice.candidates:
                 m = measured.get(key_of(p.layout))
-                rows.append(dict(layout=p.layout.name, devices=p.layout.devices, runs_on=p.runs_on or "not built",
-                                 predicted_ms=1e3 * p.step_s, measured_ms=m["ms"] if m else None,
+                rows.append(dict(layout=p.layout.name, devices=p.layout.devices, predicted_ms=1e3 * p.step_s, measured_ms=m["ms"] if m else None,
                                  error_pct=100 * (1e3 * p.step_s / m["ms"] - 1) if m else None,
                                  source=m["source"] if m else "-", chosen=p is choice.chosen))
             compared = [r for r in rows if r["measured_ms"] is not None]
@@ -209,6 +211,9 @@ def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, 
             record["families"][family] = dict(
                 rows=rows, reason=choice.reason, serial_s=serial, passes_per_step=costs.passes_per_step,
                 unit_ms=[1e3 * s for s in costs.unit_seconds], shared_ms=1e3 * costs.shared_seconds,
+                sharded_unit_ms={str(p): [1e3 * s for s in times] for p, times in costs.sharded_unit_seconds.items()},
+                ulysses_refusals={str(p): why for p, why in costs.ulysses_refusals.items()},
+                context_parallel=costs.context_parallel or "available",
                 within_tolerance=all(abs(r["error_pct"]) <= args.tolerance for r in compared) if compared else None,
                 worst_error_pct=max((abs(r["error_pct"]) for r in compared), default=None),
                 measured_fastest=fastest["layout"] if fastest else None,
@@ -220,7 +225,7 @@ def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, 
     return record
 
 
-COLUMNS = ["layout", "devices", "runs_on", "predicted_ms", "measured_ms", "error_pct", "source", "chosen"]
+COLUMNS = ["layout", "devices", "predicted_ms", "measured_ms", "error_pct", "source", "chosen"]
 FORMATS = {"predicted_ms": ".1f", "measured_ms": ".1f", "error_pct": "+.1f"}
 
 
@@ -246,6 +251,10 @@ def report(record: dict) -> str:
                   f"time outside the denoiser per image: {result['serial_s']:.3f} s; {result['passes_per_step']} "
                   f"pass(es) per step; units (ms per pass): {', '.join(f'{u:.1f}' for u in result['unit_ms'])}, "
                   f"outside the units {result['shared_ms']:.1f}"]
+        for degree, times in result.get("sharded_unit_ms", {}).items():
+            lines.append(f"units at Ulysses {degree}'s sharded shape (ms per pass, one rank): "
+                         f"{', '.join(f'{u:.1f}' for u in times)} (sum {sum(times):.1f} against "
+                         f"{sum(result['unit_ms']):.1f} / {degree} = {sum(result['unit_ms']) / int(degree):.1f})")
     lines += ["", "predicted_ms / measured_ms: mean ms per denoising step (every pass of the step); measured = (bench "
               "latency - the image's time outside the denoiser) / steps. Timings on a loaded machine say little: "
               "rerun on an idle one."]

@@ -115,12 +115,20 @@ def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, pr
                          "'rate': DeviceRate.to_dict()}} (what asyncgen.comm.rank_probe.measure_ranks returns)")
 
 
-def chosen_settings(choice, warmup: int | None) -> tuple[int, int, int | None, bool]:
-    """``(stages, stride, warmup, cfg_parallel)`` of a chosen layout; the warm-up is the layout's with stages (the
-    caller's, or the default for the steps), the caller's otherwise."""
+def chosen_settings(choice, warmup: int | None) -> tuple[int, int, int | None, bool, int]:
+    """``(stages, stride, warmup, cfg_parallel, context_parallel)`` of a chosen layout; the warm-up is the layout's
+    with stages (the caller's, or the default for the steps), the caller's otherwise."""
     layout = choice.chosen.layout
     logger.info("parallel='auto': %s", choice.reason)
-    return layout.stages, layout.stride, (layout.warmup if layout.stages > 1 else warmup), layout.cfg_parallel
+    return (layout.stages, layout.stride, (layout.warmup if layout.stages > 1 else warmup), layout.cfg_parallel,
+            layout.ulysses)
+
+
+def auto_may_use_context_parallel(ctx: DistContext, cache) -> bool:
+    """Whether ``parallel="auto"`` may choose context parallelism here: not with a step cache (the hybrid takes none)
+    nor in a process group other than the default one (its device mesh spans the default group)."""
+    return cache is None and ctx.distributed and (ctx.group is dist.group.WORLD
+                                                   or ctx.world_size == dist.get_world_size())
 
 
 class AsyncDiffPipeline(PipelineWrapper):
@@ -214,12 +222,14 @@ class AsyncDiffPipeline(PipelineWrapper):
             that splits its first block's inputs (Wan). ``stages=1`` computes what diffusers'
             ``enable_parallelism(ContextParallelConfig(ulysses_degree=...))`` computes.
         parallel (`str`, *optional*):
-            ``"auto"``: choose ``stages``, ``stride``, ``warmup`` and ``cfg_parallel`` for this process group's
-            ranks (all of them) from the layout chooser's predicted step times, the choice ``asyncgen generate
-            --parallel auto`` makes (:mod:`asyncgen.cost.layout`; the costs are counted on the denoiser's shapes).
-            The link between the ranks and one rank's compute rate are measured here, on the group (a few seconds,
-            every rank takes part), unless ``probe`` gives them. Leave ``stages``, ``stride`` and ``cfg_parallel``
-            out; a ``warmup`` given is kept. In one process (no group) the only layout is one device. The choice
+            ``"auto"``: choose ``stages``, ``stride``, ``warmup``, ``cfg_parallel`` and ``context_parallel`` for
+            this process group's ranks (all of them) from the layout chooser's predicted step times, the choice
+            ``asyncgen generate --parallel auto`` makes (:mod:`asyncgen.cost.layout`; the costs are counted on the
+            denoiser's shapes, Ulysses degrees at their sharded shapes). Context parallelism is a candidate where
+            ``context_parallel`` could run it (above), without ``cache`` and in the default process group. The
+            link between the ranks and one rank's compute rate are measured here, on the group (a few seconds,
+            every rank takes part), unless ``probe`` gives them. Leave ``stages``, ``stride``, ``cfg_parallel`` and
+            ``context_parallel`` out; a ``warmup`` given is kept. In one process (no group) the only layout is one device. The choice
             and why are in ``layout_choice`` (an :class:`asyncgen.cost.layout.Choice`) and logged at info level.
         steps (`int`, *optional*):
             With ``parallel="auto"``: the ``num_inference_steps`` the calls will run (default 50), which sets how
@@ -265,8 +275,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
         check_context_parallel(context_parallel)
         if context_parallel > 1 and parallel is not None:
-            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': the chooser does not run the "
-                             "hybrid yet; give stages (and context_parallel) yourself, or parallel='auto' alone")
+            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': it chooses the context-parallel "
+                             "degree itself; give either stages (and context_parallel) or parallel='auto' alone")
         if context_parallel > 1 and cache is not None:
             raise ValueError(f"context_parallel={context_parallel} with cache={type(cache).__name__}: a step cache "
                              "under the hybrid is not supported; leave one of them out")
@@ -283,9 +293,10 @@ class AsyncDiffPipeline(PipelineWrapper):
             denoiser = getattr(pipeline, denoiser_attribute(pipeline))
             measurement = probe if probe is not None else measure_ranks(ctx, next(denoiser.parameters()).dtype)
             self.layout_choice = auto_layout_of_pipeline(pipeline, measurement, ctx.world_size, steps or AUTO_STEPS,
-                                                         *(size or (None, None)), warmup)
+                                                         *(size or (None, None)), warmup,
+                                                         auto_may_use_context_parallel(ctx, cache))
             self.layout_probe = measurement
-            stages, stride, warmup, cfg_parallel = chosen_settings(self.layout_choice, warmup)
+            stages, stride, warmup, cfg_parallel, context_parallel = chosen_settings(self.layout_choice, warmup)
         stages = 2 if stages is None else stages
         self.hybrid = None
         if context_parallel > 1:  # AsyncDiff runs on the ranks that share this rank's sequence shard
@@ -373,14 +384,18 @@ class AsyncDiffPipeline(PipelineWrapper):
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
         check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
         check_context_parallel(context_parallel)
+        if context_parallel > 1 and parallel is not None:
+            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': it chooses the context-parallel "
+                             "degree itself; give either stages (and context_parallel) or parallel='auto' alone")
         choice, ctx = None, None
         if parallel is not None:  # chosen before loading: the layout decides what each rank reads
             ctx = resolve_context(process_group, device, timeout)
             process_group, timeout = ctx.group, ctx.timeout
             measurement = probe if probe is not None else measure_ranks(ctx, dtype or torch.float32)
             choice = auto_layout_from_configs(str(pretrained_model_name_or_path), measurement, ctx.world_size,
-                                              steps or AUTO_STEPS, *(size or (None, None)), warmup, dtype)
-            stages, stride, warmup, cfg_parallel = chosen_settings(choice, warmup)
+                                              steps or AUTO_STEPS, *(size or (None, None)), warmup, dtype,
+                                              auto_may_use_context_parallel(ctx, cache))
+            stages, stride, warmup, cfg_parallel, context_parallel = chosen_settings(choice, warmup)
         stages = 2 if stages is None else stages
         # bad values fail before minutes of loading
         topology = AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift, split=split,

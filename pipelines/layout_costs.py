@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from asyncgen.models import DENOISER_COMPONENTS, is_guidance_distilled
+from asyncgen.models import DENOISER_COMPONENTS, EXPERT_COMPONENTS, is_guidance_distilled
 
 
 def cfg_passes(pipeline_class: type, denoiser) -> tuple[int, int]:
@@ -36,7 +36,8 @@ def cfg_passes(pipeline_class: type, denoiser) -> tuple[int, int]:
 
 
 def costs_from_configs(model: str, height: int | None = None, width: int | None = None, dtype=None,
-                       compute: str = "flops", rate=None, repeats: int = 3, device: str = "cpu"):
+                       compute: str = "flops", rate=None, repeats: int = 3, device: str = "cpu",
+                       devices: int = 1):
     """:class:`~asyncgen.cost.layout.DenoiserCosts` of ``model``'s denoiser from its configs alone.
 
     ``compute="flops"``: each unit's counted FLOPs and bytes through ``rate`` (a measured
@@ -46,7 +47,8 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     fit in the device's memory. Either way the
     call is the one built from the config at ``height`` x ``width`` pixels (default: native), with
     the example's short text (8 tokens): a pipeline that attends jointly over a long prompt
-    (SD3's 333 tokens) costs more than this counts.
+    (SD3's 333 tokens) costs more than this counts. ``devices``: each Ulysses degree up to it is priced at its
+    sharded shape too (:func:`with_sharded_units`), the same way (counted or timed).
     """
     import diffusers
 
@@ -73,41 +75,99 @@ def costs_from_configs(model: str, height: int | None = None, width: int | None 
     vae_factor = facts.native_height // _native_latent(denoiser)
     latent = ((height or facts.native_height) // vae_factor, (width or facts.native_width) // vae_factor)
     pipeline_class = getattr(diffusers, index.get("_class_name", ""), None) or type(None)
-    return _costs_at(denoiser, pipeline_class, latent, compute, rate, repeats, device)
+    experts = [name for name in EXPERT_COMPONENTS if modules.get(name) is not None]
+    return _costs_at(denoiser, pipeline_class, latent, compute, rate, repeats, device, devices, experts)
 
 
 def _costs_at(denoiser, pipeline_class: type, latent: tuple[int, int], compute: str, rate, repeats: int = 3,
-              device: str = "cpu"):
+              device: str = "cpu", devices: int = 1, experts=()):
     """The costs of one pass of ``denoiser`` on the split's example call at ``latent`` (height, width) latent
-    pixels with the pipeline class's CFG batch: counted (``compute="flops"``) or timed (``"time"``)."""
-    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
+    pixels with the pipeline class's CFG batch: counted (``compute="flops"``) or timed (``"time"``), with every
+    Ulysses degree up to ``devices``; ``experts``: the pipeline's second denoisers (the hybrid takes none)."""
+    from asyncgen.cost.layout import denoiser_costs
     from asyncgen.split.registry import split_denoiser
 
     passes, batch = cfg_passes(pipeline_class, denoiser)
     split = split_denoiser(denoiser)
     inputs = split.example_inputs(batch, *latent)
     unit_seconds = shared = half = None
-    if compute == "time":
-        threads = torch.get_num_threads()
-        if torch.device(device).type == "cpu":
-            torch.set_num_threads(1)
-        try:
+    threads = torch.get_num_threads()
+    if compute == "time" and torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        if compute == "time":
             unit_seconds = timed_units(split, inputs, repeats)
             half = half_batch_times(split, inputs, repeats)
-        finally:
-            torch.set_num_threads(threads)
-    return denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
-                          context_parallel=context_parallel_refusal(denoiser), half_batch_unit_seconds=half)
+        costs = denoiser_costs(split, inputs, passes, unit_seconds=unit_seconds, shared_seconds=shared, rate=rate,
+                               context_parallel=context_parallel_refusal(denoiser, split, experts),
+                               half_batch_unit_seconds=half)
+        return with_sharded_units(costs, split, inputs, devices, compute, rate, repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def costs_from_pipeline(pipeline, rate, height: int | None = None, width: int | None = None):
+def context_parallel_refusal(denoiser, split, experts=()) -> str | None:
+    """None where asyncgen can run ``denoiser`` context-parallel (``context_parallel=``); else why not, in words:
+    diffusers gives its class no plan (:func:`asyncgen.cost.layout.context_parallel_refusal`), the installed
+    diffusers lacks what the hybrid reuses, the pipeline has a second denoiser, or the split is not a block chain."""
+    from asyncgen._compat import context_parallel_refusal_for_hybrid
+    from asyncgen.cost.layout import context_parallel_refusal as plan_refusal
+
+    refusal = plan_refusal(denoiser) or context_parallel_refusal_for_hybrid()
+    if refusal is None and experts:
+        refusal = f"the pipeline has a second denoiser ({', '.join(experts)}); the hybrid runs one"
+    if refusal is None and not hasattr(split, "trace"):
+        refusal = f"{type(denoiser).__name__} is not split as a chain of transformer blocks here"
+    return refusal
+
+
+def with_sharded_units(costs, split, inputs: dict, devices: int, compute: str, rate=None, repeats: int = 3):
+    """``costs`` with each unit priced at every Ulysses degree ``2..devices`` that divides the heads and the
+    tokens: as one rank of that degree runs it (:mod:`asyncgen.cost.sharded`), counted through ``rate``
+    (``compute="flops"``) or timed (``"time"``) as the whole units were; on half the batch too where a pass
+    carries the [uncond, cond] batch (CFG parallel x Ulysses). Also says whether Ulysses can run inside stages."""
+    import dataclasses
+
+    from asyncgen.cost.layout import count_units
+    from asyncgen.cost.sharded import sharded_unit_times
+    from asyncgen.runtime.context_parallel import stages_refusal
+    from asyncgen.schedules.cfg_parallel import batch_part
+
+    if costs.context_parallel is not None or devices < 2:
+        return costs
+
+    def priced(call: dict, degree: int) -> tuple[float, ...]:
+        if compute == "time":
+            return tuple(sharded_unit_times(split, call, degree, repeats))
+        counted = count_units(split, call, degree)
+        return tuple(rate.seconds(fl, by) for fl, by in zip(counted["unit_flops"], counted["unit_bytes"]))
+
+    half_call = batch_part(inputs, 1, 2, costs.pass_batch) if costs.pass_batch == 2 else None
+    sharded, half, refusals = {}, {}, {}
+    for degree in range(2, devices + 1):
+        if not costs.attention_heads or costs.attention_heads % degree:
+            refusals[degree] = f"the degree does not divide the attention heads ({costs.attention_heads})"
+            continue
+        try:
+            sharded[degree] = priced(inputs, degree)
+            if half_call is not None:
+                half[degree] = priced(half_call, degree)
+        except ValueError as exc:  # the tokens (or a masked self-attention) do not shard at this degree
+            sharded.pop(degree, None)
+            refusals[degree] = str(exc)
+    return dataclasses.replace(costs, sharded_unit_seconds=sharded, half_batch_sharded_unit_seconds=half,
+                               ulysses_refusals=refusals, stages_context_parallel=stages_refusal(split))
+
+
+def costs_from_pipeline(pipeline, rate, height: int | None = None, width: int | None = None, devices: int = 1):
     """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, counted on shapes exactly as
     :func:`costs_from_configs` counts them from the same pipeline's configs (``compute="flops"`` through ``rate``).
 
     The same example call at the same latent size (``height`` x ``width`` pixels, default the denoiser's native
     size) and the same CFG batch: so a loaded pipeline and its folder give the same costs, and the chooser the
     same layout, whether ``AsyncDiffPipeline(pipe, parallel="auto")`` or ``asyncgen generate --parallel auto``
-    asks. The weights' values do not matter (shapes only); the denoiser's dtype is the loaded one.
+    asks. The weights' values do not matter (shapes only); the denoiser's dtype is the loaded one. ``devices``: as
+    :func:`costs_from_configs`' (each Ulysses degree up to it priced at its sharded shape).
     """
     denoiser = next((getattr(pipeline, c) for c in DENOISER_COMPONENTS if getattr(pipeline, c, None) is not None),
                     None)
@@ -128,36 +188,42 @@ def costs_from_pipeline(pipeline, rate, height: int | None = None, width: int | 
     with init_empty_weights(include_buffers=False):  # as from_configs.empty_model builds it: buffers real
         empty = type(denoiser).from_config(denoiser.config)
     torch.nn.Module.to(empty, next(denoiser.parameters()).dtype)
-    return _costs_at(empty.eval(), type(pipeline), latent, "flops", rate)
+    experts = [name for name in EXPERT_COMPONENTS if getattr(pipeline, name, None) is not None]
+    return _costs_at(empty.eval(), type(pipeline), latent, "flops", rate, devices=devices, experts=experts)
 
 
-def choose_run_layout(costs, measurement: dict, devices: int, steps: int, warmup: int | None = None):
-    """The :class:`~asyncgen.cost.layout.Choice` of ``parallel="auto"``: the fastest predicted layout that asyncgen
-    runs on exactly ``devices`` ranks, from ``measurement`` (``{"link": ..., "rate": ...}``: the CLI's probe cache
-    entry, or :func:`asyncgen.comm.rank_probe.measure_ranks` in a group). One function for the CLI and the wrapper,
-    so both make the same choice from the same numbers."""
-    from asyncgen.cost.layout import ASYNCGEN, Link, choose
+def choose_run_layout(costs, measurement: dict, devices: int, steps: int, warmup: int | None = None,
+                      context_parallel: bool = True):
+    """The :class:`~asyncgen.cost.layout.Choice` of ``parallel="auto"``: the fastest predicted layout on exactly
+    ``devices`` ranks, from ``measurement`` (``{"link": ..., "rate": ...}``: the CLI's probe cache entry, or
+    :func:`asyncgen.comm.rank_probe.measure_ranks` in a group); Ulysses (alone or inside stages) only with
+    ``context_parallel`` (not with a step cache, nor in a process sub-group). One function for the CLI and the
+    wrapper, so both make the same choice from the same numbers."""
+    from asyncgen.cost.layout import Link, choose
 
-    return choose(costs, Link.from_measurement(measurement["link"]), devices, steps, warmup, runs_on=(ASYNCGEN,),
-                  use_all=True)
+    return choose(costs, Link.from_measurement(measurement["link"]), devices, steps, warmup, use_all=True,
+                  context_parallel=context_parallel)
 
 
 def auto_layout_from_configs(model: str, measurement: dict, devices: int, steps: int, height: int | None = None,
-                             width: int | None = None, warmup: int | None = None, dtype=None):
+                             width: int | None = None, warmup: int | None = None, dtype=None,
+                             context_parallel: bool = True):
     """:func:`choose_run_layout` on ``model``'s costs counted from its configs alone (before anything is loaded)."""
     from asyncgen.cost.device_rate import DeviceRate
 
-    costs = costs_from_configs(model, height, width, dtype, "flops", DeviceRate.from_dict(measurement["rate"]))
-    return choose_run_layout(costs, measurement, devices, steps, warmup)
+    costs = costs_from_configs(model, height, width, dtype, "flops", DeviceRate.from_dict(measurement["rate"]),
+                               devices=devices if context_parallel else 1)
+    return choose_run_layout(costs, measurement, devices, steps, warmup, context_parallel)
 
 
 def auto_layout_of_pipeline(pipeline, measurement: dict, devices: int, steps: int, height: int | None = None,
-                            width: int | None = None, warmup: int | None = None):
+                            width: int | None = None, warmup: int | None = None, context_parallel: bool = True):
     """:func:`choose_run_layout` on a loaded pipeline's costs (:func:`costs_from_pipeline`)."""
     from asyncgen.cost.device_rate import DeviceRate
 
-    costs = costs_from_pipeline(pipeline, DeviceRate.from_dict(measurement["rate"]), height, width)
-    return choose_run_layout(costs, measurement, devices, steps, warmup)
+    costs = costs_from_pipeline(pipeline, DeviceRate.from_dict(measurement["rate"]), height, width,
+                                devices if context_parallel else 1)
+    return choose_run_layout(costs, measurement, devices, steps, warmup, context_parallel)
 
 
 def half_batch_times(split, inputs: dict, repeats: int = 3) -> list[float] | None:
@@ -214,10 +280,11 @@ def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
     return first, len(calls) // steps
 
 
-def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: int = 3):
-    """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, timed on a call it made."""
+def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: int = 3, devices: int = 1):
+    """:class:`~asyncgen.cost.layout.DenoiserCosts` of a loaded pipeline's denoiser, timed on a call it made (and
+    at each Ulysses degree up to ``devices``, timed at its sharded shape on the same call)."""
     from asyncgen.cost.estimate import estimate_unit_costs
-    from asyncgen.cost.layout import context_parallel_refusal, denoiser_costs
+    from asyncgen.cost.layout import denoiser_costs
     from asyncgen.split.registry import split_denoiser
 
     denoiser = next(getattr(pipe, c) for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)
@@ -227,6 +294,8 @@ def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: in
         split.adopt_call(denoiser_call, verify=False)
     inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
     unit_seconds = timed_units(split, inputs, repeats)
-    return denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds,
-                          half_batch_unit_seconds=half_batch_times(split, inputs, repeats),
-                          cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser))
+    experts = [name for name in EXPERT_COMPONENTS if getattr(pipe, name, None) is not None]
+    costs = denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds,
+                           half_batch_unit_seconds=half_batch_times(split, inputs, repeats),
+                           cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser, split, experts))
+    return with_sharded_units(costs, split, inputs, devices, "time", repeats=repeats)

@@ -24,8 +24,10 @@ The cost model (:class:`DenoiserCosts`, one denoiser pass):
 Prediction for ``T`` steps, per denoiser pass (a pipeline may make two per step: Wan's CFG),
 with batch share ``f`` (1/2 under CFG parallel) and sequence share ``1/P``:
 
-- stage ``k`` computes ``t_k = g * (f * units_k / P + f * shared)`` (under CFG parallel the units'
-  times on half the batch where they were measured so, instead of ``f * units_k``) plus its Ulysses all-to-alls
+- stage ``k`` computes ``t_k = g * (f * units_k + f * shared)`` (under CFG parallel the units'
+  times on half the batch where they were measured so, instead of ``f * units_k``; under Ulysses
+  ``P`` the units measured at one rank's sharded shape, :mod:`asyncgen.cost.sharded`: ``1/P`` of the
+  tokens, self-attention over every token with ``1/P`` of the heads) plus its Ulysses all-to-alls
   (``4 * calls_k`` all-to-alls of ``f * attention_bytes / P`` each; an all-to-all over ``P``
   ranks as the probe timed it over that many, else ``P - 1`` messages of ``1/P`` of it) and,
   on the last stage, the all-gather of the
@@ -42,11 +44,13 @@ once per image in every layout), overlap of a transfer with the compute it was p
 (counted as on the critical path, once per round), and contention between ranks on one host.
 
 Exact layouts (the same picture as one device): one stage (with CFG parallel or context
-parallelism or neither), or stages whose warm-up covers every step. What runs today: any
-layout without context parallelism (asyncgen's wrapper), and context parallelism alone
-(diffusers' ``enable_parallelism``); its products with stages or CFG parallel (the hybrid, which
-asyncgen runs with ``context_parallel=``, :mod:`asyncgen.runtime.context_parallel`) are predicted and
-not chosen yet.
+parallelism or neither), or stages whose warm-up covers every step. Every layout listed runs on
+asyncgen's wrapper: context parallelism alone and its products with stages or CFG parallel with
+``context_parallel=P`` (:mod:`asyncgen.runtime.context_parallel`; with one stage it computes what
+diffusers' ``enable_parallelism`` computes). Ulysses degrees are listed only where the units were
+measured at that degree's sharded shape (which needs the degree to divide the heads and the
+tokens), and with stages only where the class's plan can be moved onto a stage
+(:attr:`DenoiserCosts.stages_context_parallel`).
 """
 
 from __future__ import annotations
@@ -59,10 +63,6 @@ import torch
 
 from asyncgen.cost.cuts import balanced_cuts
 
-# who runs a layout today
-ASYNCGEN, DIFFUSERS = "asyncgen", "diffusers"
-# the stages x context-parallel hybrid runs (AsyncDiffPipeline(context_parallel=), generate --sp) but is not chosen
-HYBRID_NOT_CHOSEN = "predicted only (the hybrid runs with --sp / context_parallel=; auto does not choose it yet)"
 # all-to-alls per self-attention call under Ulysses: query, key and value to head shards, the output back
 ALL_TO_ALLS_PER_ATTENTION = 4
 
@@ -130,6 +130,15 @@ class DenoiserCosts:
     # each unit on half the pass batch (what a CFG-parallel rank runs), where measured: a kernel on half the
     # batch is rarely half the time on CPUs (None: half the whole batch's)
     half_batch_unit_seconds: tuple[float, ...] | None = None
+    # per Ulysses degree P: each unit as one of P ranks runs it (asyncgen.cost.sharded), measured like unit_seconds;
+    # a degree is a candidate only where it is here
+    sharded_unit_seconds: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # the same on half the pass batch (CFG parallel x Ulysses), where measured (else half of the above)
+    half_batch_sharded_unit_seconds: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # degrees not measured, and why (they do not divide the heads or the tokens ...)
+    ulysses_refusals: dict[int, str] = field(default_factory=dict)
+    # None: Ulysses can run inside stages (the plan splits the first block's inputs); else why not
+    stages_context_parallel: str | None = None
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -145,6 +154,11 @@ class DenoiserCosts:
                              f"got {len(self.half_batch_unit_seconds)}")
         if self.passes_per_step not in (1, 2) or self.pass_batch not in (1, 2):
             raise ValueError(f"passes_per_step={self.passes_per_step}, pass_batch={self.pass_batch}: each is 1 or 2")
+        for name in ("sharded_unit_seconds", "half_batch_sharded_unit_seconds"):
+            for degree, times in getattr(self, name).items():
+                if int(degree) < 2 or len(times) != n:
+                    raise ValueError(f"{name}[{degree}]: need a degree of at least 2 and one entry per unit ({n}), "
+                                     f"got {len(times)}")
 
     def cuts(self, stages: int) -> list[int]:
         return balanced_cuts(self.cut_costs, stages)
@@ -184,14 +198,10 @@ class Layout:
         return self.exact_steps(steps) >= steps
 
     @property
-    def runs_on(self) -> str | None:
-        """Who ``choose`` may run this layout with: asyncgen's wrapper, diffusers' context parallelism, or None (the
-        hybrid: asyncgen runs it with ``context_parallel=``, but the chooser does not pick it yet)."""
-        if self.ulysses == 1:
-            return ASYNCGEN
-        if (self.stages, self.stride, self.cfg_parallel) == (1, 1, False):
-            return DIFFUSERS
-        return None
+    def settings(self) -> dict:
+        """What ``AsyncDiffPipeline`` takes to run this layout (the warm-up only with stages)."""
+        return dict(stages=self.stages, stride=self.stride, warmup=self.warmup if self.stages > 1 else None,
+                    cfg_parallel=self.cfg_parallel, context_parallel=self.ulysses)
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,6 @@ class Prediction:
     attention_s: list[float]  # per stage per pass: Ulysses all-to-alls and the output all-gather
     message_s: list[float]  # per stage per pass: the message it sends on (boundary or prediction)
     exact: bool
-    runs_on: str | None
 
     def to_dict(self) -> dict:
         return dict(name=self.layout.name, **asdict(self.layout), devices=self.layout.devices,
@@ -214,8 +223,7 @@ class Prediction:
                     round_ms=1e3 * self.round_s, exact_steps=self.exact_steps, rounds=self.rounds,
                     stage_compute_ms=[1e3 * s for s in self.compute_s],
                     stage_attention_ms=[1e3 * s for s in self.attention_s],
-                    stage_message_ms=[1e3 * s for s in self.message_s], exact=self.exact,
-                    runs_on=self.runs_on or HYBRID_NOT_CHOSEN)
+                    stage_message_ms=[1e3 * s for s in self.message_s], exact=self.exact)
 
 
 def predict(costs: DenoiserCosts, link: Link, layout: Layout, steps: int) -> Prediction:
@@ -229,14 +237,15 @@ def predict(costs: DenoiserCosts, link: Link, layout: Layout, steps: int) -> Pre
     slowdown = link.parallel_slowdown if layout.devices > 1 else 1.0
     cuts = costs.cuts(layout.stages)
     n_stages = layout.stages
-    # a CFG-parallel rank's units on half the batch: as measured there, else half the whole batch's
-    units, unit_share = ((costs.half_batch_unit_seconds, 1.0)
-                         if layout.cfg_parallel and costs.half_batch_unit_seconds is not None
-                         else (costs.unit_seconds, f))
+    # a rank's units: at its sequence share where sharded; on half the batch under CFG parallel as measured there,
+    # else half the whole batch's
+    whole, half = ((costs.sharded_unit_seconds[p], costs.half_batch_sharded_unit_seconds.get(p)) if p > 1
+                   else (costs.unit_seconds, costs.half_batch_unit_seconds))
+    units, unit_share = (half, 1.0) if layout.cfg_parallel and half is not None else (whole, f)
     compute, attention, message = [], [], []
     for k in range(n_stages):
         lo, hi = cuts[k], cuts[k + 1]
-        compute.append(slowdown * (unit_share * sum(units[lo:hi]) / p + f * costs.shared_seconds))
+        compute.append(slowdown * (unit_share * sum(units[lo:hi]) + f * costs.shared_seconds))
         exchanged = 0.0
         if p > 1:
             calls = sum(costs.attention_calls[lo:hi])
@@ -258,7 +267,7 @@ def predict(costs: DenoiserCosts, link: Link, layout: Layout, steps: int) -> Pre
     total = passes * (exact_steps * exact_pass + rounds * round_pass)
     return Prediction(layout=layout, step_s=total / steps, exact_step_s=passes * exact_pass,
                       round_s=passes * round_pass, exact_steps=exact_steps, rounds=rounds, compute_s=compute,
-                      attention_s=attention, message_s=message, exact=layout.is_exact(steps), runs_on=layout.runs_on)
+                      attention_s=attention, message_s=message, exact=layout.is_exact(steps))
 
 
 def check_layout(costs: DenoiserCosts, layout: Layout) -> None:
@@ -277,11 +286,21 @@ def check_layout(costs: DenoiserCosts, layout: Layout) -> None:
         if costs.attention_heads is None or costs.attention_heads % layout.ulysses:
             raise ValueError(f"ulysses={layout.ulysses}: the degree must divide the attention heads "
                              f"({costs.attention_heads})")
+        if layout.ulysses not in costs.sharded_unit_seconds:
+            why = costs.ulysses_refusals.get(layout.ulysses, "the units were not measured at its sharded shape")
+            measured = sorted(costs.sharded_unit_seconds)
+            raise ValueError(f"ulysses={layout.ulysses}: {why} (measured at: {measured or 'no degree'})")
+        if layout.stages > 1 and costs.stages_context_parallel is not None:
+            raise ValueError(f"ulysses={layout.ulysses} with stages={layout.stages}: {costs.stages_context_parallel}")
 
 
 def enumerate_layouts(costs: DenoiserCosts, devices: int, steps: int, warmup: int | None = None,
-                      exact: bool = False) -> list[Layout]:
+                      exact: bool = False, context_parallel: bool = True) -> list[Layout]:
     """Every layout on at most ``devices`` devices this denoiser can take, in a fixed order.
+
+    Ulysses degrees: those the units were measured at (``costs.sharded_unit_seconds``), only with one stage
+    where the plan cannot be moved onto stages; none with ``context_parallel=False`` (a run that cannot take it:
+    a step cache, a process sub-group).
 
     ``warmup``: the exact steps of the layouts with stages (None: the wrapper's default, 5 %
     of the steps, at least one). With ``exact`` only exact layouts: those with stages get a
@@ -299,12 +318,15 @@ def enumerate_layouts(costs: DenoiserCosts, devices: int, steps: int, warmup: in
     units = len(costs.unit_seconds)
     cfg_options = (False, True) if costs.pass_batch == 2 else (False,)
     ulysses_options = [1]
-    if costs.context_parallel is None and costs.attention_heads:
-        ulysses_options += [p for p in range(2, devices + 1) if costs.attention_heads % p == 0]
+    if costs.context_parallel is None and costs.attention_heads and context_parallel:
+        ulysses_options += [p for p in sorted(costs.sharded_unit_seconds)
+                            if p <= devices and costs.attention_heads % p == 0]
     out = []
     for cfg in cfg_options:
         for p in ulysses_options:
             for stages in range(1, units + 1):
+                if p > 1 and stages > 1 and costs.stages_context_parallel is not None:
+                    break
                 for stride in range(1, devices + 1):
                     if stride > 1 and stages == 1:
                         continue
@@ -330,20 +352,21 @@ class Choice:
 
 
 def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: int | None = None,
-           exact: bool = False, runs_on: Sequence[str] = (ASYNCGEN, DIFFUSERS), use_all: bool = False) -> Choice:
-    """The fastest predicted layout among those that run today on ``runs_on`` (and are exact, with ``exact``;
-    and use every one of the ``devices``, with ``use_all``: a launcher that has started that many workers).
+           exact: bool = False, use_all: bool = False, context_parallel: bool = True) -> Choice:
+    """The fastest predicted layout (exact, with ``exact``; using every one of the ``devices``, with ``use_all``: a
+    launcher that has started that many workers; without Ulysses, with ``context_parallel=False``).
 
     Ties go to fewer devices, then to the earlier layout in :func:`enumerate_layouts`' order.
     ``reason`` says in words why: the chosen time against the runner-up's, and any faster
-    layout left out (not built, or not in ``runs_on``).
+    layout left out (on fewer devices, with ``use_all``).
     """
     predictions = [predict(costs, link, layout, steps)
-                   for layout in enumerate_layouts(costs, devices, steps, warmup, exact)]
-    allowed = [p for p in predictions if p.runs_on in runs_on and (not use_all or p.layout.devices == devices)]
+                   for layout in enumerate_layouts(costs, devices, steps, warmup, exact, context_parallel)]
+    allowed = [p for p in predictions if not use_all or p.layout.devices == devices]
     if not allowed:
-        raise ValueError(f"no layout on {'exactly ' if use_all else ''}{devices} device(s) runs on "
-                         f"{', '.join(runs_on)}" + (" and is exact" if exact else ""))
+        raise ValueError(f"no layout of this denoiser uses {'exactly ' if use_all else ''}{devices} device(s)"
+                         + (" and is exact" if exact else "") + (" without context parallelism"
+                                                                 if not context_parallel else ""))
     order = {id(p): i for i, p in enumerate(predictions)}
     ranked = sorted(allowed, key=lambda p: (p.step_s, p.layout.devices, order[id(p)]))
     best = ranked[0]
@@ -356,9 +379,8 @@ def choose(costs: DenoiserCosts, link: Link, devices: int, steps: int, warmup: i
     faster = [p for p in predictions if p not in allowed and p.step_s < best.step_s]
     if faster:
         quickest = min(faster, key=lambda p: p.step_s)
-        why = (HYBRID_NOT_CHOSEN if quickest.runs_on is None else f"runs on {quickest.runs_on}, not chosen here"
-               if quickest.runs_on not in runs_on else f"uses {quickest.layout.devices} of the {devices} devices")
-        reason += (f"; {quickest.layout.name} is predicted faster ({1e3 * quickest.step_s:.1f} ms) but {why}")
+        reason += (f"; {quickest.layout.name} is predicted faster ({1e3 * quickest.step_s:.1f} ms) but uses "
+                   f"{quickest.layout.devices} of the {devices} devices")
     return Choice(chosen=best, candidates=predictions, allowed=allowed, reason=reason)
 
 
@@ -437,56 +459,15 @@ def count_shapes(split, inputs: dict) -> dict:
     ``scaled_dot_product_attention`` whose keys are as long as its queries (the sequence Ulysses
     shards; cross-attention to the text is not exchanged).
     """
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from asyncgen._compat import torch_dispatch_mode, tree_leaves
+    from asyncgen._compat import tree_leaves
     from asyncgen.cost.estimate import run_chain_with_probe
     from asyncgen.cost.fake import run_on_shapes
 
     tally = dict(bytes=0, calls=0, attention_bytes=0, heads=None)
-
-    class _Bytes(torch_dispatch_mode()):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is not torch.ops.prim.device.default:
-                tally["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs or {}, out))
-                                      if isinstance(t, torch.Tensor))
-            return out
-
-    class _Attention(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention:
-                query = args[0] if args else kwargs["query"]
-                key = args[1] if len(args) > 1 else kwargs["key"]
-                if query.ndim >= 3 and query.shape[-2] == key.shape[-2]:
-                    tally["calls"] += 1
-                    tally["attention_bytes"] = max(tally["attention_bytes"], query.numel() * query.element_size())
-                    heads = int(query.shape[-3]) if query.ndim == 4 else 1
-                    tally["heads"] = heads if tally["heads"] is None else min(tally["heads"], heads)
-            return func(*args, **kwargs)
-
-    def counters():
-        flops = FlopCounterMode(display=False)
-        return flops, _Bytes(), _Attention()
+    counters = _counters(tally)
 
     def measure(shaped: dict) -> dict:
-        result = dict(unit_flops=[], unit_bytes=[], attention_calls=[])
-        tally.update(bytes=0, calls=0, attention_bytes=0, heads=None)
-
-        def probe(i, step):
-            flops, counter, attention = counters()
-            before_bytes, before_calls = tally["bytes"], tally["calls"]
-            with flops, counter, attention:
-                step()
-            result["unit_flops"].append(float(flops.get_total_flops()))
-            result["unit_bytes"].append(float(tally["bytes"] - before_bytes))
-            result["attention_calls"].append(tally["calls"] - before_calls)
-
-        run_chain_with_probe(split, shaped, probe)
-        result.update(attention_bytes=tally["attention_bytes"], attention_heads=tally["heads"])
+        result = _unit_work(split, shaped, tally)
         flops, counter, attention = counters()
         tally["bytes"] = 0
         with flops, counter, attention:
@@ -510,6 +491,81 @@ def count_shapes(split, inputs: dict) -> dict:
         return result
 
     return run_on_shapes(split.denoiser, inputs, split.sample_argument, measure)
+
+
+def count_units(split, inputs: dict, ulysses: int = 1) -> dict:
+    """Per unit FLOPs, bytes moved and self-attention calls, as :func:`count_shapes` counts them; with ``ulysses``
+    above 1 as one of that many Ulysses ranks runs the unit (:func:`asyncgen.cost.sharded.ulysses_share`)."""
+    from asyncgen.cost.fake import run_on_shapes
+    from asyncgen.cost.sharded import ulysses_share
+
+    tally = dict(bytes=0, calls=0, attention_bytes=0, heads=None)
+
+    def measure(shaped: dict) -> dict:
+        if ulysses == 1:
+            return _unit_work(split, shaped, tally)
+        with ulysses_share(split.denoiser, ulysses):
+            return _unit_work(split, shaped, tally)
+
+    return run_on_shapes(split.denoiser, inputs, split.sample_argument, measure)
+
+
+def _counters(tally: dict):
+    """A maker of the three counters of one measured step: FLOPs (torch's), bytes read and written by every op,
+    and the self-attention calls with their q/k/v bytes and heads (what Ulysses exchanges), into ``tally``."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asyncgen._compat import torch_dispatch_mode, tree_leaves
+
+    class _Bytes(torch_dispatch_mode()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is not torch.ops.prim.device.default:
+                tally["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs or {}, out))
+                                      if isinstance(t, torch.Tensor))
+            return out
+
+    class _Attention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                query = args[0] if args else kwargs["query"]
+                key = args[1] if len(args) > 1 else kwargs["key"]
+                if query.ndim >= 3 and query.shape[-2] == key.shape[-2]:
+                    tally["calls"] += 1
+                    tally["attention_bytes"] = max(tally["attention_bytes"], query.numel() * query.element_size())
+                    heads = int(query.shape[-3]) if query.ndim == 4 else 1
+                    tally["heads"] = heads if tally["heads"] is None else min(tally["heads"], heads)
+            return func(*args, **kwargs)
+
+    def counters():
+        return FlopCounterMode(display=False), _Bytes(), _Attention()
+
+    return counters
+
+
+def _unit_work(split, shaped: dict, tally: dict) -> dict:
+    """The chain of units once, each counted (under the current fake mode, or on real tensors)."""
+    from asyncgen.cost.estimate import run_chain_with_probe
+
+    counters = _counters(tally)
+    result = dict(unit_flops=[], unit_bytes=[], attention_calls=[])
+    tally.update(bytes=0, calls=0, attention_bytes=0, heads=None)
+
+    def probe(i, step):
+        flops, counter, attention = counters()
+        before_bytes, before_calls = tally["bytes"], tally["calls"]
+        with flops, counter, attention:
+            step()
+        result["unit_flops"].append(float(flops.get_total_flops()))
+        result["unit_bytes"].append(float(tally["bytes"] - before_bytes))
+        result["attention_calls"].append(tally["calls"] - before_calls)
+
+    run_chain_with_probe(split, shaped, probe)
+    result.update(attention_bytes=tally["attention_bytes"], attention_heads=tally["heads"])
+    return result
 
 
 def _model_arguments(split, call: dict) -> dict:

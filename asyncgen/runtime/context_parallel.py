@@ -163,24 +163,89 @@ def _module_at(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+def stage_plan(split, first: int, stop: int, last: bool, degree: int) -> list[tuple[nn.Module, str, object]]:
+    """Where diffusers' plan goes for a stage of blocks ``[first, stop)`` of ``split`` (``last``: it ends the
+    forward): ``(module, "split" or "gather", plan entry)`` in the order the hooks are placed. Raises ValueError,
+    naming why, where the class's plan cannot be moved onto such a stage (see the module docstring)."""
+    model = split.denoiser
+    name = type(model).__name__
+    check_has_plan(model, degree)
+    plan = context_parallel_plan(type(model))
+    blocks = getattr(getattr(split, "trace", None), "modules", None)
+    if not blocks:
+        raise ValueError(f"context_parallel={degree}: {name}'s split is not a block chain")
+    cp_input, cp_output = context_parallel_hooks()[2:]
+    whole = first == 0 and stop == len(blocks)
+    # by name: a rank's released blocks are stand-ins in the model, not the trace's module objects
+    index_of = {block_name: i for i, block_name in enumerate(split.trace.names)}
+    first_block_entry = None
+    placed: list[tuple[nn.Module, str, object]] = []
+    for key, entry in plan.items():
+        block = index_of.get(key)
+        if block is None and "*" not in key:
+            module = _module_at(model, key)
+            block = next((i for i, m in enumerate(blocks) if m is module), None)
+        if block is not None:
+            if block != 0 or not isinstance(entry, dict):
+                raise ValueError(f"context_parallel={degree}: {name}'s plan has an entry on block '{key}' "
+                                 "other than the first block's inputs; the hybrid moves only that one to a stage")
+            first_block_entry = entry
+            continue
+        module = _module_at(model, key)
+        if isinstance(entry, dict):
+            if not whole and key == "" and any(n in entry for n in split.trace.boundary[0]):
+                raise ValueError(
+                    f"context_parallel={degree} with stages: diffusers' plan for {name} splits the sequence "
+                    f"at the model's inputs ({', '.join(sorted(entry))}), and a stage after the first receives its "
+                    "state at a block, where that plan has no entry; run it with stages=1 (diffusers' plan as it "
+                    "is), or a class whose plan splits its first block's inputs (Wan)")
+            placed.append((module, "split", entry))
+        elif last:  # the output gather: where the forward ends, on the stage that ends it
+            placed.append((module, "gather", entry if isinstance(entry, (list, tuple)) else [entry]))
+    if first_block_entry is not None:
+        placed.append((blocks[first], "split", first_block_entry))
+    elif not whole:
+        raise ValueError(f"context_parallel={degree} with stages: diffusers' plan for {name} does not split "
+                         "its first block's inputs, so a stage's received state cannot be split by it")
+    if not last:
+        # the stage's output travels whole: gathered along the dimension the first block's input was split on
+        split_inputs = [e for e in first_block_entry.values() if isinstance(e, cp_input) and not e.split_output]
+        leaving = split.trace.boundary[stop]
+        if len(split_inputs) != 1 or len(leaving) != 1:
+            raise ValueError(f"context_parallel={degree} with stages: {name}'s blocks hand on "
+                             f"{len(leaving)} stream(s) and its plan splits {len(split_inputs)} block input(s); "
+                             "the hybrid gathers one stream between stages")
+        placed.append((blocks[stop - 1], "gather", [cp_output(gather_dim=split_inputs[0].split_dim,
+                                                              expected_dims=split_inputs[0].expected_dims)]))
+    return placed
+
+
+def stages_refusal(split, degree: int = 2) -> str | None:
+    """None where ``split``'s denoiser can run context-parallel inside stages (its plan moves onto a first and a
+    later stage); else why not, in words (what :func:`apply_stage_context_parallel` would refuse)."""
+    units = len(getattr(split, "units", ()))
+    if units < 2:
+        return f"{type(split.denoiser).__name__} splits into one unit: no stages to put context parallelism in"
+    try:
+        stage_plan(split, 0, 1, False, degree)
+        stage_plan(split, 1, units, True, degree)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def apply_stage_context_parallel(split, first: int, stop: int, last: bool, groups: HybridGroups) -> None:
     """Put diffusers' context parallelism on this rank's stage: blocks ``[first, stop)`` of ``split``
     (a traced :class:`~asyncgen.split.transformer.block_split.BlockSplit`); ``last``: it ends the forward."""
     from asyncgen.runtime.scoped_hook import register_outermost
     from asyncgen.split.transformer.stage_hook import stage_hook_of
 
-    model = split.denoiser
-    name = type(model).__name__
-    check_has_plan(model, groups.degree)
-    plan = context_parallel_plan(type(model))
-    blocks = getattr(getattr(split, "trace", None), "modules", None)
-    if not blocks:
-        raise ValueError(f"context_parallel={groups.degree}: {name}'s split is not a block chain")
-    split_hook, gather_hook, cp_input, cp_output = context_parallel_hooks()
+    placed = stage_plan(split, first, stop, last, groups.degree)
+    blocks = split.trace.modules
+    split_hook, gather_hook = context_parallel_hooks()[:2]
     config = groups.parallel_config
     cp_config = config.context_parallel_config
     stage_hook = stage_hook_of(blocks[first])
-    whole = first == 0 and stop == len(blocks)
 
     def running() -> bool:
         # this rank's own stage, run for its work: not the split's verification (which records every block's state
@@ -191,51 +256,10 @@ def apply_stage_context_parallel(split, first: int, stop: int, last: bool, group
         run = active[0]
         return run.start == first and run.stop == stop and run.record is None and run.probe is None
 
-    # by name: a rank's released blocks are stand-ins in the model, not the trace's module objects
-    index_of = {block_name: i for i, block_name in enumerate(split.trace.names)}
-    first_block_entry = None
-    placed: list[tuple[nn.Module, ModelHook, str]] = []
-    for key, entry in plan.items():
-        block = index_of.get(key)
-        if block is None and "*" not in key:
-            module = _module_at(model, key)
-            block = next((i for i, m in enumerate(blocks) if m is module), None)
-        if block is not None:
-            if block != 0 or not isinstance(entry, dict):
-                raise ValueError(f"context_parallel={groups.degree}: {name}'s plan has an entry on block '{key}' "
-                                 "other than the first block's inputs; the hybrid moves only that one to a stage")
-            first_block_entry = entry
-            continue
-        module = _module_at(model, key)
-        if isinstance(entry, dict):
-            if not whole and key == "" and any(n in entry for n in split.trace.boundary[0]):
-                raise ValueError(
-                    f"context_parallel={groups.degree} with stages: diffusers' plan for {name} splits the sequence "
-                    f"at the model's inputs ({', '.join(sorted(entry))}), and a stage after the first receives its "
-                    "state at a block, where that plan has no entry; run it with stages=1 (diffusers' plan as it "
-                    "is), or a class whose plan splits its first block's inputs (Wan)")
-            placed.append((module, _WhileStageRuns(split_hook(entry, cp_config), running), _SPLIT_HOOK))
-        elif last:  # the output gather: where the forward ends, on the stage that ends it
-            placed.append((module, _WhileStageRuns(gather_hook(entry if isinstance(entry, (list, tuple))
-                                                               else [entry], cp_config), running), _GATHER_HOOK))
-    if first_block_entry is not None:
-        placed.append((blocks[first], _WhileStageRuns(split_hook(first_block_entry, cp_config), running),
-                       _SPLIT_HOOK))
-    elif not whole:
-        raise ValueError(f"context_parallel={groups.degree} with stages: diffusers' plan for {name} does not split "
-                         "its first block's inputs, so a stage's received state cannot be split by it")
-    if not last:
-        # the stage's output travels whole: gathered along the dimension the first block's input was split on
-        split_inputs = [e for e in first_block_entry.values() if isinstance(e, cp_input) and not e.split_output]
-        leaving = split.trace.boundary[stop]
-        if len(split_inputs) != 1 or len(leaving) != 1:
-            raise ValueError(f"context_parallel={groups.degree} with stages: {name}'s blocks hand on "
-                             f"{len(leaving)} stream(s) and its plan splits {len(split_inputs)} block input(s); "
-                             "the hybrid gathers one stream between stages")
-        gather = cp_output(gather_dim=split_inputs[0].split_dim, expected_dims=split_inputs[0].expected_dims)
-        placed.append((blocks[stop - 1], _WhileStageRuns(gather_hook([gather], cp_config), running), _GATHER_HOOK))
-    for module, hook, hook_name in placed:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+    for module, kind, entry in placed:
+        hook, hook_name = ((split_hook(entry, cp_config), _SPLIT_HOOK) if kind == "split"
+                           else (gather_hook(entry, cp_config), _GATHER_HOOK))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_WhileStageRuns(hook, running), hook_name)
     for block in blocks[first:stop]:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(
             _ParallelAttention(_attention_processors(block), config, running), _ATTENTION_HOOK)

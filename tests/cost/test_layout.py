@@ -11,11 +11,14 @@ from asyncgen.cli.launcher import run_workers
 from asyncgen.cost.layout import (DenoiserCosts, Layout, Link, check_layout, choose, context_parallel_refusal,
                                   count_shapes, denoiser_costs, enumerate_layouts, predict)
 
-# made-up costs: 4 units, 1 pass per step of the [uncond, cond] batch, context parallelism available (4 heads)
+# made-up costs: 4 units, 1 pass per step of the [uncond, cond] batch, context parallelism available (4 heads), the
+# units measured at Ulysses 2's and 4's sharded shapes (more than 1/2 and 1/4 of the whole: small shapes)
 COSTS = DenoiserCosts(unit_names=("a", "b", "c", "d"), unit_seconds=(0.010, 0.020, 0.030, 0.040),
                       shared_seconds=0.002, cut_costs=(1.0, 2.0, 3.0, 4.0), boundary_bytes=(1000.0, 2000.0, 3000.0),
                       output_bytes=500.0, attention_calls=(1, 1, 1, 1), attention_bytes=4000.0, attention_heads=4,
-                      passes_per_step=1, pass_batch=2, context_parallel=None)
+                      passes_per_step=1, pass_batch=2, context_parallel=None,
+                      sharded_unit_seconds={2: (0.006, 0.011, 0.016, 0.021), 4: (0.004, 0.006, 0.009, 0.011)},
+                      ulysses_refusals={3: "the degree does not divide the attention heads (4)"})
 LINK = Link(latency_s=0.001, bandwidth_bytes_per_s=1e6, parallel_slowdown=1.5)
 # the formula's sums are added in another order than written here: equal up to float rounding
 CLOSE = dict(rel=1e-12)
@@ -34,23 +37,40 @@ def test_candidates_on_two_devices():
     ]
 
 
-def test_candidates_on_four_devices_include_the_hybrids_and_their_runner():
+def test_candidates_on_four_devices_include_the_hybrids():
     layouts = enumerate_layouts(COSTS, 4, steps=10, warmup=1)
     assert all(l.devices <= 4 for l in layouts)
-    got = {(l.stages, l.stride, l.cfg_parallel, l.ulysses): l.runs_on for l in layouts}
-    assert got == {
-        (1, 1, False, 1): "asyncgen", (2, 1, False, 1): "asyncgen", (2, 2, False, 1): "asyncgen",
-        (2, 3, False, 1): "asyncgen", (3, 1, False, 1): "asyncgen", (3, 2, False, 1): "asyncgen",
-        (4, 1, False, 1): "asyncgen",
-        (1, 1, False, 2): "diffusers", (2, 1, False, 2): None,  # stages x Ulysses: the hybrid, not built
-        (1, 1, False, 4): "diffusers",
-        (1, 1, True, 1): "asyncgen", (2, 1, True, 1): "asyncgen",
-        (1, 1, True, 2): None,  # CFG parallel x Ulysses: not built either
+    assert {(l.stages, l.stride, l.cfg_parallel, l.ulysses) for l in layouts} == {
+        (1, 1, False, 1), (2, 1, False, 1), (2, 2, False, 1), (2, 3, False, 1), (3, 1, False, 1), (3, 2, False, 1),
+        (4, 1, False, 1),
+        (1, 1, False, 2), (2, 1, False, 2),  # Ulysses 2 alone, and inside 2 stages (the hybrid)
+        (1, 1, False, 4),
+        (1, 1, True, 1), (2, 1, True, 1),
+        (1, 1, True, 2),  # CFG parallel x Ulysses
     }
+    assert Layout(2, 1, 1, False, 2).settings == dict(stages=2, stride=1, warmup=1, cfg_parallel=False,
+                                                      context_parallel=2)
+
+
+def test_ulysses_only_at_the_measured_degrees_and_inside_stages_only_where_the_plan_moves():
+    only_two = DenoiserCosts(**{**COSTS.to_dict(), "sharded_unit_seconds": {2: COSTS.sharded_unit_seconds[2]}})
+    assert {l.ulysses for l in enumerate_layouts(only_two, 4, steps=10)} == {1, 2}
+    with pytest.raises(ValueError, match=r"ulysses=4: the units were not measured at its sharded shape \(measured at: \[2\]\)"):
+        check_layout(only_two, Layout(ulysses=4))
+    with pytest.raises(ValueError, match=r"ulysses=3: the degree must divide the attention heads \(4\)"):
+        check_layout(COSTS, Layout(ulysses=3))
+    flux_like = DenoiserCosts(**{**COSTS.to_dict(), "stages_context_parallel": "the plan splits the model's inputs"})
+    layouts = enumerate_layouts(flux_like, 4, steps=10)
+    assert {(l.stages, l.ulysses) for l in layouts if l.ulysses > 1} == {(1, 2), (1, 4)}
+    with pytest.raises(ValueError, match="ulysses=2 with stages=2: the plan splits the model's inputs"):
+        check_layout(flux_like, Layout(2, 1, 1, False, 2))
+    # a run that cannot take context parallelism (a step cache) lists none
+    assert all(l.ulysses == 1 for l in enumerate_layouts(COSTS, 4, steps=10, context_parallel=False))
 
 
 def test_no_cfg_parallel_without_a_cfg_batch_and_no_ulysses_without_a_plan_or_dividing_heads():
-    two_passes = DenoiserCosts(**{**COSTS.to_dict(), "passes_per_step": 2, "pass_batch": 1, "attention_heads": 3})
+    two_passes = DenoiserCosts(**{**COSTS.to_dict(), "passes_per_step": 2, "pass_batch": 1, "attention_heads": 3,
+                                  "sharded_unit_seconds": {3: (0.005, 0.008, 0.011, 0.014)}})
     # no CFG parallel; Ulysses only at 3, the one degree above 1 that divides 3 heads on 4 devices
     assert names(enumerate_layouts(two_passes, 4, steps=10, warmup=1)) == names(
         l for l in enumerate_layouts(COSTS, 4, steps=10, warmup=1) if not l.cfg_parallel and l.ulysses == 1) + [
@@ -91,15 +111,27 @@ def test_the_predicted_step_time_follows_the_formula():
     # CFG parallel, one stage: half the batch each, then the half prediction to the other group
     p = predict(COSTS, LINK, Layout(cfg_parallel=True), steps=10)
     assert p.step_s == pytest.approx(1.5 * 0.5 * (0.100 + 0.002) + 0.001 + 250 / 1e6, **CLOSE)
-    # Ulysses 2: half the units' work, 4 all-to-alls per self-attention call (one message of half the shard
-    # each way on 2 ranks), the output gathered; the shared part is not sharded
+    # Ulysses 2: the units as measured at the sharded shape (0.054 s, not 0.100 / 2), 4 all-to-alls per
+    # self-attention call (one message of half the shard each way on 2 ranks), the output gathered; the shared part
+    # is not sharded
     p = predict(COSTS, LINK, Layout(ulysses=2), steps=10)
     all_to_all = 0.001 + (4000 / 2 / 2) / 1e6
-    assert p.step_s == pytest.approx(1.5 * (0.100 / 2 + 0.002) + 4 * 4 * all_to_all + 0.001 + 250 / 1e6, **CLOSE)
+    assert p.step_s == pytest.approx(1.5 * (0.054 + 0.002) + 4 * 4 * all_to_all + 0.001 + 250 / 1e6, **CLOSE)
     # an all-to-all timed as such by the probe over 2 ranks replaces the two-message estimate there
     timed = Link(0.001, 1e6, 1.5, all_to_all_latency_s=0.003, all_to_all_bytes_per_s=2e6, all_to_all_world=2)
     assert predict(COSTS, timed, Layout(ulysses=2), steps=10).step_s == pytest.approx(
-        1.5 * (0.100 / 2 + 0.002) + 4 * 4 * (0.003 + 2000 / 2e6) + 0.001 + 250 / 1e6, **CLOSE)
+        1.5 * (0.054 + 0.002) + 4 * 4 * (0.003 + 2000 / 2e6) + 0.001 + 250 / 1e6, **CLOSE)
+    # the hybrid, 2 stages x Ulysses 2: each stage its sharded units (cuts [0, 3, 4]), its all-to-alls, the
+    # boundary state whole (gathered before it leaves); the output gathered on the last stage
+    p = predict(COSTS, LINK, Layout(2, 1, 1, False, 2), steps=10)
+    stage0 = 1.5 * (0.033 + 0.002) + 3 * 4 * all_to_all
+    stage1 = 1.5 * (0.021 + 0.002) + 1 * 4 * all_to_all + 0.001 + 250 / 1e6
+    boundary, prediction = 0.001 + 3000 / 2 / 1e6, 0.001 + 500 / 1e6
+    assert p.step_s == pytest.approx((stage0 + stage1 + boundary + prediction
+                                      + 9 * max(stage0 + boundary, stage1 + prediction)) / 10, **CLOSE)
+    # CFG parallel x Ulysses without half-batch sharded times: half the sharded units
+    assert predict(COSTS, LINK, Layout(1, 1, 0, True, 2), steps=10).compute_s == pytest.approx(
+        [1.5 * 0.5 * (0.054 + 0.002)], **CLOSE)
     assert timed.all_to_all_s(2000, 4) == 3 * LINK.message_s(500)  # other degrees: the message estimate
     # CFG parallel with the units timed on half the batch: those times, not half the whole batch's
     halves = DenoiserCosts(**{**COSTS.to_dict(), "half_batch_unit_seconds": (0.007, 0.013, 0.018, 0.022)})
@@ -114,22 +146,21 @@ def test_the_predicted_step_time_follows_the_formula():
         2 * predict(COSTS, LINK, Layout(2, 1, 1), 10).step_s, **CLOSE)
 
 
-def test_the_choice_is_the_fastest_allowed_and_never_a_hybrid():
+def test_the_choice_is_the_fastest_and_may_be_a_hybrid():
     fast_link = Link(1e-6, 1e12, 1.0)  # communication nearly free: the more devices the faster
     choice = choose(COSTS, fast_link, 4, steps=10, warmup=1)
-    allowed = [p for p in choice.candidates if p.runs_on is not None]
-    assert choice.allowed == allowed
-    assert choice.chosen.step_s == min(p.step_s for p in allowed)
-    hybrids = [p for p in choice.candidates if p.runs_on is None]
-    assert hybrids and min(p.step_s for p in hybrids) < choice.chosen.step_s  # a hybrid would have been faster
-    assert "auto does not choose it yet" in choice.reason
-    assert choice.to_dict()["chosen"]["runs_on"] in ("asyncgen", "diffusers")
+    assert choice.allowed == choice.candidates
+    assert choice.chosen.step_s == min(p.step_s for p in choice.candidates)
+    # with these sharded times CFG parallel x Ulysses 2 (0.028 s a step) beats 4 stages, Ulysses 4 (0.032) and
+    # 2 stages x Ulysses 2 (0.035), which beats 2 stages x CFG parallel (0.036)
+    assert choice.chosen.layout == Layout(1, 1, 0, True, 2)
+    assert choice.reason.startswith("CFG parallel x Ulysses 2 on 4 device(s)")
     exact = choose(COSTS, fast_link, 4, steps=10, exact=True)
     assert exact.chosen.exact and exact.chosen.step_s == min(p.step_s for p in exact.allowed if p.exact)
-    # only what asyncgen runs (asyncgen generate --parallel auto)
-    ours = choose(COSTS, fast_link, 4, steps=10, warmup=1, runs_on=("asyncgen",))
-    assert ours.chosen.runs_on == "asyncgen"
-    assert ours.chosen.step_s == min(p.step_s for p in ours.candidates if p.runs_on == "asyncgen")
+    # on every device (asyncgen generate --parallel auto), without context parallelism (a step cache)
+    plain = choose(COSTS, fast_link, 4, steps=10, warmup=1, use_all=True, context_parallel=False)
+    assert plain.chosen.layout.ulysses == 1 and plain.chosen.layout.devices == 4
+    assert plain.chosen.step_s == min(p.step_s for p in plain.candidates if p.layout.devices == 4)
 
 
 def test_a_slow_link_makes_one_device_the_choice():
