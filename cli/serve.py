@@ -2,7 +2,8 @@
 
 The ranks start once, through the launcher ``asyncgen generate`` uses (or ``torchrun``, with rank 0
 serving), and load their share of the pipeline (stage-only loading). Rank 0 serves the API
-(:mod:`asyncgen.cli.serve_http`) and runs one request at a time with the others
+(:mod:`asyncgen.cli.serve_http`) and runs one request at a time with the others (or, with
+``--max-batch``, the waiting requests that can share pipeline calls)
 (:mod:`asyncgen.cli.serve_leader`, :mod:`asyncgen.cli.serve_ranks`). The options are checked as
 ``asyncgen generate`` checks them, by the same code, before any worker starts.
 
@@ -86,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "request may ask for (default: 16 times the model's native image)")
     http.add_argument("--max-images", type=positive_int, default=4, help="most images (n) one request may ask for "
                       "(default: %(default)s)")
+    http.add_argument("--max-batch", type=positive_int, default=1, help="images that may share one pipeline call: "
+                      "waiting requests with the same size, steps, guidance and negative prompt run together, up to "
+                      "this many images (default: %(default)s, one image a call, the bytes asyncgen generate "
+                      "writes; a batched image can differ from those by rounding, and a batch needs that many "
+                      "images' activation memory)")
     http.add_argument("--max-prompt-chars", type=positive_int, default=4000, help="longest prompt or negative "
                       "prompt, in characters (default: %(default)s)")
     http.add_argument("--max-body-bytes", type=positive_int, default=65536, help="largest request body; larger "
@@ -128,7 +134,7 @@ def _settings(args: argparse.Namespace, job, world: int):
     return ServeSettings(job=job, host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
                          max_body_bytes=args.max_body_bytes, drain_grace=args.drain_grace, api_key=api_key,
                          stop=ctx.RawValue("i", 0), ready=ctx.RawValue("i", 0), bound_port=ctx.RawValue("i", 0),
-                         devices=world)
+                         devices=world, max_batch=args.max_batch)
 
 
 def _check_extra() -> None:

@@ -1,8 +1,8 @@
-"""The queue of ``asyncgen serve``: jobs waiting, the one running, the finished ones kept for a while.
+"""The queue of ``asyncgen serve``: jobs waiting, the ones running, the finished ones kept for a while.
 
 Threads meet here: the HTTP server's event loop adds, cancels and reads jobs; rank 0's main
-thread takes them one at a time and reports their progress. Everything is under one lock,
-and nothing here blocks on the ranks.
+thread takes them, one at a time or (``--max-batch``) several that can share pipeline calls,
+and reports their progress. Everything is under one lock, and nothing here blocks on the ranks.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class Job:
     status: str = QUEUED
     step: int = 0  # steps done of the image being made
     steps: int = 0  # steps of each image (the scheduler's count, known once it runs)
-    image: int = 0  # which image is being made (0-based)
+    image: int = 0  # which image is being made (0-based; with --max-batch, the first of this job's in the call)
+    batch: int = 1  # images in the pipeline call this job's images are made in (--max-batch; 1 = one at a time)
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -47,7 +48,7 @@ class Job:
         """What GET /v1/jobs/{id} and the progress stream show (no image bytes)."""
         now = time.monotonic()
         out = {"id": self.id, "status": self.status, "image": self.image, "images": self.params["n"],
-               "step": self.step, "steps": self.steps, "seed": self.params["seed"],
+               "step": self.step, "steps": self.steps, "seed": self.params["seed"], "batch": self.batch,
                "queued_seconds": round((self.started or self.finished or now) - self.created, 4)}
         if self.started is not None:
             out["run_seconds"] = round((self.finished or now) - self.started, 4)
@@ -68,16 +69,26 @@ class Closed(Exception):
     """The server is shutting down (or restarting its ranks) and takes no new jobs."""
 
 
-class JobBoard:
-    """The bounded queue (at most ``max_queue`` jobs waiting), the running job, and recent finished ones."""
+def batch_key(params: dict) -> tuple:
+    """What jobs must share to be made in one pipeline call: everything but the prompt, the seed and the count."""
+    return params["negative_prompt"], params["height"], params["width"], params["steps"], params["guidance"]
 
-    def __init__(self, max_queue: int, metrics):
-        self.max_queue, self.metrics = max_queue, metrics
+
+class JobBoard:
+    """The bounded queue (at most ``max_queue`` jobs waiting), the running jobs, and recent finished ones.
+
+    ``max_batch`` images may share a pipeline call: the job at the head of the queue runs with the
+    waiting jobs behind it that have its :func:`batch_key`, as many as fit (a job is never split
+    between batches; one asking more images than ``max_batch`` runs alone, in several calls).
+    """
+
+    def __init__(self, max_queue: int, metrics, max_batch: int = 1):
+        self.max_queue, self.metrics, self.max_batch = max_queue, metrics, max_batch
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}
         self._finished: collections.deque[str] = collections.deque()
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self.closed: str | None = None  # why new jobs are refused (503), once closing
         self.draining_since: float | None = None
         self._recent_run_seconds: collections.deque[float] = collections.deque(maxlen=16)
@@ -107,7 +118,9 @@ class JobBoard:
             return self._jobs.get(job_id)
 
     def cancel(self, job: Job, why: str) -> None:
-        """A waiting job ends now; the running one stops at its next step boundary (on every rank)."""
+        """A waiting job ends now; a running one stops at its next step boundary (on every rank). With --max-batch,
+        the pipeline call stops once every job in it is cancelled; until then this job's images are made and
+        dropped."""
         with self._lock:
             if job.status == QUEUED:
                 self._waiting.remove(job)
@@ -118,34 +131,51 @@ class JobBoard:
                 job.version += 1
 
     def counts(self) -> dict[str, Any]:
+        """Jobs waiting; the running job's id (the oldest one, with --max-batch) or None; every running job's id."""
         with self._lock:
-            return {"queued": len(self._waiting), "running": self.running.id if self.running else None}
+            return {"queued": len(self._waiting), "running": self.running[0].id if self.running else None,
+                    "running_jobs": [job.id for job in self.running]}
 
     # ---------------------------------------------------------------- rank 0's side
 
-    def next(self, timeout: float) -> Job | None:
-        """The next job (now running), or None after ``timeout`` seconds or once closed with nothing waiting."""
+    def next(self, timeout: float) -> list[Job]:
+        """The next batch of jobs (now running; one job unless ``max_batch`` > 1), or [] after ``timeout`` seconds
+        or once closed with nothing waiting."""
         with self._lock:
             self._lock.wait_for(lambda: self._waiting or self.closed, timeout)
             if not self._waiting:
-                return None
-            job = self._waiting.popleft()
+                return []
+            head = self._waiting.popleft()
+            batch, room, key = [head], self.max_batch - head.params["n"], batch_key(head.params)
+            for job in list(self._waiting):
+                if room <= 0:
+                    break
+                if job.params["n"] <= room and batch_key(job.params) == key:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                    room -= job.params["n"]
             self.metrics.queue_length = len(self._waiting)
-            job.status, job.started, self.running = RUNNING, time.monotonic(), job
-            job.version += 1
-            return job
+            now, images = time.monotonic(), sum(job.params["n"] for job in batch)
+            for job in batch:
+                job.status, job.started, job.batch = RUNNING, now, min(images, self.max_batch)
+                job.version += 1
+            self.running = list(batch)  # a copy: complete() removes from it while the caller walks the batch
+            return batch
 
-    def progress(self, job: Job, image: int, step: int, steps: int, seconds: float) -> None:
+    def progress(self, making: list[tuple[Job, int]], step: int, steps: int, seconds: float) -> None:
+        """One step of a pipeline call done; ``making`` pairs each job in it with its first image in the call."""
         with self._lock:
-            job.image, job.step, job.steps = image, step, steps
-            job.step_seconds.append(seconds)
-            job.version += 1
-        self.metrics.observe_step(seconds)
+            for job, image in making:
+                job.image, job.step, job.steps = image, step, steps
+                job.step_seconds.append(seconds)
+                job.version += 1
+        self.metrics.observe_step(seconds)  # once a step, however many jobs share it
 
     def complete(self, job: Job, images: list[bytes] | None, error: str | None = None, http_status: int = 500) -> None:
-        """The running job is over: its images, or why it was cancelled (``cancel_requested``) or failed."""
+        """A running job is over: its images, or why it was cancelled (``cancel_requested``) or failed."""
         with self._lock:
-            self.running = None
+            if job in self.running:
+                self.running.remove(job)
             if error is not None:
                 self._finish(job, FAILED, error=error, http_status=http_status)
             elif job.cancel_requested is not None:
@@ -175,7 +205,7 @@ class JobBoard:
 
     def idle(self) -> bool:
         with self._lock:
-            return self.running is None and not self._waiting
+            return not self.running and not self._waiting
 
     def _finish(self, job: Job, status: str, error: str | None = None, http_status: int | None = None) -> None:
         job.status, job.error, job.http_status, job.finished = status, error, http_status, time.monotonic()

@@ -1,9 +1,10 @@
 """Rank 0 of ``asyncgen serve``: the HTTP server in a thread, the job loop in the main thread.
 
-The loop takes one job at a time, broadcasts it to the other ranks and runs it with them. It
-ends on SIGINT/SIGTERM (or the launching process's stop event): waiting jobs get 503 at once,
-the running one may finish within ``--drain-grace`` seconds and is cancelled at a step boundary
-after that, then every rank is told to stop. When a rank fails during a job, the job fails with
+The loop takes one job at a time (or, with ``--max-batch``, the jobs that can share pipeline calls),
+broadcasts it to the other ranks and runs it with them. It ends on SIGINT/SIGTERM (or the launching
+process's stop event): waiting jobs get 503 at once, the running ones may finish within
+``--drain-grace`` seconds and are cancelled at a step boundary after that, then every rank is told to
+stop. When a rank fails during a job, the job fails with
 the reason, waiting ones get 503, and rank 0 ends too: the launching process restarts the group
 or exits.
 """
@@ -13,14 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
 from .errors import UsageError
 from .serve_jobs import JobBoard
 from .serve_metrics import Metrics
-from .serve_ranks import Cancelled, IDLE_TICK_SECONDS, ServeSettings, run_request
+from .serve_ranks import IDLE_TICK_SECONDS, ServeSettings, plan_calls, run_batch
 
 
 class RankFailure(RuntimeError):
@@ -57,13 +57,14 @@ def lead(pipe, settings: ServeSettings, world: int, control) -> dict:
         pids = [None] * world
         dist.all_gather_object(pids, os.getpid(), group=control)
     metrics = Metrics()
-    board = JobBoard(settings.max_queue, metrics)
+    board = JobBoard(settings.max_queue, metrics, settings.max_batch)
     rules = ModelRules(model=job.model, builtin=job.builtin_model, facts=describe_model(job.model, job.allow_pickle),
                        stages=job.stages, stride=job.stride, cfg_parallel=job.cfg_parallel, dtype=job.dtype,
                        device=job.device, devices=world)
     app = make_app(board, metrics, rules, settings.limits, settings.max_body_bytes, settings.api_key,
                    info={"model": job.model, "ranks": world, "pids": pids, "device": job.device, "dtype": job.dtype,
-                         "stages": job.stages, "stride": job.stride, "cfg_parallel": job.cfg_parallel})
+                         "stages": job.stages, "stride": job.stride, "cfg_parallel": job.cfg_parallel,
+                         "max_batch": settings.max_batch})
     sock = listening_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5,
@@ -113,8 +114,8 @@ def _broadcast(control, message) -> None:
 def _loop(pipe, settings: ServeSettings, board: JobBoard, control) -> int:
     ran = 0
     while True:
-        job = board.next(timeout=IDLE_TICK_SECONDS)
-        if job is None:
+        jobs = board.next(timeout=IDLE_TICK_SECONDS)
+        if not jobs:
             if board.closed:
                 try:
                     _broadcast(control, ("stop", None))
@@ -127,8 +128,8 @@ def _loop(pipe, settings: ServeSettings, board: JobBoard, control) -> int:
                 board.close("a rank failed; the server is restarting its ranks")
                 raise RankFailure(f"a rank failed while idle: {_first_line(exc)}") from exc
             continue
-        ran += 1
-        _run(pipe, settings, board, control, job)
+        ran += len(jobs)
+        _run(pipe, settings, board, control, jobs)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,24 +137,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _run(pipe, settings: ServeSettings, board: JobBoard, control, job) -> None:
-    def should_stop() -> bool:
-        if job.cancel_requested is None and board.draining_since is not None \
-                and time.monotonic() > board.draining_since + settings.drain_grace:
-            job.cancel_requested = f"cancelled: the server is shutting down (after {settings.drain_grace:g} s' grace)"
-        return job.cancel_requested is not None
+def _run(pipe, settings: ServeSettings, board: JobBoard, control, jobs: list) -> None:
+    def should_stop(indices: list[int]) -> bool:
+        """Stop a pipeline call once every job in it is cancelled (the shutdown's grace over cancels them all)."""
+        if board.draining_since is not None and time.monotonic() > board.draining_since + settings.drain_grace:
+            for job in jobs:
+                if job.cancel_requested is None:
+                    job.cancel_requested = (f"cancelled: the server is shutting down (after {settings.drain_grace:g} "
+                                            "s' grace)")
+        return all(jobs[j].cancel_requested is not None for j in indices)
 
+    batch = [job.params for job in jobs]
+    calls = plan_calls(batch, settings.max_batch)
     try:
-        _broadcast(control, ("run", job.params))
-        images = run_request(pipe, settings.job, job.params, 0, control, should_stop,
-                             lambda index, step, steps, seconds: board.progress(job, index, step, steps, seconds))
-    except Cancelled:
-        board.complete(job, None)
+        _broadcast(control, ("run", (batch, calls)))
+        images = run_batch(pipe, settings.job, batch, calls, 0, control, should_stop,
+                           lambda making, step, steps, seconds: board.progress([(jobs[j], image) for j, image in making],
+                                                                               step, steps, seconds))
     except Exception as exc:
         reason = _first_line(exc)
-        board.complete(job, None, error=f"the ranks failed during this request ({reason}); the server is "
-                       "restarting its ranks", http_status=503)
+        for job in jobs:
+            board.complete(job, None, error=f"the ranks failed during this request ({reason}); the server is "
+                           "restarting its ranks", http_status=503)
         board.close("a rank failed; the server is restarting its ranks")
-        raise RankFailure(f"a rank failed during request {job.id}: {reason}") from exc
-    else:
-        board.complete(job, images)
+        raise RankFailure(f"a rank failed during request {', '.join(job.id for job in jobs)}: {reason}") from exc
+    for job, made in zip(jobs, images):
+        # None only for a job that was cancelled (a call stops only once all of its jobs are): complete says so
+        board.complete(job, made)

@@ -1,10 +1,11 @@
 """The ranks of ``asyncgen serve``: each loads its share of the pipeline once, then runs requests as they come.
 
-Rank 0 serves HTTP (:mod:`asyncgen.cli.serve_http`) and takes one job at a time from the queue;
-it broadcasts each job's settings to the other ranks over a gloo group of their own (the control
-group), and every rank makes the same pipeline calls, as ``asyncgen generate`` does. At every step
-boundary rank 0 broadcasts one flag, "stop": a cancelled job stops on every rank at the same step
-(diffusers' interrupt), so the ranks are ready for the next one together. While idle, rank 0 sends
+Rank 0 serves HTTP (:mod:`asyncgen.cli.serve_http`) and takes one batch of jobs at a time from the
+queue (one job, unless ``--max-batch`` lets several share pipeline calls); it broadcasts the batch's
+settings and its plan of calls to the other ranks over a gloo group of their own (the control group),
+and every rank makes the same pipeline calls, as ``asyncgen generate`` does. Before each call and at
+every step boundary rank 0 broadcasts one flag, "stop": a cancelled call stops on every rank at the
+same step (diffusers' interrupt), so the ranks are ready for the next one together. While idle, rank 0 sends
 an idle message every few seconds: the others' wait never reaches the group's timeout, and a rank
 that died is noticed then rather than at the next request.
 """
@@ -42,6 +43,7 @@ class ServeSettings:
     ready: object  # 1: rank 0 has loaded and listens (a later failure may restart the group)
     bound_port: object  # the port rank 0 listens on (--port 0 picks a free one)
     devices: int = 1
+    max_batch: int = 1  # images that may share one pipeline call (--max-batch)
 
 
 def serve_worker(rank: int, world: int, settings: ServeSettings) -> dict:
@@ -78,51 +80,84 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-class Cancelled(Exception):
-    pass
+def plan_calls(batch: list[dict], max_batch: int) -> list[list[tuple[int, int]]]:
+    """The pipeline calls that make a batch's images: its (job, image) pairs in order, at most ``max_batch`` a call.
 
-
-def run_request(pipe, job: GenerateJob, params: dict, rank: int, control, should_stop=None, on_step=None):
-    """Make a request's images on this rank (every rank calls this with the same ``params``).
-
-    ``should_stop()`` (rank 0) is asked at every step boundary; its answer is broadcast, and on
-    "stop" every rank ends the pipeline call at that step. Returns rank 0's PNG bytes (the
-    others: None), or raises :class:`Cancelled` on every rank.
+    With ``max_batch`` 1 every image is its own call, as ``asyncgen generate`` makes it.
     """
+    items = [(j, i) for j, params in enumerate(batch) for i in range(params["n"])]
+    return [items[k:k + max_batch] for k in range(0, len(items), max_batch)]
+
+
+def _agree(control, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one small broadcast on the control group)."""
     import torch
     import torch.distributed as dist
 
+    if control is None:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.broadcast(value, src=0, group=control)
+    return bool(value.item())
+
+
+def run_batch(pipe, job: GenerateJob, batch: list[dict], calls: list, rank: int, control, should_stop=None,
+              on_step=None) -> list[list[bytes] | None] | None:
+    """Make a batch's images on this rank (every rank calls this with the same ``batch`` and ``calls``).
+
+    ``batch`` holds the jobs' settings, which differ only in prompt, seed and count (``serve_jobs.batch_key``);
+    ``calls`` is :func:`plan_calls`' plan. Before each call and at every step boundary rank 0 asks
+    ``should_stop(jobs)`` (the indices of the jobs in that call) and broadcasts the answer: on "stop" every
+    rank skips the call, or ends it at that step (diffusers' interrupt). ``on_step(making, step, steps,
+    seconds)`` reports progress on rank 0; ``making`` pairs each job index in the call with its first image
+    there. Returns rank 0's PNG bytes per job (None for a job whose images were not all made: it was
+    cancelled); None on the other ranks.
+    """
+    import torch
+
     from asyncgen._compat import interrupt_pipeline
 
-    call = call_arguments(job, params)
-    images: list[bytes] = []
-    for index in range(params["n"]):
-        stopped = [False]
-        last = [time.perf_counter()]
+    call = call_arguments(job, batch[0])
+    made: list[list[bytes | None]] = [[None] * params["n"] for params in batch]
+    for items in calls:
+        jobs = sorted({j for j, _ in items})
+        first = {j: min(i for jj, i in items if jj == j) for j in jobs}
 
-        def step_end(pipeline, step, timestep, tensors, index=index):
-            stop = bool(should_stop()) if rank == 0 and should_stop is not None else False
-            if control is not None:
-                flag = torch.tensor([int(stop)], dtype=torch.int32)
-                dist.broadcast(flag, src=0, group=control)
-                stop = bool(flag.item())
+        def asked() -> bool:
+            return bool(should_stop(jobs)) if rank == 0 and should_stop is not None else False
+
+        if _agree(control, asked()):  # every job of this call was cancelled before it began
+            continue
+        stopped, last = [False], [time.perf_counter()]
+
+        def step_end(pipeline, step, timestep, tensors):
+            stop = _agree(control, asked())
             now = time.perf_counter()
             if on_step is not None:
-                on_step(index, step + 1, len(pipeline.scheduler.timesteps), now - last[0])
+                on_step([(j, first[j]) for j in jobs], step + 1, len(pipeline.scheduler.timesteps), now - last[0])
             last[0] = now
             if stop:
                 stopped[0] = True
-                # diffusers' way to end a call early: the loop skips the remaining steps
-                interrupt_pipeline(pipeline)
+                interrupt_pipeline(pipeline)  # diffusers' way to end a call early: the loop skips the rest
             return {}
 
-        generator = torch.Generator("cpu").manual_seed(params["seed"] + index)
-        output = pipe(params["prompt"], generator=generator, callback_on_step_end=step_end, **call)
-        if stopped[0]:
-            raise Cancelled()
-        if rank == 0:
-            images.append(png_bytes(output.images[0]))
-    return images if rank == 0 else None
+        generators = [torch.Generator("cpu").manual_seed(batch[j]["seed"] + i) for j, i in items]
+        if len(items) == 1:  # a prompt and a generator, not lists of one: exactly asyncgen generate's call
+            output = pipe(batch[items[0][0]]["prompt"], generator=generators[0], callback_on_step_end=step_end,
+                          **call)
+        else:
+            several = dict(call)
+            if "negative_prompt" in several:  # pipelines take a list of prompts with a list of negatives
+                several["negative_prompt"] = [several["negative_prompt"]] * len(items)
+            output = pipe([batch[j]["prompt"] for j, _ in items], generator=generators,
+                          callback_on_step_end=step_end, **several)
+        if stopped[0] or rank != 0:
+            continue
+        for (j, i), image in zip(items, output.images):
+            made[j][i] = png_bytes(image)
+    if rank != 0:
+        return None
+    return [images if all(image is not None for image in images) else None for images in made]
 
 
 def _serve(rank: int, world: int, settings: ServeSettings) -> dict:
@@ -163,8 +198,6 @@ def _follow(pipe, job: GenerateJob, rank: int, control) -> dict:
         if op == "stop":
             return {"rank": rank, "ran": ran}
         if op == "run":
-            try:
-                run_request(pipe, job, params, rank, control)
-            except Cancelled:
-                pass
-            ran += 1
+            batch, calls = params
+            run_batch(pipe, job, batch, calls, rank, control)
+            ran += len(batch)
