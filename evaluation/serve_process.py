@@ -20,14 +20,18 @@ START_TIMEOUT = 400  # two ranks import torch and diffusers and load the model, 
 
 
 class Server:
-    def __init__(self, *options: str, api_key: str | None = None, env: dict | None = None):
+    def __init__(self, *options: str, api_key: str | None = None, env: dict | None = None,
+                 launcher: tuple[str, ...] = ()):
+        """``asyncgen serve --port 0 --oversubscribe OPTIONS``; ``launcher`` goes before it (e.g. torchrun's
+        ``-m torch.distributed.run --nproc-per-node 2``: then ``python -m torch.distributed.run ... -m
+        asyncgen.cli serve ...``)."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         env.pop("ASYNCGEN_START_METHOD", None)  # the users' path: spawned ranks
         if api_key is not None:
             env["ASYNCGEN_API_KEY"] = api_key
         self.api_key = api_key
-        self.proc = subprocess.Popen([sys.executable, "-m", "asyncgen.cli", "serve", "--port", "0", "--oversubscribe",
-                                      *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen([sys.executable, *launcher, "-m", "asyncgen.cli", "serve", "--port", "0",
+                                      "--oversubscribe", *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

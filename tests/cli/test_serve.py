@@ -5,6 +5,8 @@ Every wait has a timeout; nothing asserts on wall-clock time.
 
 import base64
 import json
+import os
+import signal
 import socket
 import threading
 
@@ -14,7 +16,7 @@ pytest.importorskip("fastapi", reason="asyncgen serve needs the serve extra: pip
 pytest.importorskip("uvicorn", reason="asyncgen serve needs the serve extra: pip install 'asyncgen[serve]'")
 pytest.importorskip("httpx", reason="the serve tests talk HTTP through httpx (the test extra)")
 
-from serve_process import API_KEY, Server, wait_until  # noqa: E402
+from serve_process import API_KEY, Server, alive, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -280,3 +282,25 @@ def test_a_taken_port_is_refused_in_one_line_before_loading(capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"asyncgen serve: error: --host 127.0.0.1 --port {port}: cannot listen there")
     assert len(error.splitlines()) == 1
+
+
+def test_under_torchrun_rank_0_serves_the_same_bytes_and_sigterm_to_it_stops_every_rank(reference):
+    """``torchrun ... -m asyncgen.cli serve``: the ranks are torchrun's; rank 0 (its pid first in the ready line)
+    serves, and SIGTERM to it drains and stops the others (torchrun then exits 0)."""
+    from asyncgen.cli.launcher import free_port
+
+    server = Server(launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                              "--master-port", str(free_port())))
+    try:
+        with server.client() as client:
+            assert client.get("/healthz").json()["ranks"] == 2
+            response = client.post("/v1/images", json={"prompt": PROMPT, "seed": 7, "steps": 4})
+        assert response.status_code == 200 and response.content == reference
+        ranks = list(server.pids)
+        assert server.proc.pid not in ranks  # torchrun's ranks, not the launching process
+        os.kill(ranks[0], signal.SIGTERM)
+        assert server.proc.wait(timeout=120) == 0, "".join(server.output)
+        wait_until(lambda: not any(alive(pid) for pid in ranks), 60, "every rank to be gone")
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
