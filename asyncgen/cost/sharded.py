@@ -15,7 +15,11 @@ chooser prices a Ulysses rank by running exactly that work here:
 * each self-attention call (a ``scaled_dot_product_attention`` whose keys are as long as its
   queries, as :func:`asyncgen.cost.layout.count_shapes` counts the calls Ulysses exchanges)
   runs over ``P`` times the tokens with ``1/P`` of the heads, with the two rearranging copies
-  a Ulysses rank makes of each of query, key, value and output around an exchange.
+  a Ulysses rank makes of each of query, key, value and output around an exchange;
+* a cross-attention to a whole text runs on the share as it is (Wan); one whose keys come from
+  a sequence the plan splits (LTX-Video's text) is refused: Ulysses exchanges it too, which
+  neither this run nor the all-to-all count prices. (A text exactly as long as a split sequence
+  would be taken for one: the test is on lengths.)
 
 What is left out is the exchange itself: its bytes go over the link, priced by the link probe.
 Values do not matter (the query's own numbers stand in for the gathered ones): only shapes,
@@ -46,6 +50,10 @@ class ShardedRun:
     splits: list[tuple[str, object, tuple, tuple]] = field(default_factory=list)
     # (query shape as called, query shape run) per self-attention call
     attention: list[tuple[tuple, tuple]] = field(default_factory=list)
+
+    def split_lengths(self) -> set[int]:
+        """The lengths the plan's splits left along the dimensions they cut."""
+        return {after[d] for _, _, before, after in self.splits for d in range(len(after)) if after[d] != before[d]}
 
 
 def _forward_parameters(module: nn.Module) -> list[str]:
@@ -148,7 +156,13 @@ class _UlyssesAttention(TorchFunctionMode):
         q, k, v = (args[i] if len(args) > i else kwargs.pop(n) for i, n in enumerate(names))
         rest = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:]), **kwargs)
         if q.ndim != 4 or q.shape[-2] != k.shape[-2]:
-            return func(q, k, v, **rest)  # cross-attention (to the text): not exchanged, runs on the share
+            if q.ndim == 4 and k.shape[-2] in self.run.split_lengths():
+                # keys from a sequence the plan cut (LTX-Video splits its text): Ulysses exchanges this call too, at
+                # a cost neither this run nor the all-to-all count (self-attention calls only) prices
+                raise ValueError(f"a cross-attention whose {k.shape[-2]} keys come from a sequence the context-"
+                                 "parallel plan splits: Ulysses exchanges it too, which the layout chooser does not "
+                                 "price")
+            return func(q, k, v, **rest)  # cross-attention to the whole text: not exchanged, runs on the share
         degree = self.run.degree
         if q.shape[1] % degree or k.shape[1] % degree:
             raise ValueError(f"Ulysses degree {degree} does not divide the attention heads ({q.shape[1]}); the "
