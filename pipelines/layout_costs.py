@@ -152,9 +152,12 @@ def with_sharded_units(costs, split, inputs: dict, devices: int, compute: str, r
             sharded[degree] = priced(inputs, degree)
             if half_call is not None:
                 half[degree] = priced(half_call, degree)
-        except ValueError as exc:  # the tokens (or a masked self-attention) do not shard at this degree
+        except ValueError as exc:  # the tokens do not shard at this degree, or a call it does not price
             sharded.pop(degree, None)
             refusals[degree] = str(exc)
+        except RuntimeError as exc:  # the forward itself fails on the plan's shares (a table the plan leaves whole)
+            sharded.pop(degree, None)
+            refusals[degree] = f"the forward fails on one rank's share of the plan's splits ({str(exc).splitlines()[0]})"
     return dataclasses.replace(costs, sharded_unit_seconds=sharded, half_batch_sharded_unit_seconds=half,
                                ulysses_refusals=refusals, stages_context_parallel=stages_refusal(split))
 
