@@ -17,24 +17,25 @@ EXPERIMENTS = [
         paper_ids=('arXiv:2410.18252',),
         size_cut=('the paper tunes Pythia policies (410M-2.8B) on TL;DR summarisation, LLaMA 3.1 8B and Rho 1B, 200+ '
                   'updates; the default run tunes a tiny GPT-2 (64-dimensional embeddings) on an 8-digit sorting task '
-                  'for 64 updates x 16 prompts (the issue: 200 x 16), 3 seeds'),
+                  'for 200 updates x 16 prompts, 3 seeds'),
         family="rlhf",
         paper="Noukhovitch, Huang, Xhonneux, Hosseini, Agarwal, Courville, ICLR 2025",
         claim="train on samples an older policy generated; online DPO loses least as off-policyness N grows, "
               "and asynchronous generation is faster",
         entry="asyncgen.catalogue.rlhf.experiments:run_async_online_dpo",
         tune_entry="asyncgen.catalogue.rlhf.experiments:tune_async_online_dpo",
-        defaults={"off_policy_steps": [1, 4, 16], "updates": 64, "prompts_per_update": 16,
+        processes_key="processes",
+        defaults={"off_policy_steps": [1, 4, 16], "updates": 200, "prompts_per_update": 16,
                   # each arm's lr and beta: the grid's best on the tuning seeds ('asyncgen catalogue tune
                   # async-online-dpo', committed in docs/catalogue/async-online-dpo/tuning.json)
-                  "lr_online_dpo": 3e-4, "beta_online_dpo": 0.1, "lr_rloo": 1e-3, "beta_rloo": 0.05,
+                  "lr_online_dpo": 3e-4, "beta_online_dpo": 0.2, "lr_rloo": 3e-4, "beta_rloo": 0.2,
                   "temperature": 0.9, "n_embd": 64, "size_embds": [], "sft_steps": 300, "sft_lr": 3e-3,
                   "reward_pairs": 8000, "reward_epochs": 3, "reward_lr": 1e-3, "accuracy_prompts": 512,
-                  "eval_prompts": 256, "lr_grid": [1e-4, 3e-4, 1e-3], "beta_grid": [0.05, 0.1],
-                  "kl_budget": 5.0, "tune_seeds": [100]},
+                  "eval_prompts": 256, "lr_grid": [3e-5, 1e-4, 3e-4], "beta_grid": [0.05, 0.1, 0.2],
+                  "kl_budget": 5.0, "tune_seeds": [100, 101], "processes": 2},
         quick={"off_policy_steps": [1, 4], "updates": 4, "prompts_per_update": 4, "size_embds": [], "sft_steps": 20,
                "reward_pairs": 200, "reward_epochs": 1, "accuracy_prompts": 64, "eval_prompts": 32,
-               "lr_grid": [1e-4], "beta_grid": [0.1]},
+               "lr_grid": [1e-4], "beta_grid": [0.1], "tune_seeds": [100], "processes": 1},
         default_seeds=3,
         quick_seeds=1,
         keys={"off_policy_steps": Ints(1, 256, "off-policyness N values compared", items=8, cost=1.0),
@@ -59,7 +60,9 @@ EXPERIMENTS = [
               "beta_grid": Floats(1e-4, 100.0, "tuning: β values tried per arm", items=16),
               "kl_budget": Float(0.0, 1000.0, "tuning: a run with KL(pi || pi_SFT) above this (nats) ranks below "
                                               "every run within it"),
-              "tune_seeds": Ints(100, 10**6, "tuning seeds (>= 100: never an evaluation seed)", items=16)},
+              "tune_seeds": Ints(100, 10**6, "tuning seeds (>= 100: never an evaluation seed)", items=16),
+              "processes": Int(1, 64, "processes the seeds' SFT/proxy preparation and the training runs are spread "
+                                      "over (the sync/async timing pairs then run alone in the main process)")},
         packages=("trl", "transformers", "datasets"),
         plot_caption="gold win-rate against SFT samples and KL to the SFT policy, against off-policyness N",
     ),

@@ -10,8 +10,9 @@ import tempfile
 import time
 import warnings
 
-from asyncgen.catalogue.frame import CatalogueError, ExperimentResult, Goal, Plot, Series, require_extra
-from asyncgen.catalogue.tuning import check_tune_seeds, grid_search
+from asyncgen.catalogue.frame import (CatalogueError, ExperimentResult, Goal, Plot, Series, map_in_processes,
+                                      require_extra)
+from asyncgen.catalogue.tuning import check_tune_seeds, grid_points, grid_search, point_label
 
 require_extra("rlhf", "trl", "transformers", "datasets")
 
@@ -114,45 +115,139 @@ def tuning_record(config: dict) -> dict:
             "criterion": TUNING_CRITERION}
 
 
+def _tune_job(job: tuple) -> dict[str, float]:
+    """One tuning run: ``method`` at N=1 with (lr, beta) on a tuning seed's SFT policy and proxy; its scores."""
+    config, seed, folder, method, lr, beta = job
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    tokenizer = char_tokenizer()
+    sft, sft_path, reward = _load_seed(config, seed, folder, tokenizer)
+    policy, _, _ = _train(method, 1, sft_path, reward, tokenizer, config, seed, lr, beta)
+    return task.evaluate(policy, sft, tokenizer, _eval_prompts(config, seed), config["temperature"], seed)
+
+
 def tune_async_online_dpo(config: dict, progress) -> dict:
     """``asyncgen catalogue tune async-online-dpo``: online DPO and RLOO each search the same lr x beta grid at
     N=1 on the same tuning seeds (>= 100; each seed its own SFT policy, proxy reward, training and evaluation
-    prompts), scored by gold win-rate within the KL budget (``TUNING_CRITERION``)."""
+    prompts), scored by gold win-rate within the KL budget (``TUNING_CRITERION``). The runs are spread over
+    ``processes``; the grid search then reads their scores."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     _check_config(config)
-    tokenizer = char_tokenizer()
-    folder = tempfile.mkdtemp(prefix="asyncgen_rlhf_tune_")
-    prepared: dict[int, tuple] = {}
-    runs: dict[tuple, list] = {}  # (arm, grid point) -> its evaluation on each tuning seed
+    grid, seeds = _tuning_grid(config), check_tune_seeds(config["tune_seeds"])
+    jobs = [(method, point, seed) for method in METHODS for point in grid_points(grid) for seed in seeds]
+    progress.set_total(len(seeds) + len(jobs))
+
+    def spread(function, tasks):
+        return list(map_in_processes(function, tasks, max(1, min(int(config["processes"]), len(tasks))), progress))
+
+    with tempfile.TemporaryDirectory(prefix="asyncgen_rlhf_tune_") as folder:
+        spread(_prepare_seed, [(config, seed, folder) for seed in seeds])
+        evaluated = spread(_tune_job, [(config, seed, folder, method, point["lr"], point["beta"])
+                                       for method, point, seed in jobs])
+    runs = {(method, point_label(point), seed): scores for (method, point, seed), scores in zip(jobs, evaluated)}
 
     def score(method: str, params: dict, seed: int) -> float:
-        if seed not in prepared:
-            sft, path = _sft(tokenizer, config, seed, config["n_embd"], os.path.join(folder, str(seed)))
-            reward, _ = _proxy_reward(tokenizer, config, sft, path, seed)
-            prepared[seed] = (sft, path, reward)
-        sft, path, reward = prepared[seed]
-        policy, _, _ = _train(method, 1, path, reward, tokenizer, config, seed, params["lr"], params["beta"])
-        scores = task.evaluate(policy, sft, tokenizer, _eval_prompts(config, seed), config["temperature"], seed)
-        runs.setdefault((method, f"lr={params['lr']:g},beta={params['beta']:g}"), []).append(scores)
+        scores = runs[method, point_label(params), seed]
         within = scores["kl"] <= config["kl_budget"]
         return scores["win_rate"] if within else scores["win_rate"] - 1.0
 
-    try:
-        tuning = grid_search(METHODS, _tuning_grid(config), config["tune_seeds"], score, TUNING_CRITERION, progress)
-    finally:
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
+    tuning = grid_search(METHODS, grid, seeds, score, TUNING_CRITERION)
     # each grid point's score with the mean win-rate and KL it came from (the KL beside every win-rate)
-    tuning["scores"] = {m: {label: {"score": score, **{k: sum(r[k] for r in runs[m, label]) / len(runs[m, label])
+    tuning["scores"] = {m: {label: {"score": value, **{k: sum(runs[m, label, s][k] for s in seeds) / len(seeds)
                                                        for k in ("win_rate", "kl")}}
-                            for label, score in tuning["scores"][m].items()} for m in METHODS}
+                            for label, value in tuning["scores"][m].items()} for m in METHODS}
     defaults = {f"{param}_{m.replace('-', '_')}": tuning[m][param] for m in METHODS for param in ("lr", "beta")}
     return {"tuning": tuning, "defaults": defaults}
 
 
 # ----------------------------------------------------------------------------- the run
+def round_split(sync_rounds: list, async_rounds: list) -> dict[str, float]:
+    """Per-round means (seconds) of prompt loading, generation, learning, hand-over and waiting in a sync and an
+    async run, the speed-up a perfect overlap would give, and where the async round's time above that went.
+
+    A sync round is ``prompts + handover + generate + learn``; an async round on the learner's clock is ``prompts
+    + handover + wait + learn``. A perfect overlap with free hand-over makes a round ``prompts + max(generate,
+    learn)`` of the sync run's, so the ceiling is the sync round over that, and the async round's excess over it
+    splits exactly into: its hand-over, its learning's slowdown against sync (the two processes sharing cores),
+    its waiting beyond ``generate - learn`` (the worker's generation slower than sync generation, plus the queue)
+    and its prompt loading's slowdown. The first round of each run is left out: the async one cannot overlap
+    (nothing to learn on yet) and forks the worker; it is one round in ``updates``.
+    """
+    parts = ("prompts", "generate", "learn", "handover", "wait")
+
+    def means(rounds):
+        rounds = [r for r in rounds[1:] if r.learn == r.learn]  # a round whose learning was never closed: out
+        return {k: sum(getattr(r, k) for r in rounds) / len(rounds) for k in parts}
+
+    s, a = means(sync_rounds), means(async_rounds)
+    sync_round = s["prompts"] + s["handover"] + s["generate"] + s["learn"]
+    async_round = a["prompts"] + a["handover"] + a["wait"] + a["learn"]
+    ideal = s["prompts"] + max(s["generate"], s["learn"])
+    return {
+        "generate_s_per_round_measured": s["generate"], "learn_s_per_round_measured": s["learn"],
+        "handover_s_per_round_measured": s["handover"], "prompts_s_per_round_measured": s["prompts"],
+        "generate_learn_ratio_measured": s["generate"] / s["learn"], "round_s_sync_measured": sync_round,
+        "generate_s_per_round_async_measured": a["generate"], "learn_s_per_round_async_measured": a["learn"],
+        "handover_s_per_round_async_measured": a["handover"], "wait_s_per_round_async_measured": a["wait"],
+        "prompts_s_per_round_async_measured": a["prompts"], "round_s_async_measured": async_round,
+        "async_speedup_ceiling_measured": sync_round / ideal,
+        "async_speedup_rounds_measured": sync_round / async_round,
+        # the async round's seconds above the ideal, by cause (they sum to the excess)
+        "async_excess_handover_s_measured": a["handover"],
+        "async_excess_learn_slowdown_s_measured": a["learn"] - s["learn"],
+        "async_excess_wait_s_measured": a["wait"] - max(0.0, s["generate"] - s["learn"]),
+        "async_excess_prompts_s_measured": a["prompts"] - s["prompts"],
+    }
+
+
+def _prepare_seed(job: tuple) -> tuple[int, float, float]:
+    """One seed's SFT policy and proxy reward, saved under ``folder/seed`` for the runs (in any process) to
+    load; returns (seed, the proxy's held-out pair accuracy on SFT samples, the SFT policy's mean gold)."""
+    config, seed, folder = job
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    tokenizer = char_tokenizer()
+    sft, sft_path = _sft(tokenizer, config, seed, config["n_embd"], os.path.join(folder, str(seed)))
+    reward, accuracy = _proxy_reward(tokenizer, config, sft, sft_path, seed)
+    reward.model.save_pretrained(os.path.join(folder, str(seed), "reward"))
+    base = task.evaluate(sft, sft, tokenizer, _eval_prompts(config, seed), config["temperature"], seed)
+    return seed, accuracy, base["gold"]
+
+
+def _load_seed(config: dict, seed: int, folder: str, tokenizer):
+    """(SFT policy, its path, proxy reward) that ``_prepare_seed`` saved: the same weights, bit for bit."""
+    from transformers import GPT2ForSequenceClassification
+
+    sft_path = os.path.join(folder, str(seed), f"sft{config['n_embd']}")
+    reward = task.ProxyReward(GPT2ForSequenceClassification.from_pretrained(os.path.join(folder, str(seed),
+                                                                                         "reward")), tokenizer)
+    return GPT2LMHeadModel.from_pretrained(sft_path).eval(), sft_path, reward
+
+
+def _run_job(job: tuple) -> tuple:
+    """One training run and its evaluation: (method, N) on a seed's SFT policy and proxy, or ("size", width):
+    online DPO at the largest N from an SFT policy of that width (report only)."""
+    config, seed, folder, method, n = job
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    tokenizer = char_tokenizer()
+    sft, sft_path, reward = _load_seed(config, seed, folder, tokenizer)
+    temperature, eval_prompts = config["temperature"], _eval_prompts(config, seed)
+    if method == "size":
+        n_max = max(int(v) for v in config["off_policy_steps"])
+        small_sft, small_path = _sft(tokenizer, config, seed, n, os.path.join(folder, str(seed)))
+        lr, beta = arm_hyperparameters(config, "online-dpo")
+        policy, _, _ = _train("online-dpo", n_max, small_path, reward, tokenizer, config, seed, lr, beta)
+        return seed, method, n, task.evaluate(policy, small_sft, tokenizer, eval_prompts, temperature, seed), None
+    lr, beta = arm_hyperparameters(config, method)
+    policy, _, _ = _train(method, n, sft_path, reward, tokenizer, config, seed, lr, beta)
+    scores = task.evaluate(policy, sft, tokenizer, eval_prompts, temperature, seed)
+    # is the proxy still right where this policy samples? (pairs of its own samples, gold-ordered)
+    own = task.sampled_pairs(policy, tokenizer, config["accuracy_prompts"], temperature, 2_000_000 + seed)
+    return seed, method, n, scores, task.pair_accuracy(reward, own)
+
+
 def run_async_online_dpo(config: dict, seeds: list[int], progress) -> ExperimentResult:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -160,8 +255,11 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     ns = [int(n) for n in config["off_policy_steps"]]
     sizes = [int(e) for e in config["size_embds"]]
     tokenizer = char_tokenizer()
-    runs_per_seed = len(METHODS) * len(ns) + 2 + len(sizes)
-    progress.set_total(len(seeds) * (runs_per_seed + 1))
+    jobs = [(seed, method, n) for seed in seeds for method in METHODS for n in ns] + \
+        [(seed, "size", e) for seed in seeds for e in sizes]
+    # the seeds' preparation and the training runs are spread over processes; the sync/async timing pairs then
+    # run alone in this process (a second process computing beside them would take the worker's core)
+    progress.set_total(len(seeds) + len(jobs) + 2 * len(seeds))
     per_seed: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
     temperature = config["temperature"]
     loads = []
@@ -169,59 +267,48 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     def record(arm, metric, value):
         per_seed[arm].setdefault(metric, []).append(float(value))
 
-    for seed in seeds:
-        eval_prompts = _eval_prompts(config, seed)
-        with tempfile.TemporaryDirectory(prefix="asyncgen_rlhf_") as folder:
-            sft, sft_path = _sft(tokenizer, config, seed, config["n_embd"], folder)
-            reward, accuracy = _proxy_reward(tokenizer, config, sft, sft_path, seed)
-            base = task.evaluate(sft, sft, tokenizer, eval_prompts, temperature, seed)
+    def spread(function, tasks):
+        return list(map_in_processes(function, tasks, max(1, min(int(config["processes"]), len(tasks))), progress))
+
+    with tempfile.TemporaryDirectory(prefix="asyncgen_rlhf_") as folder:
+        prepared = {seed: (accuracy, gold) for seed, accuracy, gold in
+                    spread(_prepare_seed, [(config, seed, folder) for seed in seeds])}
+        runs = {(seed, method, n): (scores, own) for seed, method, n, scores, own in
+                spread(_run_job, [(config, seed, folder, method, n) for seed, method, n in jobs])}
+        for seed in seeds:
+            accuracy, gold_sft = prepared[seed]
             for arm in METHODS:
                 record(arm, "proxy_accuracy_sft", accuracy)
-                record(arm, "gold_sft", base["gold"])
-            progress.update()
+                record(arm, "gold_sft", gold_sft)
             for method in METHODS:
-                lr, beta = arm_hyperparameters(config, method)
                 for n in ns:
-                    policy, _, trainer = _train(method, n, sft_path, reward, tokenizer, config, seed, lr, beta)
-                    scores = task.evaluate(policy, sft, tokenizer, eval_prompts, temperature, seed)
+                    scores, own = runs[seed, method, n]
                     record(method, f"win_rate_n{n}", scores["win_rate"])
                     record(method, f"kl_n{n}", scores["kl"])
                     record(method, f"gold_n{n}", scores["gold"])
-                    # is the proxy still right where this policy samples? (pairs of its own samples, gold-ordered)
-                    own = task.sampled_pairs(policy, tokenizer, config["accuracy_prompts"], temperature,
-                                             2_000_000 + seed)
-                    record(method, f"proxy_accuracy_policy_n{n}", task.pair_accuracy(reward, own))
-                    if method == "online-dpo" and n == ns[0]:
-                        rounds = [r for r in trainer.round_seconds if r[1] == r[1]]  # learning measured (not NaN)
-                        generate = sum(r[0] for r in rounds) / len(rounds)
-                        learn = sum(r[1] for r in rounds) / len(rounds)
-                        record(method, "generate_s_per_round_measured", generate)
-                        record(method, "learn_s_per_round_measured", learn)
-                        record(method, "generate_learn_ratio_measured", generate / learn)
-                    progress.update()
-            # throughput at N = 1: sync generates then learns; async overlaps the next round's generation
-            lr, beta = arm_hyperparameters(config, "online-dpo")
-            for mode in ("sync", "async"):
-                loads.append(os.getloadavg()[0])
-                policy, seconds, _ = _train("online-dpo", 1, sft_path, reward, tokenizer, config, seed, lr, beta,
-                                            mode=mode)
-                record("online-dpo", f"updates_per_s_{mode}_measured", config["updates"] / seconds)
-                if mode == "async":
-                    scores = task.evaluate(policy, sft, tokenizer, eval_prompts, temperature, seed)
-                    record("online-dpo", "win_rate_async_n1", scores["win_rate"])
-                    record("online-dpo", "kl_async_n1", scores["kl"])
-                progress.update()
-            speedup = (per_seed["online-dpo"]["updates_per_s_async_measured"][-1]
-                       / per_seed["online-dpo"]["updates_per_s_sync_measured"][-1])
-            record("online-dpo", "async_speedup_measured", speedup)
-            record("online-dpo", "load_1min_at_timing_measured", max(loads[-2:]))
+                    record(method, f"proxy_accuracy_policy_n{n}", own)
             for n_embd in sizes:  # report only: robustness against policy size at the largest N
-                small_sft, small_path = _sft(tokenizer, config, seed, n_embd, folder)
-                policy, _, _ = _train("online-dpo", ns[-1], small_path, reward, tokenizer, config, seed, lr, beta)
-                scores = task.evaluate(policy, small_sft, tokenizer, eval_prompts, temperature, seed)
+                scores, _ = runs[seed, "size", n_embd]
                 record("online-dpo", f"win_rate_n{ns[-1]}_embd{n_embd}", scores["win_rate"])
                 record("online-dpo", f"kl_n{ns[-1]}_embd{n_embd}", scores["kl"])
+        # throughput at N = 1, alternated per seed: sync generates then learns; async overlaps the next round's
+        # generation (worker process) with learning
+        lr, beta = arm_hyperparameters(config, "online-dpo")
+        for seed in seeds:
+            sft, sft_path, reward = _load_seed(config, seed, folder, tokenizer)
+            timed = {}
+            for mode in ("sync", "async"):
+                loads.append(os.getloadavg()[0])
+                timed[mode] = _train("online-dpo", 1, sft_path, reward, tokenizer, config, seed, lr, beta, mode=mode)
+                record("online-dpo", f"updates_per_s_{mode}_measured", config["updates"] / timed[mode][1])
                 progress.update()
+            scores = task.evaluate(timed["async"][0], sft, tokenizer, _eval_prompts(config, seed), temperature, seed)
+            record("online-dpo", "win_rate_async_n1", scores["win_rate"])
+            record("online-dpo", "kl_async_n1", scores["kl"])
+            record("online-dpo", "async_speedup_measured", timed["sync"][1] / timed["async"][1])
+            for metric, value in round_split(timed["sync"][2].round_timings, timed["async"][2].round_timings).items():
+                record("online-dpo", metric, value)
+            record("online-dpo", "load_1min_at_timing_measured", max(loads[-2:]))
 
     def mean(values):
         return sum(values) / len(values)
@@ -239,6 +326,8 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     kept = {m: (mean(per_seed[m][f"win_rate_n{n_max}"]) - 0.5) / gains[m] if gains[m] > 0 else float("nan")
             for m in METHODS}
     ratio = mean(dpo["generate_learn_ratio_measured"])
+    ideal = mean(dpo["prompts_s_per_round_measured"]) + max(mean(dpo["generate_s_per_round_measured"]),
+                                                           mean(dpo["learn_s_per_round_measured"]))
     load = max(loads)
     goals = [
         Goal("sync online-DPO win-rate", mean(dpo[f"win_rate_n{ns[0]}"]), 0.70, ">=",
@@ -259,11 +348,16 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
              / mean(dpo["updates_per_s_sync_measured"]), 1.25, ">=",
              f"online DPO, N=1, measured wall clock, generation worker and learner one thread each; generation / "
              f"learning per round {ratio:.2f} (generate_learn_ratio_measured)",
-             reason=f"timed on a shared machine (1-minute load up to {load:.1f} on 2 cores while timing): the worker "
-                    "and the learner did not each have a core, so the overlap cannot show; to be measured idle"
-                    if load >= 1.5 else
-                    f"generation costs {ratio:.2f} of learning per round, so overlapping it can save at most "
-                    f"{min(ratio, 1.0) / (1 + ratio):.0%} of a round"),
+             reason=(f"timed on a shared machine (1-minute load up to {load:.1f} on 2 cores while timing: the worker "
+                     "and the learner did not each have a core; to be measured idle); " if load >= 1.5 else "")
+             + f"a perfect overlap with free hand-over would give {mean(dpo['async_speedup_ceiling_measured']):.2f}x "
+               f"(generation / learning {ratio:.2f}); the async round took "
+               f"{mean(dpo['round_s_async_measured']) * 1e3:.1f} ms against that ideal's "
+               f"{ideal * 1e3:.1f} ms, the excess being hand-over "
+               f"{mean(dpo['async_excess_handover_s_measured']) * 1e3:.1f} ms, learning slower than sync by "
+               f"{mean(dpo['async_excess_learn_slowdown_s_measured']) * 1e3:.1f} ms, waiting beyond generation - "
+               f"learning {mean(dpo['async_excess_wait_s_measured']) * 1e3:.1f} ms and prompt loading slower by "
+               f"{mean(dpo['async_excess_prompts_s_measured']) * 1e3:.1f} ms (async_excess_*)"),
     ]
     x = [float(n) for n in ns]
     plot = Plot(title="async-online-dpo: win-rate against SFT vs off-policyness N", panels=[
@@ -277,7 +371,8 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     (lr_dpo, beta_dpo), (lr_rloo, beta_rloo) = (arm_hyperparameters(config, m) for m in METHODS)
     notes = [
         f"Sized for 2 CPU cores: {config['updates']} updates x {config['prompts_per_update']} prompts per arm "
-        f"(the issue: 200 x 16), SFT {config['sft_steps']} steps, policy n_embd={config['n_embd']}, temperature "
+        f"(the issue: 200 x 16), the seeds' preparation and the training runs spread over {config['processes']} "
+        f"processes, SFT {config['sft_steps']} steps, policy n_embd={config['n_embd']}, temperature "
         f"{temperature}, AdamW (weight decay 0, constant lr). Tuned on seeds {config['tune_seeds']} (never an "
         f"evaluation seed): online DPO lr {lr_dpo:g}, beta {beta_dpo:g}; RLOO lr {lr_rloo:g}, beta {beta_rloo:g} "
         f"(grid lr {_tuning_grid(config)['lr']} x beta {_tuning_grid(config)['beta']}, KL budget "
@@ -289,9 +384,15 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
         "RLOO is trl's RLOOTrainer (k=2) with completions pre-generated in rounds and scored with the generating "
         "policy's log-probs, so its loss carries the clipped ratio pi_theta/pi_generator (epsilon 0.2) and the KL "
         "penalty in the reward is the generating policy's.",
-        "generate_s_per_round / learn_s_per_round: online DPO at N=1, sync, measured per round (generation of the "
-        "2 completions per prompt vs the learner's step on them: log-probs, reference, proxy reward, backward, "
-        "optimizer).",
+        "Timing (online DPO, N=1, per seed a sync run then an async run, alone in the main process after the "
+        "other runs): *_s_per_round are per-round means (first round left out) of prompt loading, generation of "
+        "the 2 completions per prompt, the learner's step on them (log-probs, reference, proxy reward, backward, "
+        "optimizer) and the hand-over (the learner's weights copy_ into the generator copy). The *_async_* metrics "
+        "split the async run the same way: generation on the worker's clock; on the learner's clock prompts, "
+        "learning, hand-over (weights copy_ into the shared generator tensors, request out, completions in) and "
+        "waiting for the worker. async_speedup_ceiling = sync round / (prompts + max(generate, learn)); "
+        "async_excess_* split the async round's time above that ideal into hand-over, learning slower than sync, "
+        "waiting beyond generate - learn and prompt loading slower than sync (they sum to the excess).",
         "*_measured metrics are wall-clock measurements on this (shared) machine and vary run to run; every "
         "other metric is identical for the same seed.",
     ]

@@ -62,9 +62,10 @@ def test_n4_generator_lags_0_to_3_updates():
 def test_sync_rounds_are_timed_generation_then_learning():
     trainer = make(AsyncOnlineDPOTrainer, steps=6, off_policy_steps=2)
     trainer.train()
-    # one (generation, learning) pair per round of 2 updates, each measured (wall clock, so only its sign is known)
-    assert len(trainer.round_seconds) == 3
-    assert all(generate > 0 and learn > 0 for generate, learn in trainer.round_seconds)
+    # one split per round of 2 updates, each part measured (wall clock, so only its sign is known); sync never waits
+    assert len(trainer.round_timings) == 3
+    assert all(r.prompts > 0 and r.generate > 0 and r.learn > 0 and r.handover > 0 and r.wait == 0
+               for r in trainer.round_timings)
 
 
 def test_async_generates_next_round_with_previous_weights():
@@ -73,6 +74,22 @@ def test_async_generates_next_round_with_previous_weights():
     # round 0 and 1 from theta_0 (round 1 generated while round 0 trains), round 2 from theta_2
     assert trainer.generation_log == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 2), (5, 2)]
     assert trainer._worker is None  # stopped after training
+    # every round split on the learner's clock (learning, hand-over, waiting) and timed by the worker (generation)
+    assert len(trainer.round_timings) == 3
+    assert all(r.prompts > 0 and r.generate > 0 and r.learn > 0 and r.handover > 0 and r.wait >= 0
+               for r in trainer.round_timings)
+
+
+def test_async_hand_over_is_the_learners_weights_in_the_shared_generator():
+    trainer = make(AsyncOnlineDPOTrainer, steps=4, off_policy_steps=1, mode="async", worker_timeout=120)
+    trainer.train()
+    learner = trainer.model.state_dict()
+    generator = trainer.generator_model.state_dict()
+    # the last hand-over (before the last round) left theta_3 in the generator; the learner took one more step
+    assert all(t.is_shared() for t in generator.values())  # the worker's copy is this one (shared memory)
+    assert any(not torch.equal(generator[k], learner[k]) for k in learner)
+    trainer._hand_over()
+    assert all(torch.equal(generator[k], learner[k]) for k in learner)  # a copy_, exact
 
 
 def test_async_worker_crash_surfaces_traceback():
