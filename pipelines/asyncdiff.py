@@ -36,13 +36,15 @@ logger = logging.get_logger(f"diffusers.{__name__}")
 
 
 def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, cfg_parts: int, components,
-                     allow_pickle: bool = False, **load_kwargs):
+                     allow_pickle: bool = False, context_parallel: int = 1, **load_kwargs):
     """The pipeline with only what this rank runs read from the checkpoint; its cuts, placements and read reports.
 
     The cuts are chosen on the meta-device denoiser exactly as the constructor chooses them
     on a loaded one (``split="flops"`` costs the same shapes), so every rank agrees. With
     planned components the text encoders and the VAE are placed from their configs too, and
-    this rank reads only the ones (or the layer ranges of them) it runs.
+    this rank reads only the ones (or the layer ranges of them) it runs. With ``context_parallel`` P (the hybrid)
+    this rank's AsyncDiff position is ``rank // P`` (:mod:`asyncgen.runtime.context_parallel`'s mesh): it reads
+    that position's stage and components, as each of the P sequence-sharing copies of the schedule places them.
     """
     from asyncgen.placement.residency import own_buffers, resident_modules
 
@@ -51,6 +53,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
 
     chosen: dict[str, list[int]] = {}
     placements: list[Placement] = []
+    position = ctx.rank // context_parallel  # this rank in its AsyncDiff group (the rank itself without the hybrid)
 
     def choose_reads(attribute: str, empty: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
         reads, splits = {}, {}
@@ -62,7 +65,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
             splits[name] = (split_from_configs(str(model), empty, name) if name == attribute
                             else split_denoiser(empty[name]))
             chosen[name] = choose_cuts(splits[name], topology.stages, split_method(split, name), ctx=ctx)
-            mine = make_stages(splits[name], chosen[name])[topology.stage_of(ctx.rank % topology.world_size)]
+            mine = make_stages(splits[name], chosen[name])[topology.stage_of(position % topology.world_size)]
             reads[name] = splits[name].shared_modules() + mine.modules()
         denoiser_split = splits[attribute]
         if components == "replicated":
@@ -76,7 +79,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
             if not any(p.component == name for p in placements):
                 continue  # not placed: replicated, read whole
             # this component's placements only: another's whole or layer-range placement on this rank is not its own
-            keep = resident_modules(module, [p for p in placements if p.component == name], ctx.rank)
+            keep = resident_modules(module, [p for p in placements if p.component == name], position)
             if keep != [module]:  # whole on this rank: diffusers reads it as usual
                 reads[name] = keep + own_buffers(module)
         return reads
@@ -402,19 +405,21 @@ class AsyncDiffPipeline(PipelineWrapper):
                                    cfg_parallel=cfg_parallel, components=components, compile=compile, device=device,
                                    timeout=timeout, cache=cache).topology
         ctx = ctx or resolve_context(process_group, device, timeout)
-        # the hybrid loads whole and frees other stages' blocks after (its AsyncDiff group is made by the wrapper)
-        lean = ctx.distributed and not (isinstance(split, str) and split == "time") and context_parallel == 1
+        lean = ctx.distributed and not (isinstance(split, str) and split == "time")
         if ctx.distributed and not lean:
             logger.warning("split='time' times the units on real weights: every rank loads the whole pipeline "
                            "(use split='flops' or a list of cuts for stage-only loading)")
         reports = {}
         if lean:
-            if ctx.distributed:
-                topology.check_world_size(ctx.world_size, 2 if cfg_parallel else 1)
+            if ctx.world_size % context_parallel:  # as the wrapper would refuse it, before any weight is read
+                raise ValueError(f"context_parallel={context_parallel}: the {ctx.world_size} ranks do not divide into "
+                                 f"groups of {context_parallel}; need (stages + stride - 1) x {context_parallel} ranks "
+                                 "(x 2 with cfg_parallel)")
+            topology.check_world_size(ctx.world_size // context_parallel, 2 if cfg_parallel else 1)
             try:
                 pipeline, split, components, reports = _load_stage_only(
                     pretrained_model_name_or_path, topology, split, ctx, dtype, 2 if cfg_parallel else 1, components,
-                    **load_kwargs)
+                    context_parallel=context_parallel, **load_kwargs)
             except NeedsRealWeights as exc:  # before any weight was read: the split was tried on the config alone
                 # the reason is the refusal's own (a forward that reads tensor values, or no example call to be
                 # built from the config)
