@@ -94,7 +94,7 @@ def _load_stage_only(model, topology: Topology, split, ctx: DistContext, dtype, 
 AUTO_STEPS = 50
 
 
-def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe) -> None:
+def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe, context_parallel=1) -> None:
     """Refuse ``parallel`` values, and layout settings given alongside ``parallel="auto"``, naming what is wrong."""
     if parallel is None:
         given = [n for n, v in (("steps", steps), ("size", size), ("probe", probe)) if v is not None]
@@ -104,7 +104,8 @@ def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, pr
     if parallel != "auto":
         raise ValueError(f"parallel={parallel!r}: need 'auto' (choose the layout) or None (the layout given)")
     given = [f"{n}={v!r}" for n, v, default in (("stages", stages, None), ("stride", stride, 1),
-                                                  ("cfg_parallel", cfg_parallel, False)) if v != default]
+                                                  ("cfg_parallel", cfg_parallel, False),
+                                                  ("context_parallel", context_parallel, 1)) if v != default]
     if given:
         raise ValueError(f"{', '.join(given)} with parallel='auto': it chooses the layout itself; give either those "
                          "or parallel='auto'")
@@ -275,11 +276,8 @@ class AsyncDiffPipeline(PipelineWrapper):
         _scoped: bool = False,
     ):
         check_not_wrapped(pipeline, type(self).__name__, every_call=not _scoped)
-        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
         check_context_parallel(context_parallel)
-        if context_parallel > 1 and parallel is not None:
-            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': it chooses the context-parallel "
-                             "degree itself; give either stages (and context_parallel) or parallel='auto' alone")
+        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe, context_parallel)
         if context_parallel > 1 and cache is not None:
             raise ValueError(f"context_parallel={context_parallel} with cache={type(cache).__name__}: a step cache "
                              "under the hybrid is not supported; leave one of them out")
@@ -385,11 +383,8 @@ class AsyncDiffPipeline(PipelineWrapper):
                 raise ValueError(f"dtype={dtype} and torch_dtype={given} disagree; pass one of them")
         elif load_kwargs.get("torch_dtype") is not None:
             dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
-        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe)
         check_context_parallel(context_parallel)
-        if context_parallel > 1 and parallel is not None:
-            raise ValueError(f"context_parallel={context_parallel} with parallel='auto': it chooses the context-parallel "
-                             "degree itself; give either stages (and context_parallel) or parallel='auto' alone")
+        check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, probe, context_parallel)
         choice, ctx = None, None
         if parallel is not None:  # chosen before loading: the layout decides what each rank reads
             ctx = resolve_context(process_group, device, timeout)
