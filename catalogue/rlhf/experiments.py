@@ -6,6 +6,7 @@ samples, gold judge)."""
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import time
 import warnings
@@ -64,9 +65,19 @@ def _train(method: str, n: int, policy_dir: str, reward, tokenizer, config: dict
                           shuffle_dataset=True, **_common(config, lr, seed, policy_dir + "/out"))
         trainer = StaleRLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                                    processing_class=tokenizer, off_policy_steps=n)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     trainer.train()
-    return trainer.model.eval(), time.perf_counter() - start, trainer
+    seconds = time.perf_counter() - start
+    # CPU seconds per wall second of train(), the async worker included (joined by the end of train(), so its
+    # time is in RUSAGE_CHILDREN): how many cores the run actually got, which says whether a timing can show
+    # the overlap (sync needs 1, async 2)
+    trainer.cores_used = (_cpu_seconds() - cpu) / seconds
+    return trainer.model.eval(), seconds, trainer
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _sft(tokenizer, config: dict, seed: int, n_embd: int, folder: str):
@@ -301,6 +312,7 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
                 loads.append(os.getloadavg()[0])
                 timed[mode] = _train("online-dpo", 1, sft_path, reward, tokenizer, config, seed, lr, beta, mode=mode)
                 record("online-dpo", f"updates_per_s_{mode}_measured", config["updates"] / timed[mode][1])
+                record("online-dpo", f"cores_used_{mode}_measured", timed[mode][2].cores_used)
                 progress.update()
             scores = task.evaluate(timed["async"][0], sft, tokenizer, _eval_prompts(config, seed), temperature, seed)
             record("online-dpo", "win_rate_async_n1", scores["win_rate"])
@@ -329,6 +341,8 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     ideal = mean(dpo["prompts_s_per_round_measured"]) + max(mean(dpo["generate_s_per_round_measured"]),
                                                            mean(dpo["learn_s_per_round_measured"]))
     load = max(loads)
+    cores = {mode: mean(dpo[f"cores_used_{mode}_measured"]) for mode in ("sync", "async")}
+    starved = cores["sync"] < 0.9 or cores["async"] < 1.8  # a timed process went without its own core
     goals = [
         Goal("sync online-DPO win-rate", mean(dpo[f"win_rate_n{ns[0]}"]), 0.70, ">=",
              f"online DPO at N={ns[0]} vs SFT samples, gold judge, ties 1/2 (KL beside it: kl_n{ns[0]})",
@@ -343,13 +357,20 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
         Goal(f"RLOO keeps less than online DPO at N={n_max}", kept["online-dpo"] - kept["rloo"], 0.0, ">",
              "gain kept by online DPO minus gain kept by RLOO (RLOO with the clipped ratio to the generating policy)",
              reason="undefined (NaN) when either method has no synchronous gain over SFT (win-rate <= 0.5); "
-                    "otherwise RLOO kept at least as much"),
+                    f"otherwise RLOO kept at least as much: RLOO kept {kept['rloo']:.2f}, online DPO "
+                    f"{kept['online-dpo']:.2f}; KL at N={ns[0]} -> N={n_max}: " + ", ".join(
+                        f"{m} {mean(per_seed[m][f'kl_n{ns[0]}']):.2f} -> {mean(per_seed[m][f'kl_n{n_max}']):.2f}"
+                        for m in METHODS) + f" nats; the proxy ranks the N={ns[0]} policies' sample pairs at "
+                    + " / ".join(f"{mean(per_seed[m][f'proxy_accuracy_policy_n{ns[0]}']):.2f}" for m in METHODS)
+                    + f" (online DPO / RLOO; SFT samples {mean(dpo['proxy_accuracy_sft']):.2f})"),
         Goal("async / sync updates per second", mean(dpo["updates_per_s_async_measured"])
              / mean(dpo["updates_per_s_sync_measured"]), 1.25, ">=",
              f"online DPO, N=1, measured wall clock, generation worker and learner one thread each; generation / "
              f"learning per round {ratio:.2f} (generate_learn_ratio_measured)",
-             reason=(f"timed on a shared machine (1-minute load up to {load:.1f} on 2 cores while timing: the worker "
-                     "and the learner did not each have a core; to be measured idle); " if load >= 1.5 else "")
+             reason=(f"timed on a shared machine (1-minute load up to {load:.1f} on 2 cores while timing): the sync "
+                     f"run got {cores['sync']:.2f} of the 1 core it needs and the async run (learner + worker) "
+                     f"{cores['async']:.2f} of the 2 it needs (cores_used_*), so the timing cannot show the "
+                     "overlap; to be measured idle; " if starved else "")
              + f"a perfect overlap with free hand-over would give {mean(dpo['async_speedup_ceiling_measured']):.2f}x "
                f"(generation / learning {ratio:.2f}); the async round took "
                f"{mean(dpo['round_s_async_measured']) * 1e3:.1f} ms against that ideal's "
@@ -392,7 +413,9 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
         "learning, hand-over (weights copy_ into the shared generator tensors, request out, completions in) and "
         "waiting for the worker. async_speedup_ceiling = sync round / (prompts + max(generate, learn)); "
         "async_excess_* split the async round's time above that ideal into hand-over, learning slower than sync, "
-        "waiting beyond generate - learn and prompt loading slower than sync (they sum to the excess).",
+        "waiting beyond generate - learn and prompt loading slower than sync (they sum to the excess). "
+        "cores_used_sync / cores_used_async: CPU seconds per wall second of the timed train() (the async worker's "
+        "included): sync needs 1 core and async 2 for the timing to show the overlap.",
         "*_measured metrics are wall-clock measurements on this (shared) machine and vary run to run; every "
         "other metric is identical for the same seed.",
     ]
