@@ -123,3 +123,22 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match=r"non-finite reward \(nan\)"):
         make(AsyncOnlineDPOTrainer, steps=1, reward=not_a_number).train()
+
+
+def test_round_split_excess_parts_sum_to_the_async_rounds_excess():
+    from asyncgen.catalogue.rlhf.async_online_dpo import RoundTiming
+    from asyncgen.catalogue.rlhf.experiments import round_split
+
+    # the first round of each run is left out (the async one cannot overlap); values exact in binary
+    sync = [RoundTiming(prompts=9.0, generate=9.0, learn=9.0, handover=9.0, wait=0.0)] + \
+        [RoundTiming(prompts=0.25, generate=4.0, learn=3.0, handover=0.5, wait=0.0)] * 2
+    async_ = [RoundTiming(prompts=9.0, generate=9.0, learn=9.0, handover=9.0, wait=9.0)] + \
+        [RoundTiming(prompts=0.5, generate=5.0, learn=4.0, handover=0.25, wait=2.0)] * 2
+    split = round_split(sync, async_)
+    assert split["round_s_sync_measured"] == 0.25 + 0.5 + 4.0 + 3.0
+    assert split["round_s_async_measured"] == 0.5 + 0.25 + 2.0 + 4.0
+    assert split["async_speedup_ceiling_measured"] == 7.75 / (0.25 + 4.0)  # prompts + max(generate, learn)
+    # hand-over 0.25, learning 1.0 slower, waiting 2.0 - (4.0 - 3.0) = 1.0 beyond, prompts 0.25 slower
+    parts = [split[f"async_excess_{k}_s_measured"] for k in ("handover", "learn_slowdown", "wait", "prompts")]
+    assert parts == [0.25, 1.0, 1.0, 0.25]
+    assert sum(parts) == split["round_s_async_measured"] - (0.25 + 4.0)
