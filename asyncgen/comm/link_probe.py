@@ -9,9 +9,9 @@ through (bytes, half round trip) gives both. Each pair's numbers are fitted sepa
 slowest pair's kept (a layout's transfers wait on its slowest link). Every rank returns the
 same :class:`LinkMeasurement` (rank 0 broadcasts it).
 
-It also times ``all_to_all_single`` over the whole group at the same sizes (what diffusers'
-context parallelism calls four times per attention layer: its fixed cost is the backend's, not
-two messages'), and what running together costs each rank's compute (``parallel_slowdown``): a
+It also times ``all_to_all_single`` over the whole group at the same sizes, through the
+functional collectives as diffusers' context parallelism calls it four times per attention layer
+(its fixed cost is the backend's and the functional path's, not two messages'), and what running together costs each rank's compute (``parallel_slowdown``): a
 fixed matmul workload timed on each rank alone (the others waiting) and then on all ranks at
 once. Ranks that share cores or memory bandwidth (CPU processes on one host, other tenants on
 the machine) compute slower together than alone; a layout that keeps every rank busy pays
@@ -144,19 +144,21 @@ def probe_link(group=None, device: torch.device | str | None = None, sizes=DEFAU
 
 def _all_to_all_fit(group, where: torch.device, world: int, sizes, repeats: int, sync) -> tuple[float, float]:
     """``(latency, payload bytes per second)`` of one all-to-all over the whole group, as context parallelism
-    calls it (``all_to_all_single`` on equal shards); each size's time is the slowest rank's median."""
+    calls it (``all_to_all_single`` on equal shards, through the functional collectives diffusers uses:
+    :func:`asyncgen._compat.all_to_all_as_context_parallel`); each size's time is the slowest rank's median."""
+    from asyncgen._compat import all_to_all_as_context_parallel
+
     medians = []
     payloads = []
     for size in sizes:
         count = max(world, (size // 4) // world * world)  # float32 elements, equal shards
         send = torch.zeros(count, dtype=torch.float32, device=where)
-        receive = torch.empty_like(send)
         times = []
         for trip in range(repeats + 1):
             dist.barrier(group=group)
             sync()
             start = time.perf_counter()
-            dist.all_to_all_single(receive, send, group=group)
+            all_to_all_as_context_parallel(send, group)
             sync()
             if trip > 0:
                 times.append(time.perf_counter() - start)
