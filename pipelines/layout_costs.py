@@ -106,6 +106,12 @@ def _costs_at(denoiser, pipeline_class: type, latent: tuple[int, int], compute: 
         torch.set_num_threads(threads)
 
 
+def second_denoisers(pipeline) -> list[str]:
+    """The names of a loaded pipeline's second denoisers (Wan 2.2's ``transformer_2``, ...), which the hybrid takes
+    none of."""
+    return [name for name in EXPERT_COMPONENTS if getattr(pipeline, name, None) is not None]
+
+
 def context_parallel_refusal(denoiser, split, experts=()) -> str | None:
     """None where asyncgen can run ``denoiser`` context-parallel (``context_parallel=``); else why not, in words:
     diffusers gives its class no plan (:func:`asyncgen.cost.layout.context_parallel_refusal`), the installed
@@ -191,7 +197,7 @@ def costs_from_pipeline(pipeline, rate, height: int | None = None, width: int | 
     with init_empty_weights(include_buffers=False):  # as from_configs.empty_model builds it: buffers real
         empty = type(denoiser).from_config(denoiser.config)
     torch.nn.Module.to(empty, next(denoiser.parameters()).dtype)
-    experts = [name for name in EXPERT_COMPONENTS if getattr(pipeline, name, None) is not None]
+    experts = second_denoisers(pipeline)
     return _costs_at(empty.eval(), type(pipeline), latent, "flops", rate, devices=devices, experts=experts)
 
 
@@ -241,17 +247,15 @@ def half_batch_times(split, inputs: dict, repeats: int = 3) -> list[float] | Non
 
 
 def timed_units(split, inputs: dict, repeats: int = 3) -> list[float]:
-    """Seconds of each unit: the least of ``repeats`` timed passes.
+    """Seconds of each unit: the least of ``repeats`` timed passes (:func:`asyncgen.cost.estimate.least_unit_costs`).
 
-    The least, not the median: on a shared machine a pass that another process interrupted is
-    slower, never faster, so the least is the compute's own cost; what ranks cost each other
-    when they run together is the link probe's ``parallel_slowdown``, not a unit's. (The forward
-    outside the units is scaled from these by counted work: :func:`asyncgen.cost.layout.denoiser_costs`.)
+    What ranks cost each other when they run together is the link probe's ``parallel_slowdown``,
+    not a unit's. (The forward outside the units is scaled from these by counted work:
+    :func:`asyncgen.cost.layout.denoiser_costs`.)
     """
-    from asyncgen.cost.estimate import measure_unit_costs
+    from asyncgen.cost.estimate import least_unit_costs
 
-    passes = [measure_unit_costs(split, inputs, repeats=1) for _ in range(repeats)]
-    return [min(times) for times in zip(*passes)]
+    return least_unit_costs(split, inputs, repeats)
 
 
 def capture_denoiser_calls(pipe, call: dict) -> tuple[dict, int]:
@@ -297,7 +301,7 @@ def costs_from_call(pipe, denoiser_call: dict, passes_per_step: int, repeats: in
         split.adopt_call(denoiser_call, verify=False)
     inputs = split.example_inputs() if hasattr(split, "adopt_call") else dict(denoiser_call)
     unit_seconds = timed_units(split, inputs, repeats)
-    experts = [name for name in EXPERT_COMPONENTS if getattr(pipe, name, None) is not None]
+    experts = second_denoisers(pipe)
     costs = denoiser_costs(split, inputs, passes_per_step, unit_seconds=unit_seconds,
                            half_batch_unit_seconds=half_batch_times(split, inputs, repeats),
                            cut_costs=cut_costs, context_parallel=context_parallel_refusal(denoiser, split, experts))

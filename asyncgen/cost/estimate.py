@@ -93,3 +93,13 @@ def measure_unit_costs(split: DenoiserSplit, inputs: dict | None = None, repeats
         for _ in range(repeats + 1):  # the first pass warms caches and allocators
             run_chain_with_probe(split, inputs, probe)
     return [sorted(s[1:])[len(s[1:]) // 2] for s in samples]
+
+
+def least_unit_costs(split: DenoiserSplit, inputs: dict, repeats: int = 3) -> list[float]:
+    """Seconds of each unit: the least of ``repeats`` timed passes (each after its own warm-up pass).
+
+    The least, not the median: on a shared machine a pass that another process interrupted is
+    slower, never faster, so the least is the compute's own cost.
+    """
+    passes = [measure_unit_costs(split, inputs, repeats=1) for _ in range(repeats)]
+    return [min(times) for times in zip(*passes)]

@@ -212,15 +212,14 @@ def ulysses_share(model: nn.Module, degree: int):
 
 def sharded_unit_times(split, inputs: dict, degree: int, repeats: int = 3) -> list[float]:
     """Seconds of each unit of ``split`` as one rank of Ulysses degree ``degree`` runs it on ``inputs``
-    (the least of ``repeats`` timed passes, as :func:`asyncgen.pipelines.layout_costs.timed_units` times them)."""
-    from asyncgen.cost.estimate import measure_unit_costs
+    (the least of ``repeats`` timed passes, :func:`asyncgen.cost.estimate.least_unit_costs`, as the whole units
+    are timed)."""
+    from asyncgen.cost.estimate import least_unit_costs
 
-    passes = []
     with ulysses_share(split.denoiser, degree) as run:
-        for _ in range(repeats):
-            passes.append(measure_unit_costs(split, inputs, repeats=1))
-            _check_sharded(run, split)
-    return [min(times) for times in zip(*passes)]
+        times = least_unit_costs(split, inputs, repeats)
+    _check_sharded(run, split)
+    return times
 
 
 def _check_sharded(run: ShardedRun, split) -> None:
