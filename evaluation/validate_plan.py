@@ -17,8 +17,9 @@ For each bench model (``asyncgen bench --family ...``: the same random-weight mo
    ``asyncgen bench`` (:func:`~asyncgen.evaluation.bench_asyncdiff.run_benchmark`: the stock pipeline,
    AsyncDiff stages and CFG parallel) and, where diffusers has a context-parallel plan for the
    class, ``asyncgen bench --peer diffusers-cp`` (:func:`~asyncgen.evaluation.bench_peer_diffusers_cp.run_comparison`:
-   Ulysses; diffusers' own run, which asyncgen's ``stages=1, context_parallel=P`` equals). With ``--from-results DIR`` the benches are not run; their ``results.json`` are read
-   from ``DIR/FAMILY/`` and ``DIR/FAMILY-peer/`` (or ``DIR/FAMILY/`` holding a peer run).
+   Ulysses; diffusers' own run, which asyncgen's ``stages=1, context_parallel=P`` equals). With
+   ``--from-results DIR`` the benches are not run; their ``results.json`` are read from ``DIR/FAMILY/``
+   and ``DIR/FAMILY-peer/`` (or ``DIR/FAMILY/`` holding a peer run).
 3. *Compare.* The benches time whole images; the chooser predicts denoising steps. A measured
    mean step is ``(latency - serial) / steps``, where ``serial`` is the image's time outside the
    denoiser (text encoding, decoding), the same in every layout: from the bench's own stock run
@@ -203,7 +204,8 @@ def validate(args, written=lambda record: None, saved=lambda family, asyncdiff, 
             rows = []
             for p in choice.candidates:
                 m = measured.get(key_of(p.layout))
-                rows.append(dict(layout=p.layout.name, devices=p.layout.devices, predicted_ms=1e3 * p.step_s, measured_ms=m["ms"] if m else None,
+                rows.append(dict(layout=p.layout.name, devices=p.layout.devices, predicted_ms=1e3 * p.step_s,
+                                 measured_ms=m["ms"] if m else None,
                                  error_pct=100 * (1e3 * p.step_s / m["ms"] - 1) if m else None,
                                  source=m["source"] if m else "-", chosen=p is choice.chosen))
             compared = [r for r in rows if r["measured_ms"] is not None]

@@ -122,10 +122,10 @@ def check_auto_arguments(parallel, stages, stride, cfg_parallel, steps, size, pr
 def chosen_settings(choice, warmup: int | None) -> tuple[int, int, int | None, bool, int]:
     """``(stages, stride, warmup, cfg_parallel, context_parallel)`` of a chosen layout; the warm-up is the layout's
     with stages (the caller's, or the default for the steps), the caller's otherwise."""
-    layout = choice.chosen.layout
+    settings = choice.chosen.layout.settings  # the layout's AsyncDiffPipeline arguments (warm-up None without stages)
     logger.info("parallel='auto': %s", choice.reason)
-    return (layout.stages, layout.stride, (layout.warmup if layout.stages > 1 else warmup), layout.cfg_parallel,
-            layout.ulysses)
+    return (settings["stages"], settings["stride"], settings["warmup"] if settings["stages"] > 1 else warmup,
+            settings["cfg_parallel"], settings["context_parallel"])
 
 
 def auto_may_use_context_parallel(ctx: DistContext, cache) -> bool:

@@ -460,7 +460,6 @@ def count_shapes(split, inputs: dict) -> dict:
     shards; cross-attention to the text is not exchanged).
     """
     from asyncgen._compat import tree_leaves
-    from asyncgen.cost.estimate import run_chain_with_probe
     from asyncgen.cost.fake import run_on_shapes
 
     tally = dict(bytes=0, calls=0, attention_bytes=0, heads=None)
