@@ -20,7 +20,7 @@ import time
 from .errors import UsageError
 from .serve_jobs import JobBoard
 from .serve_metrics import Metrics
-from .serve_ranks import IDLE_TICK_SECONDS, ServeSettings, plan_calls, run_batch
+from .serve_ranks import IDLE_TICK_SECONDS, ServeSettings, run_batch
 
 
 class RankFailure(RuntimeError):
@@ -148,10 +148,9 @@ def _run(pipe, settings: ServeSettings, board: JobBoard, control, jobs: list) ->
         return all(jobs[j].cancel_requested is not None for j in indices)
 
     batch = [job.params for job in jobs]
-    calls = plan_calls(batch, settings.max_batch)
     try:
-        _broadcast(control, ("run", (batch, calls)))
-        images = run_batch(pipe, settings.job, batch, calls, 0, control, should_stop,
+        _broadcast(control, ("run", batch))
+        images = run_batch(pipe, settings.job, batch, settings.max_batch, 0, control, should_stop,
                            lambda making, step, steps, seconds: board.progress([(jobs[j], image) for j, image in making],
                                                                                step, steps, seconds))
     except Exception as exc:

@@ -2,7 +2,7 @@
 
 Rank 0 serves HTTP (:mod:`asyncgen.cli.serve_http`) and takes one batch of jobs at a time from the
 queue (one job, unless ``--max-batch`` lets several share pipeline calls); it broadcasts the batch's
-settings and its plan of calls to the other ranks over a gloo group of their own (the control group),
+settings to the other ranks (each derives the same plan of calls from them, :func:`plan_calls`) over a gloo group of their own (the control group),
 and every rank makes the same pipeline calls, as ``asyncgen generate`` does. Before each call and at
 every step boundary rank 0 broadcasts one flag, "stop": a cancelled call stops on every rank at the
 same step (diffusers' interrupt), so the ranks are ready for the next one together. While idle, rank 0 sends
@@ -101,14 +101,14 @@ def _agree(control, flag: bool) -> bool:
     return bool(value.item())
 
 
-def run_batch(pipe, job: GenerateJob, batch: list[dict], calls: list, rank: int, control, should_stop=None,
+def run_batch(pipe, job: GenerateJob, batch: list[dict], max_batch: int, rank: int, control, should_stop=None,
               on_step=None) -> list[list[bytes] | None] | None:
-    """Make a batch's images on this rank (every rank calls this with the same ``batch`` and ``calls``).
+    """Make a batch's images on this rank (every rank calls this with the same ``batch`` and ``max_batch``).
 
     ``batch`` holds the jobs' settings, which differ only in prompt, seed and count (``serve_jobs.batch_key``);
-    ``calls`` is :func:`plan_calls`' plan. Before each call and at every step boundary rank 0 asks
-    ``should_stop(jobs)`` (the indices of the jobs in that call) and broadcasts the answer: on "stop" every
-    rank skips the call, or ends it at that step (diffusers' interrupt). ``on_step(making, step, steps,
+    its images are made in :func:`plan_calls`' calls of at most ``max_batch``. Before each call and at every
+    step boundary rank 0 asks ``should_stop(jobs)`` (the indices of the jobs in that call) and broadcasts the
+    answer: on "stop" every rank skips the call, or ends it at that step (diffusers' interrupt). ``on_step(making, step, steps,
     seconds)`` reports progress on rank 0; ``making`` pairs each job index in the call with its first image
     there. Returns rank 0's PNG bytes per job (None for a job whose images were not all made: it was
     cancelled); None on the other ranks.
@@ -119,7 +119,7 @@ def run_batch(pipe, job: GenerateJob, batch: list[dict], calls: list, rank: int,
 
     call = call_arguments(job, batch[0])
     made: list[list[bytes | None]] = [[None] * params["n"] for params in batch]
-    for items in calls:
+    for items in plan_calls(batch, max_batch):
         jobs = sorted({j for j, _ in items})
         first = {j: min(i for jj, i in items if jj == j) for j in jobs}
 
@@ -181,10 +181,10 @@ def _serve(rank: int, world: int, settings: ServeSettings) -> dict:
         from .serve_leader import lead
 
         return lead(pipe, settings, world, control)
-    return _follow(pipe, job, rank, control)
+    return _follow(pipe, job, rank, control, settings.max_batch)
 
 
-def _follow(pipe, job: GenerateJob, rank: int, control) -> dict:
+def _follow(pipe, job: GenerateJob, rank: int, control, max_batch: int) -> dict:
     """A rank other than 0: run what rank 0 broadcasts, until it says stop."""
     import torch.distributed as dist
 
@@ -198,6 +198,5 @@ def _follow(pipe, job: GenerateJob, rank: int, control) -> dict:
         if op == "stop":
             return {"rank": rank, "ran": ran}
         if op == "run":
-            batch, calls = params
-            run_batch(pipe, job, batch, calls, rank, control)
-            ran += len(batch)
+            run_batch(pipe, job, params, max_batch, rank, control)
+            ran += len(params)
