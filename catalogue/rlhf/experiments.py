@@ -149,12 +149,9 @@ def tune_async_online_dpo(config: dict, progress) -> dict:
     jobs = [(method, point, seed) for method in METHODS for point in grid_points(grid) for seed in seeds]
     progress.set_total(len(seeds) + len(jobs))
 
-    def spread(function, tasks):
-        return list(map_in_processes(function, tasks, max(1, min(int(config["processes"]), len(tasks))), progress))
-
     with tempfile.TemporaryDirectory(prefix="asyncgen_rlhf_tune_") as folder:
-        spread(_prepare_seed, [(config, seed, folder) for seed in seeds])
-        evaluated = spread(_tune_job, [(config, seed, folder, method, point["lr"], point["beta"])
+        _spread(config, progress, _prepare_seed, [(config, seed, folder) for seed in seeds])
+        evaluated = _spread(config, progress, _tune_job, [(config, seed, folder, method, point["lr"], point["beta"])
                                        for method, point, seed in jobs])
     runs = {(method, point_label(point), seed): scores for (method, point, seed), scores in zip(jobs, evaluated)}
 
@@ -210,6 +207,11 @@ def round_split(sync_rounds: list, async_rounds: list) -> dict[str, float]:
         "async_excess_wait_s_measured": a["wait"] - max(0.0, s["generate"] - s["learn"]),
         "async_excess_prompts_s_measured": a["prompts"] - s["prompts"],
     }
+
+
+def _spread(config: dict, progress, function, tasks: list) -> list:
+    """``function`` over ``tasks`` in up to ``config["processes"]`` processes, results in order."""
+    return list(map_in_processes(function, tasks, max(1, min(int(config["processes"]), len(tasks))), progress))
 
 
 def _prepare_seed(job: tuple) -> tuple[int, float, float]:
@@ -278,14 +280,11 @@ def run_async_online_dpo(config: dict, seeds: list[int], progress) -> Experiment
     def record(arm, metric, value):
         per_seed[arm].setdefault(metric, []).append(float(value))
 
-    def spread(function, tasks):
-        return list(map_in_processes(function, tasks, max(1, min(int(config["processes"]), len(tasks))), progress))
-
     with tempfile.TemporaryDirectory(prefix="asyncgen_rlhf_") as folder:
         prepared = {seed: (accuracy, gold) for seed, accuracy, gold in
-                    spread(_prepare_seed, [(config, seed, folder) for seed in seeds])}
+                    _spread(config, progress, _prepare_seed, [(config, seed, folder) for seed in seeds])}
         runs = {(seed, method, n): (scores, own) for seed, method, n, scores, own in
-                spread(_run_job, [(config, seed, folder, method, n) for seed, method, n in jobs])}
+                _spread(config, progress, _run_job, [(config, seed, folder, method, n) for seed, method, n in jobs])}
         for seed in seeds:
             accuracy, gold_sft = prepared[seed]
             for arm in METHODS:
